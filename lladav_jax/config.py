@@ -1,0 +1,150 @@
+"""Typed model configurations: the released LLaDA-V 8B shape and tiny shapes for tests.
+
+Model configs are frozen dataclasses (hashable, so they can be static jit arguments).
+Training/run configs live in `configs/` as ml_collections files and embed one of these by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+IMAGE_TOKEN_INDEX = -200  # the reference's placeholder id for "an image goes here"
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """LLaDA language model (LLaMA-shaped, bidirectional)."""
+  vocab_size: int = 126464
+  hidden_size: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  intermediate_size: int = 12288
+  rope_theta: float = 500000.0
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """SigLIP vision tower. `num_layers` is the number of layers kept and run (the reference
+  deletes the last of siglip2-so400m's 27 and reads the output before post_layernorm)."""
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_layers: int = 26
+  num_heads: int = 16
+  patch_size: int = 14
+  image_size: int = 384
+  layer_norm_eps: float = 1e-6
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def tokens_per_tile(self) -> int:
+    return self.grid * self.grid
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  llm: LLMConfig = LLMConfig()
+  vision: VisionConfig = VisionConfig()
+  mask_token_id: int = 126336
+  # Compute (activation) dtype and master-weight dtype.
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  # Attention kernel for jax.nn.dot_product_attention: "xla" or "cudnn".
+  attention_impl: str = "xla"
+  # lax.scan over the stacked layers (True) or an unrolled Python loop (False).
+  scan_layers: bool = True
+  # Rematerialisation policy name (see model/common.py REMAT_POLICIES).
+  remat_policy: str = "none"
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    d = dict(d)
+    llm = LLMConfig(**d.pop("llm", {}))
+    vision = VisionConfig(**d.pop("vision", {}))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+    return cls(llm=llm, vision=vision, **d)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+  def validate(self) -> None:
+    errs = []
+    if not 0 <= self.mask_token_id < self.llm.vocab_size:
+      errs.append(f"mask_token_id={self.mask_token_id} is outside the vocabulary (vocab_size={self.llm.vocab_size})")
+    if self.llm.num_heads % self.llm.num_kv_heads:
+      errs.append(f"llm.num_heads={self.llm.num_heads} is not a multiple of llm.num_kv_heads={self.llm.num_kv_heads}")
+    if self.llm.head_dim % 2:
+      errs.append(f"llm.head_dim={self.llm.head_dim} must be even for RoPE")
+    if self.vision.image_size % self.vision.patch_size:
+      errs.append("vision.image_size must be a multiple of vision.patch_size")
+    if self.attention_impl not in ("xla", "cudnn"):
+      errs.append(f"attention_impl={self.attention_impl!r} must be 'xla' or 'cudnn'")
+    from lladav_jax.model.common import REMAT_POLICIES
+    if self.remat_policy not in REMAT_POLICIES:
+      errs.append(f"remat_policy={self.remat_policy!r} must be one of {sorted(REMAT_POLICIES)}")
+    if errs:
+      raise ValueError("invalid model config:\n  " + "\n  ".join(errs))
+
+
+def llada_v_8b() -> ModelConfig:
+  """The released GSAI-ML/LLaDA-V: siglip2-so400m/14@384 (26 layers kept) + LLaDA-8B."""
+  return ModelConfig()
+
+
+def tiny(vocab_size: int = 512, mask_token_id: int = 500, **kw) -> ModelConfig:
+  """A few-hundred-thousand-parameter model for CPU tests (float32 compute)."""
+  cfg = ModelConfig(
+      llm=LLMConfig(vocab_size=vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, intermediate_size=128, rope_theta=10000.0, max_position_embeddings=4096),
+      vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14,
+                          image_size=56),
+      mask_token_id=mask_token_id, dtype="float32", param_dtype="float32")
+  return cfg.replace(**kw)
+
+
+def small(vocab_size: int = 512, mask_token_id: int = 500, **kw) -> ModelConfig:
+  """The demo model: learns the synthetic task on a CPU in minutes."""
+  cfg = ModelConfig(
+      llm=LLMConfig(vocab_size=vocab_size, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
+                    head_dim=32, intermediate_size=384, rope_theta=10000.0, max_position_embeddings=4096),
+      vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=14,
+                          image_size=56),
+      mask_token_id=mask_token_id, dtype="float32", param_dtype="float32")
+  return cfg.replace(**kw)
+
+
+def mid(vocab_size: int = 32000, mask_token_id: int = 31999, **kw) -> ModelConfig:
+  """About 100M parameters: CPU benchmarks of the train step and the sampler."""
+  cfg = ModelConfig(
+      llm=LLMConfig(vocab_size=vocab_size, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
+                    head_dim=64, intermediate_size=1536, rope_theta=500000.0),
+      vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, patch_size=14,
+                          image_size=224),
+      mask_token_id=mask_token_id, dtype="float32", param_dtype="float32")
+  return cfg.replace(**kw)
+
+
+PRESETS = {"llada_v_8b": llada_v_8b, "tiny": tiny, "small": small, "mid": mid}
+
+
+def get(name: str, **kw) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name](**kw)

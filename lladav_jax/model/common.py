@@ -1,0 +1,79 @@
+"""Shared building blocks: parameters with logical axes, norms, stacked layers, remat policies."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Named rematerialisation policies (MaxText's names), from fastest to leanest.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no remat: keep everything
+    "minimal_with_context": jax.checkpoint_policies.save_only_these_names(
+        "qkv", "context", "attn_out", "mlp_wi", "mlp_out"),
+    "minimal": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_wi", "mlp_out"),
+    "save_dot_except_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "context", "attn_out"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv"),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None],
+          dtype) -> nnx.Param:
+  """A parameter carrying logical axis names (mapped to mesh axes by lladav_jax.sharding)."""
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def rms_norm(x, scale, eps: float):
+  """RMSNorm in float32, then `weight * x.to(input_dtype)` as LLaMA/LLaDA do."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(dtype) * x32.astype(dtype)
+
+
+def layer_norm(x, scale, bias, eps: float):
+  """LayerNorm computed in float32."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Creates `num_layers` copies of a layer with every parameter stacked on a leading 'layers' axis."""
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(r):
+    return make_layer(r)
+  return make(rngs)
+
+
+def run_stacked(layers: nnx.Module, body: Callable, carry, xs=None, *, scan: bool, remat_policy: str):
+  """Applies a stack of layers: `body(layer, carry, x) -> (carry, y)` for each layer in turn.
+
+  With `scan` the stack runs as one lax.scan (one compiled layer); otherwise as an unrolled loop
+  over per-layer slices of the same stacked parameters. Both see the same parameter layout.
+  """
+  graphdef, state = nnx.split(layers)
+
+  def step(c, inp):
+    layer_state, x = inp
+    return body(nnx.merge(graphdef, layer_state), c, x)
+
+  policy = REMAT_POLICIES[remat_policy]
+  if remat_policy != "none":
+    step = jax.checkpoint(step, policy=policy, prevent_cse=not scan)
+  if scan:
+    return jax.lax.scan(step, carry, (state, xs))
+  n = jax.tree.leaves(state)[0].shape[0]
+  ys = []
+  for i in range(n):
+    carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+    ys.append(y)
+  ys = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+  return carry, ys

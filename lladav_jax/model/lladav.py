@@ -1,0 +1,86 @@
+"""LLaDA-V: SigLIP features -> mlp2x_gelu projector -> spliced into LLaDA's token embeddings.
+
+The splice is static-shape. For every sequence position the host supplies up to `TAPS` feature
+indices and weights (a "merge plan", see lladav_jax/multimodal.py) into a per-sample table
+    [tile 0 tokens | tile 1 tokens | ... | image_newline | zero]
+so one gather + weighted sum covers the base image, anyres unpadding, the bilinear downscale,
+row newlines, the multi-image path and pooled video frames.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
+from lladav_jax.model import common
+from lladav_jax.model.llm import KVCache, LLaDA
+from lladav_jax.model.vision import SigLIPVision
+
+TAPS = 4  # bilinear interpolation reads at most 2x2 source features
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+class Projector(nnx.Module):
+  """mlp2x_gelu: Linear(vision -> llm) -> GELU (exact erf) -> Linear(llm -> llm), with biases."""
+
+  def __init__(self, d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    init = jax.nn.initializers.normal(0.02)
+    zeros = jax.nn.initializers.zeros
+    self.fc1 = common.param(rngs, init, (d_in, d_out), ("vit_embed", "embed"), param_dtype)
+    self.fc1_bias = common.param(rngs, zeros, (d_out,), ("norm",), param_dtype)
+    self.fc2 = common.param(rngs, init, (d_out, d_out), ("mlp", "embed"), param_dtype)
+    self.fc2_bias = common.param(rngs, zeros, (d_out,), ("norm",), param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    dt = self.dtype
+    x = jax.nn.gelu(x.astype(dt) @ self.fc1[...].astype(dt) + self.fc1_bias[...].astype(dt), approximate=False)
+    return x @ self.fc2[...].astype(dt) + self.fc2_bias[...].astype(dt)
+
+
+class LLaDAVModel(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    self.vision = SigLIPVision(cfg.vision, dtype=dtype, param_dtype=pdtype, scan_layers=cfg.scan_layers,
+                               remat_policy=cfg.remat_policy, rngs=rngs)
+    self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=dtype, param_dtype=pdtype,
+                               rngs=rngs)
+    self.image_newline = common.param(rngs, jax.nn.initializers.normal(cfg.llm.hidden_size ** -0.5),
+                                      (cfg.llm.hidden_size,), ("norm",), pdtype)
+    self.llm = LLaDA(cfg.llm, dtype=dtype, param_dtype=pdtype, attention_impl=cfg.attention_impl,
+                     scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
+
+  def image_table(self, pixels_BTHWC):
+    """Projected features of every tile plus the newline and a zero row: [B, T*P + 2, D]."""
+    b, t = pixels_BTHWC.shape[:2]
+    feats = self.projector(self.vision(pixels_BTHWC.reshape((b * t,) + pixels_BTHWC.shape[2:])))
+    feats = feats.reshape(b, -1, feats.shape[-1])
+    dt = feats.dtype
+    tail = jnp.stack([self.image_newline[...].astype(dt), jnp.zeros_like(self.image_newline[...], dt)])
+    return jnp.concatenate([feats, jnp.broadcast_to(tail, (b,) + tail.shape)], axis=1)
+
+  def embed(self, tokens_BL, pixels_BTHWC=None, merge_idx_BLK=None, merge_w_BLK=None):
+    """Token embeddings with image features spliced in where tokens == IMAGE_TOKEN_INDEX."""
+    is_image = tokens_BL == IMAGE_TOKEN_INDEX
+    text = self.llm.embed_tokens(jnp.where(is_image, 0, tokens_BL))
+    if pixels_BTHWC is None or pixels_BTHWC.shape[1] == 0:
+      return text
+    table = self.image_table(pixels_BTHWC)
+    b, l, k = merge_idx_BLK.shape
+    gathered = jnp.take_along_axis(table, merge_idx_BLK.reshape(b, l * k, 1), axis=1).reshape(b, l, k, -1)
+    image = jnp.einsum("BLKD,BLK->BLD", gathered, merge_w_BLK.astype(gathered.dtype))
+    return jnp.where(is_image[..., None], image.astype(text.dtype), text)
+
+  def __call__(self, tokens_BL, positions_BL, mask_BTS=None, pixels_BTHWC=None, merge_idx_BLK=None,
+               merge_w_BLK=None):
+    """Full forward to float32 logits [B, L, V]."""
+    x = self.embed(tokens_BL, pixels_BTHWC, merge_idx_BLK, merge_w_BLK)
+    return self.llm.logits(self.llm(x, positions_BL, mask_BTS))
+
+
+__all__ = ["LLaDAVModel", "Projector", "KVCache", "TAPS"]

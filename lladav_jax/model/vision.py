@@ -1,0 +1,77 @@
+"""SigLIP vision tower (siglip2-so400m-patch14-384 as LLaDA-V loads it).
+
+Returns the hidden states after `cfg.num_layers` encoder layers, before any post-layernorm: the
+reference deletes the last of the 27 layers and reads `hidden_states[-1]`. No CLS token, no head.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lladav_jax.config import VisionConfig
+from lladav_jax.model import common
+
+init_normal = jax.nn.initializers.normal(0.02)
+zeros, ones = jax.nn.initializers.zeros, jax.nn.initializers.ones
+
+
+class VisionBlock(nnx.Module):
+  def __init__(self, cfg: VisionConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
+    d, n, f = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
+    h = d // n
+    p = lambda init, shape, axes: common.param(rngs, init, shape, axes, param_dtype)
+    self.ln1_scale, self.ln1_bias = p(ones, (d,), ("norm",)), p(zeros, (d,), ("norm",))
+    self.q_proj, self.q_bias = p(init_normal, (d, n, h), ("vit_embed", "vit_heads", None)), p(zeros, (n, h), ("vit_heads", None))
+    self.k_proj, self.k_bias = p(init_normal, (d, n, h), ("vit_embed", "vit_heads", None)), p(zeros, (n, h), ("vit_heads", None))
+    self.v_proj, self.v_bias = p(init_normal, (d, n, h), ("vit_embed", "vit_heads", None)), p(zeros, (n, h), ("vit_heads", None))
+    self.o_proj, self.o_bias = p(init_normal, (n, h, d), ("vit_heads", None, "vit_embed")), p(zeros, (d,), ("norm",))
+    self.ln2_scale, self.ln2_bias = p(ones, (d,), ("norm",)), p(zeros, (d,), ("norm",))
+    self.fc1, self.fc1_bias = p(init_normal, (d, f), ("vit_embed", "vit_mlp")), p(zeros, (f,), ("vit_mlp",))
+    self.fc2, self.fc2_bias = p(init_normal, (f, d), ("vit_mlp", "vit_embed")), p(zeros, (d,), ("norm",))
+    self.eps = cfg.layer_norm_eps
+    self.dtype = dtype
+
+  def __call__(self, x_BPD):
+    dt = self.dtype
+    w = lambda v: v[...].astype(dt)
+    y = common.layer_norm(x_BPD, self.ln1_scale[...], self.ln1_bias[...], self.eps)
+    q = jnp.einsum("BPD,DNH->BPNH", y, w(self.q_proj)) + w(self.q_bias)
+    k = jnp.einsum("BPD,DNH->BPNH", y, w(self.k_proj)) + w(self.k_bias)
+    v = jnp.einsum("BPD,DNH->BPNH", y, w(self.v_proj)) + w(self.v_bias)
+    ctx = jax.nn.dot_product_attention(q, k, v, is_causal=False)
+    ctx = checkpoint_name(ctx, "context")
+    x_BPD = x_BPD + jnp.einsum("BPNH,NHD->BPD", ctx, w(self.o_proj)) + w(self.o_bias)
+    y = common.layer_norm(x_BPD, self.ln2_scale[...], self.ln2_bias[...], self.eps)
+    y = jax.nn.gelu(jnp.einsum("BPD,DF->BPF", y, w(self.fc1)) + w(self.fc1_bias), approximate=True)
+    y = jnp.einsum("BPF,FD->BPD", y, w(self.fc2)) + w(self.fc2_bias)
+    return x_BPD + checkpoint_name(y, "mlp_out")
+
+
+class SigLIPVision(nnx.Module):
+  def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               scan_layers: bool = True, remat_policy: str = "none", rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.scan_layers = scan_layers
+    self.remat_policy = remat_policy
+    pdim = cfg.patch_size * cfg.patch_size * 3
+    # Conv2d(3, D, patch, stride=patch) as a matmul over (py, px, c)-flattened patches.
+    self.patch_kernel = common.param(rngs, init_normal, (pdim, cfg.hidden_size), (None, "vit_embed"), param_dtype)
+    self.patch_bias = common.param(rngs, zeros, (cfg.hidden_size,), ("norm",), param_dtype)
+    self.pos_embed = common.param(rngs, init_normal, (cfg.tokens_per_tile, cfg.hidden_size), (None, "vit_embed"),
+                                  param_dtype)
+    self.layers = common.stacked(lambda r: VisionBlock(cfg, dtype, param_dtype, rngs=r), cfg.num_layers, rngs)
+
+  def __call__(self, pixels_NHWC):
+    """[N, S, S, 3] normalised pixels -> [N, (S/p)^2, hidden] features."""
+    n, s, _, c = pixels_NHWC.shape
+    p, g = self.cfg.patch_size, s // self.cfg.patch_size
+    x = pixels_NHWC.astype(self.dtype).reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, g * g, p * p * c)
+    x = x @ self.patch_kernel[...].astype(self.dtype) + self.patch_bias[...].astype(self.dtype)
+    x = x + self.pos_embed[...].astype(self.dtype)
+    x, _ = common.run_stacked(self.layers, lambda blk, h, _: (blk(h), None), x, None,
+                              scan=self.scan_layers, remat_policy=self.remat_policy)
+    return x

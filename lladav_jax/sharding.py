@@ -1,0 +1,120 @@
+"""Meshes and the one table that maps logical axis names to mesh axes.
+
+Every parameter carries logical axis names (see model/common.param). `RULES` maps them onto the
+mesh axes ("data", "fsdp", "tensor"); FSDP shards the embed dimension of every weight. A dimension
+that the mesh axis does not divide is replicated instead (tiny test models on 8 devices).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "vit_embed": "fsdp",
+    "vit_heads": "tensor",
+    "vit_mlp": "tensor",
+    "activation_batch": ("data", "fsdp"),
+    "activation_length": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = [data, fsdp, tensor]
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {shape}")
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    if len(devices) % rest:
+      raise ValueError(f"mesh: {len(devices)} devices are not divisible by data*fsdp*tensor={rest}")
+    shape[shape.index(-1)] = len(devices) // rest
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh: data*fsdp*tensor = {'*'.join(map(str, shape))} = {math.prod(shape)} "
+                     f"but there are {len(devices)} devices")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _axis_size(mesh, axis) -> int:
+  if axis is None:
+    return 1
+  names = axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh) -> P:
+  """PartitionSpec for one array from its logical axis names and shape."""
+  if not axes:
+    return P()
+  spec, used = [], set()
+  for name, dim in zip(axes, shape):
+    axis = RULES.get(name) if name is not None else None
+    if name is not None and name not in RULES:
+      raise KeyError(f"logical axis {name!r} has no rule in lladav_jax.sharding.RULES")
+    names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
+    if not names or dim % _axis_size(mesh, names):
+      spec.append(None)
+      continue
+    used.update(names)
+    spec.append(names[0] if len(names) == 1 else names)
+  return P(*spec)
+
+
+def state_shardings(state, mesh):
+  """NamedShardings for an nnx.State (abstract or concrete), from each Variable's logical axes."""
+  def one(v):
+    axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+    return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
+  """Batch-major arrays: the leading axis over data and fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(RULES["activation_batch"], *([None] * (ndim - 1))))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def abstract_model(model_fn, mesh):
+  """(graphdef, abstract state with shardings) of `model_fn()` without allocating anything."""
+  abstract = nnx.eval_shape(model_fn)
+  graphdef, state = nnx.split(abstract)
+  shardings = state_shardings(state, mesh)
+  state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, state
+
+
+def init_sharded(model_fn, mesh):
+  """Initialises a model directly onto the mesh (no full copy on one device): (graphdef, state)."""
+  graphdef, abstract = abstract_model(model_fn, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+
+  @jax.jit
+  def init():
+    return nnx.split(model_fn())[1]
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state
+
+
+def to_host(tree):
+  return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
