@@ -1,0 +1,174 @@
+"""The small public API: load a checkpoint, compute logits, generate answers.
+
+    from lladav_jax import LLaDAV
+    model = LLaDAV.from_pretrained(path, dtype="float32")   # Hugging Face or converted Orbax dir
+    logits = model.logits(input_ids, images=[[img], []])     # numpy [B, L_expanded, V]
+    outs = model.generate(["What is in the image?"], images=[[img]])
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from lladav_jax import multimodal, sharding
+from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
+from lladav_jax.model import LLaDAVModel
+
+CONFIG_FILE = "lladav_config.json"
+
+
+class LLaDAV:
+  """A loaded LLaDA-V: model config, image config, tokenizer, and sharded parameters."""
+
+  def __init__(self, cfg: ModelConfig, graphdef, state, *, tokenizer=None,
+               image_cfg: multimodal.ImageConfig | None = None, mesh=None):
+    self.cfg = cfg
+    self.graphdef = graphdef
+    self.state = state
+    self.tokenizer = tokenizer
+    self.image_cfg = image_cfg or multimodal.ImageConfig(image_size=cfg.vision.image_size,
+                                                         patch_size=cfg.vision.patch_size)
+    self.mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+    self._logits_fn = jax.jit(_forward_logits, static_argnums=0)
+
+  # ---------------------------------------------------------------- construction
+  @classmethod
+  def from_pretrained(cls, path: str, dtype: str | None = None, mesh=None, **cfg_overrides) -> "LLaDAV":
+    """Loads a Hugging Face LLaDA-V / LLaDA directory or a converted Orbax directory."""
+    from lladav_jax import weights
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    cfg = weights.load_model_config(path)
+    if dtype is not None:
+      cfg = cfg.replace(dtype=dtype, param_dtype=dtype if dtype == "float32" else cfg.param_dtype)
+    cfg = cfg.replace(**cfg_overrides)
+    cfg.validate()
+    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+    graphdef, _ = sharding.abstract_model(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    state = weights.load_state(path, cfg, mesh)
+    tokenizer = _maybe_tokenizer(path)
+    return cls(cfg, graphdef, state, tokenizer=tokenizer, image_cfg=_image_config(path, cfg), mesh=mesh)
+
+  @classmethod
+  def init_random(cls, cfg: ModelConfig, *, seed: int = 0, tokenizer=None, image_cfg=None, mesh=None):
+    """A randomly initialised model (tests, demos, benchmarks)."""
+    cfg.validate()
+    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+    graphdef, state = sharding.init_sharded(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(seed)), mesh)
+    return cls(cfg, graphdef, state, tokenizer=tokenizer, image_cfg=image_cfg, mesh=mesh)
+
+  @property
+  def module(self) -> LLaDAVModel:
+    return nnx.merge(self.graphdef, self.state)
+
+  # ---------------------------------------------------------------- inputs
+  def prepare(self, input_ids, images: Sequence[Sequence[Image.Image]] | None = None):
+    """Token ids with IMAGE_TOKEN_INDEX placeholders (+ PIL images per sample) -> padded batch.
+
+    Samples are expanded (each placeholder -> that image's tokens) and right-padded to the longest;
+    padded keys are masked out. Returns (batch dict of numpy arrays, lengths).
+    """
+    rows = [np.asarray(r, np.int64) for r in (input_ids if not isinstance(input_ids, np.ndarray)
+                                              or input_ids.ndim == 2 else [input_ids])]
+    images = images if images is not None else [[] for _ in rows]
+    if len(images) != len(rows):
+      raise ValueError(f"{len(rows)} samples but {len(images)} image lists")
+    exp = [multimodal.expand(r, multimodal.process_sample_images(ims, self.image_cfg) if ims else [],
+                             self.image_cfg) for r, ims in zip(rows, images)]
+    return pad_expanded(exp, self.image_cfg)
+
+  def logits(self, input_ids, images: Sequence[Sequence[Image.Image]] | None = None) -> np.ndarray:
+    """Float32 logits [B, L_expanded, V] (rows shorter than the longest are right-padded)."""
+    batch, _ = self.prepare(input_ids, images)
+    out = self._logits_fn(self.graphdef, self.state, {k: jnp.asarray(v) for k, v in batch.items()})
+    return np.asarray(out)
+
+  def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None, **kw):
+    """Answers for `prompts` (user questions; the chat template and <image> tags are added).
+    Keyword arguments are the sampler settings (see lladav_jax.generation.generate)."""
+    from lladav_jax import generation
+    return generation.generate(self, prompts, images, **kw)
+
+  def elbo(self, prompts: Sequence[str], images, answers: Sequence[str], **kw) -> list[float]:
+    """Monte-Carlo lower bound of log p(answer | prompt, images), as the original's loglikelihood."""
+    from lladav_jax import generation
+    return generation.elbo(self, prompts, images, answers, **kw)
+
+
+def _forward_logits(graphdef, state, batch):
+  model = nnx.merge(graphdef, state)
+  mask = batch["valid"][:, None, :]
+  return model(batch["tokens"], batch["positions"], mask, batch["pixels"], batch["merge_idx"], batch["merge_w"])
+
+
+def pad_expanded(exp: Sequence[multimodal.Expanded], image_cfg: multimodal.ImageConfig, length: int | None = None,
+                 tiles: int | None = None, pad_id: int = 0, left: bool = False):
+  """Stacks expanded samples into one batch: tokens, positions, valid, pixels, merge_idx, merge_w.
+
+  Tiles are re-packed into a common per-sample budget, so merge indices are remapped. `left`
+  pads on the left (prompts of a sampler batch end at the same column); positions always count
+  from 0 at each sample's first real token, so padding never changes a sample's numbers.
+  """
+  p = image_cfg.tokens_per_tile
+  lens = [len(e.tokens) for e in exp]
+  length = length or max(lens)
+  tiles = max([e.pixels.shape[0] for e in exp] + [0]) if tiles is None else tiles
+  if max(lens) > length:
+    raise ValueError(f"a sample has {max(lens)} tokens, more than the length {length}")
+  b, s = len(exp), image_cfg.image_size
+  tokens = np.full((b, length), pad_id, np.int32)
+  valid = np.zeros((b, length), bool)
+  positions = np.zeros((b, length), np.int32)
+  pixels = np.zeros((b, tiles, s, s, 3), np.float32)
+  zero = tiles * p + 1
+  merge_idx = np.full((b, length, multimodal.TAPS), zero, np.int32)
+  merge_w = np.zeros((b, length, multimodal.TAPS), np.float32)
+  for i, e in enumerate(exp):
+    n, t = lens[i], e.pixels.shape[0]
+    if t > tiles:
+      raise ValueError(f"sample {i} needs {t} tiles, more than {tiles}")
+    sl = slice(length - n, length) if left else slice(0, n)
+    tokens[i, sl], valid[i, sl], positions[i, sl] = e.tokens, True, np.arange(n)
+    pixels[i, :t] = e.pixels
+    # remap [old T*P | newline | zero] -> [new T*P | newline | zero]
+    idx = e.merge_idx
+    idx = np.where(idx < t * p, idx, idx - t * p + tiles * p)
+    merge_idx[i, sl], merge_w[i, sl] = idx, e.merge_w
+  batch = dict(tokens=tokens, positions=positions, valid=valid, pixels=pixels, merge_idx=merge_idx,
+               merge_w=merge_w)
+  return batch, lens
+
+
+def _maybe_tokenizer(path: str):
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    return None
+  from lladav_jax.data.tokenizer import Tokenizer
+  return Tokenizer.from_dir(path)
+
+
+def _image_config(path: str, cfg: ModelConfig) -> multimodal.ImageConfig:
+  """Image settings from the checkpoint's config.json where present (aspect, pinpoints, video)."""
+  base = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
+  f = os.path.join(path, "config.json")
+  if not os.path.exists(f):
+    return base
+  with open(f) as fh:
+    hf = json.load(fh)
+  kw = {}
+  if isinstance(hf.get("image_aspect_ratio"), str):
+    kw["aspect"] = hf["image_aspect_ratio"]
+  if hf.get("mm_spatial_pool_stride"):
+    kw["video_pool_stride"] = int(hf["mm_spatial_pool_stride"])
+  if isinstance(hf.get("mm_newline_position"), str):
+    kw["video_newline"] = hf["mm_newline_position"]
+  return multimodal.ImageConfig(**{**base.__dict__, **kw})
+
+
+__all__ = ["LLaDAV", "pad_expanded", "IMAGE_TOKEN_INDEX"]
