@@ -138,7 +138,8 @@ def bilinear_taps(in_size: int, out_size: int):
   scale = np.float32(in_size) / np.float32(out_size)
   i0, i1, l0, l1 = [], [], [], []
   for dst in range(out_size):
-    src = max(np.float32(scale * np.float32(dst + 0.5) - np.float32(0.5)), np.float32(0))
+    # torch's kernel contracts scale*(dst+0.5)-0.5 into one FMA: exact product, one rounding.
+    src = max(np.float32(np.float64(scale) * np.float64(np.float32(dst + 0.5)) - 0.5), np.float32(0))
     a = int(src)
     b = a + (1 if a < in_size - 1 else 0)
     lam = np.float32(min(max(src - np.float32(a), np.float32(0)), np.float32(1)))
