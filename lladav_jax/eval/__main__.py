@@ -1,0 +1,78 @@
+"""CLI: python -m lladav_jax.eval --checkpoint DIR --task NAME --data PATH [options]."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lladav_jax.eval import run as R
+from lladav_jax.eval.readers import read_samples
+from lladav_jax.eval.tasks import TASKS, get_task
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m lladav_jax.eval", description=__doc__)
+  p.add_argument("--checkpoint", required=True, help="LLaDA-V checkpoint dir (HF or converted Orbax)")
+  p.add_argument("--task", required=True, choices=sorted(TASKS))
+  p.add_argument("--data", required=True, help="benchmark file: .tsv (VLMEvalKit) or .jsonl/.json")
+  p.add_argument("--limit", type=int, default=None, help="use the first N rows of the file")
+  p.add_argument("--batch_size", type=int, default=1)
+  p.add_argument("--gen_length", type=int, default=None, help="default: the task's (original) setting")
+  p.add_argument("--block_length", type=int, default=None)
+  p.add_argument("--steps", type=int, default=None)
+  p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel-decoding threshold")
+  p.add_argument("--cache", default=None, help="sampler cache mode passed to LLaDAV.generate (none = off)")
+  p.add_argument("--temperature", type=float, default=None)
+  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--dtype", default=None, help="model dtype override for from_pretrained")
+  p.add_argument("--sweep", default=None, help="e.g. steps=4,8,16 or threshold=0.9,0.7")
+  p.add_argument("--output", default=None, help="results JSON (default runs/eval/<task>.json)")
+  return p
+
+
+def _load_model(args):
+  from lladav_jax.api import LLaDAV
+  kw = {"dtype": args.dtype} if args.dtype else {}
+  return LLaDAV.from_pretrained(args.checkpoint, **kw)
+
+
+def main(argv=None, generate_fn=None, process_index: int | None = None, process_count: int | None = None) -> dict | None:
+  """Runs the CLI. `generate_fn` (tests) replaces the real model; the process topology then
+  defaults to a single process."""
+  args = build_parser().parse_args(argv)
+  task = get_task(args.task)
+  if generate_fn is None:
+    import jax
+    generate_fn = _load_model(args).generate
+    process_index, process_count = jax.process_index(), jax.process_count()
+  process_index, process_count = process_index or 0, process_count or 1
+  output = args.output or os.path.join("runs", "eval", f"{task.name}.json")
+  shard_dir = os.path.splitext(output)[0] + ".shards"
+
+  rr = read_samples(args.data, task, limit=args.limit, shard_index=process_index, shard_count=process_count)
+  overrides = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps,
+               "threshold": args.threshold, "cache": args.cache, "temperature": args.temperature, "seed": args.seed}
+  common = dict(batch_size=args.batch_size, process_index=process_index, process_count=process_count,
+                presharded=True, skipped=rr.skipped,
+                num_batches=R.num_batches_for(rr.rows_read, process_count, args.batch_size) if process_count > 1 else None,
+                log=(lambda m: print(m, file=sys.stderr)))
+  if args.sweep:
+    param, values = R.parse_sweep(args.sweep)
+    results = R.run_sweep(task, rr.samples, generate_fn, param, values, base_overrides=overrides,
+                          shard_dir=shard_dir, **common)
+  else:
+    results = R.evaluate(task, rr.samples, generate_fn, gen_kwargs=overrides, shard_dir=shard_dir, **common)
+  if results is None:  # not process 0
+    return None
+  results.update(checkpoint=args.checkpoint, data=os.path.abspath(args.data), limit=args.limit)
+  if args.sweep:
+    from lladav_jax.eval.plots import plot_sweep
+    results["plot"] = plot_sweep(results, os.path.splitext(output)[0] + "_sweep.png")
+  R.write_results(results, output)
+  print(R.format_summary(results))
+  print(f"results: {output}" + (f"\nplot: {results['plot']}" if args.sweep else ""))
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,213 @@
+"""lmms-eval model plugin `lladav_jax`: runs lmms-eval tasks on the JAX LLaDA-V.
+
+    lmms-eval --model lladav_jax --model_args pretrained=/ckpt,batch_size=8,think_mode=no_think \
+        --tasks chartqa --gen_kwargs '{"gen_length":16,"block_length":16,"steps":16}'
+
+lmms-eval (which pulls in torch) is optional: when it is importable the class subclasses
+`lmms_eval.api.model.lmms` and registers as "lladav_jax"; otherwise it stands on a minimal base
+with the same surface, so it can be tested and used with request-like objects (`.args` tuples).
+
+Request handling follows the original (`llava_onevision_llada.py`), with two deliberate changes:
+`until` is honoured as stop strings (the original dropped it and used only "stopping_criteria"),
+and `loglikelihood` returns the ELBO (higher is better) where the original returned the loss.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lladav_jax.eval import answers as ans
+from lladav_jax.eval.run import validate_schedule
+from lladav_jax.eval.tasks import EOT
+
+
+def _convert(v: str) -> Any:
+  low = v.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  if low == "none":
+    return None
+  for cast in (int, float):
+    try:
+      return cast(v)
+    except ValueError:
+      pass
+  return v
+
+
+class _MinimalLMMs:
+  """The part of lmms_eval.api.model.lmms the plugin uses, for environments without lmms-eval."""
+
+  def __init__(self) -> None:
+    self._rank, self._world_size, self.task_dict = 0, 1, {}
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+    args = {k.strip(): _convert(v.strip()) for k, v in (kv.split("=", 1) for kv in arg_string.split(",") if kv.strip())}
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    return cls(**args, **extra)
+
+  @property
+  def rank(self) -> int:
+    return self._rank
+
+  @property
+  def world_size(self) -> int:
+    return self._world_size
+
+
+def _lmms_api():
+  try:
+    from lmms_eval.api.model import lmms
+    from lmms_eval.api.registry import register_model
+    return lmms, register_model, True
+  except Exception:  # not installed, or a broken install: the minimal base still works
+    return _MinimalLMMs, (lambda *names: (lambda cls: cls)), False
+
+
+_Base, _register_model, HAVE_LMMS_EVAL = _lmms_api()
+
+
+@_register_model("lladav_jax")
+class LLaDAVJax(_Base):
+  """lmms-eval model over `LLaDAV.generate` / `LLaDAV.elbo`.
+
+  Model args: pretrained (checkpoint dir), batch_size, think_mode ("think" | "no_think" | None),
+  default gen_length / block_length / steps / threshold / cache (per-request gen_kwargs win),
+  mc_num (ELBO Monte-Carlo samples), check_greedy, dtype, seed. `model=` injects a loaded model.
+  """
+
+  def __init__(self, pretrained: str = "", batch_size: int = 1, think_mode: str | None = None,
+               gen_length: int | None = None, block_length: int | None = None, steps: int | None = None,
+               threshold: float | None = None, cache: str | None = None, mc_num: int = 128,
+               check_greedy: bool = False, dtype: str | None = None, seed: int = 0, model=None, **kwargs) -> None:
+    super().__init__()
+    unknown = set(kwargs) - {"device", "device_map", "conv_template", "model_name", "attn_implementation"}
+    if unknown:  # torch-only args of the original are accepted and ignored; anything else is a typo
+      raise TypeError(f"unexpected model_args for lladav_jax: {sorted(unknown)}")
+    self.pretrained, self.batch_size_per_device = pretrained, int(batch_size)
+    self.think_mode, self.mc_num, self.check_greedy = think_mode, int(mc_num), bool(check_greedy)
+    self.defaults = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
+                     "threshold": threshold, "cache": cache}
+    self.dtype, self.seed, self._model = dtype, int(seed), model
+    if self._model is None and not pretrained:
+      raise ValueError("lladav_jax needs model_args pretrained=<checkpoint dir>")
+    if model is None:
+      import jax
+      self._rank, self._world_size = jax.process_index(), jax.process_count()
+
+  @property
+  def model(self):
+    if self._model is None:
+      from lladav_jax.api import LLaDAV
+      self._model = LLaDAV.from_pretrained(self.pretrained, **({"dtype": self.dtype} if self.dtype else {}))
+    return self._model
+
+  @property
+  def batch_size(self) -> int:
+    return self.batch_size_per_device
+
+  # ---------------------------------------------------------------- settings
+  def generation_settings(self, gen_kwargs: dict | None) -> tuple[dict, str | None]:
+    """lmms-eval gen_kwargs -> LLaDAV.generate kwargs, and the think mode.
+
+    gen_length: "gen_length", else the model_args default, else max_new_tokens, else 2 (the
+    original's default); rounded up to a multiple of block_length. block_length defaults to
+    gen_length (one block, as every original setting). steps ("steps" or the original's
+    "gen_steps") defaults to gen_length. Stops: `until` + "stopping_criteria" + "<|eot_id|>".
+    """
+    gk = dict(gen_kwargs or {})
+    d = self.defaults
+    block = gk.get("block_length") or d["block_length"]
+    gen = gk.get("gen_length") or d["gen_length"] or gk.get("max_new_tokens") or 2
+    gen, block = int(gen), int(block) if block else None
+    block = min(block, gen) if block else gen
+    gen = math.ceil(gen / block) * block
+    steps = int(gk.get("steps") or gk.get("gen_steps") or d["steps"] or gen)
+    validate_schedule(gen, block, steps)
+    stops = []
+    for key in ("until", "stopping_criteria"):
+      v = gk.get(key)
+      stops += [v] if isinstance(v, str) else list(v or [])
+    stops = list(dict.fromkeys([s for s in stops if s] + [EOT]))
+    temperature = float(gk.get("temperature") or 0.0)  # lmms-eval tasks use 0 / do_sample False
+    kw = dict(gen_length=gen, block_length=block, steps=steps, temperature=temperature,
+              remasking=gk.get("remasking", "low_confidence"),
+              cfg_scale=float(gk.get("cfg_scale", 0.0)),  # the original's "cfg" key never reached the sampler
+              threshold=gk.get("threshold", d["threshold"]), cache=gk.get("cache", d["cache"]),
+              stop_strings=stops, seed=self.seed)
+    return kw, gk.get("think_mode", self.think_mode)
+
+  def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+    vis = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+    vis = [v for v in (vis or []) if v is not None]
+    if any(isinstance(v, str) for v in vis):
+      raise NotImplementedError("lladav_jax: video inputs (paths) are not supported")
+    return [v.convert("RGB") if hasattr(v, "convert") else v for v in vis]
+
+  # ---------------------------------------------------------------- lmms-eval API
+  def generate_until(self, requests) -> list[str]:
+    """args: (context, gen_kwargs, doc_to_visual, doc_id, task, split). Same-settings requests
+    are batched; results come back in request order."""
+    prepared, groups = [], {}
+    for i, req in enumerate(requests):
+      context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]
+      kw, think = self.generation_settings(gen_kwargs)
+      images = self._visuals(doc_to_visual, doc_id, task, split)
+      prompt = f"{context} /{think}" if think in ("think", "no_think") and images else context
+      prepared.append((prompt, images, kw))
+      key = repr(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
+      groups.setdefault(key, []).append(i)
+    res: list[str | None] = [None] * len(requests)
+    for idxs in groups.values():
+      kw = prepared[idxs[0]][2]
+      for s in range(0, len(idxs), self.batch_size):
+        chunk = idxs[s:s + self.batch_size]
+        outs = self.model.generate([prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk], **kw)
+        for i, out in zip(chunk, outs):
+          text = out if isinstance(out, str) else out.text
+          res[i] = ans.postprocess_output(ans.truncate_at_stop(text, kw["stop_strings"]))
+    return res
+
+  def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    """args: (context, doc_to_target, doc_to_visual, doc_id, task, split) -> (ELBO, is_greedy)."""
+    items = []
+    for req in requests:
+      context, target, doc_to_visual, doc_id, task, split = req.args[:6]
+      cont = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+      items.append((context, self._visuals(doc_to_visual, doc_id, task, split), str(cont)))
+    out: list[tuple[float, bool]] = []
+    for s in range(0, len(items), self.batch_size):
+      chunk = items[s:s + self.batch_size]
+      elbos = self.model.elbo([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk],
+                              num_samples=self.mc_num)
+      out += [(float(e), self._is_greedy(c) if self.check_greedy else False) for e, c in zip(elbos, chunk)]
+    return out
+
+  def _is_greedy(self, item) -> bool:
+    """Whether greedy decoding of exactly len(continuation) tokens reproduces it (as the original's
+    suffix_greedy_prediction); False when the tokenizer cannot count tokens."""
+    context, images, cont = item
+    tok = getattr(self.model, "tokenizer", None)
+    try:
+      enc = tok.encode(cont, add_special_tokens=False)
+    except TypeError:
+      enc = tok.encode(cont)
+    except AttributeError:
+      return False
+    n = len(getattr(enc, "ids", enc))
+    if n == 0:
+      return False
+    out = self.model.generate([context], [images], gen_length=n, block_length=n, steps=n, temperature=0.0,
+                              remasking="low_confidence", stop_strings=[EOT], seed=self.seed)[0]
+    text = out if isinstance(out, str) else out.text
+    return text.strip() == cont.strip()
+
+  def generate_until_multi_round(self, requests):
+    raise NotImplementedError("lladav_jax: multi-round generation is not supported")
+
+
+def lmms_eval_manifest():
+  """Entry point payload for lmms-eval >= 0.5's `lmms_eval.models` group (see ENTRY_POINT.txt)."""
+  from lmms_eval.models.registry_v2 import ModelManifest
+  return ModelManifest(model_id="lladav_jax", simple_class_path="lladav_jax.eval.lmms_plugin.LLaDAVJax")

@@ -1,0 +1,170 @@
+"""The lmms-eval plugin with a fake model and request-like objects (lmms-eval is not installed)."""
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from lladav_jax.eval import lmms_plugin as P
+from lladav_jax.eval.tasks import EOT
+
+IMG = Image.new("RGB", (4, 4), (0, 0, 255))
+
+
+class FakeModel:
+  def __init__(self, replies=None):
+    self.gen_calls, self.elbo_calls = [], []
+    self.replies = replies or {}
+    self.tokenizer = SimpleNamespace(encode=lambda s, add_special_tokens=False: s.split())
+
+  def generate(self, prompts, images, **kw):
+    self.gen_calls.append({"prompts": list(prompts), "images": images, "kw": kw})
+    return [SimpleNamespace(text=self.replies.get(p, "B."), nfe=1, token_ids=[]) for p in prompts]
+
+  def elbo(self, prompts, images, answers, num_samples):
+    self.elbo_calls.append({"prompts": prompts, "answers": answers, "num_samples": num_samples, "images": images})
+    return [-float(len(a)) for a in answers]
+
+
+DOCS = {"chartqa": {"test": {0: {"img": IMG, "a": "7"}, 1: {"img": None, "a": "8"}, 2: {"img": IMG, "a": "cat"}}}}
+
+
+def visual(doc):
+  return [doc["img"]] if doc["img"] is not None else []
+
+
+def req(context, gen_kwargs, doc_id, task="chartqa", split="test"):
+  return SimpleNamespace(args=(context, gen_kwargs, visual, doc_id, task, split))
+
+
+def make(**kw):
+  lm = P.LLaDAVJax(model=kw.pop("model", FakeModel()), **kw)
+  lm.task_dict = DOCS
+  return lm
+
+
+def test_minimal_base_in_use_without_lmms_eval():
+  assert P.HAVE_LMMS_EVAL is False
+  assert issubclass(P.LLaDAVJax, P._MinimalLMMs)
+
+
+def test_generate_until_settings_stops_think_and_order():
+  model = FakeModel(replies={"Q1 /no_think": "7.", "Q2": "eight"})
+  lm = make(model=model, batch_size=2, think_mode="no_think")
+  reqs = [req("Q1", {"max_new_tokens": 10, "block_length": 4, "until": ["\n\n"]}, 0),
+          req("Q2", {"max_new_tokens": 10, "block_length": 4, "until": ["\n\n"]}, 1),   # no image: no suffix
+          req("Q3", {"gen_length": 16, "gen_steps": 8, "until": "ASSISTANT:"}, 2)]
+  assert lm.generate_until(reqs) == ["7", "eight", "B"]
+  first, second = model.gen_calls
+  assert first["prompts"] == ["Q1 /no_think", "Q2"]                # batched, same settings
+  assert first["images"] == [[IMG], []]
+  kw = first["kw"]
+  assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (12, 4, 12)  # 10 rounded up to the block
+  assert kw["stop_strings"] == ["\n\n", EOT] and kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"
+  kw2 = second["kw"]
+  assert (kw2["gen_length"], kw2["block_length"], kw2["steps"]) == (16, 16, 8)  # original's gen_steps alias
+  assert kw2["stop_strings"] == ["ASSISTANT:", EOT]
+
+
+def test_generation_defaults_and_model_args_defaults():
+  lm = make()
+  kw, think = lm.generation_settings({})
+  assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (2, 2, 2) and think is None  # original defaults
+  lm = make(gen_length=32, block_length=8, steps=16, threshold=0.9)
+  kw, _ = lm.generation_settings({"max_new_tokens": 1024, "stopping_criteria": ["\n"], "think_mode": "think"})
+  assert (kw["gen_length"], kw["block_length"], kw["steps"], kw["threshold"]) == (32, 8, 16, 0.9)
+  assert kw["stop_strings"] == ["\n", EOT]
+  with pytest.raises(ValueError, match="number of blocks"):
+    lm.generation_settings({"gen_length": 32, "block_length": 8, "steps": 6})
+
+
+def test_loglikelihood_uses_elbo():
+  model = FakeModel()
+  lm = make(model=model, mc_num=16, batch_size=4)
+  reqs = [SimpleNamespace(args=("Is it blue?", " yes", visual, 0, "chartqa", "test")),
+          SimpleNamespace(args=("Name it.", lambda d: d["a"], visual, 2, "chartqa", "test"))]
+  res = lm.loglikelihood(reqs)
+  assert res == [(-4.0, False), (-3.0, False)]
+  call = model.elbo_calls[0]
+  assert call["answers"] == [" yes", "cat"] and call["num_samples"] == 16 and call["images"][0] == [IMG]
+
+
+def test_loglikelihood_greedy_check():
+  model = FakeModel(replies={"Say it": "two words"})
+  lm = make(model=model, check_greedy=True)
+  res = lm.loglikelihood([SimpleNamespace(args=("Say it", "two words", visual, 0, "chartqa", "test")),
+                          SimpleNamespace(args=("Say it", "other thing", visual, 0, "chartqa", "test"))])
+  assert [g for _, g in res] == [True, False]
+  assert model.gen_calls[0]["kw"]["gen_length"] == 2  # two tokens in the fake tokenizer
+
+
+def test_create_from_arg_string_and_bad_args():
+  lm = P.LLaDAVJax.create_from_arg_string("pretrained=/ckpt,batch_size=4,think_mode=no_think,steps=8,conv_template=llava_llada")
+  assert lm.batch_size == 4 and lm.think_mode == "no_think" and lm.defaults["steps"] == 8 and lm.pretrained == "/ckpt"
+  with pytest.raises(TypeError, match="typo_arg"):
+    P.LLaDAVJax(model=FakeModel(), typo_arg=1)
+  with pytest.raises(ValueError, match="pretrained"):
+    P.LLaDAVJax()
+
+
+def test_video_inputs_rejected():
+  lm = make()
+  lm.task_dict = {"v": {"test": {0: {}}}}
+  r = SimpleNamespace(args=("q", {}, lambda d: ["/videos/x.mp4"], 0, "v", "test"))
+  with pytest.raises(NotImplementedError, match="video"):
+    lm.generate_until([r])
+
+
+def test_entry_point_snippet_names_the_manifest():
+  import os
+  text = open(os.path.join(os.path.dirname(P.__file__), "ENTRY_POINT.txt")).read()
+  assert '[project.entry-points."lmms_eval.models"]' in text
+  assert 'lladav_jax = "lladav_jax.eval.lmms_plugin:lmms_eval_manifest"' in text
+  assert callable(P.lmms_eval_manifest)
+
+
+def test_registers_with_lmms_eval_when_importable(monkeypatch):
+  """With an lmms_eval providing the real interface (an ABC + register_model), the plugin
+  subclasses it, registers as 'lladav_jax', and can be instantiated (all abstract methods there)."""
+  import abc
+  import importlib.util
+  import sys
+  import types
+
+  registry = {}
+
+  class lmms(abc.ABC):  # the abstract surface of lmms_eval.api.model.lmms
+    def __init__(self):
+      self._rank, self._world_size, self.task_dict = 0, 1, {}
+
+    @abc.abstractmethod
+    def loglikelihood(self, requests): ...
+
+    @abc.abstractmethod
+    def generate_until(self, requests): ...
+
+    @abc.abstractmethod
+    def generate_until_multi_round(self, requests): ...
+
+  def register_model(*names):
+    def deco(cls):
+      assert issubclass(cls, lmms)
+      for n in names:
+        registry[n] = cls
+      return cls
+    return deco
+
+  mods = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.api": types.ModuleType("lmms_eval.api"),
+          "lmms_eval.api.model": types.ModuleType("lmms_eval.api.model"),
+          "lmms_eval.api.registry": types.ModuleType("lmms_eval.api.registry")}
+  mods["lmms_eval.api.model"].lmms = lmms
+  mods["lmms_eval.api.registry"].register_model = register_model
+  for k, v in mods.items():
+    monkeypatch.setitem(sys.modules, k, v)
+  spec = importlib.util.spec_from_file_location("lmms_plugin_with_lmms_eval", P.__file__)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  assert mod.HAVE_LMMS_EVAL is True
+  assert registry["lladav_jax"] is mod.LLaDAVJax and issubclass(mod.LLaDAVJax, lmms)
+  lm = mod.LLaDAVJax(model=FakeModel())
+  lm.task_dict = DOCS
+  assert lm.generate_until([req("Q", {}, 0)]) == ["B"]
