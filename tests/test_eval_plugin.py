@@ -114,9 +114,10 @@ def test_video_inputs_rejected():
     lm.generate_until([r])
 
 
-def test_entry_point_snippet_names_the_manifest():
+def test_pyproject_registers_the_manifest_entry_point():
   import os
-  text = open(os.path.join(os.path.dirname(P.__file__), "ENTRY_POINT.txt")).read()
+  root = os.path.dirname(os.path.dirname(os.path.dirname(P.__file__)))
+  text = open(os.path.join(root, "pyproject.toml")).read()
   assert '[project.entry-points."lmms_eval.models"]' in text
   assert 'lladav_jax = "lladav_jax.eval.lmms_plugin:lmms_eval_manifest"' in text
   assert callable(P.lmms_eval_manifest)
