@@ -1,0 +1,307 @@
+"""The built-in demo data: a synthetic visual-instruction set a tiny model learns on a CPU.
+
+Scenes are 56x56 PNGs: a white canvas split into a 2x2 grid of 28 px cells (exactly 2x2 patches
+of a 14 px ViT), each cell empty or holding one flat-coloured shape (circle, square, triangle in
+red, green, blue, yellow). Questions are templated, answers are 1-2 words. Records are LLaVA
+JSON (`human`/`gpt`), single-turn, multi-turn and two-image questions, in train / validation /
+test splits. A matching word-level tokenizer (`tokenizer.json` + tokenizer_config.json +
+special_tokens_map.json, the original's special-token strings, vocabulary < 512) is written
+next to it with the `tokenizers` library.
+
+    paths = ensure_demo_data("/tmp/demo")      # generated once (atomically), then reused
+    tok = Tokenizer.from_dir(paths["tokenizer_dir"])
+    cfg = demo_data_config(paths)              # ConfigDict for build_train_iterator
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+
+from PIL import Image, ImageDraw
+
+from lladav_jax.multimodal import ImageConfig
+
+VERSION = 2
+IMAGE_SIZE = 56
+CELL = 28
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|mdm_mask|>", "<role>", "</role>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|unk|>")
+# The released tokenizer's chat template (LLaMA-3 style, content trimmed).
+HF_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+PRETOKENIZE = r"\n\n|\n| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]| "
+
+
+def demo_image_config() -> ImageConfig:
+  """56 px tiles, 14 px patches (config.small's vision tower); anyres as the original."""
+  return ImageConfig(image_size=IMAGE_SIZE, patch_size=14)
+
+
+# ----------------------------------------------------------------------------- scenes
+
+def draw_scene(cells) -> Image.Image:
+  """cells: 4 entries (row-major 2x2), each None or (color, shape)."""
+  img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+  d = ImageDraw.Draw(img)
+  for k, c in enumerate(cells):
+    if c is None:
+      continue
+    color, shape = c
+    x0, y0 = (k % 2) * CELL + 4, (k // 2) * CELL + 4
+    x1, y1 = x0 + CELL - 9, y0 + CELL - 9
+    fill = COLORS[color]
+    if shape == "circle":
+      d.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+      d.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
+    else:
+      d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+  return img
+
+
+def random_scene(rng: random.Random, n_min=1, n_max=4):
+  n = rng.randint(n_min, n_max)
+  slots = rng.sample(range(4), n)
+  cells = [None] * 4
+  for s in slots:
+    cells[s] = (rng.choice(list(COLORS)), rng.choice(SHAPES))
+  return cells
+
+
+def _objects(cells):
+  return [(c[0], c[1], POSITIONS[k]) for k, c in enumerate(cells) if c is not None]
+
+
+def single_image_qa(rng: random.Random, cells):
+  """One templated (question, answer) about a scene."""
+  objs = _objects(cells)
+  kinds = ["count", "count_color", "at", "exists", "exists"]
+  by_shape = {s: [o for o in objs if o[1] == s] for s in SHAPES}
+  by_color = {c: [o for o in objs if o[0] == c] for c in COLORS}
+  by_pair = {(o[0], o[1]): [p for p in objs if p[:2] == o[:2]] for o in objs}
+  if any(len(v) == 1 for v in by_shape.values()):
+    kinds += ["color_of", "color_of"]
+  if any(len(v) == 1 for v in by_color.values()):
+    kinds += ["shape_of", "shape_of"]
+  if any(len(v) == 1 for v in by_pair.values()):
+    kinds += ["where", "where"]
+  kind = rng.choice(kinds)
+  if kind == "count":
+    return "How many shapes are there?", NUMBERS[len(objs)]
+  if kind == "count_color":
+    c = rng.choice(list(COLORS))
+    return f"How many {c} shapes are there?", NUMBERS[len(by_color[c])]
+  if kind == "at":
+    k = rng.randrange(4)
+    ans = "nothing" if cells[k] is None else f"{cells[k][0]} {cells[k][1]}"
+    return f"What is in the {POSITIONS[k]} corner?", ans
+  if kind == "exists":
+    if rng.random() < 0.5 and objs:
+      c, s, _ = rng.choice(objs)
+    else:
+      c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    return f"Is there a {c} {s}?", "yes" if (c, s) in by_pair else "no"
+  if kind == "color_of":
+    s = rng.choice([s for s, v in by_shape.items() if len(v) == 1])
+    return f"What color is the {s}?", by_shape[s][0][0]
+  if kind == "shape_of":
+    c = rng.choice([c for c, v in by_color.items() if len(v) == 1])
+    return f"What shape is the {c} object?", by_color[c][0][1]
+  pair = rng.choice([p for p, v in by_pair.items() if len(v) == 1])
+  return f"Where is the {pair[0]} {pair[1]}?", by_pair[pair][0][2]
+
+
+def two_image_qa(rng: random.Random, a, b):
+  na, nb = len(_objects(a)), len(_objects(b))
+  kinds = ["total", "color_second", "color_first"] + (["more", "more"] if na != nb else [])
+  kind = rng.choice(kinds)
+  if kind == "total":
+    return "How many shapes are there in the two images?", NUMBERS[na + nb]
+  if kind == "more":
+    return "Which image has more shapes?", "first" if na > nb else "second"
+  cells = b if kind == "color_second" else a
+  o = _objects(cells)
+  which = "second" if kind == "color_second" else "first"
+  if len(o) == 1:
+    return f"What color is the shape in the {which} image?", o[0][0]
+  return f"How many shapes are in the {which} image?", NUMBERS[len(o)]
+
+
+def _tags(n: int) -> str:
+  # The same layout the eval uses (template.question_with_images): "<image> <image>\n".
+  return " ".join(["<image>"] * n) + "\n"
+
+
+def generate_split(rng: random.Random, n: int, split: str, image_dir: str, rel_prefix: str):
+  records = []
+  for i in range(n):
+    rid = f"{split}-{i:05d}"
+    r = rng.random()
+    if r < 0.15:  # two images
+      a, b = random_scene(rng, 1, 2), random_scene(rng, 1, 2)
+      names = []
+      for j, cells in enumerate((a, b)):
+        name = f"{rel_prefix}/{rid}-{j}.png"
+        draw_scene(cells).save(os.path.join(image_dir, os.path.basename(name)))
+        names.append(name)
+      q, ans = two_image_qa(rng, a, b)
+      conv = [{"from": "human", "value": _tags(2) + q}, {"from": "gpt", "value": ans}]
+      records.append({"id": rid, "image": names, "conversations": conv})
+      continue
+    cells = random_scene(rng)
+    name = f"{rel_prefix}/{rid}.png"
+    draw_scene(cells).save(os.path.join(image_dir, os.path.basename(name)))
+    turns = 2 if r < 0.40 else 1
+    conv, seen = [], set()
+    for t in range(turns):
+      for _ in range(10):
+        q, ans = single_image_qa(rng, cells)
+        if q not in seen:
+          break
+      seen.add(q)
+      conv.append({"from": "human", "value": (_tags(1) if t == 0 else "") + q})
+      conv.append({"from": "gpt", "value": ans})
+    records.append({"id": rid, "image": name, "conversations": conv})
+  return records
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(texts, out_dir: str, model_max_length: int = 256):
+  """A word-level `tokenizers` tokenizer over `texts` (+ printable ASCII), the original's specials."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  pre = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
+  pieces = set()
+  for t in texts:
+    for piece, _ in pre.pre_tokenize_str(t):
+      pieces.add(piece)
+  pieces |= {chr(c) for c in range(32, 127)} | {"\n", "\n\n"}
+  vocab = {p: i for i, p in enumerate(sorted(pieces))}
+  for s in SPECIAL_TOKENS:
+    vocab[s] = len(vocab)
+  tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+  tk.pre_tokenizer = pre
+  tk.decoder = decoders.Fuse()
+  tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+  os.makedirs(out_dir, exist_ok=True)
+  tk.save(os.path.join(out_dir, "tokenizer.json"))
+  added = {str(vocab[s]): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                           "single_word": False, "special": True} for s in SPECIAL_TOKENS}
+  config = {"add_bos_token": False, "add_eos_token": False, "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|unk|>",
+            "chat_template": HF_CHAT_TEMPLATE, "model_max_length": model_max_length,
+            "padding_side": "right", "clean_up_tokenization_spaces": False,
+            "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added}
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+  smap = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+          "unk_token": "<|unk|>", "additional_special_tokens": [s for s in SPECIAL_TOKENS if s not in
+                                                                ("<|startoftext|>", "<|endoftext|>", "<|unk|>")]}
+  with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+    json.dump(smap, f, indent=1)
+  return len(vocab)
+
+
+def _corpus_texts():
+  """Every string the templates can produce (so the demo never hits <|unk|>)."""
+  from lladav_jax.data.template import DEFAULT_SYSTEM
+  words = set(NUMBERS) | set(COLORS) | set(SHAPES) | {"nothing", "yes", "no", "first", "second", "object",
+                                                         "system", "user", "assistant"}
+  words |= {w for p in POSITIONS for w in p.split()}
+  texts = [DEFAULT_SYSTEM, "system", "user", "assistant"]
+  texts += [f" {w}" for w in words] + sorted(words)
+  for s in SHAPES:
+    texts.append(f"What color is the {s}?")
+  for c in COLORS:
+    texts += [f"What shape is the {c} object?", f"How many {c} shapes are there?"]
+    for s in SHAPES:
+      texts += [f"Is there a {c} {s}?", f"Where is the {c} {s}?", f"{c} {s}"]
+  for p in POSITIONS:
+    texts.append(f"What is in the {p} corner?")
+  texts += ["How many shapes are there?", "How many shapes are there in the two images?",
+            "Which image has more shapes?", "What color is the shape in the first image?",
+            "What color is the shape in the second image?", "How many shapes are in the first image?",
+            "How many shapes are in the second image?"]
+  return texts
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def ensure_demo_data(root: str, num_train: int = 4000, num_val: int = 200, num_test: int = 300,
+                     seed: int = 0) -> dict:
+  """Generates the demo set under `root` on first use (atomically: a temp dir renamed into place)
+  and returns its paths: dir, train, validation, test (LLaVA JSON), image_folder, tokenizer_dir."""
+  name = f"demo-v{VERSION}-n{num_train}-{num_val}-{num_test}-s{seed}"
+  final = os.path.join(os.path.abspath(root), name)
+
+  def paths(d):
+    return {"dir": d, "train": os.path.join(d, "train.json"), "validation": os.path.join(d, "validation.json"),
+            "test": os.path.join(d, "test.json"), "image_folder": d, "tokenizer_dir": os.path.join(d, "tokenizer")}
+
+  if os.path.exists(os.path.join(final, "DONE")):
+    return paths(final)
+  os.makedirs(os.path.dirname(final), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=os.path.dirname(final))
+  try:
+    rng = random.Random(seed)
+    for split, n in (("train", num_train), ("validation", num_val), ("test", num_test)):
+      img_dir = os.path.join(tmp, "images", split)
+      os.makedirs(img_dir)
+      recs = generate_split(rng, n, split, img_dir, f"images/{split}")
+      with open(os.path.join(tmp, f"{split}.json"), "w") as f:
+        json.dump(recs, f, indent=0)
+    build_tokenizer(_corpus_texts(), os.path.join(tmp, "tokenizer"))
+    with open(os.path.join(tmp, "DONE"), "w") as f:
+      json.dump({"version": VERSION, "num_train": num_train, "num_val": num_val, "num_test": num_test,
+                 "seed": seed}, f)
+    try:
+      os.rename(tmp, final)
+    except OSError:  # another process finished first
+      if not os.path.exists(os.path.join(final, "DONE")):
+        raise
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return paths(final)
+
+
+DEMO_SEQ_LEN = 128  # the longest demo sample is 118 tokens with its image tokens
+DEMO_TILE_BUDGET = 2
+
+
+def demo_data_config(paths: dict, split: str = "train"):
+  """The data ConfigDict for the demo (seq_len 128, 2 tiles of 56 px per sample)."""
+  from lladav_jax.data.pipeline import default_data_config
+  cfg = default_data_config()
+  cfg.path = paths[split]
+  cfg.image_folder = paths["image_folder"]
+  cfg.seq_len = DEMO_SEQ_LEN
+  cfg.buckets = [DEMO_SEQ_LEN]
+  cfg.tile_budget = DEMO_TILE_BUDGET
+  return cfg
+
+
+def qa_items(json_path: str):
+  """First question of each record for exact-match eval: dicts(id, images, question, answer),
+  `question` without image tags (use template.inference_prompt_ids to add them back)."""
+  with open(json_path) as f:
+    recs = json.load(f)
+  out = []
+  for r in recs:
+    imgs = r["image"] if isinstance(r["image"], list) else [r["image"]]
+    q = r["conversations"][0]["value"].replace("<image>", "").strip()
+    out.append({"id": r["id"], "images": imgs, "question": q, "answer": r["conversations"][1]["value"]})
+  return out

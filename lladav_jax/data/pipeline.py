@@ -1,0 +1,463 @@
+"""Grain input pipeline: LLaVA records -> static-shape host batches for the trainer.
+
+    source (JSON/JSONL/YAML, ArrayRecord shards, TFDS) -> seeded shuffle -> repeat
+      -> shard per JAX process -> map(parse, label, load+tile images, expand, truncate)
+      -> [mp_prefetch workers] -> drop+count skipped samples -> static-shape batch
+
+The trainer calls `build_train_iterator(...)` and passes each batch to
+`jax.make_array_from_process_local_data`. A batch is a dict of numpy arrays
+(B = per-process batch, L = bucket length, T = tile budget, S = tile size):
+
+  tokens    int32 [B, L]   ids; IMAGE_TOKEN_INDEX (-200) at image positions; padded first with
+                           EOS up to the original's padded length (labels = EOS: the original pads
+                           input_ids *and* labels with EOS before image expansion), then with pad id
+  labels    int32 [B, L]   -100 = not trained on
+  valid     bool  [B, L]   False only at bucket padding (keys the model must not attend to)
+  positions int32 [B, L]   arange(L)
+  pixels    float32 [B, T, S, S, 3]
+  merge_idx int32 [B, L, 4], merge_w float32 [B, L, 4]   (multimodal.expand, tile_budget=T)
+
+Skipped samples (bad files, too long, ...) travel as small sentinel records through the workers
+and are dropped and counted by reason in the main process (`iterator_stats(it)`); the counters
+are part of the checkpointed iterator state. Once more than `max_skip_fraction` of the samples
+seen (after `skip_check_min_samples`) were skipped, a DataError names the counts and sample ids.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from lladav_jax import multimodal
+from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from lladav_jax.data import records, template
+from lladav_jax.data.records import DataError, Skip
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("tokens", "labels", "valid", "positions", "pixels", "merge_idx", "merge_w")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # .json / .jsonl / .yaml (LLaVA `datasets:` list) / {a,b}.json; an ArrayRecord file, glob or
+  # directory (see data/arrayrecord.py); or "tfds:NAME[:SPLIT]" (see data/tfds_source.py).
+  c.path = ""
+  c.image_folder = ""
+  c.video_folder = ""  # default: image_folder
+  c.tfds_data_dir = ""
+  c.format = "llava"  # "llava" (preprocess_llada) | "plain" (stage 1, llada_plain)
+  c.seq_len = 8192  # model_max_length: truncation before and after image expansion
+  c.buckets = []  # sequence-length buckets (each <= seq_len); [] = [seq_len]
+  c.tile_budget = 16  # image tiles per sample (pixels [B, T, S, S, 3]); more -> skipped
+  # Rows that share one EOS padding length: the original collates (and EOS-pads) each GPU's
+  # batch on its own; set to the per-device batch to match it. 0 = the whole process batch.
+  c.pad_group_size = 0
+  c.truncate = True  # the original truncates over-long text; False skips every over-long sample
+  c.max_skip_fraction = 0.01
+  c.skip_check_min_samples = 200
+  c.num_workers = 0  # grain mp_prefetch worker processes; 0 = in-process
+  c.prefetch_buffer = 4  # per-worker buffer (elements)
+  c.read_threads = 2  # threads per process that run the map step
+  c.frames_upbound = 32
+  c.video_fps = 1.0
+  c.shuffle = True
+  c.drop_remainder = True
+  c.max_image_pixels = int(Image.MAX_IMAGE_PIXELS or 89478485)  # larger -> decompression_bomb
+  c.allow_truncated_images = False  # the original sets ImageFile.LOAD_TRUNCATED_IMAGES = True
+  c.labels = ml_collections.ConfigDict(
+      {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(template.LabelConfig()).items()})
+  return c
+
+
+def label_config(cfg) -> template.LabelConfig:
+  d = dict(cfg.labels) if "labels" in cfg else {}
+  if "unmask_tokens" in d:
+    d["unmask_tokens"] = tuple(d["unmask_tokens"])
+  return template.LabelConfig(**d)
+
+
+def _buckets(cfg) -> list[int]:
+  b = sorted(int(x) for x in (cfg.buckets or [cfg.seq_len]))
+  if b[-1] != cfg.seq_len:
+    b = sorted(set(b) | {int(cfg.seq_len)})
+  if b[0] <= 0 or b[-1] > cfg.seq_len:
+    raise ValueError(f"buckets {b} must be positive and <= seq_len {cfg.seq_len}")
+  return b
+
+
+def validate_config(cfg, tokenizer=None, image_cfg=None):
+  errs = []
+  if not cfg.path:
+    errs.append("data.path is empty")
+  if cfg.format not in ("llava", "plain"):
+    errs.append(f"data.format={cfg.format!r} must be 'llava' or 'plain'")
+  if cfg.seq_len <= 0 or cfg.tile_budget < 0:
+    errs.append("data.seq_len must be > 0 and data.tile_budget >= 0")
+  if cfg.get("pad_group_size", 0) < 0:
+    errs.append("data.pad_group_size must be >= 0")
+  if not 0 <= cfg.max_skip_fraction <= 1:
+    errs.append("data.max_skip_fraction must be in [0, 1]")
+  try:
+    _buckets(cfg)
+  except ValueError as e:
+    errs.append(str(e))
+  if errs:
+    raise ValueError("invalid data config:\n  " + "\n  ".join(errs))
+
+
+# ----------------------------------------------------------------------------- sources
+
+def make_source(cfg, seed: int = 0):
+  """A random-access sequence of (key, raw record) for `cfg.path` (format auto-detected)."""
+  p = cfg.path
+  if p.startswith("tfds:"):
+    from lladav_jax.data import tfds_source
+    parts = p[len("tfds:"):].split(":")
+    return tfds_source.TfdsRecords(parts[0], data_dir=cfg.get("tfds_data_dir") or None,
+                                   split=parts[1] if len(parts) > 1 else "train")
+  from lladav_jax.data import arrayrecord
+  files = arrayrecord.find_shards(p)
+  if files:
+    return arrayrecord.ArrayRecordRecords(files)
+  return records.json_source(p, seed)
+
+
+# ----------------------------------------------------------------------------- per sample
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  fmt: str
+  seq_len: int
+  tile_budget: int
+  truncate: bool
+  image_folder: str
+  video_folder: str
+  frames_upbound: int
+  video_fps: float
+  max_image_pixels: int
+  allow_truncated_images: bool
+  labels: template.LabelConfig
+
+  @classmethod
+  def from_config(cls, cfg) -> "SampleSettings":
+    return cls(fmt=cfg.format, seq_len=int(cfg.seq_len), tile_budget=int(cfg.tile_budget), truncate=bool(cfg.truncate),
+               image_folder=cfg.image_folder or "", video_folder=cfg.get("video_folder") or cfg.image_folder or "",
+               frames_upbound=int(cfg.frames_upbound), video_fps=float(cfg.video_fps),
+               max_image_pixels=int(cfg.max_image_pixels), allow_truncated_images=bool(cfg.allow_truncated_images),
+               labels=label_config(cfg))
+
+
+class SampleProcessor:
+  """(key, raw record) -> one sample dict, or a skip sentinel {"skip": reason, "id", "detail"}."""
+
+  def __init__(self, tokenizer, image_cfg: multimodal.ImageConfig, settings: SampleSettings):
+    self.tok = tokenizer
+    self.image_cfg = image_cfg
+    self.s = settings
+
+  def __call__(self, elem):
+    key, raw = elem
+    rid = key
+    try:
+      rec = records.parse_record(raw)
+      if rec.get("id") is not None:
+        rid = f"{rec['id']} ({key})"
+      return self.process(rec, rid)
+    except Skip as e:
+      return {"skip": e.reason, "id": rid, "detail": e.detail[:300]}
+
+  # -- text
+  def tokens_and_labels(self, rec: dict):
+    s = self.s
+    msgs = records.conversation(rec)
+    kind, refs = records.media_refs(rec)
+    if s.fmt == "plain":
+      if kind == "text" or len(refs) != 1:
+        raise Skip("image_tag_mismatch", f"a plain (stage-1) record needs exactly one image, has {len(refs)}")
+      msgs = template.normalize_image_tags(msgs, s.labels)
+      try:
+        ids, labels = template.render_plain(self.tok, msgs, s.labels)
+      except ValueError as e:
+        raise Skip("bad_record", str(e)) from None
+      return ids, labels, kind, refs
+    if kind != "text":
+      msgs = template.normalize_image_tags(msgs, s.labels)
+    msgs = template.training_messages(msgs, s.labels)
+    if not template.has_answer(msgs):
+      raise Skip("no_answer", "no assistant turn")
+    n_tags = sum(c.count(template.IMAGE_TAG) for _, c in msgs)
+    if n_tags != len(refs):
+      raise Skip("image_tag_mismatch", f"{n_tags} <image> tags but {len(refs)} {kind if refs else 'image'}s")
+    ids, labels = template.render_training(self.tok, msgs, s.labels)
+    return ids, labels, kind, refs
+
+  # -- images
+  def media_inputs(self, rec: dict, kind: str, refs: list) -> list[multimodal.ImageInput]:
+    s = self.s
+    if kind == "text":
+      return []
+    opener = records.Opener(rec, s.image_folder, s.video_folder)
+    try:
+      if kind == "video":
+        frames = records.load_video_frames(opener, refs[0], video_fps=s.video_fps, frames_upbound=s.frames_upbound,
+                                           max_pixels=s.max_image_pixels, allow_truncated=s.allow_truncated_images)
+        return [multimodal.process_video(frames, self.image_cfg)]
+      datas = [opener.data(r, "image") for r in refs]  # all present before decoding any
+      imgs = [records.open_image(d, r, max_pixels=s.max_image_pixels, allow_truncated=s.allow_truncated_images)
+              for d, r in zip(datas, refs)]
+      return multimodal.process_sample_images(imgs, self.image_cfg)
+    except (OSError, ValueError) as e:  # decoding that failed past PIL's header check
+      raise Skip(f"corrupt_{kind}", f"{refs}: {type(e).__name__}: {e}") from None
+
+  def process(self, rec: dict, rid: str) -> dict:
+    s = self.s
+    ids, labels, kind, refs = self.tokens_and_labels(rec)
+    n_media = len(refs)
+    if len(ids) > s.seq_len:  # the collator's truncation, before image expansion
+      if not s.truncate:
+        raise Skip("too_long", f"{len(ids)} tokens before image expansion > seq_len {s.seq_len}")
+      ids, labels = ids[:s.seq_len], labels[:s.seq_len]
+      if sum(1 for t in ids if t == IMAGE_TOKEN_INDEX) < n_media:
+        raise Skip("too_long", "truncation to seq_len cuts an image placeholder")
+    pre_len = len(ids)
+    inputs = self.media_inputs(rec, kind, refs)
+    n_tiles = sum(x.num_tiles for x in inputs)
+    if n_tiles > s.tile_budget:
+      raise Skip("too_many_tiles", f"{n_tiles} tiles > tile_budget {s.tile_budget}")
+    exp = multimodal.expand(ids, inputs, self.image_cfg, labels=labels, tile_budget=s.tile_budget)
+    tokens, lab, m_idx, m_w = exp.tokens, exp.labels, exp.merge_idx, exp.merge_w
+    if len(tokens) > s.seq_len:  # the original's second truncation, after expansion
+      img = np.nonzero(tokens == IMAGE_TOKEN_INDEX)[0]
+      if not s.truncate or (img.size and img[-1] >= s.seq_len):
+        raise Skip("too_long", f"{len(tokens)} tokens after image expansion > seq_len {s.seq_len}")
+      tokens, lab, m_idx, m_w = tokens[:s.seq_len], lab[:s.seq_len], m_idx[:s.seq_len], m_w[:s.seq_len]
+    if not (lab != IGNORE_INDEX).any():
+      raise Skip("no_labels", "no labelled token left after truncation")
+    return {"tokens": tokens.astype(np.int32), "labels": lab.astype(np.int32), "merge_idx": m_idx,
+            "merge_w": m_w, "pixels": exp.pixels[:n_tiles], "pre_len": np.int32(pre_len), "id": rid}
+
+
+# ----------------------------------------------------------------------------- batching
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  batch_size: int
+  buckets: tuple
+  seq_len: int
+  tile_budget: int
+  image_size: int
+  tokens_per_tile: int
+  pad_id: int
+  eos_id: int
+  pad_with_eos: bool
+  label_eos_padding: bool
+  pad_group_size: int = 0
+
+
+def collate(rows: list[dict], spec: BatchSpec) -> dict[str, np.ndarray]:
+  """Samples -> one static-shape batch (missing rows: all padding, no labels, no valid keys)."""
+  b, t, s = spec.batch_size, spec.tile_budget, spec.image_size
+  n = [len(r["tokens"]) for r in rows]
+  pre = [int(r["pre_len"]) for r in rows]
+  # The original pads input_ids and labels with EOS to the longest *pre-expansion* sample of its
+  # (per-device) batch, then expands images and truncates to model_max_length.
+  g = spec.pad_group_size or b
+  group_max = [max(pre[j - j % g:j - j % g + g]) for j in range(len(pre))]
+  eos_n = [m - p if spec.pad_with_eos else 0 for m, p in zip(group_max, pre)]
+  total = [min(a + e, spec.seq_len) for a, e in zip(n, eos_n)]
+  need = max(total, default=1)
+  length = next(x for x in spec.buckets if x >= need)
+  zero = t * spec.tokens_per_tile + 1
+  out = {
+      "tokens": np.full((b, length), spec.pad_id, np.int32),
+      "labels": np.full((b, length), IGNORE_INDEX, np.int32),
+      "valid": np.zeros((b, length), bool),
+      "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+      "pixels": np.zeros((b, t, s, s, 3), np.float32),
+      "merge_idx": np.full((b, length, multimodal.TAPS), zero, np.int32),
+      "merge_w": np.zeros((b, length, multimodal.TAPS), np.float32),
+  }
+  for i, r in enumerate(rows):
+    k = n[i]
+    out["tokens"][i, :k] = r["tokens"]
+    out["labels"][i, :k] = r["labels"]
+    out["merge_idx"][i, :k] = r["merge_idx"]
+    out["merge_w"][i, :k] = r["merge_w"]
+    out["valid"][i, :total[i]] = True
+    out["tokens"][i, k:total[i]] = spec.eos_id
+    if spec.label_eos_padding:
+      out["labels"][i, k:total[i]] = spec.eos_id
+    nt = r["pixels"].shape[0]
+    out["pixels"][i, :nt] = r["pixels"]
+  return out
+
+
+class _BatchDataset(grain.IterDataset):
+  def __init__(self, parent, spec: BatchSpec, *, max_skip_fraction: float, min_samples: int,
+               drop_remainder: bool, num_batches: int | None, log_first: int = 3):
+    super().__init__(parent)
+    self.spec = spec
+    self.kw = dict(max_skip_fraction=max_skip_fraction, min_samples=min_samples, drop_remainder=drop_remainder,
+                   num_batches=num_batches, log_first=log_first)
+
+  def __iter__(self):
+    return BatchIterator(self._parent.__iter__(), self.spec, **self.kw)
+
+  def __str__(self):
+    return f"LLaVABatch(batch_size={self.spec.batch_size}, buckets={list(self.spec.buckets)})"
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Drops and counts skip sentinels, enforces max_skip_fraction, collates static batches.
+
+  `num_batches` (eval): exactly this many batches, the last ones filled with padding rows
+  (labels all -100, valid all False) so every process yields the same number of batches.
+  """
+  MAX_IDS = 8
+
+  def __init__(self, parent, spec: BatchSpec, *, max_skip_fraction, min_samples, drop_remainder, num_batches,
+               log_first):
+    super().__init__(parent)
+    self.spec = spec
+    self.max_skip_fraction = max_skip_fraction
+    self.min_samples = min_samples
+    self.drop_remainder = drop_remainder
+    self.num_batches = num_batches
+    self.log_first = log_first
+    self._seen = 0
+    self._batches = 0
+    self._skipped: dict[str, int] = collections.Counter()
+    self._ids: dict[str, list] = collections.defaultdict(list)
+    self._exhausted = False
+    self.last_ids: list[str] = []  # record ids of the rows of the last batch (debugging, tests)
+
+  def _count_skip(self, el):
+    reason = el["skip"]
+    self._skipped[reason] += 1
+    if len(self._ids[reason]) < self.MAX_IDS:
+      self._ids[reason].append(str(el["id"]))
+    if self._skipped[reason] <= self.log_first:
+      log.warning("skipped sample %s (%s): %s", el["id"], reason, el.get("detail", ""))
+    skipped = sum(self._skipped.values())
+    if self._seen >= self.min_samples and skipped > self.max_skip_fraction * self._seen:
+      raise DataError(
+          f"{skipped} of {self._seen} samples ({skipped / self._seen:.1%}) were skipped, more than "
+          f"max_skip_fraction={self.max_skip_fraction}. By reason: {dict(self._skipped)}. "
+          f"Sample ids: {dict(self._ids)}")
+
+  def __next__(self):
+    self._assert_not_closed()
+    if self.num_batches is not None and self._batches >= self.num_batches:
+      raise StopIteration
+    rows = []
+    while len(rows) < self.spec.batch_size and not self._exhausted:
+      try:
+        el = next(self._parent)
+      except StopIteration:
+        self._exhausted = True
+        break
+      self._seen += 1
+      if "skip" in el:
+        self._count_skip(el)
+        continue
+      rows.append(el)
+    if len(rows) < self.spec.batch_size and self.num_batches is None:
+      if not rows or self.drop_remainder:
+        raise StopIteration
+    self._batches += 1
+    self.last_ids = [r["id"] for r in rows]
+    return collate(rows, self.spec)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "seen": self._seen, "batches": self._batches,
+            "exhausted": self._exhausted, "skipped": dict(self._skipped),
+            "skipped_ids": {k: list(v) for k, v in self._ids.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._seen = int(state["seen"])
+    self._batches = int(state["batches"])
+    self._exhausted = bool(state.get("exhausted", False))
+    self._skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
+    self._ids = collections.defaultdict(list, {k: list(v) for k, v in state["skipped_ids"].items()})
+
+  def stats(self) -> dict[str, Any]:
+    skipped = sum(self._skipped.values())
+    return {"seen": self._seen, "used": self._seen - skipped, "skipped": skipped,
+            "skip_fraction": skipped / self._seen if self._seen else 0.0, "by_reason": dict(self._skipped),
+            "skipped_ids": {k: list(v) for k, v in self._ids.items()}, "batches": self._batches}
+
+  def __str__(self):
+    return "LLaVABatchIterator"
+
+
+def iterator_stats(it) -> dict[str, Any]:
+  """seen / used / skipped samples, skips by reason with a few sample ids, batches produced."""
+  return it.stats()
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_index, process_count, seed,
+           train: bool):
+  validate_config(data_cfg)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  settings = SampleSettings.from_config(data_cfg)
+  source = make_source(data_cfg, seed)
+  if len(source) == 0:
+    raise DataError(f"no records in {data_cfg.path}")
+  ds = grain.MapDataset.source(source)
+  if data_cfg.shuffle:
+    ds = ds.shuffle(seed=seed)
+  if train:
+    ds = ds.repeat()  # a new permutation every epoch
+  ds = ds[process_index::process_count]
+  ds = ds.map(SampleProcessor(tokenizer, image_cfg, settings))
+  read = grain.ReadOptions(num_threads=max(1, int(data_cfg.read_threads)),
+                           prefetch_buffer_size=max(1, int(data_cfg.prefetch_buffer)))
+  it = ds.to_iter_dataset(read)
+  if data_cfg.num_workers > 0:
+    from absl import flags  # grain's multiprocessing reads absl flags; scripts/tests may not parse them
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers),
+                                                     per_worker_buffer_size=max(1, int(data_cfg.prefetch_buffer))))
+  num_batches = None
+  if not train:
+    per_proc = math.ceil(len(source) / process_count) if not data_cfg.drop_remainder else len(source) // process_count
+    num_batches = (math.ceil(per_proc / batch_size_per_process) if not data_cfg.drop_remainder
+                   else per_proc // batch_size_per_process)
+  spec = BatchSpec(batch_size=int(batch_size_per_process), buckets=tuple(_buckets(data_cfg)),
+                   seq_len=int(data_cfg.seq_len), tile_budget=int(data_cfg.tile_budget),
+                   image_size=image_cfg.image_size, tokens_per_tile=image_cfg.tokens_per_tile,
+                   pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, pad_with_eos=settings.labels.pad_with_eos,
+                   label_eos_padding=settings.labels.label_eos_padding,
+                   pad_group_size=int(data_cfg.get("pad_group_size", 0) or 0))
+  return iter(_BatchDataset(it, spec, max_skip_fraction=float(data_cfg.max_skip_fraction),
+                            min_samples=int(data_cfg.skip_check_min_samples),
+                            drop_remainder=bool(data_cfg.drop_remainder), num_batches=num_batches))
+
+
+def build_train_iterator(data_cfg: ml_collections.ConfigDict, tokenizer, image_cfg: multimodal.ImageConfig, *,
+                         batch_size_per_process: int, process_index: int, process_count: int, seed: int):
+  """Infinite, checkpointable (get_state/set_state) iterator of static-shape host batches."""
+  return _build(data_cfg, tokenizer, image_cfg, batch_size_per_process=batch_size_per_process,
+                process_index=process_index, process_count=process_count, seed=seed, train=True)
+
+
+def build_eval_iterator(data_cfg: ml_collections.ConfigDict, tokenizer, image_cfg: multimodal.ImageConfig, *,
+                        batch_size_per_process: int, process_index: int, process_count: int, seed: int = 0):
+  """One pass, no repeat; every process yields the same number of batches. With
+  drop_remainder=False the last batches carry padding rows (labels all -100, valid all False):
+  weight rows by whether they have labels."""
+  return _build(data_cfg, tokenizer, image_cfg, batch_size_per_process=batch_size_per_process,
+                process_index=process_index, process_count=process_count, seed=seed, train=False)

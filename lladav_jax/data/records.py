@@ -1,0 +1,352 @@
+"""LLaVA-format records: reading data files, parsing records, loading images and videos.
+
+A *source* is a random-access sequence of `(key, raw)` where raw is JSON bytes (JSON / JSONL /
+ArrayRecord) or an already-decoded dict (TFDS); `key` names the record for skip reports
+(`file:line` or `file#index`). Records are parsed lazily in the pipeline's map step, so a
+malformed line is skipped and counted like any other bad sample.
+
+Record fields (the original's `LazySupervisedDataset`): `id`; `conversations`: a list of
+`{"from": "human"|"gpt"|..., "value": str}` or `{"role", "content"}`; `image`: a path or a list
+of paths (relative to image_folder); `video`: a file (GIF through PIL; mp4 etc. through decord
+or PyAV when importable) or a list of frame files or a directory of frames; neither: text only.
+Embedded bytes (ArrayRecord shards) live in `_blobs` {path: base64}; decoded arrays (TFDS) in
+`_arrays` {path: uint8 HWC array}.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import warnings
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageSequence, UnidentifiedImageError
+
+
+class Skip(Exception):
+  """A sample that cannot be used as it is; `reason` is a short stable name for counters."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+    self.detail = detail
+
+
+class DataError(RuntimeError):
+  """Raised when too many samples are skipped (or data files cannot be read at all)."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+class JsonLinesSource:
+  """Records kept as compact JSON bytes in one buffer (+ offsets): cheap to pickle to workers."""
+
+  def __init__(self, blobs: Sequence[bytes], keys: Sequence[str]):
+    self._offsets = np.zeros(len(blobs) + 1, np.int64)
+    np.cumsum([len(b) for b in blobs], out=self._offsets[1:])
+    self._buf = b"".join(blobs)
+    self._keys = list(keys)
+
+  def __len__(self):
+    return len(self._keys)
+
+  def __getitem__(self, i: int):
+    i = int(i)
+    return self._keys[i], self._buf[self._offsets[i]:self._offsets[i + 1]]
+
+  def __repr__(self):
+    return f"JsonLinesSource({len(self)} records)"
+
+
+def _read_json_file(path: str):
+  """-> (list of raw JSON bytes, keys). JSONL lines are kept raw (parsed, and skipped if
+  malformed, per sample); a .json file must be one JSON list."""
+  blobs, keys = [], []
+  name = os.path.basename(path)
+  if path.endswith(".jsonl"):
+    with open(path, "rb") as f:
+      for n, line in enumerate(f, 1):
+        line = line.strip()
+        if line:
+          blobs.append(line)
+          keys.append(f"{name}:{n}")
+    return blobs, keys
+  with open(path, "rb") as f:
+    try:
+      data = json.loads(f.read())
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: not valid JSON ({e}); use .jsonl for line-per-record files") from None
+  if not isinstance(data, list):
+    raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+  for i, r in enumerate(data):
+    blobs.append(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode())
+    keys.append(f"{name}#{i}")
+  return blobs, keys
+
+
+def _apply_strategy(blobs, keys, strategy: str, rng: np.random.Generator, where: str):
+  """LLaVA's YAML `sampling_strategy`: all | first:N | end:N | random:N, N may be P%."""
+  if strategy == "all" or not strategy:
+    return blobs, keys
+  if ":" not in strategy:
+    raise DataError(f"{where}: unknown sampling_strategy {strategy!r}")
+  kind, num = strategy.split(":", 1)
+  n = math.ceil(int(num[:-1]) * len(blobs) / 100) if num.endswith("%") else int(num)
+  if kind == "first":
+    idx = range(min(n, len(blobs)))
+  elif kind == "end":
+    idx = range(max(0, len(blobs) - n), len(blobs))
+  elif kind == "random":  # the original shuffles unseeded; here seeded
+    idx = rng.permutation(len(blobs))[:n]
+  else:
+    raise DataError(f"{where}: unknown sampling_strategy {strategy!r}")
+  return [blobs[i] for i in idx], [keys[i] for i in idx]
+
+
+def json_source(data_path: str, seed: int = 0) -> JsonLinesSource:
+  """A file (.json list or .jsonl), a `{a,b}.json` set, or a YAML list of datasets."""
+  if data_path.endswith((".yaml", ".yml")):
+    import yaml
+    with open(data_path) as f:
+      spec = yaml.safe_load(f)
+    if not isinstance(spec, dict) or not isinstance(spec.get("datasets"), list):
+      raise DataError(f"{data_path}: expected `datasets: [{{json_path: ..., sampling_strategy: ...}}]`")
+    rng = np.random.default_rng(seed)
+    base = os.path.dirname(os.path.abspath(data_path))
+    all_b, all_k = [], []
+    for d in spec["datasets"]:
+      p = d.get("json_path")
+      if not p:
+        raise DataError(f"{data_path}: a dataset entry has no json_path: {d}")
+      p = p if os.path.isabs(p) else os.path.join(base, p)
+      b, k = _read_json_file(p)
+      b, k = _apply_strategy(b, k, str(d.get("sampling_strategy", "all")), rng, data_path)
+      all_b += b
+      all_k += k
+    return JsonLinesSource(all_b, all_k)
+  m = re.match(r"^(.*)\{(.*)\}\.json$", data_path)
+  if m:
+    all_b, all_k = [], []
+    for name in m.group(2).split(","):
+      b, k = _read_json_file(f"{m.group(1)}{name}.json")
+      all_b += b
+      all_k += k
+    return JsonLinesSource(all_b, all_k)
+  if not os.path.exists(data_path):
+    raise DataError(f"data file not found: {data_path}")
+  return JsonLinesSource(*_read_json_file(data_path))
+
+
+# ----------------------------------------------------------------------------- records
+
+def parse_record(raw) -> dict:
+  if isinstance(raw, dict):
+    return raw
+  try:
+    rec = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise Skip("malformed_json", str(e)[:100]) from None
+  if not isinstance(rec, dict):
+    raise Skip("malformed_json", f"a record must be a JSON object, got {type(rec).__name__}")
+  return rec
+
+
+def conversation(rec: dict) -> list[tuple[str, str]]:
+  """(role, content) pairs; `from`/`value` or `role`/`content`. Raises Skip('bad_record')."""
+  conv = rec.get("conversations", rec.get("messages"))
+  if not isinstance(conv, list) or not conv:
+    raise Skip("bad_record", "no conversations")
+  out = []
+  for m in conv:
+    if not isinstance(m, dict):
+      raise Skip("bad_record", "a turn is not an object")
+    role = m.get("role", m.get("from"))
+    content = m.get("content", m.get("value"))
+    if not isinstance(role, str) or not isinstance(content, str):
+      raise Skip("bad_record", "a turn lacks a string role/from or content/value")
+    out.append((role, content))
+  return out
+
+
+def media_refs(rec: dict) -> tuple[str, list]:
+  """('image', [paths]) | ('video', [ref]) | ('text', [])  (image wins over video, as the original)."""
+  if rec.get("image") is not None:
+    im = rec["image"]
+    ims = im if isinstance(im, list) else [im]
+    if not all(isinstance(x, str) for x in ims):
+      raise Skip("bad_record", "image must be a path or a list of paths")
+    return ("image", ims) if ims else ("text", [])
+  if rec.get("video") is not None:
+    v = rec["video"]
+    if not (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))):
+      raise Skip("bad_record", "video must be a path or a list of frame paths")
+    return "video", [v]
+  return "text", []
+
+
+# ----------------------------------------------------------------------------- images
+
+class Opener:
+  """Reads a referenced file from the record's embedded blobs/arrays or from disk."""
+
+  def __init__(self, rec: dict, image_folder: str | None, video_folder: str | None = None):
+    self.blobs = rec.get("_blobs") or {}
+    self.arrays = rec.get("_arrays") or {}
+    self.folders = {"image": image_folder, "video": video_folder or image_folder}
+
+  def path(self, ref: str, kind: str = "image") -> str:
+    folder = self.folders[kind]
+    return os.path.join(folder, ref) if folder and not os.path.isabs(ref) else ref
+
+  def data(self, ref: str, kind: str = "image"):
+    """bytes, or an ndarray (decoded TFDS image). Raises Skip(missing_*/zero_size_image)."""
+    if ref in self.arrays:
+      return self.arrays[ref]
+    if ref in self.blobs:
+      b = self.blobs[ref]
+      data = base64.b64decode(b) if isinstance(b, str) else bytes(b)
+    else:
+      p = self.path(ref, kind)
+      if not os.path.isfile(p):
+        raise Skip(f"missing_{kind}", ref)
+      with open(p, "rb") as f:
+        data = f.read()
+    if not data:
+      raise Skip("zero_size_image", f"{ref} is an empty file")
+    return data
+
+
+def open_image(data, ref: str, *, max_pixels: int, allow_truncated: bool = False) -> Image.Image:
+  """Decodes one image fully (mode as stored; multimodal.to_rgb converts it later).
+
+  Skip reasons: zero_size_image, decompression_bomb (over `max_pixels`, or PIL's own limit),
+  corrupt_image (unreadable / truncated unless allow_truncated, as the original's
+  ImageFile.LOAD_TRUNCATED_IMAGES = True would load it).
+  """
+  if isinstance(data, np.ndarray):
+    if data.size == 0:
+      raise Skip("zero_size_image", f"{ref}: array of shape {data.shape}")
+    if data.ndim == 3 and data.shape[-1] == 1:
+      data = data[..., 0]
+    return Image.fromarray(np.ascontiguousarray(data))
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      img = Image.open(io.BytesIO(data))
+      w, h = img.size
+      if w <= 0 or h <= 0:
+        raise Skip("zero_size_image", f"{ref}: {w}x{h}")
+      if w * h > max_pixels:
+        raise Skip("decompression_bomb", f"{ref}: {w}x{h} = {w * h} px > {max_pixels}")
+      old = ImageFile.LOAD_TRUNCATED_IMAGES
+      ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+      try:
+        img.load()
+      finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+  except Skip:
+    raise
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise Skip("decompression_bomb", f"{ref}: {e}") from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    raise Skip("corrupt_image", f"{ref}: {type(e).__name__}: {e}") from None
+  if img.width <= 0 or img.height <= 0:
+    raise Skip("zero_size_image", f"{ref}: {img.size}")
+  return img
+
+
+# ----------------------------------------------------------------------------- video
+
+VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".flv", ".mpeg", ".mpg", ".m4v")
+
+
+def sample_frame_indices(total: int, fps: float, *, video_fps: float = 1.0, frames_upbound: int = 32):
+  """The original's process_video_with_decord: one frame every round(fps / video_fps) frames;
+  if more than frames_upbound, frames_upbound uniformly spaced over the whole video."""
+  if total <= 0:
+    return []
+  step = max(1, round(fps / video_fps)) if fps and fps > 0 else 1
+  idx = list(range(0, total, step))
+  if frames_upbound > 0 and len(idx) > frames_upbound:
+    idx = np.linspace(0, total - 1, frames_upbound, dtype=int).tolist()
+  return idx
+
+
+def uniform_subsample(n: int, frames_upbound: int):
+  """Frame lists (ShareGPTVideo-style folders): all frames, or frames_upbound uniformly."""
+  if frames_upbound > 0 and n > frames_upbound:
+    return np.linspace(0, n - 1, frames_upbound, dtype=int).tolist()
+  return list(range(n))
+
+
+def _gif_frames(data: bytes, ref: str, video_fps: float, frames_upbound: int, max_pixels: int):
+  try:
+    img = Image.open(io.BytesIO(data))
+    if img.width * img.height > max_pixels:
+      raise Skip("decompression_bomb", f"{ref}: {img.size}")
+    durations, frames = [], []
+    for fr in ImageSequence.Iterator(img):
+      durations.append(fr.info.get("duration", 100) or 100)
+      frames.append(fr.convert("RGB"))
+  except Skip:
+    raise
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    raise Skip("corrupt_video", f"{ref}: {type(e).__name__}: {e}") from None
+  fps = 1000.0 / (sum(durations) / len(durations)) if frames else 0
+  return [frames[i] for i in sample_frame_indices(len(frames), fps, video_fps=video_fps,
+                                                  frames_upbound=frames_upbound)]
+
+
+def _decoded_video_frames(data: bytes, ref: str, video_fps: float, frames_upbound: int):
+  """mp4 & co. through decord, else PyAV, only if importable; else a clear skip reason."""
+  try:
+    import decord  # type: ignore
+    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    idx = sample_frame_indices(len(vr), vr.get_avg_fps(), video_fps=video_fps, frames_upbound=frames_upbound)
+    return [Image.fromarray(a) for a in vr.get_batch(idx).asnumpy()]
+  except ImportError:
+    pass
+  except Exception as e:  # noqa: BLE001 - decoder errors are data errors
+    raise Skip("corrupt_video", f"{ref}: {type(e).__name__}: {e}") from None
+  try:
+    import av  # type: ignore
+  except ImportError:
+    raise Skip("video_decoder_unavailable",
+               f"{ref}: decoding {os.path.splitext(ref)[1]} needs `decord` or `av` (PyAV); neither is installed") from None
+  try:
+    with av.open(io.BytesIO(data)) as c:
+      stream = c.streams.video[0]
+      frames = [f.to_image() for f in c.decode(stream)]
+      fps = float(stream.average_rate or 0)
+  except Exception as e:  # noqa: BLE001
+    raise Skip("corrupt_video", f"{ref}: {type(e).__name__}: {e}") from None
+  return [frames[i] for i in sample_frame_indices(len(frames), fps, video_fps=video_fps,
+                                                  frames_upbound=frames_upbound)]
+
+
+def load_video_frames(opener: Opener, ref, *, video_fps: float, frames_upbound: int, max_pixels: int,
+                      allow_truncated: bool = False) -> list[Image.Image]:
+  if isinstance(ref, list):  # a list of frame files
+    files = ref
+  elif ref not in opener.blobs and os.path.isdir(opener.path(ref, "video")):  # a folder of frames
+    d = opener.path(ref, "video")
+    files = sorted(os.path.join(d, f) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
+  else:
+    data = opener.data(ref, "video")
+    if ref.lower().endswith(".gif"):
+      frames = _gif_frames(data, ref, video_fps, frames_upbound, max_pixels)
+    elif ref.lower().endswith(VIDEO_EXTS):
+      frames = _decoded_video_frames(data, ref, video_fps, frames_upbound)
+    else:
+      raise Skip("corrupt_video", f"{ref}: unknown video type")
+    if not frames:
+      raise Skip("corrupt_video", f"{ref}: no frames")
+    return frames
+  if not files:
+    raise Skip("missing_video", f"{ref}: no frames")
+  return [open_image(opener.data(files[i], "video"), files[i], max_pixels=max_pixels, allow_truncated=allow_truncated)
+          for i in uniform_subsample(len(files), frames_upbound)]

@@ -1,0 +1,136 @@
+"""Image tensors of the pipeline: anyres tiles against transformers, modes, videos, budgets."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lladav_jax import multimodal
+from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
+from lladav_jax.data import pipeline
+from lladav_jax.data.demo_data import demo_image_config, ensure_demo_data
+from lladav_jax.data.tokenizer import Tokenizer
+
+S = 56
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  d = ensure_demo_data(str(tmp_path_factory.getbasetemp() / "demo"), num_train=48, num_val=8, num_test=8)
+  return Tokenizer.from_dir(d["tokenizer_dir"])
+
+
+def processor(tok, folder, **kw):
+  cfg = pipeline.default_data_config()
+  cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget = "x.json", str(folder), 512, 16
+  for k, v in kw.items():
+    setattr(cfg, k, v)
+  return pipeline.SampleProcessor(tok, demo_image_config(), pipeline.SampleSettings.from_config(cfg))
+
+
+def rec(image=None, video=None, q="<image>\nWhat color is the circle?"):
+  r = {"id": "r", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "red"}]}
+  if image is not None:
+    r["image"] = image
+  if video is not None:
+    r["video"] = video
+  return ("k", json.dumps(r).encode())
+
+
+def test_anyres_tiles_match_transformers(tok, tmp_path):
+  """Tiles for several aspect ratios == LlavaOnevisionImageProcessor (best resolution, black pad,
+  base image, 0.5/0.5 normalisation) with the same grid pinpoints, computed independently."""
+  transformers = pytest.importorskip("transformers")
+  cls = getattr(transformers, "LlavaOnevisionImageProcessorPil", None) or transformers.LlavaOnevisionImageProcessor
+  hf = cls(size={"height": S, "width": S}, image_grid_pinpoints=[[S * i, S * j] for i in range(1, 7) for j in range(1, 7)],
+           image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True, do_convert_rgb=True)
+  rng = np.random.default_rng(0)
+  proc = processor(tok, tmp_path)
+  for w, h in [(56, 56), (100, 40), (40, 130), (150, 110), (300, 57)]:
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    img.save(tmp_path / f"{w}x{h}.png")
+    out = proc(rec(f"{w}x{h}.png"))
+    assert "skip" not in out, out
+    ref = hf(img, return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+    n = out["pixels"].shape[0]
+    assert n == ref.shape[0] or np.all(ref[n:] == 0), (w, h)
+    np.testing.assert_allclose(out["pixels"], ref[:n], atol=1e-6, err_msg=f"{w}x{h}")
+    # token count of the spliced image: base + unpadded grid with row newlines
+    assert (out["tokens"] == IMG).sum() == multimodal.process_image(img, demo_image_config()).num_tokens
+
+
+def test_modes_are_converted_not_skipped(tok, tmp_path):
+  base = np.zeros((40, 60, 3), np.uint8)
+  base[:, :20] = (255, 0, 0)
+  base[:, 20:40] = (0, 255, 0)
+  base[:, 40:] = (0, 0, 255)
+  rgb = Image.fromarray(base)
+  rgb.convert("P", palette=Image.ADAPTIVE, colors=4).save(tmp_path / "palette.png")
+  p = rgb.convert("P", palette=Image.ADAPTIVE, colors=4)
+  p.info["transparency"] = 0
+  p.save(tmp_path / "palette_t.png", transparency=0)
+  rgba = rgb.copy()
+  rgba.putalpha(128)
+  rgba.save(tmp_path / "rgba.png")
+  rgb.convert("CMYK").save(tmp_path / "cmyk.tiff")
+  Image.fromarray((np.full((40, 60), 65535, np.uint16))).save(tmp_path / "white16.png")
+  Image.fromarray((np.full((40, 60), 257 * 128, np.uint16))).save(tmp_path / "gray16.png")
+  proc = processor(tok, tmp_path)
+  expect = multimodal.process_image(rgb, demo_image_config()).tiles
+  for name in ("palette.png", "rgba.png", "cmyk.tiff"):
+    out = proc(rec(name))
+    assert "skip" not in out, (name, out)
+    np.testing.assert_allclose(out["pixels"], expect, atol=1e-6, err_msg=name)
+  out = proc(rec("palette_t.png"))
+  assert "skip" not in out
+  assert Image.open(tmp_path / "white16.png").mode.startswith("I")
+  for name, v in (("white16.png", 255), ("gray16.png", 128)):  # 16-bit scaled to 8 bits, not clipped
+    ref = multimodal.process_image(Image.new("RGB", (60, 40), (v, v, v)), demo_image_config()).tiles
+    np.testing.assert_allclose(proc(rec(name))["pixels"], ref, atol=1e-6, err_msg=name)
+
+
+def test_multi_image_pad_text_only_and_budget(tok, tmp_path):
+  Image.new("RGB", (80, 40), (255, 0, 0)).save(tmp_path / "a.png")
+  Image.new("RGB", (30, 60), (0, 0, 255)).save(tmp_path / "b.png")
+  proc = processor(tok, tmp_path)
+  out = proc(rec(["a.png", "b.png"], q="<image> <image>\nWhich image has more shapes?"))
+  assert out["pixels"].shape == (2, S, S, 3)  # "pad" path: one tile each
+  assert (out["tokens"] == IMG).sum() == 2 * (16 + 1)  # 16 + 1 newline each
+  pad = multimodal.expand2square(Image.open(tmp_path / "a.png"), (127, 127, 127))
+  np.testing.assert_allclose(out["pixels"][0], multimodal.normalize(pad, demo_image_config()), atol=1e-6)
+  # text only: no tiles at all, merge plan all "zero" rows
+  t = proc(("k", json.dumps({"conversations": [{"from": "human", "value": "Hi"},
+                                              {"from": "gpt", "value": "yes"}]}).encode()))
+  assert t["pixels"].shape[0] == 0 and (t["merge_w"] == 0).all() and (t["merge_idx"] == 16 * 16 + 1).all()
+  # budget: a 300x57 image needs more than 4 tiles
+  Image.new("RGB", (300, 57)).save(tmp_path / "wide.png")
+  small = processor(tok, tmp_path, tile_budget=4)
+  assert small(rec("wide.png"))["skip"] == "too_many_tiles"
+
+
+def test_video_gif_and_frame_list(tok, tmp_path):
+  frames = [Image.new("RGB", (56, 56), (i * 20, 0, 0)) for i in range(10)]
+  frames[0].save(tmp_path / "v.gif", save_all=True, append_images=frames[1:], duration=1000, loop=0)
+  for i, f in enumerate(frames):
+    f.save(tmp_path / f"f{i}.png")
+  proc = processor(tok, tmp_path, frames_upbound=4, tile_budget=8)
+  g = proc(rec(video="v.gif"))
+  assert "skip" not in g, g
+  assert g["pixels"].shape[0] == 4  # 10 frames at 1 fps -> 10 > 4 -> linspace(0, 9, 4) = 0, 3, 6, 9
+  reds = np.round((g["pixels"][:, 0, 0, 0] * 0.5 + 0.5) * 255).astype(int)
+  np.testing.assert_array_equal(reds, [0, 60, 120, 180])
+  assert (g["tokens"] == IMG).sum() == 4 * 2 * 3  # 4x4 grid pooled to 2x2, + a newline per row
+  lst = proc(rec(video=[f"f{i}.png" for i in range(10)]))
+  np.testing.assert_allclose(lst["pixels"], g["pixels"], atol=1e-6)
+  mp4 = tmp_path / "v.mp4"
+  mp4.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+  out = proc(rec(video="v.mp4"))
+  try:
+    import decord  # noqa: F401
+  except ImportError:
+    try:
+      import av  # noqa: F401
+    except ImportError:
+      assert out["skip"] == "video_decoder_unavailable" and "decord" in out["detail"]
+      return
+  assert out["skip"] == "corrupt_video"
