@@ -9,7 +9,7 @@ from PIL import Image
 
 from lladav_jax.eval import run as R
 from lladav_jax.eval.__main__ import main
-from lladav_jax.eval.demo_data import COLORS, write_demo_split
+from lladav_jax.data.demo_data import ensure_demo_data, qa_items
 from lladav_jax.eval.sample import EvalSample
 from lladav_jax.eval.tasks import EOT, get_task
 
@@ -73,7 +73,7 @@ def test_think_suffix_only_with_images_and_per_task():
   gen2 = Recorder(lambda p: "x")
   R.evaluate("demo", [with_img], gen2)
   assert gen2.calls[0]["prompts"] == ["count?"]
-  assert gen2.calls[0]["kw"]["steps"] == 128
+  assert gen2.calls[0]["kw"]["steps"] == 8
 
 
 def test_chartqa_stop_newline_and_relaxed_accuracy():
@@ -169,35 +169,39 @@ def test_parse_sweep():
       R.parse_sweep(bad)
 
 
-def test_cli_end_to_end_with_fake_model(tmp_path, capsys):
-  data = write_demo_split(str(tmp_path / "demo"), n=6, seed=1)
-  rows = [json.loads(l) for l in open(data)]
-  by_rgb = {rgb: name for name, rgb in COLORS.items()}
-  def gen(prompts, images, **kw):  # reads the colour off the image; wrong on every shape question
-    return [out(by_rgb[ims[0].getpixel((64, 64))] if "color" in p else "blob", nfe=kw["steps"])
-            for p, ims in zip(prompts, images)]
-  n_color = sum("color" in r["question"] for r in rows)
+@pytest.fixture(scope="module")
+def demo_test(tmp_path_factory):
+  return ensure_demo_data(str(tmp_path_factory.mktemp("demo")), num_train=4, num_val=2, num_test=6)["test"]
+
+
+def test_cli_end_to_end_with_fake_model(tmp_path, capsys, demo_test):
+  items = qa_items(demo_test)
+  truth = {it["question"]: it["answer"] for it in items}
+  right = set(list(truth)[::2])  # the fake model knows every other answer
+  def gen(prompts, images, **kw):
+    return [out(next((truth[q] for q in right if q in p), "blob"), nfe=kw["steps"]) for p in prompts]
+  expected = 100.0 * sum(truth[q] != "blob" for q in right) / len(items)
   output = str(tmp_path / "res" / "demo.json")
-  res = main(["--checkpoint", "/ckpt", "--task", "demo", "--data", data, "--batch_size", "4", "--steps", "64",
+  res = main(["--checkpoint", "/ckpt", "--task", "demo", "--data", demo_test, "--batch_size", "4", "--steps", "64",
               "--output", output], generate_fn=gen)
   saved = json.load(open(output))
-  assert saved["metrics"]["exact_match"] == pytest.approx(100.0 * n_color / 6)
+  assert saved["metrics"]["exact_match"] == pytest.approx(expected)
   assert saved["checkpoint"] == "/ckpt" and saved["config"]["steps"] == 64 and saved["nfe"]["mean"] == 64
-  assert len(saved["predictions"]) == 6 and saved["num_skipped"] == 0
+  assert len(saved["predictions"]) == len(items) and saved["num_skipped"] == 0
   assert res["metrics"] == saved["metrics"]
   printed = capsys.readouterr().out
   assert "exact_match" in printed and "demo" in printed
-  main(["--checkpoint", "/ckpt", "--task", "demo", "--data", data, "--limit", "2", "--sweep", "steps=32,128",
+  main(["--checkpoint", "/ckpt", "--task", "demo", "--data", demo_test, "--limit", "2", "--sweep", "steps=32,128",
         "--output", output], generate_fn=gen)
   saved = json.load(open(output))
   assert [r["config"]["steps"] for r in saved["runs"]] == [32, 128] and saved["runs"][0]["num_samples"] == 2
   assert os.path.exists(str(tmp_path / "res" / "demo_sweep.png"))
 
 
-def test_evaluate_during_training(tmp_path):
-  data = write_demo_split(str(tmp_path), n=4)
-  model = SimpleNamespace(generate=lambda prompts, images, **kw: [out("red") for _ in prompts])
-  logs = R.evaluate_during_training(model, ["demo"], {"demo": data}, limit=4, batch_size=2)
-  expected = 100.0 * sum(json.loads(l)["answers"] == ["red"] for l in open(data)) / 4
+def test_evaluate_during_training(demo_test):
+  items = qa_items(demo_test)[:4]
+  model = SimpleNamespace(generate=lambda prompts, images, **kw: [out(items[0]["answer"]) for _ in prompts])
+  logs = R.evaluate_during_training(model, ["demo"], {"demo": demo_test}, limit=4, batch_size=2)
+  expected = 100.0 * sum(it["answer"] == items[0]["answer"] for it in items) / 4
   assert logs["eval/demo/exact_match"] == pytest.approx(expected)
   assert logs["eval/demo/nfe"] == 2.0 and logs["eval/demo/num_skipped"] == 0.0

@@ -12,7 +12,7 @@ EXPECTED = {**{t: (2, 2, 2, "no_think", (EOT,)) for t in MCQ},
             "infovqa_val": (32, 32, 16, "no_think", (EOT,)),
             "mathvista_testmini": (96, 96, 48, "think", (EOT,)),
             "mathverse_testmini_vision": (64, 64, 32, "think", (EOT,)),
-            "demo": (128, 128, 128, None, (EOT,))}
+            "demo": (8, 8, 8, None, (EOT,))}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

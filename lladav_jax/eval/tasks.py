@@ -277,8 +277,9 @@ TASKS: dict[str, Task] = {t.name: t for t in [
   Task("mathverse_testmini_vision", kind="math", metric="accuracy_rule_based", gen_length=64,
        block_length=64, steps=32, think="think", prompt_style="mathverse",
        description="scored by rule-based matching, not the reference's GPT judge"),
-  Task("demo", kind="open", metric="exact_match", gen_length=128, block_length=128, steps=128, think=None,
-       prompt_style="plain", description="synthetic demo split; generate_demo.py settings 128/128/128"),
+  Task("demo", kind="open", metric="exact_match", gen_length=8, block_length=8, steps=8, think=None,
+       prompt_style="plain", description="test split of the built-in synthetic data (lladav_jax/data/demo_data.py); "
+       "answers are 1-3 words, so 8 positions suffice"),
 ]}
 
 
