@@ -1,0 +1,353 @@
+"""Offline conversion between Hugging Face LLaDA-V / LLaDA safetensors and our Orbax layout.
+
+    python -m lladav_jax.convert hf-to-orbax SRC DST [--overwrite] [--strict] [--vision-config F]
+    python -m lladav_jax.convert orbax-to-hf SRC DST [--overwrite] [--shard-size 5GB]
+
+A converted directory holds:
+    params/                 Orbax checkpoint of the parameter tree (our layout, each parameter at its
+                            source dtype: bf16 stays bf16), written parameter by parameter
+    lladav_config.json      our ModelConfig (ModelConfig.to_json)
+    hf_manifest.json        every source tensor's HF name, dtype and shape, the naming scheme
+    extras.safetensors      source tensors the model does not use, verbatim (if any)
+    config.json, tokenizer and other auxiliary files of the source, copied
+
+hf -> orbax -> hf is bit-identical (names, dtypes, bytes). Both directions stream: hf-to-orbax
+holds about one stacked parameter on the host, orbax-to-hf one stacked parameter plus one output
+shard. Output is written into `DST.tmp-XXXX` and renamed into place at the end; an existing DST is
+an error unless `overwrite`; a failure leaves no DST.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_OURS = {"lladav_config.json", "hf_manifest.json", "extras.safetensors", "params"}
+PARTIAL_SAVE_BYTES = 64 << 20  # parameters are saved to Orbax in batches of about this size
+_GC_BYTES = 16 << 20  # after releasing this much, collect cycles at once (gc.collect costs ~0.1-0.5 s)
+
+
+def parse_size(s: int | str) -> int:
+  """'5GB' / '500MB' / '2GiB' / 1234 -> bytes (decimal units as in Hugging Face; *iB binary)."""
+  if isinstance(s, int):
+    return s
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", s.upper())
+  if not m:
+    raise ValueError(f"cannot parse size {s!r}")
+  num, unit, b = float(m.group(1)), m.group(2), m.group(3) or "B"
+  base = 1024 if b == "IB" else 1000
+  return int(num * base ** " KMGT".index(unit or " "))
+
+
+def _aux_files(src: str) -> list[str]:
+  """Config, tokenizer, generation config, remote-code files...: every plain top-level file that is
+  neither weights nor one of ours."""
+  out = []
+  for f in sorted(os.listdir(src)):
+    p = os.path.join(src, f)
+    if (os.path.isfile(p) and not f.endswith(_WEIGHT_SUFFIXES) and f != "model.safetensors.index.json"
+        and f not in _OURS):
+      out.append(f)
+  return out
+
+
+@contextlib.contextmanager
+def _atomic_dir(dst: str, overwrite: bool) -> Iterator[str]:
+  """A fresh `DST.tmp-XXXX` beside DST, renamed to DST on success and removed on failure."""
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(dst):
+      old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
+      os.rename(dst, os.path.join(old, "x"))
+      os.rename(tmp, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None, overwrite: bool = False,
+                strict: bool = False, seed: int = 0) -> str:
+  """Converts an HF LLaDA-V (or original LLaDA) safetensors directory to our Orbax layout at `dst`.
+
+  `cfg`: the ModelConfig (default: from SRC/config.json, with `vision_json` for the tower). Groups
+  the source lacks (vision / projector / image_newline of an LLM-only checkpoint) are random-init
+  with `seed` and recorded in the manifest (or an error with `strict`). Returns `dst`.
+  """
+  from orbax.checkpoint.experimental import v1 as ocp_v1
+  from orbax.checkpoint.experimental.v1 import partial as ocp_partial
+  from safetensors.numpy import save_file
+
+  from lladav_jax import weights as W
+
+  if os.path.exists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
+  with open(os.path.join(src, "config.json")) as f:
+    hf_config = json.load(f)
+  if cfg is None:
+    cfg = W.model_config_from_hf(hf_config, vision_json)
+  cfg.validate()
+  plan = W.plan_hf(src, cfg, strict=strict)  # raises before anything is written
+  try:
+    with _atomic_dir(dst, overwrite) as tmp:
+      params_dir = os.path.join(tmp, W.PARAMS_DIR)
+      tensors, param_dtypes = [], {}
+      pending, pending_bytes = {}, 0
+
+      # No defensive copy of our (never mutated) host arrays and no zstd pass: the save then needs
+      # little beyond the arrays themselves (weights barely compress anyway).
+      ctx = ocp_v1.Context()
+      ctx.memory.deepcopy_host_arrays = False
+      ctx.array.saving.use_compression = False
+
+      def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+          with ctx:
+            ocp_partial.save(params_dir, W.nest(pending))
+        if pending_bytes >= _GC_BYTES:
+          pending.clear()
+          gc.collect()  # free the saved arrays now, not at the next cyclic collection
+        pending, pending_bytes = {}, 0
+
+      for param, source in plan.params.items():
+        nbytes = math.prod(source.shape) * W.common_dtype(plan.files.dtype(n) for n in source.names).itemsize
+        if pending_bytes + nbytes > PARTIAL_SAVE_BYTES:
+          flush()  # before reading, so that a large parameter is never held next to a full batch
+        arr = W.read_param(plan, param)
+        param_dtypes[param] = str(arr.dtype)
+        for i, name in enumerate(source.names):
+          tensors.append(dict(name=name, param=param, layer=i if source.entry.stacked else None,
+                              dtype=str(plan.files.dtype(name)), shape=list(plan.files.shape(name))))
+        pending[param] = arr
+        pending_bytes += arr.nbytes
+        del arr
+      if plan.initialized:
+        log.warning("%s: %d parameters (%s) are random-initialised (seed %d) in %s", src,
+                    len(plan.initialized), ", ".join(sorted({W.ENTRIES[p].group for p in plan.initialized})),
+                    seed, dst)
+        init = W.init_params(cfg, plan.initialized, seed=seed)  # one compile; ~1.6 GB for so400m in f32
+        for param in list(init):
+          arr = init.pop(param)
+          param_dtypes[param] = str(arr.dtype)
+          if pending_bytes + arr.nbytes > PARTIAL_SAVE_BYTES:
+            flush()
+          pending[param] = arr
+          pending_bytes += arr.nbytes
+        del init
+      flush()
+      with ctx:
+        ocp_partial.finalize(params_dir)
+
+      extras = []
+      if plan.extras:
+        ex = {}
+        for name in plan.extras:
+          ex[name] = plan.files.get(name)
+          extras.append(dict(name=name, dtype=str(ex[name].dtype), shape=list(ex[name].shape)))
+        save_file(ex, os.path.join(tmp, W.EXTRAS_FILE), metadata=plan.files.metadata)
+        del ex
+      order = {n: i for i, n in enumerate(plan.files.names)}
+      manifest = dict(
+          format=1, scheme=plan.scheme, source=os.path.abspath(src),
+          safetensors_metadata=plan.files.metadata,
+          tensors=sorted(tensors + [dict(e, extra=True) for e in extras], key=lambda t: order[t["name"]]),
+          param_dtypes=param_dtypes, initialized=plan.initialized,
+          initialized_groups=sorted({W.ENTRIES[p].group for p in plan.initialized}))
+      with open(os.path.join(tmp, W.MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f, indent=1)
+      with open(os.path.join(tmp, W.CONFIG_FILE), "w") as f:
+        f.write(cfg.to_json())
+      for fname in _aux_files(src):
+        shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
+  finally:
+    plan.files.close()
+  log.info("converted %s -> %s (%d tensors, %d extras)", src, dst, len(tensors), len(extras))
+  return dst
+
+
+def orbax_to_hf(src: str, dst: str, *, shard_size: int | str = "5GB", overwrite: bool = False) -> str:
+  """Writes a converted Orbax directory back as HF safetensors shards + model.safetensors.index.json
+  (metadata.total_size), with the source's names and per-tensor dtypes (from hf_manifest.json; without
+  one: LLaDA-V names at the stored dtypes), the extras, config.json and the auxiliary files."""
+  import numpy as np
+  from safetensors import safe_open
+
+  from lladav_jax import weights as W
+
+  limit = parse_size(shard_size)
+  if os.path.exists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
+  stored = W.orbax_metadata(src)
+  manifest = W.read_manifest(src)
+  if manifest is None:
+    manifest = dict(scheme="llada_v", safetensors_metadata={"format": "pt"}, tensors=[])
+    for param, (shape, dtype) in stored.items():
+      e = W.ENTRIES[param]
+      for i in range(shape[0] if e.stacked else 1):
+        name = e.name("llada_v", i if e.stacked else None)
+        manifest["tensors"].append(dict(name=name, param=param, layer=i if e.stacked else None,
+                                        dtype=str(dtype), shape=list(W.hf_shape(e, shape[1:] if e.stacked else shape))))
+  by_param: dict[str, list[dict]] = {}
+  extras = []
+  for t in manifest["tensors"]:
+    (extras if t.get("extra") else by_param.setdefault(t["param"], [])).append(t)
+  missing = [f"missing: {p} (needed for {ts[0]['name']}...)" for p, ts in by_param.items() if p not in stored]
+  if missing:
+    raise W.CheckpointMismatchError(src, missing)
+  meta = manifest.get("safetensors_metadata") or {"format": "pt"}
+
+  # Every output tensor in production order (parameter by parameter, then the extras), split into
+  # shards up front so that each file's header can be written first and its data streamed after it.
+  order = [t for ts in by_param.values() for t in ts] + extras
+  sizes = [math.prod(t["shape"]) * np.dtype(_dtype(t["dtype"])).itemsize for t in order]
+  shards, cur, cur_bytes = [], [], 0
+  for t, nb in zip(order, sizes):
+    if cur and cur_bytes + nb > limit:
+      shards.append(cur)
+      cur, cur_bytes = [], 0
+    cur.append(t)
+    cur_bytes += nb
+  if cur:
+    shards.append(cur)
+  n = len(shards)
+
+  with _atomic_dir(dst, overwrite) as tmp:
+    cached: dict[str, np.ndarray] = {}
+    extras_file = os.path.join(src, W.EXTRAS_FILE)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+      fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+      with _SafetensorsWriter(os.path.join(tmp, fname), shard, meta) as w:
+        for t in shard:
+          if t.get("extra"):
+            with safe_open(extras_file, framework="np") as f:
+              arr = f.get_tensor(t["name"])
+          else:
+            if t["param"] not in cached:
+              big = sum(v.nbytes for v in cached.values()) >= _GC_BYTES
+              cached.clear()  # one stacked parameter on the host at a time
+              value = None
+              if big:  # reference cycles left by the restore would otherwise keep it alive for a while
+                gc.collect()
+              cached[t["param"]] = W.read_orbax_param(src, t["param"])
+            e, value = W.ENTRIES[t["param"]], cached[t["param"]]
+            arr = W.to_hf(e, value[t["layer"]] if e.stacked else value)
+          arr = arr.astype(_dtype(t["dtype"]), copy=False)
+          w.write(t["name"], arr)
+          weight_map[t["name"]] = fname
+          total += arr.nbytes
+          del arr
+    cached.clear()
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    for fname in _aux_files(src):
+      shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
+  log.info("exported %s -> %s (%d tensors in %d shards, %d bytes)", src, dst, len(weight_map), n, total)
+  return dst
+
+
+_ST_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+class _SafetensorsWriter:
+  """Streams one safetensors file: the header (from the planned names, dtypes and shapes) first, then
+  each tensor's bytes as it arrives, in the planned order. No copy of the file is built in memory."""
+
+  def __init__(self, path: str, tensors: list[dict], metadata: dict | None):
+    import numpy as np
+    header, off = {}, 0
+    for t in tensors:
+      nb = math.prod(t["shape"]) * np.dtype(_dtype(t["dtype"])).itemsize
+      header[t["name"]] = {"dtype": _ST_CODES[t["dtype"]], "shape": list(t["shape"]), "data_offsets": [off, off + nb]}
+      off += nb
+    if metadata:
+      header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    self._f = open(path, "wb")
+    self._f.write(struct.pack("<Q", len(h)) + h)
+    self._pending = [(t["name"], header[t["name"]]) for t in tensors]
+    self._i = 0
+
+  def write(self, name: str, arr) -> None:
+    import numpy as np
+    want_name, h = self._pending[self._i]
+    nb = h["data_offsets"][1] - h["data_offsets"][0]
+    if name != want_name or list(arr.shape) != h["shape"] or _ST_CODES[str(arr.dtype)] != h["dtype"] or arr.nbytes != nb:
+      raise ValueError(f"safetensors writer: got {name} {arr.dtype}{list(arr.shape)}, expected {want_name} "
+                       f"{h['dtype']}{h['shape']}")
+    self._f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+    self._i += 1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    self._f.close()
+    if exc_type is None and self._i != len(self._pending):
+      raise ValueError(f"safetensors writer: {len(self._pending) - self._i} tensors were not written")
+
+
+def _dtype(name: str):
+  import ml_dtypes
+  import numpy as np
+  return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m lladav_jax.convert", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="cmd", required=True)
+  a = sub.add_parser("hf-to-orbax", help="HF safetensors directory -> Orbax directory")
+  a.add_argument("src")
+  a.add_argument("dst")
+  a.add_argument("--overwrite", action="store_true")
+  a.add_argument("--strict", action="store_true", help="error if vision/projector/newline weights are absent")
+  a.add_argument("--vision-config", help="the vision tower's config.json, when SRC/config.json has none")
+  a.add_argument("--seed", type=int, default=0, help="init seed for absent groups")
+  b = sub.add_parser("orbax-to-hf", help="Orbax directory -> HF safetensors directory")
+  b.add_argument("src")
+  b.add_argument("dst")
+  b.add_argument("--overwrite", action="store_true")
+  b.add_argument("--shard-size", default="5GB")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("lladav_jax").setLevel(logging.INFO)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; keep accelerators free
+  if args.cmd == "hf-to-orbax":
+    vision = None
+    if args.vision_config:
+      with open(args.vision_config) as f:
+        vision = json.load(f)
+    hf_to_orbax(args.src, args.dst, vision_json=vision, overwrite=args.overwrite, strict=args.strict,
+                seed=args.seed)
+  else:
+    orbax_to_hf(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

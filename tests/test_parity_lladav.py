@@ -1,0 +1,280 @@
+"""Whole-model parity: LLaDA-V (image placeholder -> SigLIP -> mlp2x_gelu -> anyres merge with unpadding and
+bilinear downscale / pad path / pooled video -> LLaDA) against an independent PyTorch computation of the
+same steps (transformers SigLIP and LLaMA, torch Linear/GELU, F.interpolate), weights loaded from a
+synthesized LLaDA-V safetensors checkpoint through weights.load_state."""
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from PIL import Image
+from safetensors.numpy import save_file
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from lladav_jax import multimodal as mm
+from lladav_jax import sharding, weights
+from lladav_jax.config import IMAGE_TOKEN_INDEX
+from tests.test_parity_llm import MASK_ID, hf_logits, tiny_llama
+
+TOL = 1e-4
+VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=56, patch_size=14,
+              hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+
+# ----------------------------------------------------------------------------- a tiny LLaDA-V checkpoint
+
+def tiny_siglip(num_layers: int, seed: int = 0) -> SiglipVisionModel:
+  """A random SigLIP tower (every weight random, norms around one)."""
+  torch.manual_seed(seed)
+  c = SiglipVisionConfig(num_hidden_layers=num_layers, **VISION)
+  c._attn_implementation = "eager"
+  m = SiglipVisionModel(c).eval()
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      if "layer_norm" in name or "layernorm" in name:
+        p.copy_((1 if name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(0.15 * torch.randn_like(p))
+  return m
+
+
+@dataclasses.dataclass
+class TorchLLaDAV:
+  llama: torch.nn.Module
+  siglip: SiglipVisionModel
+  projector: torch.nn.Sequential
+  newline: torch.Tensor
+  keep_layers: int  # vision layers LLaDA-V runs (the checkpoint has one more)
+
+  def tensors(self) -> dict[str, np.ndarray]:
+    """The state dict under LLaDA-V's names (extras included: the last vision layer, post_layernorm, head)."""
+    sd = {k: v.detach().numpy().copy() for k, v in self.llama.state_dict().items()}
+    for k, v in self.siglip.state_dict().items():
+      sd[weights.VISION_PREFIX + k.removeprefix("vision_model.")] = v.detach().numpy().copy()
+    for k, v in self.projector.state_dict().items():
+      sd[f"model.mm_projector.{k}"] = v.detach().numpy().copy()
+    sd["model.image_newline"] = self.newline.detach().numpy().copy()
+    return sd
+
+  def config_json(self) -> dict:
+    c = self.llama.config.to_dict()
+    c.update(mm_hidden_size=VISION["hidden_size"], mm_vision_tower="siglip-tiny", mm_projector_type="mlp2x_gelu",
+             image_aspect_ratio="anyres_max_4", mask_token_id=MASK_ID,
+             vision_config=dict(VISION, num_hidden_layers=self.keep_layers + 1))
+    return c
+
+  # -- the reference computation, in torch
+  def features(self, tiles_NHWC: np.ndarray) -> torch.Tensor:
+    """SigLIP output after `keep_layers` layers (before post_layernorm) -> projector: [T, P, D]."""
+    with torch.no_grad():
+      px = torch.from_numpy(tiles_NHWC).permute(0, 3, 1, 2)
+      h = self.siglip(pixel_values=px, output_hidden_states=True).hidden_states[self.keep_layers]
+      return self.projector(h)
+
+  def embed_tokens(self, ids) -> torch.Tensor:
+    with torch.no_grad():
+      return self.llama.model.embed_tokens(torch.as_tensor(ids).long())
+
+
+def build_torch_lladav(seed: int = 0, keep_layers: int = 2, num_kv_heads: int = 2) -> TorchLLaDAV:
+  llama = tiny_llama(num_kv_heads=num_kv_heads, seed=seed)
+  siglip = tiny_siglip(keep_layers + 1, seed=seed + 1)
+  torch.manual_seed(seed + 2)
+  d_in, d = VISION["hidden_size"], llama.config.hidden_size
+  proj = torch.nn.Sequential(torch.nn.Linear(d_in, d), torch.nn.GELU(), torch.nn.Linear(d, d)).eval()
+  with torch.no_grad():
+    for p in proj.parameters():
+      p.copy_(0.3 * torch.randn_like(p))
+  return TorchLLaDAV(llama, siglip, proj, 0.5 * torch.randn(d), keep_layers)
+
+
+def write_hf_dir(path: str, tensors: dict[str, np.ndarray], config_json: dict, *, shards: int = 1,
+                 dtypes: dict[str, object] | None = None, extra_files: dict[str, str] | None = None) -> str:
+  """An HF directory: config.json, one model.safetensors or `shards` files + index.json."""
+  os.makedirs(path, exist_ok=True)
+  dtypes = dtypes or {}
+  tensors = {k: (v.astype(dtypes[k]) if k in dtypes else v) for k, v in tensors.items()}
+  names = list(tensors)
+  if shards == 1:
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  else:
+    weight_map, per = {}, math.ceil(len(names) / shards)
+    for k in range(shards):
+      fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+      part = {n: tensors[n] for n in names[k * per:(k + 1) * per]}
+      save_file(part, os.path.join(path, fname), metadata={"format": "pt"})
+      weight_map.update({n: fname for n in part})
+    with open(os.path.join(path, weights.INDEX_FILE), "w") as f:
+      json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, f)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_json, f, indent=1)
+  for fname, text in (extra_files or {}).items():
+    with open(os.path.join(path, fname), "w") as f:
+      f.write(text)
+  return path
+
+
+def tiny_lladav_dir(path: str, seed: int = 0, **kw) -> tuple[TorchLLaDAV, str]:
+  ref = build_torch_lladav(seed)
+  return ref, write_hf_dir(path, ref.tensors(), ref.config_json(), **kw)
+
+
+# ----------------------------------------------------------------------------- the reference merges
+
+def torch_anyres(feats: torch.Tensor, orig_size, cols: int, rows: int, newline: torch.Tensor, max_tiles=4):
+  """spatial_unpad merge (REFERENCE.md section 12): base tokens; tile grid -> unpad -> bilinear downscale if
+  times > 1.1 -> newline column -> row-major tokens."""
+  g = math.isqrt(feats.shape[1])
+  base, grid = feats[0], feats[1:]
+  c = grid.shape[-1]
+  fmap = grid.view(rows, cols, g, g, c).permute(4, 0, 2, 1, 3).reshape(c, rows * g, cols * g)
+  ow, oh = orig_size
+  ch, cw = fmap.shape[1:]
+  if ow / oh > cw / ch:
+    nh = int(oh * (cw / ow))
+    pad = (ch - nh) // 2
+    fmap = fmap[:, pad:ch - pad]
+  else:
+    nw = int(ow * (ch / oh))
+    pad = (cw - nw) // 2
+    fmap = fmap[:, :, pad:cw - pad]
+  unpadded = tuple(fmap.shape[1:])
+  h, w = unpadded
+  times = math.sqrt(h * w / (max_tiles * g * g))
+  if times > 1.1:
+    fmap = F.interpolate(fmap[None], size=(int(h // times), int(w // times)), mode="bilinear",
+                         align_corners=False)[0]
+  fmap = torch.cat([fmap, newline[:, None, None].expand(c, fmap.shape[1], 1)], dim=2)
+  return torch.cat([base, fmap.flatten(1).T]), unpadded, (ch, cw), times
+
+
+def torch_video(feats: torch.Tensor, newline: torch.Tensor, stride: int = 2):
+  """get_2dPool (bilinear, ceil(g / stride)) per frame, a newline after every row ("grid")."""
+  g = math.isqrt(feats.shape[1])
+  out = []
+  for f in feats:
+    fm = f.T.reshape(-1, g, g)
+    fm = F.interpolate(fm[None], size=(math.ceil(g / stride),) * 2, mode="bilinear", align_corners=False)[0]
+    fm = torch.cat([fm, newline[:, None, None].expand(fm.shape[0], fm.shape[1], 1)], dim=2)
+    out.append(fm.flatten(1).T)
+  return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- tests
+
+IMAGE_CFG = mm.ImageConfig(image_size=56, patch_size=14, aspect="anyres_max_4")
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+  ref, d = tiny_lladav_dir(str(tmp_path_factory.mktemp("lladav")))
+  cfg = weights.load_model_config(d, dtype="float32", param_dtype="float32")
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  return ref, cfg, weights.load_state(d, cfg, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, pixels, idx, w):
+  model = nnx.merge(graphdef, state)
+  pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  return model(tokens, pos, None, pixels, idx, w)
+
+
+def ours(cfg, state, ids, images):
+  e = mm.expand(ids, images, IMAGE_CFG)
+  graphdef, _ = weights.abstract_state(cfg)
+  out = _forward(graphdef, state, jnp.asarray(e.tokens)[None], jnp.asarray(e.pixels)[None],
+                 jnp.asarray(e.merge_idx)[None], jnp.asarray(e.merge_w)[None])
+  return np.asarray(out)[0], e
+
+
+def reference(ref: TorchLLaDAV, ids, image_tokens: list[torch.Tensor]):
+  """Splices the reference image token sequences into the text embeddings, runs LLaMA bidirectionally."""
+  parts, k = [], 0
+  for t in ids:
+    if t == IMAGE_TOKEN_INDEX:
+      parts.append(image_tokens[k]); k += 1
+    else:
+      parts.append(ref.embed_tokens([t]))
+  x = torch.cat(parts)[None]
+  return hf_logits(ref.llama, None, inputs_embeds=x)[0]
+
+
+def test_config_from_checkpoint(loaded):
+  _, cfg, _ = loaded
+  assert cfg.vision.num_layers == 2 and cfg.vision.grid == 4 and cfg.llm.num_kv_heads == 2
+  assert cfg.mask_token_id == MASK_ID
+
+
+@pytest.mark.parametrize("size", [(100, 170), (200, 120)])
+def test_anyres_image_matches_torch(loaded, size):
+  ref, cfg, state = loaded
+  img = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), np.uint8))
+  x = mm.process_image(img, IMAGE_CFG)
+  cands = [(i * 56, j * 56) for i, j in IMAGE_CFG.grid_pinpoints]
+  bw, bh = mm.select_best_resolution(size, cands)
+  feats = ref.features(x.tiles)
+  img_tokens, unpadded, padded, times = torch_anyres(feats, size, bw // 56, bh // 56, ref.newline)
+  # the case really exercises unpadding and the bilinear downscale
+  assert unpadded != padded and times > 1.1
+  ids = [5, 17, IMAGE_TOKEN_INDEX, 42, 7, 9]
+  logits, e = ours(cfg, state, ids, [x])
+  expect = reference(ref, ids, [img_tokens])
+  assert logits.shape == expect.shape
+  diff = np.abs(logits - expect).max()
+  print(f"lladav anyres {size} ({x.num_tiles} tiles, {x.num_tokens} image tokens): max abs diff {diff:.3g}")
+  assert diff <= TOL
+
+
+def test_multi_image_pad_path_matches_torch(loaded):
+  ref, cfg, state = loaded
+  rng = np.random.default_rng(3)
+  imgs = [Image.fromarray(rng.integers(0, 256, (40, 70, 3), np.uint8)),
+          Image.fromarray(rng.integers(0, 256, (90, 30, 3), np.uint8))]
+  xs = mm.process_sample_images(imgs, IMAGE_CFG)
+  assert [x.num_tokens for x in xs] == [17, 17]  # 16 + newline, the 729 + 1 analog
+  toks = [torch.cat([ref.features(x.tiles)[0], ref.newline[None]]) for x in xs]
+  ids = [3, IMAGE_TOKEN_INDEX, 8, IMAGE_TOKEN_INDEX, 11]
+  logits, _ = ours(cfg, state, ids, xs)
+  diff = np.abs(logits - reference(ref, ids, toks)).max()
+  print(f"lladav multi-image pad path: max abs diff {diff:.3g}")
+  assert diff <= TOL
+
+
+def test_video_pooled_matches_torch(loaded):
+  ref, cfg, state = loaded
+  rng = np.random.default_rng(4)
+  frames = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)) for _ in range(3)]
+  x = mm.process_video(frames, IMAGE_CFG)
+  assert x.num_tokens == 3 * 2 * 3
+  toks = torch_video(ref.features(x.tiles), ref.newline)
+  ids = [4, IMAGE_TOKEN_INDEX, 6]
+  logits, _ = ours(cfg, state, ids, [x])
+  diff = np.abs(logits - reference(ref, ids, [toks])).max()
+  print(f"lladav video (3 frames pooled): max abs diff {diff:.3g}")
+  assert diff <= TOL
+
+
+def test_bf16_checkpoint_loads_exactly(tmp_path):
+  ref = build_torch_lladav(seed=5)
+  t = ref.tensors()
+  d = write_hf_dir(str(tmp_path / "bf16"), t, ref.config_json(), dtypes={k: ml_dtypes.bfloat16 for k in t})
+  cfg = weights.load_model_config(d, dtype="float32", param_dtype="float32")
+  state = weights.load_state(d, cfg, sharding.make_mesh(devices=jax.devices()[:1]))
+  flat = weights.flat_params(state)
+  q = np.asarray(flat["llm.layers.attn.q_proj"])
+  assert q.dtype == np.float32
+  src = t["model.layers.1.self_attn.q_proj.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(q[1], src.T.reshape(q.shape[1:]))
+  patch = np.asarray(flat["vision.patch_kernel"])
+  src = t[weights.VISION_PREFIX + "embeddings.patch_embedding.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(patch, src.transpose(2, 3, 1, 0).reshape(patch.shape))
