@@ -1,0 +1,267 @@
+"""Host side of generation: text -> chat template -> image expansion -> bucketed left-padded batch
+-> the jitted sampler (lladav_jax.sampling) -> decoded answers; and the Monte-Carlo ELBO.
+
+Shapes are bucketed so that a new prompt rarely recompiles: the expanded prompt length is rounded
+up to a multiple of `length_multiple` (64), the tile count to a power of two, the batch to
+`batch_size` (or the next power of two); padding rows are marked not `live` and finish at once.
+Sample i of a call gets the seed `seed + i`, so its answer does not depend on how the prompts are
+batched (`batch_size`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lladav_jax import multimodal
+from lladav_jax.sampling import SamplerInputs, SamplerSettings, sample
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """The whole answer region of one sample and when each position was committed."""
+  tokens: list  # G answer-position ids (mask_id where never committed)
+  commit_step: list  # the step (0-based) that committed each position, -1 if never
+  stop: int  # answer position where the stop sequence starts (G if none)
+  mask_id: int
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  text: str  # decoded token_ids ("" without a tokenizer)
+  token_ids: list  # the answer before the stop, then the suffix
+  nfe: int  # forward evaluations (2 per step with CFG)
+  steps: int  # denoising steps
+  query_tokens: int = 0  # positions run through the transformer, summed over forwards
+  trajectory: Optional[Trajectory] = None
+
+
+def bucket_length(n: int, multiple: int = 64) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def bucket_pow2(n: int) -> int:
+  return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def sampler_settings(model, **kw) -> SamplerSettings:
+  """Settings with the token ids of `model`: mask from the model config, the banned ids (eos, bos,
+  start/end header) and eot from its tokenizer. Explicit `mask_id`/`banned_ids`/`eot_id` win."""
+  tok = model.tokenizer
+  ids = {"mask_id": model.cfg.mask_token_id}
+  if tok is not None:
+    ids["banned_ids"] = (tok.eos_id, tok.bos_id, tok.start_header_id, tok.end_header_id)
+    ids["eot_id"] = tok.eot_id
+    if tok.mask_id != model.cfg.mask_token_id:
+      warnings.warn(f"tokenizer mask id {tok.mask_id} != model mask_token_id {model.cfg.mask_token_id}; "
+                    "the sampler uses the model's")
+  ids.update({k: v for k, v in kw.items() if k in ("mask_id", "banned_ids", "eot_id")})
+  rest = {k: v for k, v in kw.items() if k not in ids}
+  if "banned_ids" in ids:
+    ids["banned_ids"] = tuple(int(i) for i in ids["banned_ids"])
+  return SamplerSettings(**ids, **rest).validate()
+
+
+def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[Sequence], *, suffix_ids=(),
+                   stop_ids: Sequence[Sequence[int]] = (), seeds: Sequence[int], rows: int,
+                   length_multiple: int = 64, tiles: Optional[int] = None) -> SamplerInputs:
+  """Expands, left-pads and buckets one batch into numpy SamplerInputs with `rows` rows and
+  `tiles` image tiles per row (default: the next power of two of the batch's largest need)."""
+  from lladav_jax.api import pad_expanded
+  icfg = model.image_cfg
+  exps = [multimodal.expand(ids, multimodal.process_sample_images(ims, icfg) if ims else [], icfg)
+          for ids, ims in zip(prompt_ids, images)]
+  n = len(exps)
+  if n > rows:
+    raise ValueError(f"{n} prompts but {rows} rows")
+  exps += [multimodal.expand([0], [], icfg)] * (rows - n)
+  length = bucket_length(max(len(e.tokens) for e in exps), length_multiple)
+  need = max(e.pixels.shape[0] for e in exps)
+  tiles = bucket_pow2(need) if tiles is None else tiles
+  batch, _ = pad_expanded(exps, icfg, length=length, tiles=tiles, left=True)
+  ns = len(stop_ids)
+  ls = max([len(s) for s in stop_ids] + [1])
+  stops = np.full((rows, max(ns, 1), ls), -1, np.int32)
+  lens = np.zeros((rows, max(ns, 1)), np.int32)
+  for k, s in enumerate(stop_ids):
+    stops[:, k, :len(s)] = s
+    lens[:, k] = len(s)
+  suffix = np.broadcast_to(np.asarray(list(suffix_ids), np.int32)[None], (rows, len(suffix_ids))).copy()
+  seeds_arr = np.zeros((rows,), np.uint32)
+  seeds_arr[:n] = np.asarray(seeds, np.int64) % (1 << 32)
+  return SamplerInputs(tokens=batch["tokens"], valid=batch["valid"], positions=batch["positions"],
+                       pixels=batch["pixels"], merge_idx=batch["merge_idx"], merge_w=batch["merge_w"],
+                       suffix=suffix, stop_ids=stops, stop_lens=lens, seeds=seeds_arr,
+                       live=np.arange(rows) < n)
+
+
+def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Sequence[Sequence]] = None, *,
+                 settings: SamplerSettings, stop_ids: Sequence[Sequence[int]] = (), suffix_ids: Sequence[int] = (),
+                 seed: int = 0, batch_size: Optional[int] = None, length_multiple: int = 64,
+                 tiles: Optional[int] = None, return_trajectory: bool = False) -> list[GenerationResult]:
+  """Token-level generation: prompt ids (IMAGE_TOKEN_INDEX where images go) -> results (no text).
+  `length_multiple` and `tiles` set the shape buckets (see prepare_inputs)."""
+  prompt_ids = [list(p) for p in prompt_ids]
+  images = [list(i) for i in images] if images is not None else [[] for _ in prompt_ids]
+  if len(images) != len(prompt_ids):
+    raise ValueError(f"{len(prompt_ids)} prompts but {len(images)} image lists")
+  if not prompt_ids:
+    return []
+  chunk = batch_size or len(prompt_ids)
+  rows = batch_size or bucket_pow2(len(prompt_ids))
+  stop_ids = [list(s) for s in stop_ids if len(s)]
+  g = settings.gen_length
+  out: list[GenerationResult] = []
+  for start in range(0, len(prompt_ids), chunk):
+    sl = slice(start, start + chunk)
+    n = len(prompt_ids[sl])
+    inputs = prepare_inputs(model, prompt_ids[sl], images[sl], suffix_ids=suffix_ids, stop_ids=stop_ids,
+                            seeds=[seed + start + i for i in range(n)], rows=rows, length_multiple=length_multiple,
+                            tiles=tiles)
+    res = sample(model.graphdef, model.state, jax.tree.map(jnp.asarray, inputs), settings)
+    res = jax.tree.map(np.asarray, res)
+    for i in range(n):
+      stop = int(res.stop[i])
+      ans = res.tokens[i].tolist()
+      traj = (Trajectory(ans, res.commit_step[i].tolist(), stop, settings.mask_id) if return_trajectory else None)
+      out.append(GenerationResult(text="", token_ids=ans[:min(stop, g)] + list(suffix_ids), nfe=int(res.nfe[i]),
+                                  steps=int(res.steps[i]), query_tokens=int(res.query_tokens[i]), trajectory=traj))
+  return out
+
+
+def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]] = None, gen_length: int = 128,
+             block_length: int = 128, steps: int = 128, temperature: float = 0.0,
+             remasking: str = "low_confidence", cfg_scale: float = 0.0, threshold: Optional[float] = None,
+             factor: Optional[float] = None, cache: Optional[str] = None, refresh_interval: int = 32,
+             schedule: str = "uniform", shift: float = 1 / 3, stop_strings: Optional[Sequence[str]] = None,
+             suffix: Optional[str] = None, seed: int = 0, batch_size: Optional[int] = None,
+             return_trajectory: bool = False, system: Optional[str] = "default",
+             skip_special_tokens: bool = True, length_multiple: int = 64,
+             tiles: Optional[int] = None) -> list[GenerationResult]:
+  """Answers to user questions about images (one list of PIL images per prompt).
+
+  The chat template (system prompt, `<image>` tags, assistant header) is applied as the
+  original's demo/eval do; `<|eot_id|>` always stops, `stop_strings` are tokenised and added;
+  `suffix` is a fixed text after the answer positions (never overwritten, appended to the
+  output). Settings are those of SamplerSettings; see lladav_jax.sampling for their meaning.
+  """
+  from lladav_jax.data import template
+  tok = model.tokenizer
+  if tok is None:
+    raise ValueError("the model has no tokenizer (tokenizer.json next to the checkpoint); use generate_ids")
+  images = [list(i) for i in images] if images is not None else [[] for _ in prompts]
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+  sys_msg = template.DEFAULT_SYSTEM if system == "default" else system
+  prompt_ids = [template.inference_prompt_ids(tok, q, len(ims), system=sys_msg) for q, ims in zip(prompts, images)]
+  settings = sampler_settings(model, gen_length=gen_length, block_length=block_length, steps=steps,
+                              temperature=float(temperature), remasking=remasking, cfg_scale=float(cfg_scale),
+                              threshold=threshold, factor=factor, cache=cache, refresh_interval=refresh_interval,
+                              schedule=schedule, shift=float(shift))
+  stop_ids = tok.encode_stop_strings(list(stop_strings or []))
+  suffix_ids = tok.encode(suffix) if suffix else []
+  outs = generate_ids(model, prompt_ids, images, settings=settings, stop_ids=stop_ids, suffix_ids=suffix_ids,
+                      seed=seed, batch_size=batch_size, return_trajectory=return_trajectory,
+                      length_multiple=length_multiple, tiles=tiles)
+  for o in outs:  # masks (never committed) and ids past the tokenizer's vocabulary are not text
+    o.text = tok.decode([i for i in o.token_ids if i != settings.mask_id and 0 <= i < tok.vocab_size],
+                        skip_special=skip_special_tokens)
+  return outs
+
+
+# ----------------------------------------------------------------------------- ELBO
+
+def mc_masks(answer_len: int, num_samples: int, rng: np.random.Generator, group: int = 16):
+  """LLaDA's `forward_process` for `num_samples` rows in groups of `group`: per group a random
+  k in [1, T]; row r of the group masks exactly x_r = ((round(k + r * T / group) - 1) mod T) + 1
+  positions, chosen uniformly; p_r = x_r / T. Returns bool [N, T] and float [N]."""
+  t = answer_len
+  masks, ps = [], []
+  for g0 in range(0, num_samples, group):
+    b = min(group, num_samples - g0)
+    k = int(rng.integers(1, t + 1))
+    x = np.round(np.linspace(float(k), k + (b - 1) * (t / b), b)).astype(np.int64)
+    x = ((x - 1) % t) + 1
+    for xi in x:
+      m = np.zeros(t, bool)
+      m[rng.permutation(t)[:xi]] = True
+      masks.append(m)
+      ps.append(xi / t)
+  return np.stack(masks), np.asarray(ps, np.float32)
+
+
+def _elbo_terms(graphdef, params, tokens, valid, positions, pixels, merge_idx, merge_w, answer, ans_valid, ans_mask,
+                p_mask, mask_id):
+  """sum over masked answer positions of CE / p, per MC row [N]. Prompt embeddings computed once;
+  `ans_valid` marks the real answer positions (the rest is bucket padding, never attended)."""
+  from flax import nnx
+  model = nnx.merge(graphdef, params)
+  llm = model.llm
+  prompt = model.embed(tokens, pixels, merge_idx, merge_w)  # [1, P, D]
+  n, t = ans_mask.shape
+  noisy = jnp.where(ans_mask, mask_id, answer[None])  # [N, T]
+  x = jnp.concatenate([jnp.broadcast_to(prompt, (n,) + prompt.shape[1:]), llm.embed_tokens(noisy)], axis=1)
+  ans_pos = jnp.sum(valid) + jnp.arange(t)
+  pos = jnp.concatenate([jnp.broadcast_to(positions, (n, positions.shape[1])), jnp.broadcast_to(ans_pos, (n, t))], 1)
+  keymask = jnp.concatenate([jnp.broadcast_to(valid, (n, valid.shape[1])), jnp.broadcast_to(ans_valid, (n, t))], 1)
+  h = llm(x, pos, keymask[:, None, :])
+  logp = jax.nn.log_softmax(llm.logits(h[:, tokens.shape[1]:]), axis=-1)
+  ce = -jnp.take_along_axis(logp, jnp.broadcast_to(answer[None, :, None], (n, t, 1)), axis=-1)[..., 0]
+  return jnp.sum(jnp.where(ans_mask, ce, 0.0), axis=-1) / p_mask
+
+
+_elbo_jit = jax.jit(_elbo_terms, static_argnums=(0, 12))
+
+
+def elbo_ids(model, prompt_ids: Sequence[int], images: Sequence, answer_ids: Sequence[int], *, num_samples: int = 128,
+             seed: int = 0, group: int = 16, length_multiple: int = 64) -> float:
+  """Monte-Carlo ELBO of log p(answer | prompt) for one prompt (ids with image placeholders):
+  -(1/N) sum_rows sum_{masked} CE / p, as LLaDA's get_log_likelihood (rows in groups of `group`)."""
+  from lladav_jax.api import pad_expanded
+  t = len(answer_ids)
+  if not t:
+    return 0.0
+  icfg = model.image_cfg
+  e = multimodal.expand(list(prompt_ids), multimodal.process_sample_images(list(images), icfg) if images else [],
+                        icfg)
+  batch, _ = pad_expanded([e], icfg, length=bucket_length(len(e.tokens), length_multiple),
+                          tiles=bucket_pow2(e.pixels.shape[0]), left=True)
+  prompt = [jnp.asarray(batch[k]) for k in ("tokens", "valid", "positions", "pixels", "merge_idx", "merge_w")]
+  masks, ps = mc_masks(t, num_samples, np.random.default_rng(seed), group)
+  tb = bucket_length(t, 16)
+  ans = np.zeros(tb, np.int32)
+  ans[:t] = answer_ids
+  ans_valid = np.arange(tb) < t
+  total = 0.0
+  for g0 in range(0, num_samples, group):  # one compiled shape: rows padded to `group`
+    m, p = masks[g0:g0 + group], ps[g0:g0 + group]
+    rows = m.shape[0]
+    mb = np.zeros((group, tb), bool)
+    mb[:rows, :t] = m
+    pb = np.ones(group, np.float32)
+    pb[:rows] = p
+    terms = _elbo_jit(model.graphdef, model.state, *prompt, jnp.asarray(ans), jnp.asarray(ans_valid),
+                      jnp.asarray(mb), jnp.asarray(pb), model.cfg.mask_token_id)
+    total += float(np.sum(np.asarray(terms)[:rows]))
+  return -total / num_samples
+
+
+def elbo(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]], answers: Sequence[str], *,
+         num_samples: int = 128, seed: int = 0, group: int = 16, system: Optional[str] = "default") -> list[float]:
+  """LLaDA's `get_log_likelihood` for each (prompt, answer): the Monte-Carlo masked-diffusion lower
+  bound -E[sum_{masked} CE / p] with LLaDA's stratified mask counts, `num_samples` rows each."""
+  from lladav_jax.data import template
+  tok = model.tokenizer
+  if tok is None:
+    raise ValueError("the model has no tokenizer; use elbo_ids")
+  images = [list(i) for i in images] if images is not None else [[] for _ in prompts]
+  sys_msg = template.DEFAULT_SYSTEM if system == "default" else system
+  out = []
+  for k, (q, ims, a) in enumerate(zip(prompts, images, answers)):
+    ids = template.inference_prompt_ids(tok, q, len(ims), system=sys_msg)
+    out.append(elbo_ids(model, ids, ims, tok.encode(a), num_samples=num_samples, seed=seed + k, group=group))
+  return out

@@ -1,0 +1,119 @@
+"""Accelerations: LaViDa's shift schedule, Fast-dLLM threshold / factor decoding, prefix and dual
+KV caches. Each against the NumPy reference where it has exact semantics, and each must run and
+report fewer NFE (parallel decoding) or fewer positions per forward (caches)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from lladav_jax import generation
+from lladav_jax.sampling import count_table, shift_counts
+from lladav_jax.sampling.core import Forward
+from tests.test_sampler import (BUCKETS, IMAGES, PROMPTS, SUFFIX, assert_same, model, run_reference,  # noqa: F401
+                                settings, stop_setup)
+
+
+def lavida_shift_counts(n, steps, shift):
+  """LaViDa's get_num_transfer_tokens_sch(schedule='shift') for one sample, in torch (float32)."""
+  steps = int(min(steps, n))
+  t = torch.linspace(0, 1, steps + 1)
+  sig = shift * t / (1 + (shift - 1) * t)
+  v = (sig * torch.tensor([n])).to(torch.int64)
+  v = torch.clamp(v[1:] - v[:-1], 1, None)
+  delta = int(v.sum()) - n
+  if delta < 0:
+    return None  # LaViDa asserts here
+  j = 0
+  while delta > 0:
+    j %= len(v)
+    if v[j] == 1:
+      j += 1
+      continue
+    delta -= 1
+    v[j] -= 1
+    j += 1
+  return v.flip(-1).tolist()
+
+
+def test_shift_schedule_example_and_torch_parity():
+  # 32 tokens in 16 steps, shift 1/3: early steps commit more
+  assert shift_counts(32, 16, 1 / 3) == [6, 4, 4, 2, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+  # the often-quoted [6,4,4,2,3,2,2,1,2,1,...] is the clamped vector before the surplus of 1 is removed
+  assert sum([6, 4, 4, 2, 3, 2, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1]) == 33
+  for n in range(1, 70):
+    for steps in (1, 2, 3, 4, 8, 16, 32):
+      for shift in (1 / 3, 3.0, 0.5):
+        ref = lavida_shift_counts(n, steps, shift)
+        ours = shift_counts(n, steps, shift)
+        assert sum(ours) == n and len(ours) == steps
+        if ref is not None:
+          assert ours[:len(ref)] == ref and not any(ours[len(ref):]), (n, steps, shift)
+  table = count_table(8, 4, "uniform")
+  assert table[7].tolist() == [2, 2, 2, 1] and table[0].tolist() == [0, 0, 0, 0]
+
+
+def test_shift_schedule_in_the_sampler_matches_reference(model):
+  st = settings(schedule="shift", shift=1 / 3, gen_length=24, block_length=24, steps=12)
+  outs = generation.generate_ids(model, PROMPTS[:2], IMAGES[:2], settings=st, suffix_ids=SUFFIX,
+                                 return_trajectory=True, **BUCKETS)
+  refs = run_reference(model, st, PROMPTS[:2], IMAGES[:2], suffix=SUFFIX,
+                       counts_fn=lambda n, s: shift_counts(n, s, 1 / 3))
+  assert_same(outs, refs)
+  per_step = np.bincount(np.asarray(outs[0].trajectory.commit_step), minlength=12).tolist()
+  assert per_step == shift_counts(24, 12, 1 / 3) == [6, 3, 3, 3, 2, 1, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=0.7), dict(factor=2.0)], ids=["threshold", "factor"])
+def test_parallel_decoding_matches_reference_and_cuts_nfe(model, kw):
+  st = settings(gen_length=24, block_length=8, steps=24, **kw)
+  outs = generation.generate_ids(model, PROMPTS, IMAGES, settings=st, suffix_ids=SUFFIX, batch_size=4, **BUCKETS)
+  refs = run_reference(model, st, PROMPTS, IMAGES, suffix=SUFFIX, **kw)
+  assert_same(outs, refs)
+  assert all(len(o.token_ids) == 24 + 2 for o in outs)
+  assert all(o.nfe < 24 for o in outs) and sum(o.nfe for o in outs) < 3 * 20
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _full_and_window(graphdef, st, params, inp, gen, s):
+  fw = Forward(nnx.merge(graphdef, params), st, inp)
+  full, kv = fw.full(gen)
+  return full, fw.window(gen, kv, s)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_window_pass_on_a_fresh_cache_equals_the_full_pass(model, mode):
+  """The cached passes' positions, RoPE offsets and key masks: with a cache of the same tokens,
+  the window's logits equal the full pass's (left padding, images, CFG and a suffix included)."""
+  st = settings(cache=mode, cfg_scale=0.5, gen_length=24, block_length=8, steps=12)
+  inp = generation.prepare_inputs(model, PROMPTS, IMAGES, suffix_ids=SUFFIX, seeds=[0, 1, 2], rows=3)
+  rng = np.random.default_rng(0)
+  gen = rng.integers(5, 400, (3, 26)).astype(np.int32)
+  gen[:, 9:24] = 500  # committed first block + a bit, masked rest, then the suffix
+  gen[:, 24:] = [60, 61]
+  for s in (0, 8, 16):
+    full, win = _full_and_window(model.graphdef, st, model.state, jax.tree.map(jnp.asarray, inp), gen, s)
+    q = win.shape[1] if mode == "dual" else 24 - s
+    np.testing.assert_allclose(np.asarray(win)[:, :q], np.asarray(full)[:, s:s + q], rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_caches_exact_at_refresh_1_and_cheaper_otherwise(model, stop_setup, mode):
+  st = settings(banned_ids=stop_setup["banned"], eot_id=stop_setup["eot"])
+  kw = dict(stop_ids=stop_setup["stops"], suffix_ids=stop_setup["suffix"], batch_size=4, **BUCKETS)
+  ref = generation.generate_ids(model, PROMPTS, IMAGES, settings=st, **kw)
+  exact = generation.generate_ids(model, PROMPTS, IMAGES, settings=replace(st, cache=mode, refresh_interval=1), **kw)
+  assert [(o.token_ids, o.nfe, o.query_tokens) for o in exact] == [(o.token_ids, o.nfe, o.query_tokens) for o in ref]
+  fast = generation.generate_ids(model, PROMPTS, IMAGES, settings=replace(st, cache=mode, refresh_interval=32),
+                                 return_trajectory=True, **kw)
+  for f in fast:  # runs to completion: nothing masked before the stop
+    assert min(f.trajectory.commit_step[:f.trajectory.stop]) >= 0
+  # one full pass per block, then windows only: far fewer positions per forward
+  per_fwd = sum(o.query_tokens for o in fast) / sum(o.nfe for o in fast)
+  assert per_fwd < 0.6 * sum(o.query_tokens for o in ref) / sum(o.nfe for o in ref)
