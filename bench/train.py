@@ -1,0 +1,156 @@
+r"""Train-step throughput on this machine: config.mid() (~100M parameters) on synthetic batches.
+
+    python bench/train.py                       # the tuned CPU setting
+    python bench/train.py --sweep               # the variants tried (batch/seq, scan, remat, chunk, precision)
+    python bench/train.py --batch 8 --seq 512 --no-scan --remat minimal --steps 5
+
+Prints, per setting: step time, tokens/s, achieved model FLOP/s (training/flops.py: 6*N*tokens for
+matmul weights + full bidirectional attention + the vision tower per tile), next to the FLOP/s of
+a plain jitted 2048^3 float32 matmul measured in the same process (best of N, before and after),
+and their ratio. Parameters are random host arrays (the model's init is not compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lladav_jax import config as model_config, sharding  # noqa: E402
+from lladav_jax.training import flops as flops_lib, loss as loss_lib, optimizer, state as st, step as stp  # noqa: E402
+from lladav_jax.training import synthetic  # noqa: E402
+
+
+def matmul_flops(n=2048, repeats=5, precision=None):
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, precision=precision))
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def host_params(setup, seed=0):
+  rng = np.random.default_rng(seed)
+  abstract = optimizer.merge_params(setup.abstract["params"], setup.abstract["frozen"])
+
+  def one(path, a):
+    name = str(path[-1].key)
+    if "norm" in name or "scale" in name:
+      return np.ones(a.shape, a.dtype)
+    if "bias" in name:
+      return np.zeros(a.shape, a.dtype)
+    return (rng.standard_normal(a.shape) * 0.02).astype(a.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+@dataclasses.dataclass
+class Setting:
+  batch: int = 4
+  seq: int = 1024
+  tiles: int = 1
+  scan: bool = True
+  remat: str = "none"
+  chunk: int = 0
+  dtype: str = "float32"
+  precision: str = "default"  # jax_default_matmul_precision
+  accum: int = 1
+
+  def label(self):
+    return (f"B={self.batch} L={self.seq} tiles={self.tiles} scan={int(self.scan)} remat={self.remat} "
+            f"chunk={self.chunk} {self.dtype} prec={self.precision} accum={self.accum}")
+
+
+def run(s: Setting, steps: int, warmup: int = 1):
+  cfg = model_config.mid(dtype=s.dtype, scan_layers=s.scan, remat_policy=s.remat)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  ocfg = ml_collections.ConfigDict(dict(trainable=optimizer.GROUPS, lr=1e-4, group_lr={}, b1=0.9, b2=0.999, eps=1e-8,
+                                        weight_decay=0.0, clip_norm=1.0, warmup_ratio=0.03, schedule="cosine"))
+  setup = st.make_setup(cfg, mesh, ocfg, total_steps=1000)
+  state = st.init_state(setup, seed=0, params=host_params(setup))
+  batch = synthetic.make_batch(np.random.default_rng(0), batch=s.batch, seq_len=s.seq, vocab_size=cfg.llm.vocab_size,
+                               mask_token_id=cfg.mask_token_id, tiles=s.tiles, image_size=cfg.vision.image_size,
+                               patch_size=cfg.vision.patch_size)
+  shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
+  with jax.default_matmul_precision(s.precision):
+    t = time.perf_counter()
+    compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=s.chunk), global_batch=s.batch,
+                                           accum=s.accum, batch_shapes=shapes)
+    compile_s = time.perf_counter() - t
+  gb = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  for _ in range(warmup):
+    state, m = compiled(state, gb)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, gb)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  fl = flops_lib.step_flops(cfg, batch=s.batch, seq_len=s.seq, tiles=s.tiles)["total"]
+  best, med = min(times), float(np.median(times))
+  return {"setting": s.label(), "compile_s": compile_s, "step_s_best": best, "step_s_median": med,
+          "tokens_per_s": s.batch * s.seq / med, "flops_per_step": fl, "flops_per_s": fl / med,
+          "flops_per_s_best": fl / best, "loss": float(m["loss"]),
+          "peak_mem_mib": (mem or {}).get("peak_estimate_bytes", 0) / 2 ** 20}
+
+
+SWEEP = [
+    Setting(batch=2, seq=256),
+    Setting(batch=4, seq=512),
+    Setting(batch=4, seq=1024),
+    Setting(batch=4, seq=1024, chunk=256),
+    Setting(batch=4, seq=1024, scan=False),
+    Setting(batch=4, seq=1024, remat="minimal"),
+    Setting(batch=4, seq=1024, precision="highest"),
+    Setting(batch=4, seq=1024, dtype="bfloat16"),
+    Setting(batch=8, seq=1024),
+]
+BEST = Setting(batch=8, seq=1024)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--sweep", action="store_true")
+  p.add_argument("--steps", type=int, default=3)
+  for f in dataclasses.fields(Setting):
+    if f.type == "bool" or isinstance(f.default, bool):
+      p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+    else:
+      p.add_argument(f"--{f.name}", type=type(f.default), default=None)
+  a = p.parse_args()
+  over = {f.name: getattr(a, f.name) for f in dataclasses.fields(Setting) if getattr(a, f.name) is not None}
+  settings = SWEEP if a.sweep else [dataclasses.replace(BEST, **over)]
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, config.mid "
+        f"({flops_lib.count_params(model_config.mid())['total'] / 1e6:.1f}M parameters)", flush=True)
+  mm0 = matmul_flops()
+  print(f"plain 2048^3 float32 matmul: {mm0 / 1e9:.1f} GFLOP/s (best of 5)", flush=True)
+  rows = []
+  for s in settings:
+    r = run(s, a.steps)
+    mm = matmul_flops()
+    ref = max(mm0, mm)
+    r["matmul_flops_per_s"] = ref
+    r["ratio"] = r["flops_per_s"] / ref
+    rows.append(r)
+    print(f"{r['setting']}: step {r['step_s_median']:.2f}s (best {r['step_s_best']:.2f}s, compile {r['compile_s']:.0f}s), "
+          f"{r['tokens_per_s']:.0f} tokens/s, {r['flops_per_s'] / 1e9:.1f} GFLOP/s model "
+          f"(best step {r['flops_per_s_best'] / 1e9:.1f}), matmul {ref / 1e9:.1f} GFLOP/s, "
+          f"ratio {r['ratio']:.0%}, peak mem {r['peak_mem_mib']:.0f} MiB", flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

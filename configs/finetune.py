@@ -1,0 +1,249 @@
+r"""Training configs for LLaDA-V: the built-in demo and the original's stages (REFERENCE.md section 5).
+
+    python -m lladav_jax.train --config=configs/finetune.py --workdir=runs/demo            # = :demo
+    python -m lladav_jax.train --config=configs/finetune.py:stage2_si --workdir=gs://... \
+        --config.data.path=/data/mammoth_si_10M.json --config.data.image_folder=/data/images
+    python -m lladav_jax.train --config=configs/finetune.py:finetune,runlocal --workdir=/tmp/t
+
+The argument after ':' is `PRESET[,runlocal][,key=value...]` (big_vision style). `runlocal`
+shrinks any preset to a tiny CPU run on synthetic data (tests, smoke runs). Every field can also be
+overridden with `--config.FIELD=VALUE` (the config is locked: a misspelt field is an error).
+
+Presets (hyperparameters of the original's scripts; HF Trainer AdamW (0.9, 0.999, 1e-8), weight
+decay 0, clip 1.0, warmup ratio 0.03, cosine, 1 epoch, gradient checkpointing):
+  demo        config.small LLaDA-V (vocabulary from the demo tokenizer), from scratch, synthetic
+              shapes-and-colours VQA generated on first use; CPU; prints test exact-match at the end.
+  stage1      projector only, LR 1e-3, global batch 64, length 8192, square/flat images, llada_plain;
+              init: LLaDA-8B-Instruct + siglip2-so400m (converted), projector random.
+  stage2_si   everything, LR 1e-5 (vision tower 2e-6), batch 256, length 8192, anyres_max_4;
+              init: the stage-1 output.
+  stage2_ov   as stage2_si, length 16384, multi-image + video; init: the stage-2 SI output.
+  stage3      as stage2_si (VisualWebInstruct / mix), length 8192 (16384 for the mix: override
+              data.seq_len); init: the stage-2 OV output.
+  finetune    everything, LR 1e-5 / 2e-6, batch 64, length 8192; init: GSAI-ML/LLaDA-V converted.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+PRESETS = ("demo", "stage1", "stage2_si", "stage2_ov", "stage3", "finetune")
+
+
+def _parse(arg: str):
+  preset, runlocal, kv = "demo", False, {}
+  for i, tok in enumerate(t.strip() for t in (arg or "").split(",") if t.strip()):
+    if tok == "runlocal":
+      runlocal = True
+    elif "=" in tok:
+      k, v = tok.split("=", 1)
+      kv[k.strip()] = v.strip()
+    elif i == 0:
+      preset = tok
+    else:
+      raise ValueError(f"config argument {arg!r}: cannot parse {tok!r} (use PRESET[,runlocal][,key=value])")
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+  return preset, runlocal, kv
+
+
+def _data_config():
+  from lladav_jax.data.pipeline import default_data_config
+  d = default_data_config()
+  d.kind = "llava"  # "llava" (data.path) | "demo" (generated) | "synthetic" (random tokens, perf runs)
+  d.demo_root = "~/.cache/lladav_jax/demo"
+  d.synthetic_tiles = 1
+  d.synthetic_answer_frac = 0.3
+  # lists cannot be overridden from the command line; tuples can (--config.data.buckets="(4096,8192)")
+  raw = d.to_dict()
+  raw["buckets"] = tuple(raw["buckets"])
+  raw["labels"]["unmask_tokens"] = tuple(raw["labels"]["unmask_tokens"])
+  return ml_collections.ConfigDict(raw)
+
+
+def _eval_task_names():
+  try:
+    from lladav_jax.eval import TASKS  # imports no JAX
+    return sorted(TASKS)
+  except ImportError:
+    return ["demo"]
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = ""
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "llada_v_8b"  # lladav_jax.config preset, or "checkpoint" (init.checkpoint's config)
+  c.model.vocab_from_tokenizer = False  # vocab_size / mask_token_id from the tokenizer (the demo)
+  c.model.vocab_size = config_dict.placeholder(int)
+  c.model.mask_token_id = config_dict.placeholder(int)
+  c.model.dtype = config_dict.placeholder(str)  # compute dtype; default: the preset's
+  c.model.param_dtype = config_dict.placeholder(str)  # master weights
+  c.model.scan_layers = config_dict.placeholder(bool)
+  c.model.remat_policy = config_dict.placeholder(str)
+  c.model.attention_impl = config_dict.placeholder(str)
+
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ""  # converted Orbax dir (or HF dir) with the initial weights; "" = random init
+  c.tokenizer_dir = ""  # default: init.checkpoint (or the demo tokenizer)
+
+  c.data = _data_config()
+  c.image = ml_collections.ConfigDict()
+  c.image.aspect = "anyres_max_4"  # "anyres_max_N" | "pad" | "square"
+  c.image.multi_image = "pad"
+  c.image.video_pool_stride = 2
+  c.image.video_newline = "grid"
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 64
+  c.train.grad_accum_steps = 1
+  c.train.num_steps = -1  # -1: num_epochs over the training set
+  c.train.num_epochs = 1.0
+
+  c.loss = ml_collections.ConfigDict(dict(eps=1e-3, antithetic=False, logits_chunk=1024))
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.trainable = ("vision", "projector", "llm")
+  c.optim.lr = 1e-5
+  # per-group peak LR (None: optim.lr); the original's mm_vision_tower_lr = 2e-6
+  c.optim.group_lr = ml_collections.ConfigDict({g: config_dict.placeholder(float) for g in ("vision", "projector", "llm")})
+  c.optim.group_lr.vision = 2e-6
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.clip_norm = 1.0
+  c.optim.warmup_ratio = 0.03
+  c.optim.schedule = "cosine"
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True, enabled=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, progress=True, profile_start_step=-1,
+                                         profile_num_steps=3))
+  # Evals during training (lladav_jax.eval): task names, {task: data path}, every N steps (0 = never).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tasks = ()
+  c.eval.data = ml_collections.ConfigDict({t: config_dict.placeholder(str) for t in _eval_task_names()})
+  c.eval.every_steps = 0
+  c.eval.at_end = True
+  c.eval.limit = 64
+  c.eval.batch_size = 8
+  c.eval.gen_length = config_dict.placeholder(int)  # None: the task's own settings
+  c.eval.block_length = config_dict.placeholder(int)
+  c.eval.steps = config_dict.placeholder(int)
+
+  c.peak_flops_per_device = 0.0  # 0: from the device-kind table (CPU: measured with a matmul)
+  c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1))
+  return c
+
+
+def _stage(c, *, lr, group_lr, batch, seq_len, init, trainable=("vision", "projector", "llm")):
+  c.model.preset = "checkpoint"
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat_policy = "minimal"  # the original trains with gradient checkpointing
+  c.model.scan_layers = True
+  c.init.checkpoint = init
+  c.optim.lr = lr
+  for g in ("vision", "projector", "llm"):
+    c.optim.group_lr[g] = group_lr.get(g)
+  c.optim.trainable = tuple(trainable)
+  c.train.global_batch_size = batch
+  c.data.seq_len = seq_len
+  c.data.tile_budget = 16
+  c.data.num_workers = 8
+  c.checkpoint.every_steps = 1000
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+  preset, runlocal, kv = _parse(arg)
+  c = base_config()
+  c.preset = preset
+  if preset == "demo":
+    c.model.preset = "small"
+    c.model.vocab_from_tokenizer = True
+    c.model.dtype = "float32"
+    c.model.remat_policy = "none"
+    c.data.kind = "demo"
+    c.data.seq_len = 128  # the longest demo sample (EOS padding included) has < 128 tokens
+    c.data.buckets = (128,)
+    c.data.tile_budget = 2
+    c.data.read_threads = 1
+    c.train.global_batch_size = 32
+    c.train.num_steps = 900
+    c.optim.lr = 1e-3
+    c.optim.group_lr.vision = None
+    c.optim.warmup_ratio = 0.03
+    c.loss.logits_chunk = 0  # the demo vocabulary is tiny
+    c.checkpoint.every_steps = 300
+    c.eval.tasks = ("demo",)  # data filled in from the generated demo set
+    c.eval.limit = 300
+    c.eval.batch_size = 64
+    c.eval.gen_length = 8
+    c.eval.block_length = 8
+    c.eval.steps = 8
+  elif preset == "stage1":
+    _stage(c, lr=1e-3, group_lr={}, batch=64, seq_len=8192, init="model/llada_v_stage0_orbax",
+           trainable=("projector",))
+    c.data.format = "plain"  # llada_plain: "<image>" + caption + "\n"
+    c.data.tile_budget = 1
+    c.image.aspect = "square"  # the default image_aspect_ratio; merge "flat", 729 tokens
+    c.data.path = "data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
+    c.data.image_folder = "data/LLaVA-Pretrain/images"
+  elif preset == "stage2_si":
+    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=256, seq_len=8192, init="exp/llada_v_stage1_orbax")
+    c.data.path = "data/MAmmoTH-VL/mammoth_si_10M.json"
+    c.data.image_folder = "data/MAmmoTH-VL/images"
+  elif preset == "stage2_ov":
+    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=256, seq_len=16384, init="exp/llada_v_si10M")
+    c.data.path = "data/MAmmoTH-VL/mammoth_ov_2M.json"
+    c.data.image_folder = "data/MAmmoTH-VL/images"
+  elif preset == "stage3":
+    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=256, seq_len=8192, init="exp/llada_v_ov2M")
+    c.data.path = "data/VisualWebInstruct/mixed_conversation.json"
+    c.data.image_folder = "data/VisualWebInstruct/images"
+  elif preset == "finetune":
+    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=64, seq_len=8192, init="model/LLaDA-V-orbax")
+    c.data.path = "data/finetune.json"
+    c.data.image_folder = "data/images"
+
+  if runlocal:  # a tiny CPU run of the same code path: config.tiny, a few steps, no init checkpoint
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "none"
+    c.init.checkpoint = ""
+    if preset != "demo":  # the demo keeps its generated data (and tokenizer); the stages go synthetic
+      c.model.vocab_from_tokenizer = False
+      c.data.kind = "synthetic"
+      c.data.seq_len = 64
+      c.data.buckets = ()
+      c.data.tile_budget = 1
+      c.data.num_workers = 0
+    c.train.global_batch_size = 8
+    c.train.grad_accum_steps = 1
+    c.train.num_steps = 12
+    c.loss.logits_chunk = 16
+    c.optim.lr = 1e-3
+    c.checkpoint.every_steps = 4
+    c.eval.tasks = ()
+    c.eval.at_end = False
+  for k, v in kv.items():
+    _set(c, k, v)
+  return c
+
+
+def _set(c, dotted: str, value: str):
+  *path, last = dotted.split(".")
+  node = c
+  for p in path:
+    node = node[p]
+  cur = node[last]
+  if isinstance(cur, bool):
+    value = value.lower() in ("1", "true", "yes")
+  elif isinstance(cur, int):
+    value = int(value)
+  elif isinstance(cur, float):
+    value = float(value)
+  node[last] = value

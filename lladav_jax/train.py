@@ -1,0 +1,43 @@
+r"""Train LLaDA-V: `python -m lladav_jax.train --config=configs/finetune.py[:PRESET] --workdir=DIR`.
+
+    python -m lladav_jax.train --config=configs/finetune.py --workdir=runs/demo          # the CPU demo
+    python -m lladav_jax.train --config=configs/finetune.py:finetune --workdir=runs/ft \
+        --config.init.checkpoint=model/LLaDA-V-orbax --config.data.path=my_data.json \
+        --config.data.image_folder=my_images --config.train.global_batch_size=64
+
+Re-running with the same --workdir resumes from its latest checkpoint (model, optimizer, step, RNG
+and data-iterator position) and continues with exactly the losses of an uninterrupted run.
+Presets and every field: configs/finetune.py. Multi-host: run the same command on every host
+(launch/tpu_pod.sh, launch/slurm_gpu.sbatch); jax.distributed is initialised automatically.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+  for noisy in ("absl", "orbax", "jax._src", "etils"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from lladav_jax.training import run_config, trainer
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except run_config.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except trainer.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(trainer.EXIT_NONFINITE)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,14 @@
+"""Training: the masked-diffusion loss, optimizer groups, the sharded train step, checkpoints, metrics.
+
+    loss.py           the original's ELBO (one t per sequence, 1/p weights, per-sample answer length),
+                      chunked float32 LM-head cross-entropy
+    optimizer.py      AdamW + warmup/cosine, parameter groups (vision / projector / llm), freezing
+    state.py          the train-state pytree, its shardings and abstract twin; init (random/checkpoint)
+    step.py           the jitted train step (gradient accumulation, non-finite guard), AOT compile
+    checkpointing.py  orbax CheckpointManager: train state + grain iterator
+    metrics.py        metrics.jsonl / TensorBoard / tqdm (process 0)
+    flops.py          model FLOPs per step (bidirectional attention, vision tower), peak FLOP/s table
+    synthetic.py      synthetic batches in the pipeline's format (tests, performance runs)
+    run_config.py     config -> model/data/image objects, `validate` (errors name the field)
+    trainer.py        the loop behind `python -m lladav_jax.train`
+"""

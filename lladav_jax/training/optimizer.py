@@ -1,0 +1,106 @@
+"""AdamW with the original's schedule, parameter groups, and frozen parameters without state.
+
+HF Trainer settings of every LLaDA-V stage (REFERENCE.md section 5): AdamW (0.9, 0.999, 1e-8),
+weight decay 0, global-norm clipping at 1.0, linear warmup over ceil(0.03 * steps) then cosine to
+0 (`get_cosine_schedule_with_warmup`: the first update uses lr 0, as optax's count 0 does).
+
+Parameter groups follow LLaVA-OneVision's `mm_tunable_parts` (train.py) and LLaVATrainer's LR map:
+  vision     `vision/...`                      (mm_vision_tower; lr `mm_vision_tower_lr` = 2e-6)
+  projector  `projector/...`                   (mm_mlp_adapter)
+  llm        `llm/...` and `image_newline`      (mm_language_model: every parameter whose name has
+                                                 neither "vision_tower" nor "mm_projector", so
+                                                 `model.image_newline` trains with the LLM)
+Stage 1 (`mm_tunable_parts=mm_mlp_adapter`) trains the projector only; image_newline stays at its
+init (it is unused there anyway: stage 1 is `square` / `flat`, no newline).
+
+Frozen parameters are split off before the optimizer sees anything: gradients are taken only with
+respect to the trainable tree and the optimizer state covers only it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import optax
+from flax import traverse_util
+
+GROUPS = ("vision", "projector", "llm")
+
+
+def group_of(path: Sequence[str]) -> str:
+  head = str(path[0])
+  if head == "vision":
+    return "vision"
+  if head == "projector":
+    return "projector"
+  if head in ("llm", "image_newline"):
+    return "llm"
+  raise ValueError(f"parameter {'/'.join(map(str, path))} belongs to no parameter group")
+
+
+def split_params(params: Mapping, trainable: Sequence[str]):
+  """Nested param dict -> (trainable, frozen) nested dicts by group."""
+  bad = set(trainable) - set(GROUPS)
+  if bad:
+    raise ValueError(f"optim.trainable has unknown groups {sorted(bad)}; known: {list(GROUPS)}")
+  flat = traverse_util.flatten_dict(dict(params))
+  tr = {k: v for k, v in flat.items() if group_of(k) in trainable}
+  fr = {k: v for k, v in flat.items() if group_of(k) not in trainable}
+  return traverse_util.unflatten_dict(tr) if tr else {}, traverse_util.unflatten_dict(fr) if fr else {}
+
+
+def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
+  flat = traverse_util.flatten_dict(dict(trainable)) if trainable else {}
+  flat.update(traverse_util.flatten_dict(dict(frozen)) if frozen else {})
+  return traverse_util.unflatten_dict(flat)
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+  return math.ceil(total_steps * warmup_ratio)  # HF TrainingArguments.get_warmup_steps
+
+
+def schedule(peak_lr: float, total_steps: int, warmup_ratio: float, kind: str = "cosine"):
+  w = warmup_steps(total_steps, warmup_ratio)
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak_lr, w, max(total_steps, w + 1), end_value=0.0)
+  if kind == "linear":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, w),
+                                 optax.linear_schedule(peak_lr, 0.0, max(total_steps - w, 1))], [w])
+  if kind == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, w), optax.constant_schedule(peak_lr)], [w])
+  raise ValueError(f"optim.schedule={kind!r} must be 'cosine', 'linear' or 'constant'")
+
+
+def group_lrs(ocfg) -> dict[str, float]:
+  gl = ocfg.get("group_lr", {}) or {}
+  over = {k: v for k, v in (gl.to_dict() if hasattr(gl, "to_dict") else dict(gl)).items() if v is not None}
+  bad = set(over) - set(GROUPS)
+  if bad:
+    raise ValueError(f"optim.group_lr has unknown groups {sorted(bad)}; known: {list(GROUPS)}")
+  return {g: float(over.get(g, ocfg.lr)) for g in GROUPS}
+
+
+def make(ocfg, total_steps: int, trainable_params: Mapping):
+  """(optax transform over the trainable tree, {group: schedule}) from the `optim` config.
+
+  Groups sharing a learning rate share one AdamW (one label); the schedules dict has one entry per
+  distinct learning rate, keyed by the first such group in (llm, projector, vision) order."""
+  lrs = group_lrs(ocfg)
+  flat = traverse_util.flatten_dict(dict(trainable_params))
+  present = [g for g in ("llm", "projector", "vision") if any(group_of(k) == g for k in flat)]
+  canon = {}
+  for g in present:
+    canon[g] = next(h for h in present if lrs[h] == lrs[g])
+  labels_used = sorted(set(canon.values()), key=present.index)
+  scheds = {g: schedule(lrs[g], total_steps, ocfg.warmup_ratio, ocfg.schedule) for g in labels_used}
+
+  def adamw(g):
+    return optax.adamw(scheds[g], b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+
+  if len(labels_used) == 1:
+    inner = adamw(labels_used[0])
+  else:
+    labels = traverse_util.unflatten_dict({k: canon[group_of(k)] for k in flat})
+    inner = optax.multi_transform({g: adamw(g) for g in labels_used}, labels)
+  chain = [inner] if not ocfg.clip_norm else [optax.clip_by_global_norm(ocfg.clip_norm), inner]
+  return optax.chain(*chain), scheds

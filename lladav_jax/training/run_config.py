@@ -1,0 +1,247 @@
+"""Turning a training ConfigDict into concrete objects, and `validate(cfg)`: one error listing every
+problem, each naming its config field."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+from lladav_jax import config as model_config
+from lladav_jax import multimodal
+
+CONVERT_HINT = "run `python -m lladav_jax.convert hf-to-orbax <HF checkpoint dir> {dst}` first"
+
+
+class ConfigError(ValueError):
+  def __init__(self, problems: list[str]):
+    self.problems = problems
+    super().__init__("invalid training config:\n  " + "\n  ".join(problems))
+
+
+@dataclasses.dataclass
+class Resolved:
+  model_cfg: model_config.ModelConfig
+  image_cfg: multimodal.ImageConfig
+  data_cfg: ml_collections.ConfigDict
+  tokenizer: Any
+  eval_data: dict
+  num_steps: int
+  mesh_shape: tuple
+
+
+def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
+  shape = [int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)]
+  if shape.count(-1) > 1:
+    raise ConfigError([f"mesh: at most one of mesh.data/mesh.fsdp/mesh.tensor may be -1, got {shape}"])
+  if -1 in shape:
+    rest = math.prod(s for s in shape if s != -1)
+    shape[shape.index(-1)] = num_devices // rest if rest and num_devices % rest == 0 else -1
+  return tuple(shape)
+
+
+def max_image_tokens(icfg: multimodal.ImageConfig) -> int:
+  """Upper bound of one image's tokens under `icfg.aspect` (REFERENCE.md sections 2 and 12)."""
+  p, g = icfg.tokens_per_tile, icfg.grid
+  if icfg.aspect.startswith("anyres_max_"):
+    n = icfg.max_area_tiles
+    rows = max(i for i, _ in icfg.grid_pinpoints) * g if icfg.grid_pinpoints else g
+    return p + int(1.21 * n * p) + rows  # base + (downscaled) grid + one newline per row
+  if icfg.aspect == "pad":
+    return p + 1
+  return p
+
+
+def _model_config(cfg, tokenizer, problems) -> model_config.ModelConfig | None:
+  m = cfg.model
+  kw = {}
+  if m.preset == "checkpoint":
+    from lladav_jax import weights
+    try:
+      mc = weights.load_model_config(cfg.init.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+      problems.append(f"model.preset='checkpoint': cannot read the model config of init.checkpoint: {e}")
+      return None
+  else:
+    if m.preset not in model_config.PRESETS:
+      problems.append(f"model.preset={m.preset!r} is unknown; use one of {sorted(model_config.PRESETS)} or 'checkpoint'")
+      return None
+    if m.vocab_from_tokenizer:
+      if tokenizer is None:
+        problems.append("model.vocab_from_tokenizer=True but no tokenizer (set tokenizer_dir)")
+        return None
+      kw.update(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id)
+    mc = model_config.get(m.preset, **kw) if kw else model_config.get(m.preset)
+  llm_over = {}
+  if m.vocab_size is not None:
+    llm_over["vocab_size"] = int(m.vocab_size)
+  if llm_over:
+    mc = mc.replace(llm=dataclasses.replace(mc.llm, **llm_over))
+  top = {k: m[k] for k in ("mask_token_id", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+         if m[k] is not None}
+  return mc.replace(**top) if top else mc
+
+
+def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
+  """Validates `cfg` (raising ConfigError that names every bad field) and builds what it describes.
+  The demo data is generated here on first use."""
+  problems: list[str] = []
+  data = ml_collections.ConfigDict(cfg.data.to_dict())
+  eval_data = {k: v for k, v in cfg.eval.data.to_dict().items() if v} if cfg.eval.data else {}
+  tok_dir = cfg.tokenizer_dir
+
+  # ---- paths first (nothing else can be checked without them)
+  if cfg.init.checkpoint and not os.path.exists(cfg.init.checkpoint):
+    problems.append(f"init.checkpoint={cfg.init.checkpoint!r} does not exist; "
+                    + CONVERT_HINT.format(dst=cfg.init.checkpoint))
+  if cfg.model.preset == "checkpoint" and not cfg.init.checkpoint:
+    problems.append("model.preset='checkpoint' needs init.checkpoint")
+  if data.kind == "demo":
+    from lladav_jax.data import demo_data
+    paths = demo_data.ensure_demo_data(os.path.expanduser(data.demo_root))
+    demo = demo_data.demo_data_config(paths)
+    data.path, data.image_folder = paths["train"], paths["image_folder"]
+    if data.tile_budget < demo.tile_budget:
+      problems.append(f"data.tile_budget={data.tile_budget} is less than the demo data's {demo.tile_budget} "
+                      "(two-image questions would be skipped)")
+    tok_dir = tok_dir or paths["tokenizer_dir"]
+    eval_data.setdefault("demo", paths["test"])
+  elif data.kind == "llava":
+    if not data.path:
+      problems.append("data.path is empty (a LLaVA JSON/JSONL/YAML, ArrayRecord or tfds:NAME)")
+    elif not data.path.startswith("tfds:") and not any(os.path.exists(p) for p in _expand_braces(data.path)) \
+        and not _glob_any(data.path):
+      problems.append(f"data.path={data.path!r} does not exist")
+    if data.image_folder and not os.path.isdir(data.image_folder):
+      problems.append(f"data.image_folder={data.image_folder!r} is not a directory")
+  elif data.kind != "synthetic":
+    problems.append(f"data.kind={data.kind!r} must be 'llava', 'demo' or 'synthetic'")
+  if not tok_dir and cfg.init.checkpoint and os.path.exists(os.path.join(cfg.init.checkpoint, "tokenizer.json")):
+    tok_dir = cfg.init.checkpoint
+  if tok_dir and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    problems.append(f"tokenizer_dir={tok_dir!r} has no tokenizer.json")
+  if data.kind in ("llava", "demo") and not tok_dir:
+    problems.append("no tokenizer: set tokenizer_dir (or use an init.checkpoint that has tokenizer.json)")
+  if problems:
+    raise ConfigError(problems)
+
+  tokenizer = None
+  if tok_dir:
+    from lladav_jax.data.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_dir(tok_dir)
+
+  mc = _model_config(cfg, tokenizer, problems)
+  if mc is None:
+    raise ConfigError(problems)
+  if not 0 <= mc.mask_token_id < mc.llm.vocab_size:
+    problems.append(f"model.mask_token_id={mc.mask_token_id} is outside the vocabulary (model vocab_size="
+                    f"{mc.llm.vocab_size})")
+  if tokenizer is not None:
+    if tokenizer.mask_id != mc.mask_token_id:
+      problems.append(f"model.mask_token_id={mc.mask_token_id} differs from the tokenizer's <|mdm_mask|> id "
+                      f"{tokenizer.mask_id} (tokenizer_dir={tok_dir!r})")
+    if tokenizer.vocab_size > mc.llm.vocab_size:
+      problems.append(f"the tokenizer has {tokenizer.vocab_size} tokens, more than model vocab_size={mc.llm.vocab_size}")
+  try:
+    mc.validate()
+  except ValueError as e:
+    problems.append(f"model: {e}")
+
+  # ---- images
+  if data.kind == "demo":
+    from lladav_jax.data import demo_data
+    icfg = demo_data.demo_image_config()
+  else:
+    icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size,
+                                  aspect=cfg.image.aspect, multi_image=cfg.image.multi_image,
+                                  video_pool_stride=int(cfg.image.video_pool_stride),
+                                  video_newline=cfg.image.video_newline)
+  if icfg.image_size != mc.vision.image_size or icfg.patch_size != mc.vision.patch_size:
+    problems.append(f"the images are {icfg.image_size}px tiles of {icfg.patch_size}px patches but the vision tower "
+                    f"expects {mc.vision.image_size}/{mc.vision.patch_size}")
+  if data.kind != "synthetic":
+    need = max_image_tokens(icfg)
+    if need > data.seq_len:
+      problems.append(f"image.aspect={icfg.aspect!r} gives up to {need} tokens for one image "
+                      f"({icfg.tokens_per_tile} per tile), more than data.seq_len={data.seq_len}")
+  elif data.synthetic_tiles * icfg.tokens_per_tile > data.seq_len // 2:
+    problems.append(f"data.synthetic_tiles={data.synthetic_tiles} x {icfg.tokens_per_tile} tokens per tile do not fit "
+                    f"half of data.seq_len={data.seq_len}")
+
+  # ---- mesh and batch
+  shape = mesh_shape(cfg, num_devices)
+  if -1 in shape or math.prod(shape) != num_devices:
+    problems.append(f"mesh: mesh.data*mesh.fsdp*mesh.tensor = {cfg.mesh.data}*{cfg.mesh.fsdp}*{cfg.mesh.tensor} "
+                    f"does not match the {num_devices} devices")
+  gb, acc = int(cfg.train.global_batch_size), int(cfg.train.grad_accum_steps)
+  if gb <= 0 or acc <= 0:
+    problems.append("train.global_batch_size and train.grad_accum_steps must be positive")
+  else:
+    if gb % acc:
+      problems.append(f"train.global_batch_size={gb} is not a multiple of train.grad_accum_steps={acc}")
+    if gb % process_count:
+      problems.append(f"train.global_batch_size={gb} is not a multiple of the {process_count} processes")
+    rows = shape[0] * shape[1]
+    if -1 not in shape and (gb // max(acc, 1)) % rows:
+      problems.append(f"train.global_batch_size / train.grad_accum_steps = {gb // max(acc, 1)} rows per micro-batch "
+                      f"is not a multiple of mesh.data*mesh.fsdp = {rows}")
+  # ---- loss / optimizer / eval
+  if not 0 < cfg.loss.eps < 1:
+    problems.append(f"loss.eps={cfg.loss.eps} must be in (0, 1)")
+  from lladav_jax.training import optimizer
+  bad = set(cfg.optim.trainable) - set(optimizer.GROUPS)
+  if bad or not cfg.optim.trainable:
+    problems.append(f"optim.trainable={list(cfg.optim.trainable)} must be a non-empty subset of {list(optimizer.GROUPS)}")
+  bad = {k for k, v in cfg.optim.group_lr.to_dict().items() if v is not None} - set(optimizer.GROUPS) \
+      if cfg.optim.group_lr else set()
+  if bad:
+    problems.append(f"optim.group_lr has unknown groups {sorted(bad)}; known: {list(optimizer.GROUPS)}")
+  if cfg.optim.schedule not in ("cosine", "linear", "constant"):
+    problems.append(f"optim.schedule={cfg.optim.schedule!r} must be 'cosine', 'linear' or 'constant'")
+  if cfg.eval.tasks:
+    from lladav_jax.eval import TASKS
+    for t in cfg.eval.tasks:
+      if t not in TASKS:
+        problems.append(f"eval.tasks: unknown task {t!r}")
+      elif t not in eval_data:
+        problems.append(f"eval.tasks has {t!r} but eval.data.{t} (its data path) is not set")
+      elif not os.path.exists(eval_data[t]):
+        problems.append(f"eval.data.{t}={eval_data[t]!r} does not exist")
+    if tokenizer is None:
+      problems.append("eval.tasks need a tokenizer (tokenizer_dir)")
+
+  # ---- steps
+  num_steps = int(cfg.train.num_steps)
+  if num_steps <= 0 and not problems:
+    if data.kind == "synthetic":
+      problems.append("train.num_steps must be set for data.kind='synthetic'")
+    else:
+      from lladav_jax.data import pipeline
+      n = len(pipeline.make_source(data, cfg.seed))
+      num_steps = int(cfg.train.num_epochs * n) // gb
+      if num_steps <= 0:
+        problems.append(f"the training set has {n} records: fewer than one global batch of {gb}")
+  if problems:
+    raise ConfigError(problems)
+  return Resolved(model_cfg=mc, image_cfg=icfg, data_cfg=data, tokenizer=tokenizer, eval_data=eval_data,
+                  num_steps=num_steps, mesh_shape=shape)
+
+
+def validate(cfg, *, num_devices: int, process_count: int = 1) -> Resolved:
+  """Alias of `resolve`: raises ConfigError naming each bad field; returns the resolved objects."""
+  return resolve(cfg, num_devices=num_devices, process_count=process_count)
+
+
+def _expand_braces(p: str) -> list[str]:
+  if "{" in p and "}" in p:
+    pre, rest = p.split("{", 1)
+    mid, post = rest.split("}", 1)
+    return [pre + m + post for m in mid.split(",")]
+  return [p]
+
+
+def _glob_any(p: str) -> bool:
+  import glob
+  return any(ch in p for ch in "*?[") and bool(glob.glob(p))

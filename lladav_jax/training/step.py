@@ -1,0 +1,150 @@
+"""The jitted train step: noise from fold_in(key, step), gradient accumulation, AdamW update.
+
+    compiled = compile_train_step(setup, loss_cfg, global_batch, accum, abstract_batch)
+    state, metrics = compiled(state, batch)       # state donated
+
+One `jax.jit(train_step, donate_argnums=0, in_shardings, out_shardings)` over the
+(data, fsdp, tensor) mesh, compiled ahead of time. The global batch [B, ...] is viewed as
+[A, B/A, ...] micro-batches (row j*A + a goes to micro-batch a, so every device holds an equal
+slice of every micro-batch); each micro-batch's loss is already divided by the global B, so the
+summed losses and gradients equal the formula on the global batch.
+A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged and
+reports `finite = 0`; the host loop stops there.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lladav_jax import sharding as shd
+from lladav_jax.training import loss as loss_lib
+from lladav_jax.training import optimizer as opt
+from lladav_jax.training.state import Setup
+
+log = logging.getLogger(__name__)
+
+BATCH_NDIMS = {"tokens": 2, "labels": 2, "valid": 2, "positions": 2, "pixels": 5, "merge_idx": 3, "merge_w": 3}
+
+
+def batch_shardings(mesh, batch_like: dict) -> dict:
+  return {k: shd.batch_sharding(mesh, v.ndim if hasattr(v, "ndim") else len(v.shape)) for k, v in batch_like.items()}
+
+
+def abstract_batch(mesh, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
+
+
+def _to_micro(x, accum: int):
+  b = x.shape[0]
+  return jnp.moveaxis(x.reshape((b // accum, accum) + x.shape[1:]), 1, 0)
+
+
+AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens")
+
+
+def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch: int, accum: int):
+  """`fn(state, batch) -> (loss, aux sums, grads wrt state["params"])` for one global batch:
+  noise from fold_in(key, step) over the whole batch, micro-batches of B / accum rows."""
+  graphdef, mesh = setup.graphdef, setup.mesh
+  mask_id = setup.model_cfg.mask_token_id
+  row_spec = shd.RULES["activation_batch"]
+
+  def constrain(tree):
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(row_spec, *([None] * (x.ndim - 1))))),
+        tree)
+
+  def loss_fn(params, frozen, mb, t, u):
+    model = nnx.merge(graphdef, nnx.State(opt.merge_params(params, frozen)))
+    return loss_lib.diffusion_loss(model, mb, t, u, mask_token_id=mask_id, cfg=loss_cfg, global_batch=global_batch)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def fn(state, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    b, l = batch["tokens"].shape
+    t, u = loss_lib.draw_noise(key, b, l, loss_cfg.antithetic)
+    params, frozen = state["params"], state["frozen"]
+    if accum == 1:
+      (loss, aux), grads = grad_fn(params, frozen, batch, t, u)
+      return loss, aux, grads
+    micro = jax.tree.map(lambda x: _to_micro(x, accum), (batch, t, u))
+
+    def body(carry, xs):
+      mb, tt, uu = constrain(xs)
+      (l_, a_), g_ = grad_fn(params, frozen, mb, tt, uu)
+      return jax.tree.map(jnp.add, carry, (l_, a_, g_)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    aux0 = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
+    (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), aux0, zeros), micro)
+    return loss, aux, grads
+
+  return fn
+
+
+def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch: int, accum: int):
+  tx = setup.tx
+  lr_group = next(iter(setup.schedules))
+  loss_and_grad = make_loss_and_grad(setup, loss_cfg, global_batch=global_batch, accum=accum)
+
+  def train_step(state, batch):
+    with jax.profiler.TraceAnnotation("train_step"):
+      loss, aux, grads = loss_and_grad(state, batch)
+      params = state["params"]
+      gnorm = optax.tree.norm(grads)
+      updates, new_opt = tx.update(grads, state["opt_state"], params)
+      new_params = optax.apply_updates(params, updates)
+      ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+      keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)
+      new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": keep(new_params, params),
+                   "frozen": state["frozen"], "opt_state": keep(new_opt, state["opt_state"])}
+      masked = jnp.maximum(aux["masked_tokens"], 1.0)
+      metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok.astype(jnp.float32),
+                 "lr": setup.schedules[lr_group](state["step"]),
+                 "masked_ce": aux["ce_sum"] / masked, "masked_acc": aux["correct"] / masked,
+                 "masked_tokens": aux["masked_tokens"], "answer_tokens": aux["answer_tokens"],
+                 "valid_tokens": aux["valid_tokens"], "param_norm": optax.tree.norm(new_state["params"])}
+      for g, s in setup.schedules.items():
+        if g != lr_group:
+          metrics[f"lr_{g}"] = s(state["step"])
+      return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_example: dict):
+  fn = make_train_step(setup, loss_cfg, global_batch=global_batch, accum=accum)
+  rep = shd.replicated(setup.mesh)
+  return jax.jit(fn, donate_argnums=0, in_shardings=(setup.shardings, batch_shardings(setup.mesh, batch_example)),
+                 out_shardings=(setup.shardings, rep))
+
+
+def compile_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_shapes: dict):
+  """Ahead-of-time compile for one batch shape; returns (compiled, memory stats dict or None)."""
+  abs_batch = abstract_batch(setup.mesh, batch_shapes)
+  jitted = jit_train_step(setup, loss_cfg, global_batch=global_batch, accum=accum, batch_example=abs_batch)
+  with jax.set_mesh(setup.mesh):
+    compiled = jitted.lower(setup.abstract, abs_batch).compile()
+  return compiled, memory_stats(compiled)
+
+
+def memory_stats(compiled) -> dict | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  if m is None:
+    return None
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+          "generated_code_size_in_bytes")
+  out = {k: int(getattr(m, k, 0) or 0) for k in keys}
+  out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  return out

@@ -1,0 +1,361 @@
+"""The training loop behind `python -m lladav_jax.train`.
+
+    resolve + validate config -> mesh -> data iterator (this process's shard)
+      -> restore the latest checkpoint of the workdir (state + iterator) or init (random / converted)
+      -> AOT-compile the step, log its memory -> loop: batch -> global arrays -> step -> metrics
+      -> checkpoints every N steps, at the end, on SIGTERM; evals every M steps
+
+Metrics of step s are fetched after step s+1 is dispatched (the host prepares the next batch while
+the device computes). Before every save all earlier steps' metrics are checked, so a checkpoint
+never follows a non-finite step; a non-finite loss or gradient stops the run (exit status 3) with
+the step number, and the previous checkpoint is the last good one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lladav_jax import sharding as shd
+from lladav_jax.training import checkpointing, flops as flops_lib, metrics as metrics_lib
+from lladav_jax.training import run_config, state as state_lib, step as step_lib, synthetic
+from lladav_jax.training.loss import LossConfig
+
+log = logging.getLogger(__name__)
+
+EXIT_NONFINITE = 3
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def maybe_initialize_distributed(cfg) -> None:
+  """jax.distributed.initialize() when this is one of several processes: explicit coordinator in
+  the config, or auto-detected clusters (SLURM with >1 task, multi-host TPU, JAX_COORDINATOR_ADDRESS)."""
+  d = cfg.distributed
+  if jax.distributed.is_initialized():
+    return
+  if d.coordinator_address:
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=int(d.num_processes),
+                               process_id=int(d.process_id))
+    return
+  env = os.environ
+  multi = (int(env.get("SLURM_NTASKS", "1") or 1) > 1 or env.get("JAX_COORDINATOR_ADDRESS")
+           or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+           or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1)
+  if multi:
+    jax.distributed.initialize()
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_data_iterator(cfg, r: run_config.Resolved, *, per_process: int):
+  pi, pc = jax.process_index(), jax.process_count()
+  d = r.data_cfg
+  if d.kind == "synthetic":
+    mc = r.model_cfg
+    return synthetic.SyntheticIterator(
+        seed=int(cfg.seed), process_index=pi, batch=per_process, seq_len=int(d.seq_len),
+        vocab_size=mc.llm.vocab_size, mask_token_id=mc.mask_token_id, tiles=int(d.synthetic_tiles),
+        image_size=mc.vision.image_size, patch_size=mc.vision.patch_size, answer_frac=float(d.synthetic_answer_frac))
+  from lladav_jax.data import pipeline
+  return pipeline.build_train_iterator(d, r.tokenizer, r.image_cfg, batch_size_per_process=per_process,
+                                       process_index=pi, process_count=pc, seed=int(cfg.seed))
+
+
+def batch_lengths(r: run_config.Resolved) -> list[int]:
+  d = r.data_cfg
+  if d.kind == "synthetic":
+    return [int(d.seq_len)]
+  return sorted({int(x) for x in (d.buckets or [])} | {int(d.seq_len)})
+
+
+def pad_batch(batch: dict, length: int) -> dict:
+  """Right-pads a host batch to `length` positions (not valid, unlabelled)."""
+  l = batch["tokens"].shape[1]
+  if l == length:
+    return batch
+  n = length - l
+  out = dict(batch)
+  zero = int(batch["merge_idx"].max(initial=0))  # the table's zero row is its largest index
+  out["tokens"] = np.pad(batch["tokens"], ((0, 0), (0, n)))
+  out["labels"] = np.pad(batch["labels"], ((0, 0), (0, n)), constant_values=-100)
+  out["valid"] = np.pad(batch["valid"], ((0, 0), (0, n)))
+  out["positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch["tokens"].shape[0], length)).copy()
+  out["merge_idx"] = np.pad(batch["merge_idx"], ((0, 0), (0, n), (0, 0)), constant_values=zero)
+  out["merge_w"] = np.pad(batch["merge_w"], ((0, 0), (0, n), (0, 0)))
+  return out
+
+
+def batch_shapes(per_process_batch: dict, process_count: int) -> dict:
+  return {k: ((v.shape[0] * process_count,) + v.shape[1:], v.dtype) for k, v in per_process_batch.items()
+          if k in step_lib.BATCH_NDIMS}
+
+
+def to_global(batch: dict, mesh, process_count: int) -> dict:
+  out = {}
+  for k in step_lib.BATCH_NDIMS:
+    v = batch[k]
+    gshape = (v.shape[0] * process_count,) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v, gshape)
+  return out
+
+
+# ----------------------------------------------------------------------------- preemption
+
+class StopSignal:
+  """SIGTERM (preemption) -> save at the next step boundary and exit. With several processes the
+  coordination service's preemption sync point makes every process stop at the same step."""
+
+  def __init__(self):
+    self.flag = False
+    self._prev = None
+    try:
+      self._prev = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      pass
+
+  def _handle(self, signum, frame):
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except Exception:  # no preemption service: fall back to the local flag (may desync processes)
+        return self.flag
+    return self.flag
+
+  def restore(self):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def lladav_model(setup, r, state):
+  from lladav_jax.api import LLaDAV
+  return LLaDAV(r.model_cfg, setup.graphdef, nnx.State(state_lib.full_params(state)), tokenizer=r.tokenizer,
+                image_cfg=r.image_cfg, mesh=setup.mesh)
+
+
+def run_evals(cfg, setup, r, state, *, step: int = 0, workdir: str | None = None) -> dict:
+  """The configured eval tasks on the current parameters (lladav_jax.eval, the sampler through
+  LLaDAV.generate). Returns {"eval/<task>/<metric>": value}; process 0 writes each task's full
+  results (predictions included) to <workdir>/eval/<task>_step<N>.json."""
+  if not cfg.eval.tasks:
+    return {}
+  from lladav_jax.eval import evaluate, get_task, read_samples
+  from lladav_jax.eval.run import write_results
+  over = {k: cfg.eval[k] for k in ("gen_length", "block_length", "steps") if cfg.eval[k] is not None}
+  model = lladav_model(setup, r, state)
+  logs = {}
+  for name in cfg.eval.tasks:
+    task = get_task(name)
+    rr = read_samples(r.eval_data[name], task, limit=int(cfg.eval.limit) or None)
+    res = evaluate(task, rr.samples, model.generate, gen_kwargs=over, batch_size=int(cfg.eval.batch_size),
+                   skipped=rr.skipped)
+    for k, v in res["metrics"].items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        logs[f"eval/{name}/{k}"] = float(v)
+    if res["nfe"]["mean"] is not None:
+      logs[f"eval/{name}/nfe"] = float(res["nfe"]["mean"])
+    if res["seconds"]["per_sample"] is not None:
+      logs[f"eval/{name}/seconds_per_sample"] = float(res["seconds"]["per_sample"])
+    if workdir and jax.process_index() == 0:
+      write_results(res, os.path.join(workdir, "eval", f"{name}_step{step}.json"))
+  return logs
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def train(cfg, workdir: str) -> dict:
+  """Runs (or resumes) training in `workdir`. Returns the last logged metrics (process 0)."""
+  maybe_initialize_distributed(cfg)
+  pi, pc = jax.process_index(), jax.process_count()
+  is_main = pi == 0
+  r = run_config.resolve(cfg, num_devices=jax.device_count(), process_count=pc)
+  mesh = shd.make_mesh(*r.mesh_shape)
+  gb, accum, total = int(cfg.train.global_batch_size), int(cfg.train.grad_accum_steps), r.num_steps
+  per_process = gb // pc
+  setup = state_lib.make_setup(r.model_cfg, mesh, cfg.optim, total)
+  loss_cfg = LossConfig(eps=float(cfg.loss.eps), antithetic=bool(cfg.loss.antithetic),
+                        logits_chunk=int(cfg.loss.logits_chunk))
+  data_iter = build_data_iterator(cfg, r, per_process=per_process)
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = None
+  if cfg.checkpoint.enabled:
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), every_steps=int(cfg.checkpoint.every_steps),
+                                      keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
+  latest = ckpt.latest_step() if ckpt else None
+  t0 = time.perf_counter()
+  if latest is not None:
+    state, data_iter = ckpt.restore(latest, setup.abstract, data_iter)
+    start = int(jax.device_get(state["step"]))
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  else:
+    state = state_lib.init_state(setup, seed=int(cfg.seed), init_checkpoint=cfg.init.checkpoint)
+    start = 0
+  n_tr, n_fr = state_lib.num_params(state["params"]), state_lib.num_params(state["frozen"])
+  log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
+           (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - t0)
+
+  # ---- ahead-of-time compile for the largest bucket
+  lengths = batch_lengths(r)
+  d = r.data_cfg
+  tiles = int(d.synthetic_tiles if d.kind == "synthetic" else d.tile_budget)
+  s, L = r.model_cfg.vision.image_size, lengths[-1]
+  shapes = {"tokens": ((gb, L), np.int32), "labels": ((gb, L), np.int32), "valid": ((gb, L), np.bool_),
+            "positions": ((gb, L), np.int32), "pixels": ((gb, tiles, s, s, 3), np.float32),
+            "merge_idx": ((gb, L, 4), np.int32), "merge_w": ((gb, L, 4), np.float32)}
+  compiled = {}
+
+  def get_compiled(shp):
+    key = tuple(sorted((k, v[0]) for k, v in shp.items()))
+    if key not in compiled:
+      tc = time.perf_counter()
+      compiled[key], mem = step_lib.compile_train_step(setup, loss_cfg, global_batch=gb, accum=accum, batch_shapes=shp)
+      log.info("compiled the train step for batch %s in %.1fs", dict((k, v[0]) for k, v in shp.items() if k == "tokens"),
+               time.perf_counter() - tc)
+      if mem:
+        log.info("per-device memory (compiled.memory_analysis): arguments %.1f MiB, outputs %.1f MiB, aliased %.1f MiB, "
+                 "temporaries %.1f MiB, peak estimate %.1f MiB", *(mem[k] / 2 ** 20 for k in (
+                     "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                     "peak_estimate_bytes")))
+    return compiled[key]
+
+  get_compiled(shapes)
+
+  # ---- throughput accounting
+  n_dev = jax.device_count()
+  kind = jax.devices()[0].device_kind
+  peak = float(cfg.peak_flops_per_device) or flops_lib.peak_flops(kind)
+  if not peak and jax.devices()[0].platform == "cpu":
+    peak = flops_lib.measure_matmul_flops() / max(1, jax.local_device_count())
+    log.info("CPU peak FLOP/s per device taken as a measured float32 matmul: %.1f GFLOP/s", peak / 1e9)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=bool(cfg.log.tensorboard),
+                                    resume_step=latest)
+  progress = metrics_lib.Progress(total, start, enabled=is_main and bool(cfg.log.progress))
+  stop = StopSignal()
+  pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, static info)
+  last: dict = {}
+  good_step = latest if latest is not None else 0
+  t_last = time.perf_counter()
+
+  def flush():
+    nonlocal t_last, last
+    for stp, m, info in pending:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      now = time.perf_counter()
+      dt, t_last = now - t_last, now
+      if m["finite"] < 1:
+        pending.clear()
+        raise NonFiniteError(f"non-finite loss or gradient at step {stp} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+                             f"the update was not applied; the last good checkpoint is step {good_step} in {workdir}")
+      fl = info["flops"]
+      m.update(step_time=dt, tokens_per_s_per_device=info["tokens"] / dt / n_dev,
+               tflops_per_device=fl / dt / n_dev / 1e12)
+      if peak:
+        m["mfu"] = fl / dt / n_dev / peak
+      m.pop("finite")
+      if stp % max(1, int(cfg.log.every_steps)) == 0 or stp == total:
+        writer.write(stp, m)
+      progress.update(1, loss=m["loss"], lr=m["lr"])
+      last = {"step": stp, **m}
+    pending.clear()
+
+  step = start
+  exit_reason = "done"
+  profiling = False
+  try:
+    while step < total:
+      if int(cfg.log.profile_start_step) == step + 1 and is_main:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        profiling = True
+      host = next(data_iter)
+      if len(lengths) > 1:
+        l_need = host["tokens"].shape[1]
+        if pc > 1:
+          from jax.experimental import multihost_utils
+          l_need = int(np.max(multihost_utils.process_allgather(np.int32(l_need))))
+        host = pad_batch(host, l_need)
+      batch = to_global(host, mesh, pc)
+      fn = get_compiled(batch_shapes(host, pc))
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        state, m = fn(state, batch)
+      step += 1
+      b, l = batch["tokens"].shape
+      info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model_cfg, batch=b, seq_len=l, tiles=batch["pixels"].shape[1],
+                                                             trainable=setup.trainable)["total"]}
+      flush()  # the previous step's metrics (this step is already dispatched)
+      pending.append((step, m, info))
+      if profiling and step >= int(cfg.log.profile_start_step) + int(cfg.log.profile_num_steps) - 1:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
+      want_eval = int(cfg.eval.every_steps) > 0 and step % int(cfg.eval.every_steps) == 0 and step < total
+      want_save = ckpt is not None and step % max(1, int(cfg.checkpoint.every_steps)) == 0
+      preempted = stop.reached(step)
+      if want_save or want_eval or preempted:
+        flush()  # every step up to here is finite before anything is saved
+      if want_save or (preempted and ckpt is not None):
+        ckpt.save(step, state, data_iter, force=preempted)
+        good_step = step
+      if want_eval:
+        evals = run_evals(cfg, setup, r, state, step=step, workdir=workdir)
+        writer.write(step, evals)
+        progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
+      if preempted:
+        exit_reason = "preempted"
+        log.warning("SIGTERM: saved step %d and stopping", step)
+        break
+    flush()
+    if ckpt is not None and exit_reason == "done" and good_step != step:
+      ckpt.save(step, state, data_iter, force=True)
+      good_step = step
+  except NonFiniteError as e:
+    progress.close()
+    log.error("%s", e)
+    if ckpt is not None:
+      ckpt.close()
+    writer.close()
+    raise
+  finally:
+    stop.restore()
+    if profiling:
+      jax.profiler.stop_trace()
+  progress.close()
+  if ckpt is not None:
+    ckpt.wait()
+
+  if exit_reason == "done" and cfg.eval.at_end and cfg.eval.tasks:
+    te = time.perf_counter()
+    evals = run_evals(cfg, setup, r, state, step=step, workdir=workdir)
+    writer.write(step, evals)
+    if is_main:
+      for k, v in evals.items():
+        print(f"final eval {k}: {v:.4g}", flush=True)
+      if "eval/demo/exact_match" in evals:
+        print(f"demo test exact-match: {evals['eval/demo/exact_match']:.1f}% "
+              f"(eval {time.perf_counter() - te:.0f}s, total {time.perf_counter() - t0:.0f}s)", flush=True)
+    last.update(evals)
+  if ckpt is not None:
+    ckpt.close()
+  writer.close()
+  return last

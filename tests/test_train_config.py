@@ -1,0 +1,83 @@
+"""Presets load, and `validate` names the offending field of every bad setting."""
+import json
+import subprocess
+
+import jax
+import pytest
+
+from configs import finetune
+from lladav_jax.training import run_config
+from tests.train_helpers import PYTHON, REPO, subprocess_env
+
+
+def _problems(cfg, devices=8):
+  with pytest.raises(run_config.ConfigError) as e:
+    run_config.validate(cfg, num_devices=devices, process_count=1)
+  return str(e.value)
+
+
+@pytest.mark.parametrize("preset", finetune.PRESETS)
+def test_presets_carry_the_original_hyperparameters(preset):
+  c = finetune.get_config(preset)
+  assert c.optim.b1 == 0.9 and c.optim.b2 == 0.999 and c.optim.eps == 1e-8
+  assert c.optim.weight_decay == 0.0 and c.optim.clip_norm == 1.0 and c.optim.warmup_ratio == 0.03
+  assert c.optim.schedule == "cosine" and c.loss.eps == 1e-3
+  if preset == "stage1":
+    assert c.optim.lr == 1e-3 and tuple(c.optim.trainable) == ("projector",) and c.train.global_batch_size == 64
+    assert c.image.aspect == "square" and c.data.format == "plain"
+  elif preset != "demo":
+    assert c.optim.lr == 1e-5 and c.optim.group_lr.vision == 2e-6 and len(c.optim.trainable) == 3
+    assert c.train.global_batch_size == (64 if preset == "finetune" else 256)
+    assert c.data.seq_len == (16384 if preset == "stage2_ov" else 8192)
+    assert c.model.remat_policy == "minimal" and c.model.dtype == "bfloat16" and c.model.param_dtype == "float32"
+  assert finetune.get_config(f"{preset},runlocal").model.preset == "tiny"
+
+
+def test_validation_names_each_bad_field(tmp_path):
+  c = finetune.get_config("finetune,runlocal")
+  c.mesh.data, c.mesh.fsdp = 3, 1
+  c.model.mask_token_id = 600
+  c.train.global_batch_size = 7
+  c.loss.eps = 0.0
+  c.optim.trainable = ("vision", "decoder")
+  msg = _problems(c)
+  for field in ("mesh.data", "model.mask_token_id", "train.global_batch_size", "loss.eps", "optim.trainable"):
+    assert field in msg, (field, msg)
+
+
+def test_missing_checkpoint_and_data_paths(tmp_path):
+  c = finetune.get_config("finetune")
+  c.init.checkpoint = str(tmp_path / "LLaDA-V-orbax")
+  msg = _problems(c)
+  assert "init.checkpoint" in msg and "python -m lladav_jax.convert hf-to-orbax" in msg
+  c = finetune.get_config("finetune,runlocal")
+  c.data.kind = "llava"
+  c.data.path = str(tmp_path / "nope.json")
+  c.tokenizer_dir = str(tmp_path)
+  msg = _problems(c)
+  assert "data.path" in msg and "tokenizer_dir" in msg
+
+
+def test_image_tokens_must_fit_the_sequence(tmp_path):
+  from lladav_jax.data import demo_data
+  tok_dir = str(tmp_path / "tok")
+  demo_data.build_tokenizer(demo_data._corpus_texts(), tok_dir)
+  data = tmp_path / "d.json"
+  data.write_text(json.dumps([{"id": "0", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]}]))
+  c = finetune.get_config("finetune,runlocal")
+  c.data.kind, c.data.path, c.tokenizer_dir, c.data.image_folder = "llava", str(data), tok_dir, str(tmp_path)
+  c.data.seq_len = 64  # anyres_max_4 on 56 px tiles: up to 16 + 77 + 24 tokens for one image
+  c.model.vocab_from_tokenizer = True
+  msg = _problems(c)
+  assert "image.aspect='anyres_max_4'" in msg and "data.seq_len=64" in msg, msg
+  c.data.seq_len = 256
+  r = run_config.validate(c, num_devices=8, process_count=1)
+  assert r.model_cfg.llm.vocab_size == r.tokenizer.vocab_size and r.model_cfg.mask_token_id == r.tokenizer.mask_id
+
+
+def test_cli_reports_config_errors(tmp_path):
+  r = subprocess.run([PYTHON, "-m", "lladav_jax.train", "--config=configs/finetune.py:finetune",
+                      f"--workdir={tmp_path}", f"--config.init.checkpoint={tmp_path}/missing"],
+                     cwd=REPO, env=subprocess_env(tmp_path / "c"), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr
+  assert "init.checkpoint" in r.stderr and "hf-to-orbax" in r.stderr

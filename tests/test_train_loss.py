@@ -1,0 +1,108 @@
+"""The masked-diffusion loss against a NumPy transcription of the original's formula, and the
+chunked LM-head cross-entropy against the unchunked one (values and gradients)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lladav_jax import config, sharding
+from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from lladav_jax.training import loss as L
+from lladav_jax.training import state as st
+from lladav_jax.training import synthetic
+from tests.train_helpers import host_params, optim_cfg
+
+
+def _batch(b=4, l=48, seed=0):
+  return synthetic.make_batch(np.random.default_rng(seed), batch=b, seq_len=l, vocab_size=512, mask_token_id=500,
+                              tiles=1, image_size=56, patch_size=14, answer_frac=0.4)
+
+
+def numpy_loss(logits, tokens, labels, valid, t, u, eps=1e-3):
+  """REFERENCE.md section 4, literally: loop over sequences and masked positions."""
+  b = tokens.shape[0]
+  total = 0.0
+  for i in range(b):
+    p = (1 - eps) * t[i] + eps
+    ans = [j for j in range(tokens.shape[1]) if labels[i, j] != IGNORE_INDEX and valid[i, j]]
+    s = 0.0
+    for j in ans:
+      if u[i, j] < p:
+        lg = logits[i, j].astype(np.float64)
+        lse = np.log(np.sum(np.exp(lg - lg.max()))) + lg.max()
+        s += (lse - lg[labels[i, j]]) / p
+    total += s / max(len(ans), 1)
+  return total / b
+
+
+def test_corrupt_masks_only_labelled_text():
+  bt = _batch()
+  t, u = L.draw_noise(jax.random.key(0), 4, 48)
+  noisy, masked, p, w = jax.jit(L.corrupt, static_argnums=(5, 6))(jnp.asarray(bt["tokens"]), jnp.asarray(bt["labels"]), jnp.asarray(bt["valid"]),
+                                  t, u, 500, 1e-3)
+  masked = np.asarray(masked)
+  assert masked.any()
+  assert not (masked & (bt["labels"] == IGNORE_INDEX)).any()
+  assert not (masked & ~bt["valid"]).any()
+  assert not (masked & (bt["tokens"] == IMAGE_TOKEN_INDEX)).any()
+  noisy = np.asarray(noisy)
+  np.testing.assert_array_equal(noisy[masked], 500)
+  np.testing.assert_array_equal(noisy[~masked], bt["tokens"][~masked])
+  # image positions are untouched, so swapping ids before embedding == swapping embeddings after the splice
+  np.testing.assert_array_equal(noisy == IMAGE_TOKEN_INDEX, bt["tokens"] == IMAGE_TOKEN_INDEX)
+
+
+def test_antithetic_times_cover_unit_interval():
+  t, _ = L.draw_noise(jax.random.key(3), 8, 4, antithetic=True)
+  t = np.sort(np.asarray(t))
+  np.testing.assert_allclose(np.diff(t), 1 / 8, atol=1e-6)
+
+
+def test_loss_matches_numpy_formula():
+  cfg = config.tiny()
+  setup = st.make_setup(cfg, sharding.make_mesh(devices=jax.devices()[:1]), optim_cfg(), 10)
+  graphdef, params = setup.graphdef, nnx.State(host_params(setup))
+  bt = _batch()
+  jb = {k: jnp.asarray(v) for k, v in bt.items()}
+  t, u = L.draw_noise(jax.random.key(7), 4, 48)
+
+  @jax.jit
+  def both(params, jb, t, u):
+    model = nnx.merge(graphdef, params)
+    loss, aux = L.diffusion_loss(model, jb, t, u, mask_token_id=cfg.mask_token_id, cfg=L.LossConfig(logits_chunk=16),
+                                 global_batch=4)
+    # the reference: replace masked embeddings *after* splicing the images, full float32 logits
+    _, masked, _, _ = L.corrupt(jb["tokens"], jb["labels"], jb["valid"], t, u, cfg.mask_token_id, 1e-3)
+    x = model.embed(jb["tokens"], jb["pixels"], jb["merge_idx"], jb["merge_w"])
+    mask_emb = model.llm.embed_tokens(jnp.full((1, 1), cfg.mask_token_id))[0, 0]
+    x = jnp.where(masked[..., None], mask_emb, x)
+    logits = model.llm.logits(model.llm(x, jb["positions"], jb["valid"][:, None, :]))
+    return loss, aux, masked, logits
+
+  loss, aux, masked, logits = both(params, jb, t, u)
+  want = numpy_loss(np.asarray(logits), bt["tokens"], bt["labels"], bt["valid"], np.asarray(t), np.asarray(u))
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+  assert float(aux["masked_tokens"]) == float(np.asarray(masked).sum())
+
+
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_chunked_ce_equals_unchunked(chunk):
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.standard_normal((3, 40, 16)), jnp.float32)
+  head = jnp.asarray(rng.standard_normal((16, 50)) * 0.3, jnp.float32)
+  labels = jnp.asarray(rng.integers(-1, 50, (3, 40)), jnp.int32).at[:, :3].set(IGNORE_INDEX)
+  w = jnp.asarray(rng.random((3, 40)) * (rng.random((3, 40)) < 0.5), jnp.float32)
+  f = lambda c: jax.jit(jax.value_and_grad(lambda h, head: L.weighted_ce(h, head, labels, w, chunk=c)[0],
+                                            argnums=(0, 1)))
+  full, full_g = f(0)(h, head)
+  got, got_g = f(chunk)(h, head)
+  np.testing.assert_allclose(got, full, rtol=1e-6)
+  for a, b in zip(got_g, full_g):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # and against a direct float32 log-softmax
+  logits = np.asarray(h) @ np.asarray(head)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  lab = np.where(np.asarray(labels) < 0, 0, np.asarray(labels))
+  ce = lse - np.take_along_axis(logits, lab[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(full), float((ce * np.asarray(w)).sum()), rtol=1e-5)

@@ -1,0 +1,85 @@
+"""The train step: mesh invariance, gradient accumulation, stage-1 freezing, loss going down."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lladav_jax import config, sharding
+from lladav_jax.training import loss as L, optimizer, state as st, step as stp, synthetic
+from tests.train_helpers import host_params, optim_cfg
+
+
+def _setup(mesh, trainable=optimizer.GROUPS, lr=1e-3, cfg=None):
+  return st.make_setup(cfg or config.tiny(), mesh, optim_cfg(trainable, lr=lr), total_steps=100)
+
+
+def _global(batch, mesh):
+  return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+
+
+def _loss_and_grad(setup, state, batch, accum):
+  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=8), global_batch=batch["tokens"].shape[0], accum=accum)
+  bs = stp.batch_shardings(setup.mesh, batch)
+  rep = sharding.replicated(setup.mesh)
+  f = jax.jit(fn, in_shardings=(setup.shardings, bs),
+              out_shardings=(rep, rep, setup.shardings["params"]))
+  return jax.device_get(f(state, _global(batch, setup.mesh)))
+
+
+def test_sharded_accumulated_step_equals_single_device():
+  """Loss and gradients on a (data 2, fsdp 2, tensor 2) mesh of fake CPU devices with 2
+  micro-batches equal those of one device and one micro-batch: the reduction is the formula on
+  the global batch whatever the mesh or accumulation."""
+  batch = synthetic.make_batch(np.random.default_rng(0), batch=8, seq_len=32, vocab_size=512, mask_token_id=500)
+  mesh1 = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  mesh8 = sharding.make_mesh(2, 2, 2)
+  s1, s8 = _setup(mesh1), _setup(mesh8)
+  params = host_params(s1)
+  st1 = st.init_state(s1, seed=0, params=params)
+  st8 = st.init_state(s8, seed=0, params=params)
+  assert st8["params"]["llm"]["lm_head"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  l1, a1, g1 = _loss_and_grad(s1, st1, batch, accum=1)
+  l8, a8, g8 = _loss_and_grad(s8, st8, batch, accum=2)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  for k in ("masked_tokens", "answer_tokens"):
+    assert a8[k] == a1[k]
+  flat1, flat8 = traverse_util.flatten_dict(g1), traverse_util.flatten_dict(g8)
+  assert flat1.keys() == flat8.keys()
+  for k in flat1:
+    np.testing.assert_allclose(flat8[k], flat1[k], rtol=2e-4, atol=2e-7, err_msg="/".join(k))
+
+
+def test_stage1_freezes_everything_but_the_projector():
+  mesh = sharding.make_mesh(2, 2, 2)
+  setup = _setup(mesh, trainable=("projector",), lr=1e-2)
+  assert set(setup.abstract["params"]) == {"projector"}
+  assert set(setup.abstract["frozen"]) == {"llm", "vision", "image_newline"}
+  # the optimizer state holds nothing for frozen parameters: its array leaves are the projector's
+  proj_shapes = sorted(tuple(a.shape) for a in jax.tree.leaves(setup.abstract["params"]))
+  opt_shapes = sorted(tuple(a.shape) for a in jax.tree.leaves(setup.abstract["opt_state"]) if a.shape)
+  assert opt_shapes == sorted(proj_shapes * 2)  # Adam mu and nu
+  state = st.init_state(setup, seed=0, params=host_params(setup))
+  before = jax.device_get(state)
+  batch = synthetic.make_batch(np.random.default_rng(1), batch=8, seq_len=32, vocab_size=512, mask_token_id=500)
+  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), global_batch=8, accum=1,
+                                       batch_shapes={k: (v.shape, v.dtype) for k, v in batch.items()})
+  for _ in range(3):
+    state, m = compiled(state, _global(batch, mesh))
+  after = jax.device_get(state)
+  assert float(m["finite"]) == 1.0
+  for k, v in traverse_util.flatten_dict(before["frozen"]).items():
+    np.testing.assert_array_equal(traverse_util.flatten_dict(after["frozen"])[k], v, err_msg="/".join(k))
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"]))]
+  assert all(changed)
+  assert int(after["step"]) == 3
+  # a non-finite step (NaN weights) reports finite=0 and leaves params and optimizer state unchanged
+  bad = jax.device_get(state)
+  bad["params"]["projector"]["fc2"] = bad["params"]["projector"]["fc2"] * np.float32("nan")
+  bad = jax.device_put(bad, setup.shardings)
+  kept = jax.device_get(bad)
+  bad, m = compiled(bad, _global(batch, mesh))
+  assert float(m["finite"]) == 0.0
+  for a, b in zip(jax.tree.leaves(jax.device_get(bad)["opt_state"]), jax.tree.leaves(kept["opt_state"])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(jax.device_get(bad)["params"]["projector"]["fc1"], kept["params"]["projector"]["fc1"])

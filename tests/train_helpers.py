@@ -1,0 +1,49 @@
+"""Shared helpers for tests/test_train_*.py: fast host-side parameter init, small optimizer configs."""
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from lladav_jax.training import optimizer, state as st
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def optim_cfg(trainable=optimizer.GROUPS, lr=1e-3, schedule="constant", warmup_ratio=0.0, group_lr=None):
+  return ml_collections.ConfigDict(dict(trainable=tuple(trainable), lr=lr, group_lr=group_lr or {}, b1=0.9, b2=0.999,
+                                        eps=1e-8, weight_decay=0.0, clip_norm=1.0, warmup_ratio=warmup_ratio,
+                                        schedule=schedule))
+
+
+def host_params(setup, seed=0):
+  """Random parameters with numpy (avoids compiling the model's init): normal(0.02) weights,
+  ones for norm scales, zeros for biases."""
+  rng = np.random.default_rng(seed)
+  abstract = optimizer.merge_params(setup.abstract["params"], setup.abstract["frozen"])
+
+  def one(path, a):
+    name = str(path[-1].key)
+    if "norm" in name or "scale" in name:
+      return np.ones(a.shape, a.dtype)
+    if "bias" in name:
+      return np.zeros(a.shape, a.dtype)
+    return (rng.standard_normal(a.shape) * 0.02).astype(a.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def subprocess_env(cache_dir, devices=1):
+  """Environment for running the real entry point in a subprocess (CPU, persistent compile cache)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return env
+
+
+PYTHON = sys.executable
