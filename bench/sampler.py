@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lladav_jax import config, generation, multimodal  # noqa: E402
 from lladav_jax.api import LLaDAV  # noqa: E402
 from lladav_jax.model import LLaDAVModel  # noqa: E402
+from lladav_jax.model.common import random_like  # noqa: E402
 from lladav_jax.sampling import SamplerSettings, core  # noqa: E402
 from lladav_jax.sampling.schedule import uniform_counts  # noqa: E402
 
@@ -43,16 +44,9 @@ def random_model(cfg, seed=0, logit_std=15.0):
   """Random weights; the LM head scaled so that logits have about `logit_std` spread."""
   head_scale = logit_std / (0.02 * cfg.llm.hidden_size ** 0.5)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    names = [str(getattr(k, "key", k)) for k in path]
-    if any("norm" in n or "scale" in n for n in names):
-      return jnp.ones(x.shape, x.dtype)
-    f = head_scale if names[-2] == "lm_head" else 1.0
-    return jnp.asarray(rng.normal(0.0, 0.02 * f, x.shape).astype(x.dtype))
   icfg = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size, aspect="square")
-  return LLaDAV(cfg, graphdef, jax.tree_util.tree_map_with_path(fill, abstract), image_cfg=icfg)
+  state = jax.tree.map(jnp.asarray, random_like(abstract, seed, scales={"lm_head": head_scale}))
+  return LLaDAV(cfg, graphdef, state, image_cfg=icfg)
 
 
 def prompt(cfg, n_text=64, seed=0):

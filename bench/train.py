@@ -1,4 +1,4 @@
-r"""Train-step throughput on this machine: config.mid() (~100M parameters) on synthetic batches.
+r"""Train-step throughput on this machine: config.mid() (~64M parameters) on synthetic batches.
 
     python bench/train.py                       # the tuned CPU setting
     python bench/train.py --sweep               # the variants tried (batch/seq, scan, remat, chunk, precision)
@@ -25,35 +25,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lladav_jax import config as model_config, sharding  # noqa: E402
+from lladav_jax.model.common import random_like  # noqa: E402
 from lladav_jax.training import flops as flops_lib, loss as loss_lib, optimizer, state as st, step as stp  # noqa: E402
 from lladav_jax.training import synthetic  # noqa: E402
-
-
-def matmul_flops(n=2048, repeats=5, precision=None):
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, precision=precision))
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
-def host_params(setup, seed=0):
-  rng = np.random.default_rng(seed)
-  abstract = optimizer.merge_params(setup.abstract["params"], setup.abstract["frozen"])
-
-  def one(path, a):
-    name = str(path[-1].key)
-    if "norm" in name or "scale" in name:
-      return np.ones(a.shape, a.dtype)
-    if "bias" in name:
-      return np.zeros(a.shape, a.dtype)
-    return (rng.standard_normal(a.shape) * 0.02).astype(a.dtype)
-
-  return jax.tree_util.tree_map_with_path(one, abstract)
 
 
 @dataclasses.dataclass
@@ -79,7 +53,7 @@ def run(s: Setting, steps: int, warmup: int = 1):
   ocfg = ml_collections.ConfigDict(dict(trainable=optimizer.GROUPS, lr=1e-4, group_lr={}, b1=0.9, b2=0.999, eps=1e-8,
                                         weight_decay=0.0, clip_norm=1.0, warmup_ratio=0.03, schedule="cosine"))
   setup = st.make_setup(cfg, mesh, ocfg, total_steps=1000)
-  state = st.init_state(setup, seed=0, params=host_params(setup))
+  state = st.init_state(setup, seed=0, params=random_like(st.full_params(setup.abstract)))
   batch = synthetic.make_batch(np.random.default_rng(0), batch=s.batch, seq_len=s.seq, vocab_size=cfg.llm.vocab_size,
                                mask_token_id=cfg.mask_token_id, tiles=s.tiles, image_size=cfg.vision.image_size,
                                patch_size=cfg.vision.patch_size)
@@ -135,12 +109,12 @@ def main():
   settings = SWEEP if a.sweep else [dataclasses.replace(BEST, **over)]
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, config.mid "
         f"({flops_lib.count_params(model_config.mid())['total'] / 1e6:.1f}M parameters)", flush=True)
-  mm0 = matmul_flops()
+  mm0 = flops_lib.measure_matmul_flops(2048)
   print(f"plain 2048^3 float32 matmul: {mm0 / 1e9:.1f} GFLOP/s (best of 5)", flush=True)
   rows = []
   for s in settings:
     r = run(s, a.steps)
-    mm = matmul_flops()
+    mm = flops_lib.measure_matmul_flops(2048)
     ref = max(mm0, mm)
     r["matmul_flops_per_s"] = ref
     r["ratio"] = r["flops_per_s"] / ref

@@ -1,7 +1,7 @@
 r"""Training configs for LLaDA-V: the built-in demo and the original's stages (REFERENCE.md section 5).
 
     python -m lladav_jax.train --config=configs/finetune.py --workdir=runs/demo            # = :demo
-    python -m lladav_jax.train --config=configs/finetune.py:stage2_si --workdir=gs://... \
+    python -m lladav_jax.train --config=configs/finetune.py:stage2_si --workdir=/shared/runs/si \
         --config.data.path=/data/mammoth_si_10M.json --config.data.image_folder=/data/images
     python -m lladav_jax.train --config=configs/finetune.py:finetune,runlocal --workdir=/tmp/t
 
@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True, enabled=True))
+  # At the end, also write the parameters as a model directory (<workdir>/model) that
+  # `lladav_jax.eval`, `lladav_jax.generate` and `LLaDAV.from_pretrained` load.
+  c.checkpoint.export_model = True
   c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, progress=True, profile_start_step=-1,
                                          profile_num_steps=3))
   # Evals during training (lladav_jax.eval): task names, {task: data path}, every N steps (0 = never).
@@ -166,12 +169,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
     c.data.kind = "demo"
-    c.data.seq_len = 128  # the longest demo sample (EOS padding included) has < 128 tokens
-    c.data.buckets = (128,)
+    c.data.seq_len = 104  # the longest demo sample has 97 tokens (28 px patches: 4 per tile)
+    c.data.buckets = (104,)
     c.data.tile_budget = 2
     c.data.read_threads = 1
     c.train.global_batch_size = 32
-    c.train.num_steps = 900
+    c.train.num_steps = 1000
     c.optim.lr = 1e-3
     c.optim.group_lr.vision = None
     c.optim.warmup_ratio = 0.03
@@ -214,7 +217,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat_policy = "none"
     c.init.checkpoint = ""
-    if preset != "demo":  # the demo keeps its generated data (and tokenizer); the stages go synthetic
+    if preset == "demo":  # the demo keeps its generated data (and tokenizer); 14 px patches: longer
+      c.data.seq_len = 128
+      c.data.buckets = (128,)
+    else:  # the stages go synthetic
       c.model.vocab_from_tokenizer = False
       c.data.kind = "synthetic"
       c.data.seq_len = 64

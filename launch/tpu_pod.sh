@@ -3,13 +3,13 @@
 # finds the slice by itself). Copies this checkout to the workers first unless NO_SYNC=1.
 #
 #   launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE [PROJECT] -- --config=configs/finetune.py:stage2_si \
-#       --workdir=gs://bucket/runs/si --config.data.path=/data/mammoth_si_10M.json
+#       --workdir=/mnt/shared/runs/si --config.data.path=/data/mammoth_si_10M.json
 #
 # Environment: DRY_RUN=1 (same as --dry-run: print the commands, run nothing), REMOTE_DIR
 # (checkout path on the workers, default ~/lladav-jax), PYTHON (default: python3 on the workers),
 # NO_SYNC=1 (the code is already there), SETUP=1 (pip install -r requirements.txt on every worker).
-# The workdir should be on GCS (or a filesystem every worker shares): checkpoints are written by
-# all hosts, metrics and TensorBoard by host 0. Re-running the same command resumes.
+# The workdir must be a path every worker sees (NFS / Filestore, or a bucket mounted with gcsfuse):
+# checkpoints are written by all hosts, metrics and TensorBoard by host 0. Re-running resumes.
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"

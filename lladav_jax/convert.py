@@ -34,8 +34,6 @@ from typing import Iterator
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-_OURS = {"lladav_config.json", "hf_manifest.json", "extras.safetensors", "params"}
 PARTIAL_SAVE_BYTES = 64 << 20  # parameters are saved to Orbax in batches of about this size
 _GC_BYTES = 16 << 20  # after releasing this much, collect cycles at once (gc.collect costs ~0.1-0.5 s)
 
@@ -50,18 +48,6 @@ def parse_size(s: int | str) -> int:
   num, unit, b = float(m.group(1)), m.group(2), m.group(3) or "B"
   base = 1024 if b == "IB" else 1000
   return int(num * base ** " KMGT".index(unit or " "))
-
-
-def _aux_files(src: str) -> list[str]:
-  """Config, tokenizer, generation config, remote-code files...: every plain top-level file that is
-  neither weights nor one of ours."""
-  out = []
-  for f in sorted(os.listdir(src)):
-    p = os.path.join(src, f)
-    if (os.path.isfile(p) and not f.endswith(_WEIGHT_SUFFIXES) and f != "model.safetensors.index.json"
-        and f not in _OURS):
-      out.append(f)
-  return out
 
 
 @contextlib.contextmanager
@@ -179,7 +165,7 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
         json.dump(manifest, f, indent=1)
       with open(os.path.join(tmp, W.CONFIG_FILE), "w") as f:
         f.write(cfg.to_json())
-      for fname in _aux_files(src):
+      for fname in W.aux_files(src):
         shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
   finally:
     plan.files.close()
@@ -262,7 +248,7 @@ def orbax_to_hf(src: str, dst: str, *, shard_size: int | str = "5GB", overwrite:
     cached.clear()
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    for fname in _aux_files(src):
+    for fname in W.aux_files(src):
       shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
   log.info("exported %s -> %s (%d tensors in %d shards, %d bytes)", src, dst, len(weight_map), n, total)
   return dst

@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -54,6 +55,7 @@ CONFIG_FILE = "lladav_config.json"  # our ModelConfig, in a converted Orbax dire
 MANIFEST_FILE = "hf_manifest.json"  # HF names, shapes and dtypes of the source, for orbax -> hf
 EXTRAS_FILE = "extras.safetensors"  # unused source tensors, kept verbatim
 PARAMS_DIR = "params"  # the Orbax checkpoint inside a converted directory
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MASK_TOKEN_ID = 126336
 
@@ -662,6 +664,38 @@ def _load_orbax(path, cfg, abstract, shardings, dtype, *, strict) -> dict:
   target = nest({k: jax.ShapeDtypeStruct(want[k], dtype, sharding=shardings[k]) for k in want})
   restored = ocp.StandardCheckpointer().restore(_orbax_params_dir(path), target)
   return flat_params(restored)
+
+
+def aux_files(src: str) -> list[str]:
+  """Config, tokenizer, generation config, remote-code files...: every plain top-level file of
+  `src` that is neither weights nor one of ours."""
+  ours = {CONFIG_FILE, MANIFEST_FILE, EXTRAS_FILE, PARAMS_DIR}
+  return [f for f in sorted(os.listdir(src))
+          if os.path.isfile(os.path.join(src, f)) and not f.endswith(_WEIGHT_SUFFIXES)
+          and f != "model.safetensors.index.json" and f not in ours]
+
+
+def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None) -> str:
+  """Writes `params` (an nnx.State or nested dict, sharded arrays fine) as a model directory that
+  `LLaDAV.from_pretrained`, `lladav_jax.eval` and `lladav_jax.generate` load: Orbax params, our
+  config, and the tokenizer (and HF config) files of `tokenizer_dir`. Every process calls it (Orbax saves sharded arrays collectively
+  and commits atomically); process 0 writes the small files, the config last (through a rename),
+  so a directory without it is never taken for a model."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  cfg_file = os.path.join(path, CONFIG_FILE)
+  if jax.process_index() == 0 and os.path.exists(cfg_file):
+    os.remove(cfg_file)  # invalid until the new params are committed
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, PARAMS_DIR), nest(flat_params(params)), force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    for f in aux_files(tokenizer_dir) if tokenizer_dir else ():
+      shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(path, f))
+    with open(cfg_file + ".tmp", "w") as f:
+      f.write(cfg.to_json())
+    os.replace(cfg_file + ".tmp", cfg_file)
+  return path
 
 
 def read_orbax_param(path: str, param: str) -> np.ndarray:

@@ -22,6 +22,7 @@ from lladav_jax import config, generation, multimodal
 from lladav_jax.api import LLaDAV
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
 from lladav_jax.model import LLaDAVModel
+from lladav_jax.model.common import random_like
 from lladav_jax.sampling import TRACE_COUNTS, SamplerSettings, uniform_counts
 
 MASK = 500
@@ -35,17 +36,9 @@ SCALES = {"lm_head": 50.0, "q_proj": 4.0, "k_proj": 4.0, "v_proj": 4.0, "o_proj"
 
 def random_model(cfg, seed: int = 0, scales=None, **kw) -> LLaDAV:
   """A random LLaDAV built from the abstract state with NumPy (no init compile): N(0, 0.02)
-  weights times `scales[name]` for the LLM, ones for norm scales."""
+  weights times `scales[name]`, ones for norm scales, zeros for biases."""
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    names = [str(getattr(k, "key", k)) for k in path]
-    if any("norm" in n or "scale" in n for n in names):
-      return jnp.ones(x.shape, x.dtype)
-    f = (scales or {}).get(names[-2], 1.0) if names[0] == "llm" else 1.0
-    return jnp.asarray(rng.normal(0.0, 0.02 * f, x.shape).astype(x.dtype))
-  return LLaDAV(cfg, graphdef, jax.tree_util.tree_map_with_path(fill, abstract), **kw)
+  return LLaDAV(cfg, graphdef, jax.tree.map(jnp.asarray, random_like(abstract, seed, scales=scales)), **kw)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ from tests.train_helpers import PYTHON, REPO, subprocess_env
 
 def _problems(cfg, devices=8):
   with pytest.raises(run_config.ConfigError) as e:
-    run_config.validate(cfg, num_devices=devices, process_count=1)
+    run_config.resolve(cfg, num_devices=devices, process_count=1)
   return str(e.value)
 
 
@@ -71,7 +71,7 @@ def test_image_tokens_must_fit_the_sequence(tmp_path):
   msg = _problems(c)
   assert "image.aspect='anyres_max_4'" in msg and "data.seq_len=64" in msg, msg
   c.data.seq_len = 256
-  r = run_config.validate(c, num_devices=8, process_count=1)
+  r = run_config.resolve(c, num_devices=8, process_count=1)
   assert r.model_cfg.llm.vocab_size == r.tokenizer.vocab_size and r.model_cfg.mask_token_id == r.tokenizer.mask_id
 
 

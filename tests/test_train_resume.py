@@ -14,7 +14,7 @@ STEPS, EVERY = 48, 8
 
 
 def _args(workdir, demo_root, *extra):
-  return [PYTHON, "-m", "lladav_jax.train", "--config=configs/finetune.py:demo,runlocal", f"--workdir={workdir}",
+  return [PYTHON, "-m", "lladav_jax.train", f"--config={REPO}/configs/finetune.py:demo,runlocal", f"--workdir={workdir}",
           f"--config.data.demo_root={demo_root}", f"--config.train.num_steps={STEPS}",
           f"--config.checkpoint.every_steps={EVERY}", "--config.log.progress=False", "--config.log.tensorboard=False",
           *extra]
@@ -44,14 +44,31 @@ def _run_until(args, env, workdir, sig, min_ckpt, timeout=300):
   return p.returncode, out
 
 
-def test_kill_and_sigterm_resume_exactly(tmp_path):
-  env = subprocess_env(tmp_path / "jax_cache")
-  demo = tmp_path / "demo"
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  r = subprocess.run(_args(a, demo), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """One uninterrupted demo run (tiny model): (tmp dir, env, {step: metrics row})."""
+  tmp = tmp_path_factory.mktemp("resume")
+  env = subprocess_env(tmp / "jax_cache")
+  # a relative --workdir, as in the README (orbax itself needs absolute paths)
+  r = subprocess.run(_args("a", tmp / "demo"), cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
-  want = read_metrics(os.path.join(a, "metrics.jsonl"))
+  want = read_metrics(os.path.join(tmp, "a", "metrics.jsonl"))
   assert sorted(want) == list(range(1, STEPS + 1))
+  return tmp, env, want
+
+
+def test_demo_steps_lower_the_loss(uninterrupted):
+  _, _, m = uninterrupted
+  first = sum(m[s]["loss"] for s in range(1, 13)) / 12
+  last = sum(m[s]["loss"] for s in range(STEPS - 11, STEPS + 1)) / 12
+  assert last < 0.8 * first, (first, last)
+  assert all(m[s]["grad_norm"] > 0 and m[s]["masked_tokens"] > 0 for s in m)
+
+
+def test_kill_and_sigterm_resume_exactly(uninterrupted):
+  tmp_path, env, want = uninterrupted
+  demo = tmp_path / "demo"
+  b = str(tmp_path / "b")
 
   rc, out = _run_until(_args(b, demo), env, b, signal.SIGKILL, min_ckpt=EVERY)
   assert rc == -signal.SIGKILL, f"the run ended before it could be killed (rc={rc}):\n{out}"
@@ -62,7 +79,7 @@ def test_kill_and_sigterm_resume_exactly(tmp_path):
   assert rc == 0, out
   assert f"at step {killed_at}" in out  # resumed from the checkpoint the kill left
   termed_at = _committed_steps(b)[-1]
-  assert killed_at < termed_at < STEPS and termed_at % EVERY != 0 or "SIGTERM" in out, out
+  assert killed_at < termed_at < STEPS, (killed_at, termed_at)
   assert "SIGTERM" in out, out
 
   r = subprocess.run(_args(b, demo), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -72,3 +89,29 @@ def test_kill_and_sigterm_resume_exactly(tmp_path):
   for s in range(1, STEPS + 1):
     assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
     assert got[s]["grad_norm"] == want[s]["grad_norm"], s
+
+
+def test_finished_run_exports_a_loadable_model(uninterrupted):
+  """<workdir>/model holds the final parameters (equal to the last training checkpoint's) with the
+  tokenizer, and LLaDAV.from_pretrained answers with it."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from lladav_jax import LLaDAV, weights
+
+  tmp, _, _ = uninterrupted
+  model = LLaDAV.from_pretrained(str(tmp / "a" / "model"))
+  got = weights.flat_params(model.state)
+  ckpt = ocp.PyTreeCheckpointer().restore(str(tmp / "a" / "checkpoints" / str(STEPS) / "state"))
+  want = {**weights.flat_params(ckpt["params"]), **weights.flat_params(ckpt.get("frozen") or {})}
+  assert sorted(got) == sorted(want)
+  for k in got:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+  out = model.generate(["How many shapes are there?"], images=[[_scene(tmp / "demo")]], gen_length=8,
+                       block_length=8, steps=8)
+  assert out[0].nfe >= 1 and len(out[0].token_ids) <= 8
+
+
+def _scene(demo_root):
+  from PIL import Image
+  (d,) = [p for p in demo_root.iterdir() if (p / "DONE").exists()]
+  return Image.open(next((d / "images" / "test").iterdir())).convert("RGB")

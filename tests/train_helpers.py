@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from lladav_jax.model.common import random_like
 from lladav_jax.training import optimizer, state as st
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,20 +19,8 @@ def optim_cfg(trainable=optimizer.GROUPS, lr=1e-3, schedule="constant", warmup_r
 
 
 def host_params(setup, seed=0):
-  """Random parameters with numpy (avoids compiling the model's init): normal(0.02) weights,
-  ones for norm scales, zeros for biases."""
-  rng = np.random.default_rng(seed)
-  abstract = optimizer.merge_params(setup.abstract["params"], setup.abstract["frozen"])
-
-  def one(path, a):
-    name = str(path[-1].key)
-    if "norm" in name or "scale" in name:
-      return np.ones(a.shape, a.dtype)
-    if "bias" in name:
-      return np.zeros(a.shape, a.dtype)
-    return (rng.standard_normal(a.shape) * 0.02).astype(a.dtype)
-
-  return jax.tree_util.tree_map_with_path(one, abstract)
+  """Random host parameters of the whole model (no init compile)."""
+  return random_like(st.full_params(setup.abstract), seed)
 
 
 def subprocess_env(cache_dir, devices=1):

@@ -1,7 +1,7 @@
 """The built-in demo data: a synthetic visual-instruction set a tiny model learns on a CPU.
 
-Scenes are 56x56 PNGs: a white canvas split into a 2x2 grid of 28 px cells (exactly 2x2 patches
-of a 14 px ViT), each cell empty or holding one flat-coloured shape (circle, square, triangle in
+Scenes are 56x56 PNGs: a white canvas split into a 2x2 grid of 28 px cells (one patch of a 28 px
+ViT, 2x2 patches of a 14 px one), each cell empty or holding one flat-coloured shape (circle, square, triangle in
 red, green, blue, yellow). Questions are templated, answers are 1-2 words. Records are LLaVA
 JSON (`human`/`gpt`), single-turn, multi-turn and two-image questions, in train / validation /
 test splits. A matching word-level tokenizer (`tokenizer.json` + tokenizer_config.json +
@@ -44,9 +44,10 @@ HF_CHAT_TEMPLATE = (
 PRETOKENIZE = r"\n\n|\n| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]| "
 
 
-def demo_image_config() -> ImageConfig:
-  """56 px tiles, 14 px patches (config.small's vision tower); anyres as the original."""
-  return ImageConfig(image_size=IMAGE_SIZE, patch_size=14)
+def demo_image_config(patch_size: int = 14) -> ImageConfig:
+  """56 px tiles (anyres as the original) for a vision tower with `patch_size` px patches:
+  28 for config.small (one patch per scene cell), 14 for config.tiny."""
+  return ImageConfig(image_size=IMAGE_SIZE, patch_size=patch_size)
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -278,7 +279,7 @@ def ensure_demo_data(root: str, num_train: int = 4000, num_val: int = 200, num_t
   return paths(final)
 
 
-DEMO_SEQ_LEN = 128  # the longest demo sample is 118 tokens with its image tokens
+DEMO_SEQ_LEN = 128  # the longest demo sample: 118 tokens with 14 px patches, 97 with 28 px
 DEMO_TILE_BUDGET = 2
 
 

@@ -270,12 +270,14 @@ def format_summary(results: dict) -> str:
 # ------------------------------------------------------------------------------ during training
 
 def evaluate_during_training(model_or_generate_fn, task_names: Sequence[str], data_paths, limit: int | None = 64,
-                             batch_size: int = 8, gen_overrides: dict | None = None) -> dict[str, float]:
+                             batch_size: int = 8, gen_overrides: dict | None = None,
+                             results_path: str | None = None) -> dict[str, float]:
   """Small evals for the trainer's logs: {"eval/<task>/<metric>": value, ...}.
 
   Every process runs the same samples (no sharding), so a model sharded over hosts sees identical
   calls everywhere and no gathering is needed. `data_paths`: {task: path} or a list aligned with
-  `task_names`. Task-default generation settings unless `gen_overrides`.
+  `task_names`. Task-default generation settings unless `gen_overrides`. With `results_path` (a
+  format string with `{task}`) each task's full results, predictions included, are written there.
   """
   fn = model_or_generate_fn.generate if hasattr(model_or_generate_fn, "generate") else model_or_generate_fn
   paths = data_paths if isinstance(data_paths, dict) else dict(zip(task_names, data_paths))
@@ -292,6 +294,8 @@ def evaluate_during_training(model_or_generate_fn, task_names: Sequence[str], da
     if res["seconds"]["per_sample"] is not None:
       logs[f"eval/{name}/seconds_per_sample"] = float(res["seconds"]["per_sample"])
     logs[f"eval/{name}/num_skipped"] = float(res["num_skipped"])
+    if results_path:
+      write_results(res, results_path.format(task=name))
   return logs
 
 

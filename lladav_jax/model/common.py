@@ -77,3 +77,23 @@ def run_stacked(layers: nnx.Module, body: Callable, carry, xs=None, *, scan: boo
     ys.append(y)
   ys = None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys)
   return carry, ys
+
+
+def random_like(abstract, seed: int = 0, std: float = 0.02, scales: dict[str, float] | None = None):
+  """NumPy random values for a tree of shape/dtype leaves (an abstract model state or params dict),
+  without compiling the model's init (tests, benchmarks): N(0, std * scales[name]) for the weight
+  named `name` in its path, ones for norm scales, zeros for biases."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  scales = scales or {}
+
+  def fill(path, x):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if any("norm" in n or "scale" in n for n in names):
+      return np.ones(x.shape, x.dtype)
+    if any("bias" in n for n in names):
+      return np.zeros(x.shape, x.dtype)
+    f = next((scales[n] for n in reversed(names) if n in scales), 1.0)
+    return rng.normal(0.0, std * f, x.shape).astype(x.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)

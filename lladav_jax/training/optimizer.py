@@ -19,8 +19,10 @@ respect to the trainable tree and the optimizer state covers only it.
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping, Sequence
 
+import jax
 import optax
 from flax import traverse_util
 
@@ -80,6 +82,14 @@ def group_lrs(ocfg) -> dict[str, float]:
   return {g: float(over.get(g, ocfg.lr)) for g in GROUPS}
 
 
+_NO_DECAY = re.compile(r"bias|norm|^ln\d|_scale$")
+
+
+def decay_mask(params):
+  """True where weight decay applies: as the HF Trainer, not to biases and norm weights."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: not _NO_DECAY.search(str(path[-1].key)), params)
+
+
 def make(ocfg, total_steps: int, trainable_params: Mapping):
   """(optax transform over the trainable tree, {group: schedule}) from the `optim` config.
 
@@ -95,7 +105,8 @@ def make(ocfg, total_steps: int, trainable_params: Mapping):
   scheds = {g: schedule(lrs[g], total_steps, ocfg.warmup_ratio, ocfg.schedule) for g in labels_used}
 
   def adamw(g):
-    return optax.adamw(scheds[g], b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+    return optax.adamw(scheds[g], b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay,
+                       mask=decay_mask)
 
   if len(labels_used) == 1:
     inner = adamw(labels_used[0])

@@ -27,6 +27,7 @@ class Resolved:
   image_cfg: multimodal.ImageConfig
   data_cfg: ml_collections.ConfigDict
   tokenizer: Any
+  tokenizer_dir: str | None
   eval_data: dict
   num_steps: int
   mesh_shape: tuple
@@ -152,7 +153,7 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
   # ---- images
   if data.kind == "demo":
     from lladav_jax.data import demo_data
-    icfg = demo_data.demo_image_config()
+    icfg = demo_data.demo_image_config(mc.vision.patch_size)
   else:
     icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size,
                                   aspect=cfg.image.aspect, multi_image=cfg.image.multi_image,
@@ -225,13 +226,8 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
         problems.append(f"the training set has {n} records: fewer than one global batch of {gb}")
   if problems:
     raise ConfigError(problems)
-  return Resolved(model_cfg=mc, image_cfg=icfg, data_cfg=data, tokenizer=tokenizer, eval_data=eval_data,
-                  num_steps=num_steps, mesh_shape=shape)
-
-
-def validate(cfg, *, num_devices: int, process_count: int = 1) -> Resolved:
-  """Alias of `resolve`: raises ConfigError naming each bad field; returns the resolved objects."""
-  return resolve(cfg, num_devices=num_devices, process_count=process_count)
+  return Resolved(model_cfg=mc, image_cfg=icfg, data_cfg=data, tokenizer=tokenizer, tokenizer_dir=tok_dir or None,
+                  eval_data=eval_data, num_steps=num_steps, mesh_shape=shape)
 
 
 def _expand_braces(p: str) -> list[str]:

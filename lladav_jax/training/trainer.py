@@ -159,26 +159,12 @@ def run_evals(cfg, setup, r, state, *, step: int = 0, workdir: str | None = None
   results (predictions included) to <workdir>/eval/<task>_step<N>.json."""
   if not cfg.eval.tasks:
     return {}
-  from lladav_jax.eval import evaluate, get_task, read_samples
-  from lladav_jax.eval.run import write_results
+  from lladav_jax.eval import evaluate_during_training
   over = {k: cfg.eval[k] for k in ("gen_length", "block_length", "steps") if cfg.eval[k] is not None}
-  model = lladav_model(setup, r, state)
-  logs = {}
-  for name in cfg.eval.tasks:
-    task = get_task(name)
-    rr = read_samples(r.eval_data[name], task, limit=int(cfg.eval.limit) or None)
-    res = evaluate(task, rr.samples, model.generate, gen_kwargs=over, batch_size=int(cfg.eval.batch_size),
-                   skipped=rr.skipped)
-    for k, v in res["metrics"].items():
-      if isinstance(v, (int, float)) and not isinstance(v, bool):
-        logs[f"eval/{name}/{k}"] = float(v)
-    if res["nfe"]["mean"] is not None:
-      logs[f"eval/{name}/nfe"] = float(res["nfe"]["mean"])
-    if res["seconds"]["per_sample"] is not None:
-      logs[f"eval/{name}/seconds_per_sample"] = float(res["seconds"]["per_sample"])
-    if workdir and jax.process_index() == 0:
-      write_results(res, os.path.join(workdir, "eval", f"{name}_step{step}.json"))
-  return logs
+  path = os.path.join(workdir, "eval", f"{{task}}_step{step}.json") if workdir and jax.process_index() == 0 else None
+  return evaluate_during_training(lladav_model(setup, r, state), list(cfg.eval.tasks), r.eval_data,
+                                  limit=int(cfg.eval.limit) or None, batch_size=int(cfg.eval.batch_size),
+                                  gen_overrides=over, results_path=path)
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -186,6 +172,7 @@ def run_evals(cfg, setup, r, state, *, step: int = 0, workdir: str | None = None
 def train(cfg, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`. Returns the last logged metrics (process 0)."""
   maybe_initialize_distributed(cfg)
+  workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
   pi, pc = jax.process_index(), jax.process_count()
   is_main = pi == 0
   r = run_config.resolve(cfg, num_devices=jax.device_count(), process_count=pc)
@@ -343,6 +330,11 @@ def train(cfg, workdir: str) -> dict:
   progress.close()
   if ckpt is not None:
     ckpt.wait()
+  if exit_reason == "done" and cfg.checkpoint.export_model:
+    from lladav_jax import weights
+    out = weights.save_model(os.path.join(workdir, "model"), r.model_cfg, state_lib.full_params(state), r.tokenizer_dir)
+    if is_main:
+      log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
 
   if exit_reason == "done" and cfg.eval.at_end and cfg.eval.tasks:
     te = time.perf_counter()
