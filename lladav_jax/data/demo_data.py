@@ -1,12 +1,12 @@
 """The built-in demo data: a synthetic visual-instruction set a tiny model learns on a CPU.
 
 Scenes are 56x56 PNGs: a white canvas split into a 2x2 grid of 28 px cells (one patch of a 28 px
-ViT, 2x2 patches of a 14 px one), each cell empty or holding one flat-coloured shape (circle, square, triangle in
-red, green, blue, yellow). Questions are templated, answers are 1-2 words. Records are LLaVA
-JSON (`human`/`gpt`), single-turn, multi-turn and two-image questions, in train / validation /
-test splits. A matching word-level tokenizer (`tokenizer.json` + tokenizer_config.json +
-special_tokens_map.json, the original's special-token strings, vocabulary < 512) is written
-next to it with the `tokenizers` library.
+ViT, 2x2 patches of a 14 px one), each cell empty or holding one flat-coloured shape (circle,
+square, triangle in red, green, blue, yellow). Questions are templated, answers are 1-2 words.
+Records are LLaVA JSON (`human`/`gpt`): single-image records with 1-4 question turns, and
+two-image questions, in train / validation / test splits. A matching word-level tokenizer
+(`tokenizer.json` + tokenizer_config.json + special_tokens_map.json, the original's special-token
+strings, vocabulary < 512) is written next to it with the `tokenizers` library.
 
     paths = ensure_demo_data("/tmp/demo")      # generated once (atomically), then reused
     tok = Tokenizer.from_dir(paths["tokenizer_dir"])
@@ -24,12 +24,15 @@ from PIL import Image, ImageDraw
 
 from lladav_jax.multimodal import ImageConfig
 
-VERSION = 2
+VERSION = 3
 IMAGE_SIZE = 56
 CELL = 28
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+# Questions per single-image record: 1..MAX_TURNS (several answers per image and per system
+# prompt: denser supervision per token computed).
+MAX_TURNS = 4
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|mdm_mask|>", "<role>", "</role>",
@@ -164,7 +167,7 @@ def generate_split(rng: random.Random, n: int, split: str, image_dir: str, rel_p
     cells = random_scene(rng)
     name = f"{rel_prefix}/{rid}.png"
     draw_scene(cells).save(os.path.join(image_dir, os.path.basename(name)))
-    turns = 2 if r < 0.40 else 1
+    turns = rng.randint(1, MAX_TURNS)
     conv, seen = [], set()
     for t in range(turns):
       for _ in range(10):
@@ -279,7 +282,7 @@ def ensure_demo_data(root: str, num_train: int = 4000, num_val: int = 200, num_t
   return paths(final)
 
 
-DEMO_SEQ_LEN = 128  # the longest demo sample: 118 tokens with 14 px patches, 97 with 28 px
+DEMO_SEQ_LEN = 160  # the longest demo sample: 153 tokens with 14 px patches, 127 with 28 px
 DEMO_TILE_BUDGET = 2
 
 
