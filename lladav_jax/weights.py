@@ -615,9 +615,10 @@ def _load_hf(path, cfg, shardings, dtype, *, strict, seed, host_limit) -> dict:
 # ----------------------------------------------------------------------------- orbax
 
 def _orbax_params_dir(path: str) -> str | None:
+  """The Orbax checkpoint inside `path`, as an absolute path (Orbax refuses relative ones)."""
   for cand in (os.path.join(path, PARAMS_DIR, "state"), os.path.join(path, PARAMS_DIR), path):
     if os.path.exists(os.path.join(cand, "_METADATA")):
-      return cand
+      return os.path.abspath(cand)
   return None
 
 
@@ -672,7 +673,7 @@ def aux_files(src: str) -> list[str]:
   ours = {CONFIG_FILE, MANIFEST_FILE, EXTRAS_FILE, PARAMS_DIR}
   return [f for f in sorted(os.listdir(src))
           if os.path.isfile(os.path.join(src, f)) and not f.endswith(_WEIGHT_SUFFIXES)
-          and f != "model.safetensors.index.json" and f not in ours]
+          and f != INDEX_FILE and f not in ours]
 
 
 def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None) -> str:

@@ -91,15 +91,16 @@ def test_kill_and_sigterm_resume_exactly(uninterrupted):
     assert got[s]["grad_norm"] == want[s]["grad_norm"], s
 
 
-def test_finished_run_exports_a_loadable_model(uninterrupted):
+def test_finished_run_exports_a_loadable_model(uninterrupted, monkeypatch):
   """<workdir>/model holds the final parameters (equal to the last training checkpoint's) with the
-  tokenizer, and LLaDAV.from_pretrained answers with it."""
+  tokenizer, and LLaDAV.from_pretrained answers with it (given a relative path, as in the README)."""
   import numpy as np
   import orbax.checkpoint as ocp
   from lladav_jax import LLaDAV, weights
 
   tmp, _, _ = uninterrupted
-  model = LLaDAV.from_pretrained(str(tmp / "a" / "model"))
+  monkeypatch.chdir(tmp)
+  model = LLaDAV.from_pretrained("a/model")
   got = weights.flat_params(model.state)
   ckpt = ocp.PyTreeCheckpointer().restore(str(tmp / "a" / "checkpoints" / str(STEPS) / "state"))
   want = {**weights.flat_params(ckpt["params"]), **weights.flat_params(ckpt.get("frozen") or {})}

@@ -83,3 +83,18 @@ def test_stage1_freezes_everything_but_the_projector():
   for a, b in zip(jax.tree.leaves(jax.device_get(bad)["opt_state"]), jax.tree.leaves(kept["opt_state"])):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(jax.device_get(bad)["params"]["projector"]["fc1"], kept["params"]["projector"]["fc1"])
+
+
+def test_weight_decay_skips_biases_and_norms():
+  """With weight_decay > 0 and zero gradients, AdamW shrinks matrices only (HF Trainer groups)."""
+  params = {"llm": {"embed": jnp.ones((3, 2)), "final_norm": jnp.ones(2), "layers": {"attn_norm": jnp.ones((2, 2))}},
+            "projector": {"fc1": jnp.ones((2, 2)), "fc1_bias": jnp.ones(2)},
+            "vision": {"layers": {"ln1_scale": jnp.ones((2, 2)), "ln1_bias": jnp.ones((2, 2)), "q_proj": jnp.ones((2, 2))}}}
+  ocfg = optim_cfg(lr=0.1)
+  ocfg.weight_decay = 0.5
+  tx, _ = optimizer.make(ocfg, 10, params)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  upd, _ = tx.update(grads, tx.init(params), params)
+  new = traverse_util.flatten_dict(jax.tree.map(lambda p, u: p + u, params, upd), sep="/")
+  decayed = {k for k, v in new.items() if float(v.reshape(-1)[0]) < 1.0}
+  assert decayed == {"llm/embed", "projector/fc1", "vision/layers/q_proj"}
