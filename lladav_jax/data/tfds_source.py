@@ -129,10 +129,10 @@ def prepare_tfds(name: str, data_dir: str, splits: dict[str, str], image_folder:
           "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))}))
 
     def _split_generators(self, dl_manager):
-      return {s: examples(p) for s, p in splits.items()}
+      return {s: self._generate_examples(p) for s, p in splits.items()}
 
-    def _generate_examples(self):  # unused: splits are generated above
-      raise NotImplementedError
+    def _generate_examples(self, path):
+      return examples(path)
 
   _Builder.name = name
   # A one-part module name keeps tfds from looking for checksum files next to this package
