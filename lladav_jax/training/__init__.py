@@ -9,6 +9,6 @@
     metrics.py        metrics.jsonl / TensorBoard / tqdm (process 0)
     flops.py          model FLOPs per step (bidirectional attention, vision tower), peak FLOP/s table
     synthetic.py      synthetic batches in the pipeline's format (tests, performance runs)
-    run_config.py     config -> model/data/image objects, `validate` (errors name the field)
+    run_config.py     config -> model/data/image objects, `resolve` (errors name the field)
     trainer.py        the loop behind `python -m lladav_jax.train`
 """

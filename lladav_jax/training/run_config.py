@@ -1,5 +1,5 @@
-"""Turning a training ConfigDict into concrete objects, and `validate(cfg)`: one error listing every
-problem, each naming its config field."""
+"""Turning a training ConfigDict into concrete objects with `resolve(cfg)`, which validates it first:
+one error listing every problem, each naming its config field."""
 from __future__ import annotations
 
 import dataclasses

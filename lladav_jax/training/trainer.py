@@ -1,6 +1,6 @@
 """The training loop behind `python -m lladav_jax.train`.
 
-    resolve + validate config -> mesh -> data iterator (this process's shard)
+    resolve (and validate) the config -> mesh -> data iterator (this process's shard)
       -> restore the latest checkpoint of the workdir (state + iterator) or init (random / converted)
       -> AOT-compile the step, log its memory -> loop: batch -> global arrays -> step -> metrics
       -> checkpoints every N steps, at the end, on SIGTERM; evals every M steps
