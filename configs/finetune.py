@@ -159,6 +159,16 @@ def _stage(c, *, lr, group_lr, batch, seq_len, init, trainable=("vision", "proje
   c.checkpoint.every_steps = 1000
 
 
+# preset: (init checkpoint, global batch, sequence length, data, image folder)
+_FULL_STAGES = {
+    "stage2_si": ("exp/llada_v_stage1_orbax", 256, 8192, "data/MAmmoTH-VL/mammoth_si_10M.json", "data/MAmmoTH-VL/images"),
+    "stage2_ov": ("exp/llada_v_si10M", 256, 16384, "data/MAmmoTH-VL/mammoth_ov_2M.json", "data/MAmmoTH-VL/images"),
+    "stage3": ("exp/llada_v_ov2M", 256, 8192, "data/VisualWebInstruct/mixed_conversation.json",
+               "data/VisualWebInstruct/images"),
+    "finetune": ("model/LLaDA-V-orbax", 64, 8192, "data/finetune.json", "data/images"),
+}
+
+
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   preset, runlocal, kv = _parse(arg)
   c = base_config()
@@ -194,22 +204,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.image.aspect = "square"  # the default image_aspect_ratio; merge "flat", 729 tokens
     c.data.path = "data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
     c.data.image_folder = "data/LLaVA-Pretrain/images"
-  elif preset == "stage2_si":
-    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=256, seq_len=8192, init="exp/llada_v_stage1_orbax")
-    c.data.path = "data/MAmmoTH-VL/mammoth_si_10M.json"
-    c.data.image_folder = "data/MAmmoTH-VL/images"
-  elif preset == "stage2_ov":
-    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=256, seq_len=16384, init="exp/llada_v_si10M")
-    c.data.path = "data/MAmmoTH-VL/mammoth_ov_2M.json"
-    c.data.image_folder = "data/MAmmoTH-VL/images"
-  elif preset == "stage3":
-    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=256, seq_len=8192, init="exp/llada_v_ov2M")
-    c.data.path = "data/VisualWebInstruct/mixed_conversation.json"
-    c.data.image_folder = "data/VisualWebInstruct/images"
-  elif preset == "finetune":
-    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=64, seq_len=8192, init="model/LLaDA-V-orbax")
-    c.data.path = "data/finetune.json"
-    c.data.image_folder = "data/images"
+  elif preset in _FULL_STAGES:  # everything trained, LR 1e-5 with the vision tower at 2e-6
+    init, batch, seq_len, path, folder = _FULL_STAGES[preset]
+    _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=batch, seq_len=seq_len, init=init)
+    c.data.path, c.data.image_folder = path, folder
 
   if runlocal:  # a tiny CPU run of the same code path: config.tiny, a few steps, no init checkpoint
     c.model.preset = "tiny"
