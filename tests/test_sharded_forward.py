@@ -3,11 +3,9 @@ forward, for a state initialised on the mesh and for one streamed from an HF che
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from lladav_jax import config, convert, multimodal as mm, sharding, weights

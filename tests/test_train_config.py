@@ -1,8 +1,7 @@
-"""Presets load, and `validate` names the offending field of every bad setting."""
+"""Presets load, and `resolve` names the offending field of every bad setting."""
 import json
 import subprocess
 
-import jax
 import pytest
 
 from configs import finetune

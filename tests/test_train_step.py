@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import traverse_util
 
 from lladav_jax import config, sharding

@@ -2,9 +2,7 @@
 import os
 import sys
 
-import jax
 import ml_collections
-import numpy as np
 
 from lladav_jax.model.common import random_like
 from lladav_jax.training import optimizer, state as st

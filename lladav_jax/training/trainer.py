@@ -13,14 +13,11 @@ the step number, and the previous checkpoint is the last good one.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
-import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
