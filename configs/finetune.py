@@ -189,6 +189,20 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.optim.group_lr.vision = None
     c.optim.warmup_ratio = 0.03
     c.loss.logits_chunk = 0  # the demo vocabulary is tiny
+    # Label only the answers (+ <|eot_id|> and the EOS padding). With the original's labelling,
+    # every header token, "\n\n" and BOS are scored too (~12 structural tokens per sample against
+    # 2-8 answer tokens); on the counting questions alone this from-scratch model then stays at the
+    # answer prior (60% teacher-forced after 300 steps) but reaches 100% by step 100 with these two
+    # switches. The loss formula is unchanged.
+    c.data.labels.unmask_tokens = ()
+    c.data.labels.label_assistant_header = False
+    # Open problem (test exact match 36% after 800 steps, target 90%): the model learns each
+    # question's answer prior but not to read the image once questions vary. Measured on subsets
+    # (200 steps, teacher-forced answer accuracy, real vs shuffled images): one question about
+    # one-object scenes ("What color is the shape?") reaches 100% only with the vision tower
+    # frozen (trained at 1e-3 its colour features collapse; a linear probe of the initial features
+    # reads the colour perfectly); four question types on the same scenes stay at the prior (43%)
+    # even with the tower frozen, and so does the full run with the tower frozen (39%).
     c.checkpoint.every_steps = 300
     c.eval.tasks = ("demo",)  # data filled in from the generated demo set
     c.eval.limit = 300

@@ -52,3 +52,20 @@ def test_generation_is_deterministic(demo, tmp_path):
   again = demo_data.ensure_demo_data(str(tmp_path), num_train=60, num_val=10, num_test=20)
   for split in ("train", "validation", "test"):
     assert _load(again[split]) == _load(demo[split])
+
+
+def test_demo_preset_labels_only_the_answers(demo):
+  """The demo preset scores each answer and its <|eot_id|> (not the headers, BOS or "\\n\\n")."""
+  from configs.finetune import get_config
+  from lladav_jax.data import pipeline, template
+  from lladav_jax.data.tokenizer import Tokenizer
+
+  tok = Tokenizer.from_dir(demo["tokenizer_dir"])
+  cfg = pipeline.label_config(get_config("demo").data)
+  eot = tok.encode(tok.special_strings["eot"])
+  for r in _load(demo["train"])[:20]:
+    msgs = [(c["from"], c["value"]) for c in r["conversations"]]
+    ids, labels = template.render_training(tok, template.normalize_image_tags(msgs, cfg), cfg)
+    want = [t for _, a in msgs[1::2] for t in tok.encode(a) + eot]
+    assert [t for t in labels if t != template.IGNORE_INDEX] == want, r["id"]
+    assert len(ids) == len(labels)
