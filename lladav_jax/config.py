@@ -26,6 +26,8 @@ class LLMConfig:
   rope_theta: float = 500000.0
   rms_norm_eps: float = 1e-5
   max_position_embeddings: int = 16384
+  # Std of the normal init of every weight matrix (HF initializer_range); only from-scratch runs use it.
+  initializer_range: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +125,8 @@ def small(vocab_size: int = 512, mask_token_id: int = 500, **kw) -> ModelConfig:
   """The demo model: learns the synthetic task on a CPU in minutes."""
   cfg = ModelConfig(
       llm=LLMConfig(vocab_size=vocab_size, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
-                    head_dim=32, intermediate_size=384, rope_theta=10000.0, max_position_embeddings=4096),
+                    head_dim=32, intermediate_size=384, rope_theta=10000.0, max_position_embeddings=4096,
+                    initializer_range=0.06),
       vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=28,
                           image_size=56),
       mask_token_id=mask_token_id, dtype="float32", param_dtype="float32")

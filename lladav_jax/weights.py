@@ -236,7 +236,8 @@ def model_config_from_hf(config_json: Mapping[str, Any], vision_json: Mapping[st
         intermediate_size=int(c.get("mlp_hidden_size") or c.get("mlp_ratio", 4) * d),
         rope_theta=_rope_theta(c, 10000.0),
         rms_norm_eps=float(c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-5))),
-        max_position_embeddings=int(c.get("max_sequence_length", c.get("max_position_embeddings", 4096))))
+        max_position_embeddings=int(c.get("max_sequence_length", c.get("max_position_embeddings", 4096))),
+        initializer_range=float(c.get("init_std", 0.02)))
   else:
     heads = int(c["num_attention_heads"])
     d = int(c["hidden_size"])
@@ -245,7 +246,8 @@ def model_config_from_hf(config_json: Mapping[str, Any], vision_json: Mapping[st
         num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
         head_dim=int(c.get("head_dim") or d // heads), intermediate_size=int(c["intermediate_size"]),
         rope_theta=_rope_theta(c, 10000.0), rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
-        max_position_embeddings=int(c.get("max_position_embeddings", 4096)))
+        max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+        initializer_range=float(c.get("initializer_range", 0.02)))
   vision = _vision_from_hf(vision_json or c.get("vision_config"), c.get("mm_hidden_size"))
   mask = c.get("mask_token_id")
   kw = dict(llm=llm, vision=vision, mask_token_id=int(DEFAULT_MASK_TOKEN_ID if mask is None else mask))

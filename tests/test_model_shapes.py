@@ -94,3 +94,18 @@ def test_config_from_hf_json():
   assert c.mask_token_id == 126336
   with pytest.raises(ValueError, match="vision_json"):
     weights.model_config_from_hf(dict(llada_v, mm_hidden_size=768))
+
+
+def test_initializer_range_sets_the_weight_std():
+  """LLMConfig.initializer_range (HF initializer_range / LLaDA init_std) is the std of every LLM weight."""
+  for std in (0.02, 0.06):
+    cfg = config.tiny()
+    cfg = cfg.replace(llm=cfg.llm.__class__(**{**cfg.llm.__dict__, "initializer_range": std}))
+    flat = weights.flat_params(nnx.state(LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
+    for name in ("llm.embed", "llm.layers.attn.q_proj", "llm.layers.mlp.down_proj", "llm.lm_head"):
+      assert float(np.std(np.asarray(flat[name]))) == pytest.approx(std, rel=0.1), (name, std)
+  hf = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
+            initializer_range=0.05, mm_hidden_size=1152)
+  assert weights.model_config_from_hf(hf).llm.initializer_range == 0.05
+  llada = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, vocab_size=256, init_std=0.03)
+  assert weights.model_config_from_hf(llada).llm.initializer_range == 0.03

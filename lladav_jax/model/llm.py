@@ -14,8 +14,6 @@ from jax.ad_checkpoint import checkpoint_name
 from lladav_jax.config import LLMConfig
 from lladav_jax.model import common
 
-init_normal = jax.nn.initializers.normal(0.02)
-
 
 @struct.dataclass
 class KVCache:
@@ -38,6 +36,7 @@ def rope(x_BLNH, positions_BL, theta: float):
 class Attention(nnx.Module):
   def __init__(self, cfg: LLMConfig, attention_impl: str, dtype, param_dtype, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init_normal = jax.nn.initializers.normal(cfg.initializer_range)
     self.q_proj = common.param(rngs, init_normal, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
     self.k_proj = common.param(rngs, init_normal, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
     self.v_proj = common.param(rngs, init_normal, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -72,6 +71,7 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: LLMConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
     d, f = cfg.hidden_size, cfg.intermediate_size
+    init_normal = jax.nn.initializers.normal(cfg.initializer_range)
     self.gate_proj = common.param(rngs, init_normal, (d, f), ("embed", "mlp"), param_dtype)
     self.up_proj = common.param(rngs, init_normal, (d, f), ("embed", "mlp"), param_dtype)
     self.down_proj = common.param(rngs, init_normal, (f, d), ("mlp", "embed"), param_dtype)
@@ -109,6 +109,7 @@ class LLaDA(nnx.Module):
     self.dtype = dtype
     self.scan_layers = scan_layers
     self.remat_policy = remat_policy
+    init_normal = jax.nn.initializers.normal(cfg.initializer_range)
     self.embed = common.param(rngs, init_normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                               param_dtype)
     self.layers = common.stacked(lambda r: Block(cfg, attention_impl, dtype, param_dtype, rngs=r),
