@@ -81,7 +81,8 @@ def to_original_llada(src: str, dst: str, cfg) -> None:
               n_kv_heads=c["num_key_value_heads"], mlp_hidden_size=c["intermediate_size"],
               embedding_size=c["vocab_size"], vocab_size=c["vocab_size"],
               rope_theta=c["rope_parameters"]["rope_theta"], rms_norm_eps=c["rms_norm_eps"],
-              max_sequence_length=c["max_position_embeddings"], mask_token_id=MASK_ID, block_type="llama", weight_tying=False)
+              max_sequence_length=c["max_position_embeddings"], mask_token_id=MASK_ID, block_type="llama", weight_tying=False,
+              init_std=c["initializer_range"])
   with open(os.path.join(dst, "config.json"), "w") as f:
     json.dump(orig, f)
 
