@@ -187,7 +187,6 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.train.global_batch_size = 32
     c.train.num_steps = 800  # ~2 steps/s on 2 CPU cores: the whole run stays under 10 minutes
     c.optim.lr = 1e-3
-    c.optim.group_lr.vision = None
     c.optim.warmup_ratio = 0.03
     c.loss.logits_chunk = 0  # the demo vocabulary is tiny
     # Label only the answers (+ <|eot_id|> and the EOS padding). With the original's labelling,
