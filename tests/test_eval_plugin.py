@@ -1,4 +1,5 @@
 """The lmms-eval plugin with a fake model and request-like objects (lmms-eval is not installed)."""
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -106,12 +107,118 @@ def test_create_from_arg_string_and_bad_args():
     P.LLaDAVJax()
 
 
-def test_video_inputs_rejected():
-  lm = make()
-  lm.task_dict = {"v": {"test": {0: {}}}}
-  r = SimpleNamespace(args=("q", {}, lambda d: ["/videos/x.mp4"], 0, "v", "test"))
-  with pytest.raises(NotImplementedError, match="video"):
+def gray_frames(n):
+  return [Image.new("L", (8, 6), 20 * i) for i in range(n)]
+
+
+def write_gif(path, n):
+  first, *rest = gray_frames(n)
+  first.save(path, save_all=True, append_images=rest, duration=40, loop=0)
+  return path
+
+
+def levels(frames):
+  """Each frame's gray level, i.e. which source frame it is (frame i has level 20 * i)."""
+  return [f.convert("RGB").getpixel((0, 0))[0] // 20 for f in frames]
+
+
+def video_lm(path, **kw):
+  model = FakeModel()
+  lm = make(model=model, **kw)
+  lm.task_dict = {"v": {"test": {0: {"video": str(path)}}}}
+  return lm, model, SimpleNamespace(args=("What happens?", {}, lambda d: [d["video"]], 0, "v", "test"))
+
+
+def test_gif_video_uniformly_sampled_frames_reach_the_model_as_one_video(tmp_path):
+  path = write_gif(tmp_path / "clip.gif", 10)
+  lm, model, r = video_lm(path, max_frames_num=4, think_mode="no_think")
+  assert lm.generate_until([r]) == ["B"]
+  call = model.gen_calls[0]
+  assert call["prompts"] == ["What happens? /no_think"]  # a visual is present: the think suffix
+  (visuals,) = call["images"]
+  assert len(visuals) == 1 and isinstance(visuals[0], list)  # one video = one list of frames
+  assert levels(visuals[0]) == [0, 3, 6, 9]  # np.linspace(0, 9, 4, dtype=int)
+  assert all(f.mode == "RGB" and f.size == (8, 6) for f in visuals[0])
+  lm, model, r = video_lm(path)  # the default, 32 as the original: short videos repeat frames
+  lm.generate_until([r])
+  got = levels(model.gen_calls[0]["images"][0][0])
+  assert len(got) == 32 and got[0] == 0 and got[-1] == 9 and got == sorted(got)
+
+
+def test_video_frame_directory_sorted_and_sampled(tmp_path):
+  for i, f in reversed(list(enumerate(gray_frames(5)))):  # written out of order: sorted by name
+    f.save(tmp_path / f"frame_{i:03d}.png")
+  (tmp_path / "notes.txt").write_text("not a frame")
+  lm, model, r = video_lm(tmp_path, max_frames_num=3)
+  lm.generate_until([r])
+  assert levels(model.gen_calls[0]["images"][0][0]) == [0, 2, 4]
+  lm.loglikelihood([SimpleNamespace(args=("What happens?", " x", lambda d: [d["video"]], 0, "v", "test"))])
+  assert levels(model.elbo_calls[0]["images"][0][0]) == [0, 2, 4]  # the ELBO path gets the video too
+
+
+def test_missing_or_unreadable_video_names_the_path(tmp_path):
+  missing = tmp_path / "nope.mp4"
+  lm, _, r = video_lm(missing)
+  with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
     lm.generate_until([r])
+  bad = tmp_path / "bad.mp4"
+  bad.write_bytes(b"not a video")
+  lm, _, r = video_lm(bad)
+  with pytest.raises((ImportError, ValueError), match=re.escape(str(bad))):  # no PyAV: says to install it
+    lm.generate_until([r])
+  good = write_gif(tmp_path / "good.gif", 10).read_bytes()
+  broken = tmp_path / "broken.gif"
+  for data in (b"GIF89a-truncated", good[:-5]):  # a broken header, a truncated last frame
+    broken.write_bytes(data)
+    lm, _, r = video_lm(broken)
+    with pytest.raises(ValueError, match=re.escape(str(broken))):
+      lm.generate_until([r])
+  empty = tmp_path / "empty_dir"
+  empty.mkdir()
+  lm, _, r = video_lm(empty)
+  with pytest.raises(ValueError, match=re.escape(str(empty))):
+    lm.generate_until([r])
+  lm.task_dict = {"v": {"test": {0: {}}}}
+  two = SimpleNamespace(args=("q", {}, lambda d: [str(bad), IMG], 0, "v", "test"))
+  with pytest.raises(ValueError, match="only visual"):
+    lm.generate_until([two])
+
+
+class EchoModel(FakeModel):
+  """Answers 'ans(<prompt>)', so a later round's context shows which answers reached it."""
+
+  def generate(self, prompts, images, **kw):
+    self.gen_calls.append({"prompts": list(prompts), "images": images, "kw": kw})
+    return [SimpleNamespace(text=f"ans({p})", nfe=1, token_ids=[]) for p in prompts]
+
+
+def test_generate_until_multi_round_rounds_context_and_order():
+  calls = []
+
+  def doc_to_text(doc, lmms_eval_specific_kwargs=None, previous_output=None, round_idx=None,
+                  previous_round_info=None):  # lmms-eval's multi-round doc_to_text
+    calls.append((doc["q"], round_idx, list(previous_output), previous_round_info))
+    if round_idx == doc["rounds"]:
+      return None, None, True, doc.get("final", previous_output), None
+    ctx = f"{doc['q']}{round_idx} after [{'; '.join(previous_output)}]"
+    return [IMG], ctx, False, previous_output, {"round": round_idx}
+
+  docs = {"a": {"q": "A", "rounds": 3}, "b": {"q": "B", "rounds": 1}, "c": {"q": "C", "rounds": 1, "final": ["kept"]}}
+  model = EchoModel()
+  lm = make(model=model, batch_size=4)
+  lm.task_dict = {"mr": {"test": docs}}
+  gk = {"gen_length": 8, "until": ["\n\n"]}
+  reqs = [SimpleNamespace(args=(docs[k]["q"], dict(gk), lambda d: [], doc_to_text, k, "mr", "test")) for k in "abc"]
+  res = lm.generate_until_multi_round(reqs)
+  a1 = "A1 after [ans(A)]"
+  a2 = f"A2 after [ans(A); ans({a1})]"
+  assert res == [("ans(A)", f"ans({a1})", f"ans({a2})"), ("ans(B)",), ("kept",)]  # request order
+  assert [c["prompts"] for c in model.gen_calls] == [["A", "B", "C"], [a1], [a2]]  # 3 rounds; live ones batched
+  assert model.gen_calls[0]["images"] == [[], [], []] and model.gen_calls[1]["images"] == [[IMG]]
+  kw = model.gen_calls[1]["kw"]  # generate_until's settings path every round
+  assert kw["gen_length"] == 8 and kw["stop_strings"] == ["\n\n", EOT]
+  assert ("A", 2, ["ans(A)", f"ans({a1})"], {"round": 1}) in calls  # previous answers and round info
+  assert [c[:2] for c in calls if c[0] == "A"] == [("A", 1), ("A", 2), ("A", 3)]
 
 
 def test_pyproject_registers_the_manifest_entry_point():

@@ -10,12 +10,22 @@ with the same surface, so it can be tested and used with request-like objects (`
 Request handling follows the original (`llava_onevision_llada.py`), with two deliberate changes:
 `until` is honoured as stop strings (the original dropped it and used only "stopping_criteria"),
 and `loglikelihood` returns the ELBO (higher is better) where the original returned the loss.
+Video tasks (doc_to_visual gives a path) get `max_frames_num` uniformly sampled frames, passed to
+the model as one video: a per-prompt visual that is a list of frames. (LLaDAV.generate / elbo
+do not route such a visual to `multimodal.process_video` yet; until they do, video tasks need a
+model that accepts it.) Multi-round tasks follow lmms-eval's `generate_until_multi_round`
+contract (the task's doc_to_text drives the rounds).
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
+import numpy as np
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from lladav_jax.data.records import VIDEO_EXTS
 from lladav_jax.eval import answers as ans
 from lladav_jax.eval.run import validate_schedule
 from lladav_jax.eval.tasks import EOT
@@ -33,6 +43,74 @@ def _convert(v: str) -> Any:
     except ValueError:
       pass
   return v
+
+
+def uniform_indices(n: int, num: int) -> list[int]:
+  """The original's load_video sampling: `num` indices spread over [0, n - 1] (repeats when n < num)."""
+  return np.linspace(0, n - 1, num, dtype=int).tolist()
+
+
+def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
+  """`max_frames_num` uniformly sampled RGB frames of a video: a directory of image files (sorted
+  by name), an animated GIF / WebP / APNG (PIL), or any other container through PyAV."""
+  if os.path.isdir(path):
+    exts = Image.registered_extensions()
+    files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in exts)
+    if not files:
+      raise ValueError(f"video directory has no image files: {path}")
+    return [_open_rgb(os.path.join(path, files[i])) for i in uniform_indices(len(files), max_frames_num)]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"video not found: {path}")
+  if path.lower().endswith(VIDEO_EXTS):  # PIL would "identify" .mpg but cannot decode it
+    return _av_frames(path, max_frames_num)
+  try:
+    img = Image.open(path)
+  except UnidentifiedImageError as e:
+    if os.path.splitext(path)[1].lower() in Image.registered_extensions():  # a broken GIF / WebP / ...
+      raise ValueError(f"cannot read video {path}: {e}") from None
+    return _av_frames(path, max_frames_num)  # an unknown extension: let PyAV try
+  except OSError as e:
+    raise ValueError(f"cannot read video {path}: {e}") from None
+  with img:
+    try:
+      idx = uniform_indices(getattr(img, "n_frames", 1), max_frames_num)
+      want = set(idx)
+      got = {i: f.convert("RGB") for i, f in enumerate(ImageSequence.Iterator(img)) if i in want}
+      return [got[i] for i in idx]
+    except (OSError, EOFError, KeyError, ValueError) as e:  # truncated / corrupt animation
+      raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
+
+
+def _open_rgb(path: str) -> Image.Image:
+  try:
+    with Image.open(path) as im:
+      return im.convert("RGB")
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read video frame {path}: {e}") from None
+
+
+def _av_frames(path: str, num: int) -> list[Image.Image]:
+  try:
+    import av
+  except ImportError:
+    raise ImportError(f"reading video {path} needs PyAV: pip install av") from None
+  try:
+    with av.open(path) as c:
+      n = c.streams.video[0].frames  # from the header; 0 where the container does not store it
+    if n > 0:
+      idx = uniform_indices(n, num)
+      want = set(idx)
+      with av.open(path) as c:
+        got = {i: f.to_image() for i, f in enumerate(c.decode(video=0)) if i in want}
+      if len(got) == len(want):
+        return [got[i].convert("RGB") for i in idx]
+    with av.open(path) as c:  # no (or a wrong) frame count: decode everything, then sample
+      frames = [f.to_image() for f in c.decode(video=0)]
+  except Exception as e:  # noqa: BLE001 - PyAV raises its own error types for bad files
+    raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
+  if not frames:
+    raise ValueError(f"video has no frames: {path}")
+  return [frames[i].convert("RGB") for i in uniform_indices(len(frames), num)]
 
 
 class _MinimalLMMs:
@@ -74,19 +152,24 @@ class LLaDAVJax(_Base):
 
   Model args: pretrained (checkpoint dir), batch_size, think_mode ("think" | "no_think" | None),
   default gen_length / block_length / steps / threshold / cache (per-request gen_kwargs win),
-  mc_num (ELBO Monte-Carlo samples), check_greedy, dtype, seed. `model=` injects a loaded model.
+  mc_num (ELBO Monte-Carlo samples), check_greedy, max_frames_num (frames per video, 32 as the
+  original), dtype, seed. `model=` injects a loaded model.
   """
 
   def __init__(self, pretrained: str = "", batch_size: int = 1, think_mode: str | None = None,
                gen_length: int | None = None, block_length: int | None = None, steps: int | None = None,
                threshold: float | None = None, cache: str | None = None, mc_num: int = 128,
-               check_greedy: bool = False, dtype: str | None = None, seed: int = 0, model=None, **kwargs) -> None:
+               check_greedy: bool = False, max_frames_num: int = 32, dtype: str | None = None, seed: int = 0,
+               model=None, **kwargs) -> None:
     super().__init__()
     unknown = set(kwargs) - {"device", "device_map", "conv_template", "model_name", "attn_implementation"}
     if unknown:  # torch-only args of the original are accepted and ignored; anything else is a typo
       raise TypeError(f"unexpected model_args for lladav_jax: {sorted(unknown)}")
     self.pretrained, self.batch_size_per_device = pretrained, int(batch_size)
     self.think_mode, self.mc_num, self.check_greedy = think_mode, int(mc_num), bool(check_greedy)
+    self.max_frames_num = int(max_frames_num)
+    if self.max_frames_num < 1:
+      raise ValueError(f"max_frames_num must be >= 1, got {max_frames_num}")
     self.defaults = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
                      "threshold": threshold, "cache": cache}
     self.dtype, self.seed, self._model = dtype, int(seed), model
@@ -140,25 +223,31 @@ class LLaDAVJax(_Base):
 
   def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
     vis = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+    return self._model_visuals(vis)
+
+  def _model_visuals(self, vis) -> list:
+    """lmms-eval visuals -> the model's per-prompt list: PIL images, or one video (a path, read
+    into a list of sampled frames), as the original's single video placeholder."""
     vis = [v for v in (vis or []) if v is not None]
     if any(isinstance(v, str) for v in vis):
-      raise NotImplementedError("lladav_jax: video inputs (paths) are not supported")
+      if len(vis) != 1:
+        raise ValueError(f"lladav_jax: a video must be the sample's only visual, got {len(vis)} visuals")
+      return [read_video(vis[0], self.max_frames_num)]
     return [v.convert("RGB") if hasattr(v, "convert") else v for v in vis]
 
-  # ---------------------------------------------------------------- lmms-eval API
-  def generate_until(self, requests) -> list[str]:
-    """args: (context, gen_kwargs, doc_to_visual, doc_id, task, split). Same-settings requests
-    are batched; results come back in request order."""
-    prepared, groups = [], {}
-    for i, req in enumerate(requests):
-      context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]
-      kw, think = self.generation_settings(gen_kwargs)
-      images = self._visuals(doc_to_visual, doc_id, task, split)
-      prompt = f"{context} /{think}" if think in ("think", "no_think") and images else context
-      prepared.append((prompt, images, kw))
+  def _prepare(self, context: str, gen_kwargs, images: list):
+    """One prompt: (text with the think suffix where the original adds it, visuals, sampler kwargs)."""
+    kw, think = self.generation_settings(gen_kwargs)
+    prompt = f"{context} /{think}" if think in ("think", "no_think") and images else context
+    return prompt, images, kw
+
+  def _generate(self, prepared: list) -> list[str]:
+    """Prepared prompts -> cleaned answers in the same order; same-settings prompts are batched."""
+    groups = {}
+    for i, (_, _, kw) in enumerate(prepared):
       key = repr(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
       groups.setdefault(key, []).append(i)
-    res: list[str | None] = [None] * len(requests)
+    res: list[str | None] = [None] * len(prepared)
     for idxs in groups.values():
       kw = prepared[idxs[0]][2]
       for s in range(0, len(idxs), self.batch_size):
@@ -168,6 +257,16 @@ class LLaDAVJax(_Base):
           text = out if isinstance(out, str) else out.text
           res[i] = ans.postprocess_output(ans.truncate_at_stop(text, kw["stop_strings"]))
     return res
+
+  # ---------------------------------------------------------------- lmms-eval API
+  def generate_until(self, requests) -> list[str]:
+    """args: (context, gen_kwargs, doc_to_visual, doc_id, task, split). Same-settings requests
+    are batched; results come back in request order."""
+    prepared = []
+    for req in requests:
+      context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]
+      prepared.append(self._prepare(context, gen_kwargs, self._visuals(doc_to_visual, doc_id, task, split)))
+    return self._generate(prepared)
 
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
     """args: (context, doc_to_target, doc_to_visual, doc_id, task, split) -> (ELBO, is_greedy)."""
@@ -203,8 +302,41 @@ class LLaDAVJax(_Base):
     text = out if isinstance(out, str) else out.text
     return text.strip() == cont.strip()
 
-  def generate_until_multi_round(self, requests):
-    raise NotImplementedError("lladav_jax: multi-round generation is not supported")
+  def generate_until_multi_round(self, requests) -> list[tuple]:
+    """args: (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split) -> per request
+    the tuple of its round answers, in request order.
+
+    Signature and loop as lmms-eval v0.3.x (api/task.py construct_requests; models/llava_onevision.py,
+    which the original LLaDA-V eval copies): round 0 uses the request's context and visuals; after
+    round k-1, doc_to_text(doc, previous_output=answers, round_idx=k, previous_round_info=info)
+    returns (visuals, context, terminal, round_res, info). The task writes the previous answers into
+    the next context, so it is used as given; on `terminal` the result is round_res.
+    """
+    state = []  # per request: [visuals, context, answers so far, round info]
+    for req in requests:
+      context, _, doc_to_visual, _, doc_id, task, split = req.args[:7]
+      state.append([self._visuals(doc_to_visual, doc_id, task, split), context, [], None])
+    res: list[tuple | None] = [None] * len(requests)
+    live, round_idx = list(range(len(requests))), 0
+    while live:
+      outs = self._generate([self._prepare(state[i][1], requests[i].args[1], state[i][0]) for i in live])
+      for i, out in zip(live, outs):
+        state[i][2].append(out)
+      round_idx += 1
+      still = []
+      for i in live:
+        _, _, _, doc_to_text, doc_id, task, split = requests[i].args[:7]
+        vis, context, terminal, round_res, info = doc_to_text(
+            self.task_dict[task][split][doc_id], previous_output=list(state[i][2]), round_idx=round_idx,
+            previous_round_info=state[i][3])
+        answers = state[i][2] if round_res is None else list(round_res)
+        if terminal:
+          res[i] = tuple(answers)
+        else:
+          state[i] = [self._model_visuals(vis), context, answers, info]
+          still.append(i)
+      live = still
+    return res
 
 
 def lmms_eval_manifest():
