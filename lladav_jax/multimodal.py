@@ -260,8 +260,11 @@ def process_video(frames: Sequence[Image.Image], cfg: ImageConfig) -> ImageInput
   return ImageInput(tiles, idx, w)
 
 
-def process_sample_images(images: Sequence[Image.Image], cfg: ImageConfig) -> list[ImageInput]:
-  """The reference's choice per sample: anyres for one image, the multi-image mode for several."""
+def process_sample_images(images: Sequence, cfg: ImageConfig) -> list[ImageInput]:
+  """The reference's choice per sample: anyres for one image, the multi-image mode for several; a
+  sample whose only visual is a list of frames is a video (one placeholder, pooled frames)."""
+  if len(images) == 1 and isinstance(images[0], (list, tuple)):
+    return [process_video(images[0], cfg)]
   if len(images) == 1:
     return [process_image(images[0], cfg)]
   return [process_image(im, cfg, mode=cfg.multi_image) for im in images]

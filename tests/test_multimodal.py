@@ -119,6 +119,17 @@ def test_to_rgb_handles_modes_and_exif():
   assert mm.to_rgb(Image.open(buf)).size == (3, 6)
 
 
+def test_a_list_of_frames_is_one_video_placeholder():
+  # lmms-eval video tasks pass a video as one visual that is a list of frames
+  frames = [Image.new("RGB", (64, 48), (10 * k, 0, 0)) for k in range(4)]
+  (vid,) = mm.process_sample_images([frames], CFG)
+  ref = mm.process_video(frames, CFG)
+  assert vid.num_tokens == ref.num_tokens == 4 * 14 * 15
+  np.testing.assert_array_equal(vid.tiles, ref.tiles)
+  e = mm.expand([7, IMAGE_TOKEN_INDEX, 8], [vid], CFG, tile_budget=4)
+  assert len(e.tokens) == 2 + 4 * 14 * 15 and e.pixels.shape[0] == 4
+
+
 def test_expand_builds_plan_and_checks_counts():
   ims = mm.process_sample_images([Image.new("RGB", (100, 50)), Image.new("RGB", (60, 60))], CFG)
   ids = [7, IMAGE_TOKEN_INDEX, 8, IMAGE_TOKEN_INDEX, 9]

@@ -258,3 +258,15 @@ def test_settings_validation():
     settings(remasking="entropy").validate()
   with pytest.raises(ValueError, match="cache"):
     settings(cache="full").validate()
+
+
+def test_video_visual_matches_reference(model):
+  # a visual that is a list of frames (lmms-eval video tasks) is one pooled video placeholder
+  frames = images(5, (60, 40), (60, 40), (60, 40))
+  prompt = [30, IMG, 31, 32, 33]
+  n_video = multimodal.process_video(frames, model.image_cfg).num_tokens
+  assert len(multimodal.expand(prompt, multimodal.process_sample_images([frames], model.image_cfg),
+                               model.image_cfg).tokens) == len(prompt) - 1 + n_video
+  st = settings()
+  outs = generation.generate_ids(model, [prompt], [[frames]], settings=st, batch_size=1, **BUCKETS)
+  assert_same(outs, run_reference(model, st, [prompt], [[frames]]))
