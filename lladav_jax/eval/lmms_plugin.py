@@ -11,9 +11,9 @@ Request handling follows the original (`llava_onevision_llada.py`), with two del
 `until` is honoured as stop strings (the original dropped it and used only "stopping_criteria"),
 and `loglikelihood` returns the ELBO (higher is better) where the original returned the loss.
 Video tasks (doc_to_visual gives a path) get `max_frames_num` uniformly sampled frames, passed to
-the model as one video: a per-prompt visual that is a list of frames (one placeholder, the
-frames pooled by `multimodal.process_video`, as the original). Multi-round tasks follow lmms-eval's `generate_until_multi_round`
-contract (the task's doc_to_text drives the rounds).
+the model as one video: a per-prompt visual that is a list of frames (one placeholder, the frames
+pooled by `multimodal.process_video`, as the original). Multi-round tasks follow lmms-eval's
+`generate_until_multi_round` contract (the task's doc_to_text drives the rounds).
 """
 from __future__ import annotations
 
