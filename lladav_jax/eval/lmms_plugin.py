@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from lladav_jax.data.records import VIDEO_EXTS
+from lladav_jax.multimodal import to_rgb
 from lladav_jax.eval import answers as ans
 from lladav_jax.eval.run import validate_schedule
 from lladav_jax.eval.tasks import EOT
@@ -74,7 +75,7 @@ def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
     try:
       idx = uniform_indices(getattr(img, "n_frames", 1), max_frames_num)
       want = set(idx)
-      got = {i: f.convert("RGB") for i, f in enumerate(ImageSequence.Iterator(img)) if i in want}
+      got = {i: to_rgb(f.copy()) for i, f in enumerate(ImageSequence.Iterator(img)) if i in want}
       return [got[i] for i in idx]
     except (OSError, EOFError, KeyError, ValueError) as e:  # truncated / corrupt animation
       raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
@@ -83,7 +84,7 @@ def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
 def _open_rgb(path: str) -> Image.Image:
   try:
     with Image.open(path) as im:
-      return im.convert("RGB")
+      return to_rgb(im)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read video frame {path}: {e}") from None
 
