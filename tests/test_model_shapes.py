@@ -1,5 +1,6 @@
 """The released 8B shape: abstract (no allocation) parameter counts per module, the HF names and shapes the
 mapping table expects for it, and config.json parsing of LLaDA-V and original LLaDA configs."""
+import dataclasses
 import math
 
 import jax
@@ -100,7 +101,7 @@ def test_initializer_range_sets_the_weight_std():
   """LLMConfig.initializer_range (HF initializer_range / LLaDA init_std) is the std of every LLM weight."""
   for std in (0.02, 0.06):
     cfg = config.tiny()
-    cfg = cfg.replace(llm=cfg.llm.__class__(**{**cfg.llm.__dict__, "initializer_range": std}))
+    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, initializer_range=std))
     flat = weights.flat_params(nnx.state(LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
     for name in ("llm.embed", "llm.layers.attn.q_proj", "llm.layers.mlp.down_proj", "llm.lm_head"):
       assert float(np.std(np.asarray(flat[name]))) == pytest.approx(std, rel=0.1), (name, std)

@@ -7,7 +7,7 @@ malformed line is skipped and counted like any other bad sample.
 
 Record fields (the original's `LazySupervisedDataset`): `id`; `conversations`: a list of
 `{"from": "human"|"gpt"|..., "value": str}` or `{"role", "content"}`; `image`: a path or a list
-of paths (relative to image_folder); `video`: a file (GIF through PIL; mp4 etc. through decord
+of paths (relative to image_folder); `video`: a file (animated GIF/WebP/PNG through PIL; mp4 etc. through decord
 or PyAV when importable) or a list of frame files or a directory of frames; neither: text only.
 Embedded bytes (ArrayRecord shards) live in `_blobs` {path: base64}; decoded arrays (TFDS) in
 `_arrays` {path: uint8 HWC array}.
@@ -262,6 +262,7 @@ def open_image(data, ref: str, *, max_pixels: int, allow_truncated: bool = False
 # ----------------------------------------------------------------------------- video
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".flv", ".mpeg", ".mpg", ".m4v")
+ANIMATED_EXTS = (".gif", ".webp", ".png", ".apng")  # decoded frame by frame with PIL
 
 
 def sample_frame_indices(total: int, fps: float, *, video_fps: float = 1.0, frames_upbound: int = 32):
@@ -283,7 +284,7 @@ def uniform_subsample(n: int, frames_upbound: int):
   return list(range(n))
 
 
-def _gif_frames(data: bytes, ref: str, video_fps: float, frames_upbound: int, max_pixels: int):
+def _animated_frames(data: bytes, ref: str, pick, max_pixels: int):
   try:
     img = Image.open(io.BytesIO(data))
     if img.width * img.height > max_pixels:
@@ -297,16 +298,15 @@ def _gif_frames(data: bytes, ref: str, video_fps: float, frames_upbound: int, ma
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
     raise Skip("corrupt_video", f"{ref}: {type(e).__name__}: {e}") from None
   fps = 1000.0 / (sum(durations) / len(durations)) if frames else 0
-  return [frames[i] for i in sample_frame_indices(len(frames), fps, video_fps=video_fps,
-                                                  frames_upbound=frames_upbound)]
+  return [frames[i] for i in pick(len(frames), fps)]
 
 
-def _decoded_video_frames(data: bytes, ref: str, video_fps: float, frames_upbound: int):
+def _decoded_video_frames(data: bytes, ref: str, pick):
   """mp4 & co. through decord, else PyAV, only if importable; else a clear skip reason."""
   try:
     import decord  # type: ignore
     vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    idx = sample_frame_indices(len(vr), vr.get_avg_fps(), video_fps=video_fps, frames_upbound=frames_upbound)
+    idx = pick(len(vr), vr.get_avg_fps())
     return [Image.fromarray(a) for a in vr.get_batch(idx).asnumpy()]
   except ImportError:
     pass
@@ -324,8 +324,22 @@ def _decoded_video_frames(data: bytes, ref: str, video_fps: float, frames_upboun
       fps = float(stream.average_rate or 0)
   except Exception as e:  # noqa: BLE001
     raise Skip("corrupt_video", f"{ref}: {type(e).__name__}: {e}") from None
-  return [frames[i] for i in sample_frame_indices(len(frames), fps, video_fps=video_fps,
-                                                  frames_upbound=frames_upbound)]
+  return [frames[i] for i in pick(len(frames), fps)]
+
+
+def decode_video(data: bytes, ref: str, pick, *, max_pixels: int) -> list[Image.Image]:
+  """A video file's bytes -> the frames `pick(total, fps) -> indices` chooses: animated GIF / WebP /
+  PNG through PIL, mp4 & co. (VIDEO_EXTS) through decord or PyAV. Raises Skip (reason, `ref`)."""
+  low = ref.lower()
+  if low.endswith(ANIMATED_EXTS):
+    frames = _animated_frames(data, ref, pick, max_pixels)
+  elif low.endswith(VIDEO_EXTS):
+    frames = _decoded_video_frames(data, ref, pick)
+  else:
+    raise Skip("corrupt_video", f"{ref}: unknown video type")
+  if not frames:
+    raise Skip("corrupt_video", f"{ref}: no frames")
+  return frames
 
 
 def load_video_frames(opener: Opener, ref, *, video_fps: float, frames_upbound: int, max_pixels: int,
@@ -336,16 +350,9 @@ def load_video_frames(opener: Opener, ref, *, video_fps: float, frames_upbound: 
     d = opener.path(ref, "video")
     files = sorted(os.path.join(d, f) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
   else:
-    data = opener.data(ref, "video")
-    if ref.lower().endswith(".gif"):
-      frames = _gif_frames(data, ref, video_fps, frames_upbound, max_pixels)
-    elif ref.lower().endswith(VIDEO_EXTS):
-      frames = _decoded_video_frames(data, ref, video_fps, frames_upbound)
-    else:
-      raise Skip("corrupt_video", f"{ref}: unknown video type")
-    if not frames:
-      raise Skip("corrupt_video", f"{ref}: no frames")
-    return frames
+    def pick(total, fps):
+      return sample_frame_indices(total, fps, video_fps=video_fps, frames_upbound=frames_upbound)
+    return decode_video(opener.data(ref, "video"), ref, pick, max_pixels=max_pixels)
   if not files:
     raise Skip("missing_video", f"{ref}: no frames")
   return [open_image(opener.data(files[i], "video"), files[i], max_pixels=max_pixels, allow_truncated=allow_truncated)

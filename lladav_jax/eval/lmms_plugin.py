@@ -22,9 +22,9 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image
 
-from lladav_jax.data.records import VIDEO_EXTS
+from lladav_jax.data import records
 from lladav_jax.multimodal import to_rgb
 from lladav_jax.eval import answers as ans
 from lladav_jax.eval.run import validate_schedule
@@ -52,65 +52,32 @@ def uniform_indices(n: int, num: int) -> list[int]:
 
 def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
   """`max_frames_num` uniformly sampled RGB frames of a video: a directory of image files (sorted
-  by name), an animated GIF / WebP / APNG (PIL), or any other container through PyAV."""
-  if os.path.isdir(path):
-    exts = Image.registered_extensions()
-    files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in exts)
-    if not files:
-      raise ValueError(f"video directory has no image files: {path}")
-    return [_open_rgb(os.path.join(path, files[i])) for i in uniform_indices(len(files), max_frames_num)]
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"video not found: {path}")
-  if path.lower().endswith(VIDEO_EXTS):  # PIL would "identify" .mpg but cannot decode it
-    return _av_frames(path, max_frames_num)
+  by name), or a file decoded as the training data's videos are (`records.decode_video`)."""
+  def pick(total, fps):
+    return uniform_indices(total, max_frames_num)
+
   try:
-    img = Image.open(path)
-  except UnidentifiedImageError as e:
-    if os.path.splitext(path)[1].lower() in Image.registered_extensions():  # a broken GIF / WebP / ...
-      raise ValueError(f"cannot read video {path}: {e}") from None
-    return _av_frames(path, max_frames_num)  # an unknown extension: let PyAV try
-  except OSError as e:
+    if os.path.isdir(path):
+      exts = Image.registered_extensions()
+      files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in exts)
+      if not files:
+        raise ValueError(f"video directory has no image files: {path}")
+      refs = [os.path.join(path, files[i]) for i in pick(len(files), 0)]
+      frames = [records.open_image(_read(r), r, max_pixels=Image.MAX_IMAGE_PIXELS) for r in refs]
+    elif os.path.isfile(path):
+      frames = records.decode_video(_read(path), path, pick, max_pixels=Image.MAX_IMAGE_PIXELS)
+    else:
+      raise FileNotFoundError(f"video not found: {path}")
+  except records.Skip as e:
+    if e.reason == "video_decoder_unavailable":
+      raise ImportError(f"reading video {path} needs PyAV (pip install av) or decord") from None
     raise ValueError(f"cannot read video {path}: {e}") from None
-  with img:
-    try:
-      idx = uniform_indices(getattr(img, "n_frames", 1), max_frames_num)
-      want = set(idx)
-      got = {i: to_rgb(f.copy()) for i, f in enumerate(ImageSequence.Iterator(img)) if i in want}
-      return [got[i] for i in idx]
-    except (OSError, EOFError, KeyError, ValueError) as e:  # truncated / corrupt animation
-      raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
+  return [to_rgb(f) for f in frames]
 
 
-def _open_rgb(path: str) -> Image.Image:
-  try:
-    with Image.open(path) as im:
-      return to_rgb(im)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read video frame {path}: {e}") from None
-
-
-def _av_frames(path: str, num: int) -> list[Image.Image]:
-  try:
-    import av
-  except ImportError:
-    raise ImportError(f"reading video {path} needs PyAV: pip install av") from None
-  try:
-    with av.open(path) as c:
-      n = c.streams.video[0].frames  # from the header; 0 where the container does not store it
-    if n > 0:
-      idx = uniform_indices(n, num)
-      want = set(idx)
-      with av.open(path) as c:
-        got = {i: f.to_image() for i, f in enumerate(c.decode(video=0)) if i in want}
-      if len(got) == len(want):
-        return [got[i].convert("RGB") for i in idx]
-    with av.open(path) as c:  # no (or a wrong) frame count: decode everything, then sample
-      frames = [f.to_image() for f in c.decode(video=0)]
-  except Exception as e:  # noqa: BLE001 - PyAV raises its own error types for bad files
-    raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from None
-  if not frames:
-    raise ValueError(f"video has no frames: {path}")
-  return [frames[i].convert("RGB") for i in uniform_indices(len(frames), num)]
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
 
 
 class _MinimalLMMs:
