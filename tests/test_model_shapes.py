@@ -110,3 +110,14 @@ def test_initializer_range_sets_the_weight_std():
   assert weights.model_config_from_hf(hf).llm.initializer_range == 0.05
   llada = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, vocab_size=256, init_std=0.03)
   assert weights.model_config_from_hf(llada).llm.initializer_range == 0.03
+
+
+def test_projector_init_is_torch_linear_default():
+  """The original creates the projector with nn.Linear: weight and bias ~ U(+-1/sqrt(fan_in))."""
+  cfg = config.tiny()
+  proj = LLaDAVModel(cfg, rngs=nnx.Rngs(0)).projector
+  for w, b, fan_in in ((proj.fc1, proj.fc1_bias, cfg.vision.hidden_size), (proj.fc2, proj.fc2_bias, cfg.llm.hidden_size)):
+    bound = fan_in ** -0.5
+    for x in (np.asarray(w[...]), np.asarray(b[...])):
+      assert np.abs(x).max() <= bound and np.abs(x).max() > 0.9 * bound
+    np.testing.assert_allclose(np.asarray(w[...]).std(), bound / math.sqrt(3), rtol=0.1)

@@ -28,12 +28,16 @@ class Projector(nnx.Module):
   """mlp2x_gelu: Linear(vision -> llm) -> GELU (exact erf) -> Linear(llm -> llm), with biases."""
 
   def __init__(self, d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    init = jax.nn.initializers.normal(0.02)
-    zeros = jax.nn.initializers.zeros
-    self.fc1 = common.param(rngs, init, (d_in, d_out), ("vit_embed", "embed"), param_dtype)
-    self.fc1_bias = common.param(rngs, zeros, (d_out,), ("norm",), param_dtype)
-    self.fc2 = common.param(rngs, init, (d_out, d_out), ("mlp", "embed"), param_dtype)
-    self.fc2_bias = common.param(rngs, zeros, (d_out,), ("norm",), param_dtype)
+    # The original builds it from nn.Linear after loading the LLM, so PyTorch's default init
+    # applies: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)). (A normal(0.02) init makes
+    # the image tokens ~4x smaller than the text embeddings of config.small: slow to be used.)
+    def uniform(fan_in):
+      bound = fan_in ** -0.5
+      return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    self.fc1 = common.param(rngs, uniform(d_in), (d_in, d_out), ("vit_embed", "embed"), param_dtype)
+    self.fc1_bias = common.param(rngs, uniform(d_in), (d_out,), ("norm",), param_dtype)
+    self.fc2 = common.param(rngs, uniform(d_out), (d_out, d_out), ("mlp", "embed"), param_dtype)
+    self.fc2_bias = common.param(rngs, uniform(d_out), (d_out,), ("norm",), param_dtype)
     self.dtype = dtype
 
   def __call__(self, x):
