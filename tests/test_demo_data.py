@@ -31,15 +31,33 @@ def _load(path):
     return json.load(f)
 
 
-def test_count_answers_match_the_image(demo):
+def test_answers_match_the_pixels(demo):
+  """Colour and position answers agree with the one shape drawn (read back from the PNG)."""
   n = 0
   for split in ("train", "test"):
     for r in _load(demo[split]):
-      if r["conversations"][0]["value"].endswith("How many shapes are there?"):
-        shapes = sum(c is not None for c in _cells_from_pixels(os.path.join(demo["image_folder"], r["image"])))
-        assert r["conversations"][1]["value"] == demo_data.NUMBERS[shapes], r["id"]
-        n += 1
+      images = r["image"] if isinstance(r["image"], list) else [r["image"]]
+      cells = [_cells_from_pixels(os.path.join(demo["image_folder"], p)) for p in images]
+      assert all(sum(c is not None for c in cs) == 1 for cs in cells), r["id"]
+      q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+      colors = [next(c for c in cs if c is not None) for cs in cells]
+      if q.endswith("What color is the shape?"):
+        assert a == colors[0], r["id"]
+      elif q.endswith("Where is the shape?"):
+        assert a == demo_data.POSITIONS[next(k for k, c in enumerate(cells[0]) if c is not None)], r["id"]
+      elif "in the first image" in q or "in the second image" in q:
+        assert a == colors[0 if "first" in q else 1], r["id"]
+      else:
+        continue
+      n += 1
   assert n > 0
+
+
+def test_every_question_type_occurs(demo):
+  questions = {r["conversations"][0]["value"].split("\n")[-1] for r in _load(demo["train"])}
+  assert questions == {"What color is the shape?", "What shape is the object?", "Where is the shape?",
+                       "What is in the image?", "What color is the shape in the first image?",
+                       "What color is the shape in the second image?"}
 
 
 def test_answers_are_short(demo):
