@@ -2,11 +2,12 @@
 
 Scenes are 56x56 PNGs: a white canvas split into a 2x2 grid of 28 px cells (one patch of a 28 px
 ViT, 2x2 patches of a 14 px one), one cell holding a flat-coloured shape (circle, square, triangle
-in red, green, blue, yellow). Questions are templated (its colour, its shape, what it is; the colour
-of the shape in the first or second of two images), answers are 1-2 words. Records are single-turn LLaVA JSON (`human`/`gpt`), 10% of them
-with two images, in train / validation / test splits. A matching word-level tokenizer
-(`tokenizer.json` + tokenizer_config.json + special_tokens_map.json, the original's special-token
-strings, vocabulary < 512) is written next to it with the `tokenizers` library.
+in red, green, blue, yellow). Questions are templated (its colour, its shape, what it is; the
+colour of the shape in the first or second of two images), answers are 1-2 words. Records are
+single-turn LLaVA JSON (`human`/`gpt`), 10% of them with two images, in train / validation / test
+splits. A matching word-level tokenizer (`tokenizer.json` + tokenizer_config.json +
+special_tokens_map.json, the original's special-token strings, vocabulary < 512) is written next
+to it with the `tokenizers` library.
 
     paths = ensure_demo_data("/tmp/demo")      # generated once (atomically), then reused
     tok = Tokenizer.from_dir(paths["tokenizer_dir"])
