@@ -237,8 +237,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"
     c.init.checkpoint = ""
     if preset == "demo":  # the demo keeps its generated data (and tokenizer); 14 px patches: longer
-      c.data.seq_len = 128
-      c.data.buckets = (128,)
+      from lladav_jax.data.demo_data import DEMO_SEQ_LEN
+      c.data.seq_len = DEMO_SEQ_LEN
+      c.data.buckets = (DEMO_SEQ_LEN,)
     else:  # the stages go synthetic
       c.model.vocab_from_tokenizer = False
       c.data.kind = "synthetic"

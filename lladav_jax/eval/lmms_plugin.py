@@ -56,6 +56,7 @@ def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
   def pick(total, fps):
     return uniform_indices(total, max_frames_num)
 
+  opener = records.Opener({}, None)  # reads absolute or cwd-relative paths; empty files are a Skip
   try:
     if os.path.isdir(path):
       exts = Image.registered_extensions()
@@ -63,9 +64,9 @@ def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
       if not files:
         raise ValueError(f"video directory has no image files: {path}")
       refs = [os.path.join(path, files[i]) for i in pick(len(files), 0)]
-      frames = [records.open_image(_read(r), r, max_pixels=Image.MAX_IMAGE_PIXELS) for r in refs]
+      frames = [records.open_image(opener.data(r, "video"), r, max_pixels=Image.MAX_IMAGE_PIXELS) for r in refs]
     elif os.path.isfile(path):
-      frames = records.decode_video(_read(path), path, pick, max_pixels=Image.MAX_IMAGE_PIXELS)
+      frames = records.decode_video(opener.data(path, "video"), path, pick, max_pixels=Image.MAX_IMAGE_PIXELS)
     else:
       raise FileNotFoundError(f"video not found: {path}")
   except records.Skip as e:
@@ -73,11 +74,6 @@ def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
       raise ImportError(f"reading video {path} needs PyAV (pip install av) or decord") from None
     raise ValueError(f"cannot read video {path}: {e}") from None
   return [to_rgb(f) for f in frames]
-
-
-def _read(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
 
 
 class _MinimalLMMs:
