@@ -230,20 +230,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=batch, seq_len=seq_len, init=init)
     c.data.path, c.data.image_folder = path, folder
 
-  if runlocal:  # a tiny CPU run of the same code path: config.tiny, a few steps, no init checkpoint
-    c.model.preset = "tiny"
+  if runlocal:  # a tiny CPU run of the same code path: a few steps, no init checkpoint
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.remat_policy = "none"
     c.init.checkpoint = ""
-    if preset == "demo":  # the demo keeps its generated data (and tokenizer); 14 px patches: longer
-      from lladav_jax.data.demo_data import DEMO_SEQ_LEN
-      c.data.seq_len = DEMO_SEQ_LEN
-      c.data.buckets = (DEMO_SEQ_LEN,)
-    else:  # the stages go synthetic
+    if preset != "demo":  # the demo keeps its model, data and tokenizer; the stages go synthetic
+      c.model.preset = "tiny"  # the released image geometry: 729 tokens a 384 px tile
       c.model.vocab_from_tokenizer = False
       c.data.kind = "synthetic"
-      c.data.seq_len = 64
+      c.data.seq_len = 1536
       c.data.buckets = ()
       c.data.tile_budget = 1
       c.data.num_workers = 0

@@ -35,6 +35,9 @@ class LLaDAV:
     self.tokenizer = tokenizer
     self.image_cfg = image_cfg or multimodal.ImageConfig(image_size=cfg.vision.image_size,
                                                          patch_size=cfg.vision.patch_size)
+    if (self.image_cfg.image_size, self.image_cfg.patch_size) != (cfg.vision.image_size, cfg.vision.patch_size):
+      raise ValueError(f"image_cfg makes {self.image_cfg.image_size} px tiles of {self.image_cfg.patch_size} px "
+                       f"patches but the vision tower takes {cfg.vision.image_size} px / {cfg.vision.patch_size} px")
     self.mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
     self._logits_fn = jax.jit(_forward_logits, static_argnums=0)
 

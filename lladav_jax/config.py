@@ -44,6 +44,7 @@ class VisionConfig:
 
   @property
   def grid(self) -> int:
+    """Patches a side: floor, as the original's valid Conv2d (384 px / 14 px -> 27)."""
     return self.image_size // self.patch_size
 
   @property
@@ -94,8 +95,11 @@ class ModelConfig:
       errs.append(f"llm.num_heads={self.llm.num_heads} is not a multiple of llm.num_kv_heads={self.llm.num_kv_heads}")
     if self.llm.head_dim % 2:
       errs.append(f"llm.head_dim={self.llm.head_dim} must be even for RoPE")
-    if self.vision.image_size % self.vision.patch_size:
-      errs.append("vision.image_size must be a multiple of vision.patch_size")
+    if not 1 <= self.vision.patch_size <= self.vision.image_size:
+      # A tile need not be a multiple of the patch (384 / 14: the valid conv leaves 6 px unread), but it
+      # must hold at least one patch.
+      errs.append(f"vision.patch_size={self.vision.patch_size} must be between 1 and vision.image_size="
+                  f"{self.vision.image_size} (a tile holds at least one patch)")
     if self.attention_impl not in ("xla", "cudnn"):
       errs.append(f"attention_impl={self.attention_impl!r} must be 'xla' or 'cudnn'")
     from lladav_jax.model.common import REMAT_POLICIES
@@ -111,12 +115,13 @@ def llada_v_8b() -> ModelConfig:
 
 
 def tiny(vocab_size: int = 512, mask_token_id: int = 500, **kw) -> ModelConfig:
-  """A few-hundred-thousand-parameter model for CPU tests (float32 compute)."""
+  """A few-hundred-thousand-parameter model for CPU tests (float32 compute), with the released model's
+  image geometry (384 px tiles, 14 px patches: 27 x 27 = 729 tokens a tile, 6 px unread) and tiny widths."""
   cfg = ModelConfig(
       llm=LLMConfig(vocab_size=vocab_size, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=16, intermediate_size=128, rope_theta=10000.0, max_position_embeddings=4096),
+                    head_dim=16, intermediate_size=128, rope_theta=10000.0, max_position_embeddings=16384),
       vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14,
-                          image_size=56),
+                          image_size=384),
       mask_token_id=mask_token_id, dtype="float32", param_dtype="float32")
   return cfg.replace(**kw)
 

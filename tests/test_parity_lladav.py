@@ -19,6 +19,8 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers.image_transforms import convert_to_rgb, normalize, rescale, resize
+from transformers.image_utils import ChannelDimension, PILImageResampling, to_numpy_array
 
 from lladav_jax import multimodal as mm
 from lladav_jax import sharding, weights
@@ -26,7 +28,7 @@ from lladav_jax.config import IMAGE_TOKEN_INDEX
 from tests.test_parity_llm import MASK_ID, hf_logits, tiny_llama
 
 TOL = 1e-4
-VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=56, patch_size=14,
+VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, image_size=384, patch_size=14,
               hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 
 
@@ -169,9 +171,63 @@ def torch_video(feats: torch.Tensor, newline: torch.Tensor, stride: int = 2):
   return torch.cat(out)
 
 
+# ----------------------------------------------------------------------------- the reference preprocessing
+
+def ref_siglip_preprocess(img: Image.Image, size: int = 384) -> np.ndarray:
+  """The original's SigLipImageProcessor (convert_to_rgb, resize bicubic to (size, size), rescale 1/255,
+  normalize 0.5 / 0.5), through transformers' image_transforms: [S, S, 3]."""
+  x = to_numpy_array(convert_to_rgb(img))
+  x = resize(x, (size, size), resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST)
+  x = rescale(x, 1 / 255, input_data_format=ChannelDimension.LAST)
+  return normalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), input_data_format=ChannelDimension.LAST)
+
+
+def ref_select_best_resolution(original_size, possible_resolutions):
+  """llava/mm_utils.py select_best_resolution, transcribed."""
+  original_width, original_height = original_size
+  best_fit, max_effective, min_wasted = None, 0, float("inf")
+  for width, height in possible_resolutions:
+    scale = min(width / original_width, height / original_height)
+    dw, dh = int(original_width * scale), int(original_height * scale)
+    effective = min(dw * dh, original_width * original_height)
+    wasted = (width * height) - effective
+    if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+      max_effective, min_wasted, best_fit = effective, wasted, (width, height)
+  return best_fit
+
+
+def ref_anyres_tiles(img: Image.Image, size: int = 384):
+  """llava/mm_utils.py process_anyres_image with the "(1x1),...,(6x6)" pinpoints, transcribed: the best
+  resolution, resize_and_pad_image (scale first, then ceil), 384 px crops row-major, the base image first."""
+  pinpoints = [[i * size, j * size] for i in range(1, 7) for j in range(1, 7)]
+  best = ref_select_best_resolution(img.size, pinpoints)
+  ow, oh = img.size
+  tw, th = best
+  scale_w, scale_h = tw / ow, th / oh
+  if scale_w < scale_h:
+    nw, nh = tw, min(math.ceil(oh * scale_w), th)
+  else:
+    nh, nw = th, min(math.ceil(ow * scale_h), tw)
+  padded = Image.new("RGB", (tw, th), (0, 0, 0))
+  padded.paste(img.resize((nw, nh)), ((tw - nw) // 2, (th - nh) // 2))
+  crops = [padded.crop((x, y, x + size, y + size)) for y in range(0, th, size) for x in range(0, tw, size)]
+  tiles = [img.resize((size, size))] + crops
+  return np.stack([ref_siglip_preprocess(t, size) for t in tiles]), tw // size, th // size
+
+
+def ref_expand2square(img: Image.Image, fill=(127, 127, 127)) -> Image.Image:
+  w, h = img.size
+  if w == h:
+    return img
+  out = Image.new(img.mode, (max(w, h),) * 2, fill)
+  out.paste(img, ((h - w) // 2, 0) if w < h else (0, (w - h) // 2))
+  return out
+
+
 # ----------------------------------------------------------------------------- tests
 
-IMAGE_CFG = mm.ImageConfig(image_size=56, patch_size=14, aspect="anyres_max_4")
+IMAGE_CFG = mm.ImageConfig()  # the released geometry: 384 px tiles, 14 px patches, anyres_max_4
+assert (IMAGE_CFG.image_size, IMAGE_CFG.patch_size, IMAGE_CFG.aspect) == (384, 14, "anyres_max_4")
 
 
 @pytest.fixture(scope="module")
@@ -209,23 +265,51 @@ def reference(ref: TorchLLaDAV, ids, image_tokens: list[torch.Tensor]):
   return hf_logits(ref.llama, None, inputs_embeds=x)[0]
 
 
+def rand_image(w, h, seed):
+  return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8))
+
+
 def test_config_from_checkpoint(loaded):
   _, cfg, _ = loaded
-  assert cfg.vision.num_layers == 2 and cfg.vision.grid == 4 and cfg.llm.num_kv_heads == 2
+  assert cfg.vision.num_layers == 2 and cfg.llm.num_kv_heads == 2
+  assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.grid, cfg.vision.tokens_per_tile) == (384, 14, 27, 729)
   assert cfg.mask_token_id == MASK_ID
 
 
-@pytest.mark.parametrize("size", [(100, 170), (200, 120)])
-def test_anyres_image_matches_torch(loaded, size):
+def test_text_only_matches_torch(loaded):
   ref, cfg, state = loaded
-  img = Image.fromarray(np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), np.uint8))
+  ids = [5, 17, 42, 7, 9, 300]
+  logits, _ = ours(cfg, state, ids, [])
+  diff = np.abs(logits - reference(ref, ids, [])).max()
+  print(f"lladav text only: max abs diff {diff:.3g}")
+  assert diff <= TOL
+
+
+# (size, grid (cols, rows), image tokens): a square under 384 px, a 2x3 grid, a 6x6 grid (max_4 downsample to
+# 54 x 54), 1x1 and 4000x2 pixels, and two sizes at the resize-rounding edge: the original computes
+# ceil(136 * (384 / 85)) = 615 -> min(615, 768) for 136x85 (float division first); ceil(136 * 384 / 85) = 615 too,
+# but 85x136 gives ceil(85 * (384 / 136)) = 241 against ceil(85 * 384 / 136) = 240.
+ANYRES_CASES = [((300, 300), (1, 1), 729 + 27 * 28), ((700, 1000), (2, 3), None), ((2000, 2000), (6, 6), 729 + 54 * 55),
+                ((1, 1), (1, 1), 729 + 27 * 28), ((4000, 2), (6, 1), 729 + 1 * 163), ((85, 136), (1, 1), None),
+                ((136, 85), (1, 1), None)]
+
+
+@pytest.mark.parametrize("size,grid,n_tokens", ANYRES_CASES, ids=[f"{w}x{h}" for (w, h), _, _ in ANYRES_CASES])
+def test_anyres_image_matches_torch(loaded, size, grid, n_tokens):
+  ref, cfg, state = loaded
+  img = rand_image(*size, seed=size[0] + size[1])
   x = mm.process_image(img, IMAGE_CFG)
-  cands = [(i * 56, j * 56) for i, j in IMAGE_CFG.grid_pinpoints]
-  bw, bh = mm.select_best_resolution(size, cands)
-  feats = ref.features(x.tiles)
-  img_tokens, unpadded, padded, times = torch_anyres(feats, size, bw // 56, bh // 56, ref.newline)
-  # the case really exercises unpadding and the bilinear downscale
-  assert unpadded != padded and times > 1.1
+  ref_tiles, cols, rows = ref_anyres_tiles(img)
+  assert (cols, rows) == grid
+  # the pixels the original feeds its tower (its padded resize and crops): 1 + cols * rows tiles
+  assert x.tiles.shape == ref_tiles.shape == (1 + cols * rows, 384, 384, 3)
+  assert np.abs(x.tiles - ref_tiles).max() <= 1e-6
+  img_tokens, unpadded, padded, times = torch_anyres(ref.features(ref_tiles), size, cols, rows, ref.newline)
+  assert x.num_tokens == len(img_tokens) and (n_tokens is None or x.num_tokens == n_tokens)
+  if grid == (6, 6):
+    assert times > 1.1  # the max_4 bilinear downsample runs
+  if size in ((700, 1000), (4000, 2)):
+    assert unpadded != padded  # and so does the unpad
   ids = [5, 17, IMAGE_TOKEN_INDEX, 42, 7, 9]
   logits, e = ours(cfg, state, ids, [x])
   expect = reference(ref, ids, [img_tokens])
@@ -237,13 +321,14 @@ def test_anyres_image_matches_torch(loaded, size):
 
 def test_multi_image_pad_path_matches_torch(loaded):
   ref, cfg, state = loaded
-  rng = np.random.default_rng(3)
-  imgs = [Image.fromarray(rng.integers(0, 256, (40, 70, 3), np.uint8)),
-          Image.fromarray(rng.integers(0, 256, (90, 30, 3), np.uint8))]
+  imgs = [rand_image(70, 40, 3), rand_image(30, 90, 4), rand_image(500, 400, 5)]
   xs = mm.process_sample_images(imgs, IMAGE_CFG)
-  assert [x.num_tokens for x in xs] == [17, 17]  # 16 + newline, the 729 + 1 analog
-  toks = [torch.cat([ref.features(x.tiles)[0], ref.newline[None]]) for x in xs]
-  ids = [3, IMAGE_TOKEN_INDEX, 8, IMAGE_TOKEN_INDEX, 11]
+  assert [x.num_tokens for x in xs] == [730, 730, 730]  # 729 + newline each
+  ref_tiles = [ref_siglip_preprocess(ref_expand2square(im)) for im in imgs]
+  for x, t in zip(xs, ref_tiles):
+    assert np.abs(x.tiles[0] - t).max() <= 1e-6
+  toks = [torch.cat([ref.features(t[None])[0], ref.newline[None]]) for t in ref_tiles]
+  ids = [3, IMAGE_TOKEN_INDEX, 8, IMAGE_TOKEN_INDEX, 11, IMAGE_TOKEN_INDEX]
   logits, _ = ours(cfg, state, ids, xs)
   diff = np.abs(logits - reference(ref, ids, toks)).max()
   print(f"lladav multi-image pad path: max abs diff {diff:.3g}")
@@ -252,11 +337,12 @@ def test_multi_image_pad_path_matches_torch(loaded):
 
 def test_video_pooled_matches_torch(loaded):
   ref, cfg, state = loaded
-  rng = np.random.default_rng(4)
-  frames = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)) for _ in range(3)]
+  frames = [rand_image(64, 48, 10 + i) for i in range(3)]
   x = mm.process_video(frames, IMAGE_CFG)
-  assert x.num_tokens == 3 * 2 * 3
-  toks = torch_video(ref.features(x.tiles), ref.newline)
+  assert x.num_tokens == 3 * 14 * 15  # 27 -> ceil(27 / 2) = 14 per side, a newline after every row
+  ref_tiles = np.stack([ref_siglip_preprocess(f) for f in frames])
+  assert np.abs(x.tiles - ref_tiles).max() <= 1e-6
+  toks = torch_video(ref.features(ref_tiles), ref.newline)
   ids = [4, IMAGE_TOKEN_INDEX, 6]
   logits, _ = ours(cfg, state, ids, [x])
   diff = np.abs(logits - reference(ref, ids, [toks])).max()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lladav_jax import config, generate as cli, generation
 from lladav_jax.data import template
-from lladav_jax.data.demo_data import demo_image_config, ensure_demo_data
+from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
 from tests.test_sampler import random_model
 
@@ -21,7 +21,7 @@ def tmodel(tmp_path_factory):
   paths = ensure_demo_data(str(tmp_path_factory.mktemp("demo")), num_train=4, num_val=1, num_test=1)
   tok = Tokenizer.from_dir(paths["tokenizer_dir"])
   return random_model(config.tiny(vocab_size=tok.vocab_size, mask_token_id=tok.mask_id), 1, {"lm_head": 30.0},
-                      tokenizer=tok, image_cfg=demo_image_config())
+                      tokenizer=tok)
 
 
 @pytest.fixture(scope="module")

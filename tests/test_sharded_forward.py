@@ -14,7 +14,7 @@ from lladav_jax.config import IMAGE_TOKEN_INDEX
 from tests.test_parity_lladav import tiny_lladav_dir
 
 TOL = 1e-5
-IMAGE_CFG = mm.ImageConfig(image_size=56, patch_size=14)
+IMAGE_CFG = mm.ImageConfig()  # the released geometry: 384 px tiles, 14 px patches
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ def test_presets_carry_the_original_hyperparameters(preset):
     assert c.train.global_batch_size == (64 if preset == "finetune" else 256)
     assert c.data.seq_len == (16384 if preset == "stage2_ov" else 8192)
     assert c.model.remat_policy == "minimal" and c.model.dtype == "bfloat16" and c.model.param_dtype == "float32"
-  assert finetune.get_config(f"{preset},runlocal").model.preset == "tiny"
+  # runlocal: the stages shrink to config.tiny (the released image geometry); the demo keeps its own model
+  assert finetune.get_config(f"{preset},runlocal").model.preset == ("small" if preset == "demo" else "tiny")
 
 
 def test_validation_names_each_bad_field(tmp_path):
@@ -65,11 +66,11 @@ def test_image_tokens_must_fit_the_sequence(tmp_path):
   data.write_text(json.dumps([{"id": "0", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]}]))
   c = finetune.get_config("finetune,runlocal")
   c.data.kind, c.data.path, c.tokenizer_dir, c.data.image_folder = "llava", str(data), tok_dir, str(tmp_path)
-  c.data.seq_len = 64  # anyres_max_4 on 56 px tiles: up to 16 + 77 + 24 tokens for one image
+  c.data.seq_len = 4096  # anyres_max_4 on 384 px tiles: up to 729 + 3528 + 162 tokens for one image
   c.model.vocab_from_tokenizer = True
   msg = _problems(c)
-  assert "image.aspect='anyres_max_4'" in msg and "data.seq_len=64" in msg, msg
-  c.data.seq_len = 256
+  assert "image.aspect='anyres_max_4'" in msg and "up to 4419 tokens" in msg and "data.seq_len=4096" in msg, msg
+  c.data.seq_len = 4480
   r = run_config.resolve(c, num_devices=8, process_count=1)
   assert r.model_cfg.llm.vocab_size == r.tokenizer.vocab_size and r.model_cfg.mask_token_id == r.tokenizer.mask_id
 

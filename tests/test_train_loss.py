@@ -16,7 +16,7 @@ from tests.train_helpers import host_params, optim_cfg
 
 def _batch(b=4, l=48, seed=0):
   return synthetic.make_batch(np.random.default_rng(seed), batch=b, seq_len=l, vocab_size=512, mask_token_id=500,
-                              tiles=1, image_size=56, patch_size=14, answer_frac=0.4)
+                              tiles=1, answer_frac=0.4)
 
 
 def numpy_loss(logits, tokens, labels, valid, t, u, eps=1e-3):

@@ -45,8 +45,9 @@ def test_sharded_accumulated_step_equals_single_device():
     assert a8[k] == a1[k]
   flat1, flat8 = traverse_util.flatten_dict(g1), traverse_util.flatten_dict(g8)
   assert flat1.keys() == flat8.keys()
-  for k in flat1:
-    np.testing.assert_allclose(flat8[k], flat1[k], rtol=2e-4, atol=2e-7, err_msg="/".join(k))
+  for k in flat1:  # float32 sums in another order: within 2e-4 relative, or 1e-6 of the tensor's largest entry
+    atol = max(2e-7, 1e-6 * np.abs(flat1[k]).max())
+    np.testing.assert_allclose(flat8[k], flat1[k], rtol=2e-4, atol=atol, err_msg="/".join(k))
 
 
 def test_stage1_freezes_everything_but_the_projector():

@@ -65,10 +65,14 @@ class SigLIPVision(nnx.Module):
     self.layers = common.stacked(lambda r: VisionBlock(cfg, dtype, param_dtype, rngs=r), cfg.num_layers, rngs)
 
   def __call__(self, pixels_NHWC):
-    """[N, S, S, 3] normalised pixels -> [N, (S/p)^2, hidden] features."""
+    """[N, S, S, 3] normalised pixels -> [N, (S // p)^2, hidden] features.
+
+    The original's Conv2d(kernel p, stride p, padding "valid") never reads the last S % p pixel rows
+    and columns (384 px / 14 px: 27 patches a side, 6 px unused), so they are cropped here."""
     n, s, _, c = pixels_NHWC.shape
     p, g = self.cfg.patch_size, s // self.cfg.patch_size
-    x = pixels_NHWC.astype(self.dtype).reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = pixels_NHWC[:, :g * p, :g * p].astype(self.dtype)
+    x = x.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(n, g * g, p * p * c)
     x = x @ self.patch_kernel[...].astype(self.dtype) + self.patch_bias[...].astype(self.dtype)
     x = x + self.pos_embed[...].astype(self.dtype)

@@ -16,7 +16,7 @@ TAPS = 4
 
 
 def make_batch(rng: np.random.Generator, *, batch: int, seq_len: int, vocab_size: int, mask_token_id: int,
-               tiles: int = 1, image_size: int = 56, patch_size: int = 14, answer_frac: float = 0.3,
+               tiles: int = 1, image_size: int = 384, patch_size: int = 14, answer_frac: float = 0.3,
                pad_frac: float = 0.1, eos_id: int | None = None) -> dict[str, np.ndarray]:
   p = (image_size // patch_size) ** 2
   n_img = min(tiles * p, seq_len // 2)
