@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -171,7 +172,27 @@ def _image_config(path: str, cfg: ModelConfig) -> multimodal.ImageConfig:
     kw["video_pool_stride"] = int(hf["mm_spatial_pool_stride"])
   if isinstance(hf.get("mm_newline_position"), str):
     kw["video_newline"] = hf["mm_newline_position"]
+  if hf.get("image_grid_pinpoints"):
+    kw["grid_pinpoints"] = _grid_pinpoints(hf["image_grid_pinpoints"], base.image_size, f)
   return multimodal.ImageConfig(**{**base.__dict__, **kw})
+
+
+def _grid_pinpoints(value, tile: int, source: str) -> tuple:
+  """config.json's image_grid_pinpoints -> (cols, rows) multiples of the tile: the training scripts' string
+  "(1x1),...,(6x6)" (a range, as LLaVA expands it) or the pixel pairs the trainer saves ([[384, 768], ...])."""
+  if isinstance(value, str):
+    pairs = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", value)]
+    if not pairs:
+      raise ValueError(f"{source}: image_grid_pinpoints={value!r} is not of the form '(1x1),...,(6x6)'")
+    (i0, j0), (i1, j1) = pairs[0], pairs[-1]
+    return tuple((i, j) for i in range(i0, i1 + 1) for j in range(j0, j1 + 1))
+  out = []
+  for pair in value:
+    w, h = (int(x) for x in pair)
+    if w % tile or h % tile:
+      raise ValueError(f"{source}: image_grid_pinpoints entry {list(pair)} is not a multiple of the {tile} px tile")
+    out.append((w // tile, h // tile))
+  return tuple(out)
 
 
 __all__ = ["LLaDAV", "pad_expanded", "IMAGE_TOKEN_INDEX"]

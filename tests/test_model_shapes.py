@@ -22,8 +22,27 @@ def count(flat, prefix):
   return sum(math.prod(v.shape) for k, v in flat.items() if k.startswith(prefix))
 
 
+def test_8b_preset_validates_and_has_the_released_geometry():
+  cfg = config.llada_v_8b()
+  cfg.validate()  # 384 px tiles of 14 px patches: not a multiple, and valid
+  assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.grid, cfg.vision.tokens_per_tile) == (384, 14, 27, 729)
+  assert cfg.vision.num_layers == 26  # of siglip2-so400m's 27
+
+
+def test_preset_validation_rejects_a_tile_smaller_than_a_patch():
+  cfg = config.tiny()
+  with pytest.raises(ValueError, match="vision.patch_size=400 must be between 1 and vision.image_size=384"):
+    cfg.replace(vision=dataclasses.replace(cfg.vision, patch_size=400)).validate()
+
+
 def test_8b_parameter_counts_without_allocating(abstract_8b):
   assert all(isinstance(v, jax.ShapeDtypeStruct) for v in abstract_8b.values())
+  # the released parts, counted from siglip2-so400m's and LLaDA-8B's shapes
+  d, f, dv, fv = 4096, 12288, 1152, 4304
+  vision_layer = 4 * (dv * dv + dv) + 2 * dv * fv + fv + dv + 4 * dv
+  assert count(abstract_8b, "vision.") == 26 * vision_layer + 14 * 14 * 3 * dv + dv + 729 * dv
+  assert count(abstract_8b, "llm.") == 2 * 126464 * d + 32 * (4 * d * d + 3 * d * f + 2 * d) + d
+  assert count(abstract_8b, "projector.") == dv * d + d + d * d + d
   assert count(abstract_8b, "llm.") == 8_015_581_184
   assert count(abstract_8b, "vision.") == 397_745_440
   assert count(abstract_8b, "projector.") == 21_504_000

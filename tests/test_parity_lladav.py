@@ -87,8 +87,8 @@ class TorchLLaDAV:
       return self.llama.model.embed_tokens(torch.as_tensor(ids).long())
 
 
-def build_torch_lladav(seed: int = 0, keep_layers: int = 2, num_kv_heads: int = 2) -> TorchLLaDAV:
-  llama = tiny_llama(num_kv_heads=num_kv_heads, seed=seed)
+def build_torch_lladav(seed: int = 0, keep_layers: int = 2, num_kv_heads: int = 2, vocab: int = 512) -> TorchLLaDAV:
+  llama = tiny_llama(num_kv_heads=num_kv_heads, seed=seed, vocab=vocab)
   siglip = tiny_siglip(keep_layers + 1, seed=seed + 1)
   torch.manual_seed(seed + 2)
   d_in, d = VISION["hidden_size"], llama.config.hidden_size

@@ -126,8 +126,9 @@ def generate_split(rng: random.Random, n: int, split: str, image_dir: str, rel_p
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def build_tokenizer(texts, out_dir: str, model_max_length: int = 256):
-  """A word-level `tokenizers` tokenizer over `texts` (+ printable ASCII), the original's specials."""
+def build_tokenizer(texts, out_dir: str, model_max_length: int = 256, special_ids: dict[str, int] | None = None):
+  """A word-level `tokenizers` tokenizer over `texts` (+ printable ASCII), the original's specials:
+  after the words, or at `special_ids` ({"<|mdm_mask|>": 126336, ...}: the released ids) where given."""
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
   pre = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
   pieces = set()
@@ -137,7 +138,7 @@ def build_tokenizer(texts, out_dir: str, model_max_length: int = 256):
   pieces |= {chr(c) for c in range(32, 127)} | {"\n", "\n\n"}
   vocab = {p: i for i, p in enumerate(sorted(pieces))}
   for s in SPECIAL_TOKENS:
-    vocab[s] = len(vocab)
+    vocab[s] = (special_ids or {}).get(s, len(vocab))
   tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
   tk.pre_tokenizer = pre
   tk.decoder = decoders.Fuse()
@@ -158,7 +159,7 @@ def build_tokenizer(texts, out_dir: str, model_max_length: int = 256):
                                                                 ("<|startoftext|>", "<|endoftext|>", "<|unk|>")]}
   with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
     json.dump(smap, f, indent=1)
-  return len(vocab)
+  return max(vocab.values()) + 1
 
 
 def _corpus_texts():

@@ -56,7 +56,9 @@ class Tokenizer:
     self.start_header_id: int = ids["start_header"]
     self.end_header_id: int = ids["end_header"]
     self.eot_id: int = ids["eot"]
-    self.vocab_size: int = tk.get_vocab_size(with_added_tokens=True)
+    # Ids need not be contiguous (the released specials sit at 126080-126348): the model's embedding
+    # must cover the largest id, not the number of entries.
+    self.vocab_size: int = max(tk.get_vocab(with_added_tokens=True).values()) + 1
 
   # ------------------------------------------------------------------ loading
   @classmethod
