@@ -28,9 +28,22 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "vit_embed": "fsdp",
     "vit_heads": "tensor",
     "vit_mlp": "tensor",
+    # Activations: the batch over data and fsdp, so FSDP divides the work and each layer gathers its weights.
     "activation_batch": ("data", "fsdp"),
     "activation_length": None,
+    "activation_embed": None,
+    "activation_heads": "tensor",
+    "activation_kv_heads": "tensor",
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
 }
+
+# Logical axes of the activations the model constrains (x_BLD, q_BLNH, ...).
+BLD = ("activation_batch", "activation_length", "activation_embed")
+BLNH = ("activation_batch", "activation_length", "activation_heads", None)
+BLKH = ("activation_batch", "activation_length", "activation_kv_heads", None)
+BLF = ("activation_batch", "activation_length", "activation_mlp")
+BLV = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> jax.sharding.Mesh:
@@ -82,6 +95,15 @@ def state_shardings(state, mesh):
     axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
     return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """`with_sharding_constraint` of an activation by its logical axes under the mesh set with
+  `jax.set_mesh` (the train step compiles under it); a no-op without a mesh of several devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:

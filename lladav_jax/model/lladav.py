@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lladav_jax import sharding as shd
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
 from lladav_jax.model import common
 from lladav_jax.model.llm import KVCache, LLaDA
@@ -63,7 +64,7 @@ class LLaDAVModel(nnx.Module):
     """Projected features of every tile plus the newline and a zero row: [B, T*P + 2, D]."""
     b, t = pixels_BTHWC.shape[:2]
     feats = self.projector(self.vision(pixels_BTHWC.reshape((b * t,) + pixels_BTHWC.shape[2:])))
-    feats = feats.reshape(b, -1, feats.shape[-1])
+    feats = shd.constrain(feats.reshape(b, -1, feats.shape[-1]), shd.BLD)
     dt = feats.dtype
     tail = jnp.stack([self.image_newline[...].astype(dt), jnp.zeros_like(self.image_newline[...], dt)])
     return jnp.concatenate([feats, jnp.broadcast_to(tail, (b,) + tail.shape)], axis=1)
@@ -78,7 +79,7 @@ class LLaDAVModel(nnx.Module):
     b, l, k = merge_idx_BLK.shape
     gathered = jnp.take_along_axis(table, merge_idx_BLK.reshape(b, l * k, 1), axis=1).reshape(b, l, k, -1)
     image = jnp.einsum("BLKD,BLK->BLD", gathered, merge_w_BLK.astype(gathered.dtype))
-    return jnp.where(is_image[..., None], image.astype(text.dtype), text)
+    return shd.constrain(jnp.where(is_image[..., None], image.astype(text.dtype), text), shd.BLD)
 
   def __call__(self, tokens_BL, positions_BL, mask_BTS=None, pixels_BTHWC=None, merge_idx_BLK=None,
                merge_w_BLK=None):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
+from lladav_jax import sharding as shd
 from lladav_jax.config import LLMConfig
 from lladav_jax.model import common
 
@@ -53,6 +54,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dt))
     k = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dt))
     v = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dt))
+    q = shd.constrain(q, shd.BLNH)
+    k, v = shd.constrain(k, shd.BLKH), shd.constrain(v, shd.BLKH)
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     q, k = rope(q, positions_BL, self.theta), rope(k, positions_BL, self.theta)
     new_kv = (k, v)
@@ -62,7 +65,7 @@ class Attention(nnx.Module):
     mask = None if mask_BTS is None else mask_BTS[:, None]  # [B, 1, T, S]
     ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=self.impl)
     ctx = checkpoint_name(ctx, "context")
-    out = jnp.einsum("BLNH,NHD->BLD", ctx, self.o_proj[...].astype(dt))
+    out = shd.constrain(jnp.einsum("BLNH,NHD->BLD", ctx, self.o_proj[...].astype(dt)), shd.BLD)
     return checkpoint_name(out, "attn_out"), new_kv
 
 
@@ -79,10 +82,11 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BLD):
     dt = self.dtype
-    gate = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BLD, self.gate_proj[...].astype(dt)), "mlp_wi")
-    up = checkpoint_name(jnp.einsum("BLD,DF->BLF", x_BLD, self.up_proj[...].astype(dt)), "mlp_wi")
+    gate = shd.constrain(jnp.einsum("BLD,DF->BLF", x_BLD, self.gate_proj[...].astype(dt)), shd.BLF)
+    up = shd.constrain(jnp.einsum("BLD,DF->BLF", x_BLD, self.up_proj[...].astype(dt)), shd.BLF)
+    gate, up = checkpoint_name(gate, "mlp_wi"), checkpoint_name(up, "mlp_wi")
     out = jnp.einsum("BLF,FD->BLD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
-    return checkpoint_name(out, "mlp_out")
+    return checkpoint_name(shd.constrain(out, shd.BLD), "mlp_out")
 
 
 class Block(nnx.Module):
@@ -95,6 +99,7 @@ class Block(nnx.Module):
     self.eps = cfg.rms_norm_eps
 
   def __call__(self, x, positions, mask, cache_kv=None):
+    x = shd.constrain(x, shd.BLD)
     h, kv = self.attn(common.rms_norm(x, self.attn_norm[...], self.eps), positions, mask, cache_kv)
     x = x + h
     x = x + self.mlp(common.rms_norm(x, self.mlp_norm[...], self.eps))
@@ -138,5 +143,5 @@ class LLaDA(nnx.Module):
 
   def logits(self, h_BLD):
     """LM head with float32 logits."""
-    return jnp.einsum("BLD,DV->BLV", h_BLD, self.lm_head[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return shd.constrain(jnp.einsum("BLD,DV->BLV", h_BLD, self.lm_head[...].astype(self.dtype),
+                                    preferred_element_type=jnp.float32), shd.BLV)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lladav_jax import sharding as shd
 from lladav_jax.config import VisionConfig
 from lladav_jax.model import common
 
@@ -34,17 +35,19 @@ class VisionBlock(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x_BPD):
+    # B here counts tiles (samples x tiles, batch-major): sharded as the batch.
+    x_BPD = shd.constrain(x_BPD, shd.BLD)
     dt = self.dtype
     w = lambda v: v[...].astype(dt)
     y = common.layer_norm(x_BPD, self.ln1_scale[...], self.ln1_bias[...], self.eps)
-    q = jnp.einsum("BPD,DNH->BPNH", y, w(self.q_proj)) + w(self.q_bias)
-    k = jnp.einsum("BPD,DNH->BPNH", y, w(self.k_proj)) + w(self.k_bias)
-    v = jnp.einsum("BPD,DNH->BPNH", y, w(self.v_proj)) + w(self.v_bias)
+    q, k, v = (shd.constrain(jnp.einsum("BPD,DNH->BPNH", y, w(p)) + w(b), shd.BLNH)
+               for p, b in ((self.q_proj, self.q_bias), (self.k_proj, self.k_bias), (self.v_proj, self.v_bias)))
     ctx = jax.nn.dot_product_attention(q, k, v, is_causal=False)
     ctx = checkpoint_name(ctx, "context")
     x_BPD = x_BPD + jnp.einsum("BPNH,NHD->BPD", ctx, w(self.o_proj)) + w(self.o_bias)
     y = common.layer_norm(x_BPD, self.ln2_scale[...], self.ln2_bias[...], self.eps)
-    y = jax.nn.gelu(jnp.einsum("BPD,DF->BPF", y, w(self.fc1)) + w(self.fc1_bias), approximate=True)
+    y = shd.constrain(jax.nn.gelu(jnp.einsum("BPD,DF->BPF", y, w(self.fc1)) + w(self.fc1_bias), approximate=True),
+                      shd.BLF)
     y = jnp.einsum("BPF,FD->BPD", y, w(self.fc2)) + w(self.fc2_bias)
     return x_BPD + checkpoint_name(y, "mlp_out")
 
@@ -73,7 +76,7 @@ class SigLIPVision(nnx.Module):
     p, g = self.cfg.patch_size, s // self.cfg.patch_size
     x = pixels_NHWC[:, :g * p, :g * p].astype(self.dtype)
     x = x.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(n, g * g, p * p * c)
+    x = shd.constrain(x.reshape(n, g * g, p * p * c), shd.BLD)
     x = x @ self.patch_kernel[...].astype(self.dtype) + self.patch_bias[...].astype(self.dtype)
     x = x + self.pos_embed[...].astype(self.dtype)
     x, _ = common.run_stacked(self.layers, lambda blk, h, _: (blk(h), None), x, None,

@@ -30,6 +30,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lladav_jax import sharding as shd
 from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
@@ -81,8 +82,8 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
 
   @jax.checkpoint
   def one(head, h_BCD, lab_BC, w_BC):
-    logits = jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), head.astype(dtype),
-                        preferred_element_type=jnp.float32)
+    logits = shd.constrain(jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), head.astype(dtype),
+                                      preferred_element_type=jnp.float32), shd.BLV)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
     ce = lse - tgt
