@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lladav_jax import multimodal
+from lladav_jax import multimodal, sharding
 from lladav_jax.sampling import SamplerInputs, SamplerSettings, sample
 
 
@@ -122,7 +122,8 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Se
     inputs = prepare_inputs(model, prompt_ids[sl], images[sl], suffix_ids=suffix_ids, stop_ids=stop_ids,
                             seeds=[seed + start + i for i in range(n)], rows=rows, length_multiple=length_multiple,
                             tiles=tiles)
-    res = sample(model.graphdef, model.state, jax.tree.map(jnp.asarray, inputs), settings)
+    with jax.set_mesh(model.mesh):  # rows sharded over (data, fsdp) like the activations
+      res = sample(model.graphdef, model.state, sharding.put_rows(inputs, model.mesh), settings)
     res = jax.tree.map(np.asarray, res)
     for i in range(n):
       stop = int(res.stop[i])

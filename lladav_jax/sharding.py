@@ -111,6 +111,17 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(RULES["activation_batch"], *([None] * (ndim - 1))))
 
 
+def put_rows(tree, mesh):
+  """Places host arrays on `mesh` with their leading (row) axis over (data, fsdp) where it divides,
+  replicated otherwise: the sampler's inputs."""
+  def one(x):
+    x = np.asarray(x)
+    if x.ndim and x.shape[0] % _axis_size(mesh, RULES["activation_batch"]) == 0:
+      return jax.device_put(x, batch_sharding(mesh, x.ndim))
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(one, tree)
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

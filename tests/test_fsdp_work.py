@@ -3,15 +3,22 @@ grow with the device count, and no buffer of the per-device program holds the gl
 CPU devices; nothing runs). The model has the released image geometry and widths chosen so that no model
 dimension equals a batch size here (72 = 3 x 24 LLM, 60 vision, 512 vocabulary)."""
 import dataclasses
+import math
 import re
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
+from PIL import Image
 
-from lladav_jax import config, sharding
+from lladav_jax import config, generation, sharding
+from lladav_jax.api import LLaDAV
+from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
+from lladav_jax.model import LLaDAVModel
 from lladav_jax.training import loss as loss_lib, optimizer, state as st, step as stp
+from tests.test_sharded_forward import random_state
 
 CFG = config.tiny().replace(
     llm=dataclasses.replace(config.tiny().llm, hidden_size=72, num_heads=3, num_kv_heads=3, head_dim=24,
@@ -52,3 +59,57 @@ def test_no_buffer_holds_the_global_batch(compiled8):
   assert any(d[:2] == (1, L) for d in dims)  # the per-device activations are there ...
   with_global = sorted({d for d in dims if 8 in d})
   assert not with_global, with_global[:10]  # ... and nothing of the global batch of 8
+
+
+def compile_sampler(devices: int, per_device: int = 1):
+  """The jitted sampler for rows sharded over the mesh (prompt of 1536 positions, one tile a row)."""
+  from lladav_jax.sampling import core
+  mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
+  graphdef, params = sharding.abstract_model(lambda: LLaDAVModel(CFG, rngs=nnx.Rngs(0)), mesh)
+  b, s, p = devices * per_device, CFG.vision.image_size, L
+  shapes = dict(tokens=((b, p), np.int32), valid=((b, p), np.bool_), positions=((b, p), np.int32),
+                pixels=((b, 1, s, s, 3), np.float32), merge_idx=((b, p, 4), np.int32), merge_w=((b, p, 4), np.float32),
+                suffix=((b, 0), np.int32), stop_ids=((b, 1, 1), np.int32), stop_lens=((b, 1), np.int32),
+                seeds=((b,), np.uint32), live=((b,), np.bool_))
+  inputs = core.SamplerInputs(**{k: jax.ShapeDtypeStruct(sh, dt, sharding=sharding.batch_sharding(mesh, len(sh)))
+                                 for k, (sh, dt) in shapes.items()})
+  settings = core.SamplerSettings(gen_length=64, block_length=32, steps=8, mask_id=CFG.mask_token_id, eot_id=3,
+                                  banned_ids=(1, 2), refresh_interval=1)
+  with jax.set_mesh(mesh):
+    compiled = core._sample_jit.lower(graphdef, settings, params, inputs, np.int32(1)).compile()
+  return compiled, stp.memory_stats(compiled)
+
+
+def test_sampler_divides_the_rows():
+  """Two rows a device (a global batch of 16 on 8 devices: the device count 8 shows up in the collectives'
+  buffers, so the global batch must be another number)."""
+  (c8, m8), (_, m2) = compile_sampler(8, per_device=2), compile_sampler(2, per_device=2)
+  t2, t8 = m2["temp_size_in_bytes"], m8["temp_size_in_bytes"]
+  print(f"sampler per-device temporaries at 2 rows a device: 2 devices {t2 / 2**20:.1f} MiB, 8 devices {t8 / 2**20:.1f} MiB")
+  assert abs(t8 - t2) <= 0.1 * t2
+  dims = [tuple(int(d) for d in s.split(",")) for s in re.findall(r"\w+\[([0-9,]+)\]", c8.as_text())]
+  assert any(d[:2] == (2, L) for d in dims)
+  # The one exception is the embedding lookup of the answer tokens in a table sharded on its width: the ids are
+  # all-gathered ([16, 64] int32) and each device looks up its slice of the width for every row (the same
+  # elements as its own rows at full width), then an all-to-all gives each device its rows.
+  per_device = 2 * 64 * CFG.llm.hidden_size
+  with_global = sorted({d for d in dims if 16 in d and math.prod(d) > per_device})
+  assert not with_global, with_global[:10]
+
+
+def test_generate_on_8_devices_gives_the_single_device_tokens():
+  """LLaDAV.generate places the rows on the model's mesh: the same answers on a (data 2, fsdp 2, tensor 2) mesh
+  as on one device (temperature 0 and a seeded temperature > 0)."""
+  cfg = config.tiny()
+  models = []
+  for mesh in (sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(2, 2, 2)):
+    graphdef, _ = sharding.abstract_model(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    models.append(LLaDAV(cfg, graphdef, random_state(cfg, mesh, seed=4), mesh=mesh))
+  img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8))
+  prompts = [[5, IMG, 6, 7], [8, 9, 10], [11, 12], [13, IMG, 14]]
+  images = [[img], [], [], [img]]
+  for temperature in (0.0, 0.8):
+    st = generation.sampler_settings(models[0], gen_length=16, block_length=8, steps=8, temperature=temperature)
+    one, eight = ([r.token_ids for r in generation.generate_ids(m, prompts, images, settings=st, seed=3)]
+                  for m in models)
+    assert one == eight and len({t for ids in one for t in ids}) > 4

@@ -125,7 +125,7 @@ class LLaDA(nnx.Module):
                                 param_dtype)
 
   def embed_tokens(self, tokens_BL):
-    return jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype)
+    return shd.constrain(jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype), shd.BLD)
 
   def __call__(self, x_BLD, positions_BL, mask_BTS=None, cache: KVCache | None = None,
                return_kv: bool = False):

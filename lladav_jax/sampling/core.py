@@ -69,6 +69,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from lladav_jax import sharding as shd
 from lladav_jax.model.llm import KVCache
 from lladav_jax.sampling.schedule import count_table
 
@@ -356,7 +357,13 @@ def _sample(graphdef, settings: SamplerSettings, params, inp: SamplerInputs, ref
     block_masked = jnp.any(masked & (j >= s) & (j < s + bl), axis=-1)
     return finished | ~inp.live, inp.live & ~finished & block_masked, masked
 
+  def rows(c: _Carry) -> _Carry:
+    """The per-row bookkeeping stays sharded by row, as the activations are (a no-op off a mesh)."""
+    return jax.tree.map(lambda x: shd.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+                        if x.ndim and x.shape[0] == b else x, c)
+
   def step(c: _Carry) -> _Carry:
+    c = rows(c)
     _, active, masked = status(c)
     s = c.block * bl
     step_keys = jax.vmap(jax.random.fold_in)(keys, c.steps)
@@ -398,6 +405,7 @@ def _sample(graphdef, settings: SamplerSettings, params, inp: SamplerInputs, ref
   c0 = _Carry(gen=gen0, commit_step=jnp.full((b, g), -1, jnp.int32), stop=jnp.full((b,), g, jnp.int32),
               nfe=zeros, steps=zeros, query_tokens=zeros, block=jnp.int32(0), i=jnp.int32(0),
               counts=jnp.zeros((b, table.shape[1]), jnp.int32), cache=fw.empty_cache())
+  c0 = rows(c0)
   c = jax.lax.while_loop(lambda c: (c.block < st.num_blocks) & ~jnp.all(status(c)[0]), block, c0)
   return SamplerOutput(tokens=c.gen[:, :g], stop=c.stop, commit_step=c.commit_step, nfe=c.nfe, steps=c.steps,
                        query_tokens=c.query_tokens)
