@@ -23,6 +23,7 @@ def _launch(workdir, steps, env):
   for i in range(2):
     args = [PYTHON, "-m", "lladav_jax.train", "--config=configs/finetune.py:finetune,runlocal", f"--workdir={workdir}",
             f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=3", "--config.log.progress=False",
+            "--config.train.global_batch_size=4",  # one sample a device of the 4-device mesh
             "--config.log.tensorboard=False", f"--config.distributed.coordinator_address=localhost:{port}",
             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
     procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
