@@ -1,5 +1,6 @@
 """Input-pipeline throughput: samples/s of the full pipeline (decode, tile, tokenise, label,
-expand, batch) on the demo data and on large synthetic photos, in-process and with workers.
+expand, batch) on the demo data, on large synthetic photos and on 720p H.264 videos, in-process and
+with workers; and the video decoder alone (decoded frames/s, peak memory).
 
     python bench/data.py [--workers 0 2] [--seconds 20] [--large-size 2000x1500]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,29 +65,88 @@ def measure(cfg, tok, image_cfg, batch_size: int, seconds: float, min_batches: i
   return {"first_batch_s": first, "batches": n, "samples_per_s": n * batch_size / dt, "batch_MiB": mb}
 
 
+def videos(root: str, n: int, seconds: int = 10, fps: int = 30, size=(1280, 720)) -> str:
+  """n H.264 mp4 clips (moving gradients, PyAV) and a LLaVA JSON referencing them."""
+  import av
+  os.makedirs(root, exist_ok=True)
+  w, h = size
+  yy, xx = np.mgrid[0:h, 0:w]
+  recs = []
+  for i in range(n):
+    path = os.path.join(root, f"clip{i}.mp4")
+    if not os.path.exists(path):
+      with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for t in range(seconds * fps):
+          a = np.stack([(xx + 4 * t) % 256, (yy + 2 * t * (i + 1)) % 256, ((xx + yy) // 4 + t) % 256], -1)
+          for p in s.encode(av.VideoFrame.from_ndarray(a.astype(np.uint8), format="rgb24")):
+            c.mux(p)
+        for p in s.encode():
+          c.mux(p)
+    recs.append({"id": str(i), "video": f"clip{i}.mp4", "conversations": [
+        {"from": "human", "value": "<image>\nWhat moves in the video?"}, {"from": "gpt", "value": "colour bands"}]})
+  out = os.path.join(root, "videos.json")
+  with open(out, "w") as f:
+    json.dump(recs, f)
+  return out
+
+
+def decoder(path: str, frames_upbound: int = 32) -> str:
+  """decode_video on one clip as the training pipeline samples it: decoded frames/s and the peak RSS growth
+  (run in a fresh process: `--decode PATH`)."""
+  import resource
+  from lladav_jax.data import records
+  pick = lambda total, fps: records.sample_frame_indices(total, fps, frames_upbound=frames_upbound)[0]
+  import av
+  with av.open(path) as c:
+    total = c.streams.video[0].frames
+  rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  t = time.perf_counter()
+  with open(path, "rb") as f:
+    frames = records.decode_video(f, path, pick, max_pixels=10 ** 8)
+  dt = time.perf_counter() - t
+  rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**10
+  return (f"decoder: {os.path.basename(path)} {frames[0].size[0]}x{frames[0].size[1]}, {total} frames -> "
+          f"{len(frames)} kept: {dt:.2f} s, {total / dt:.0f} decoded frames/s, peak RSS +{rss:.0f} MiB")
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   ap.add_argument("--seconds", type=float, default=15.0)
   ap.add_argument("--large-size", default="2000x1500")
   ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "lladav_bench_data"))
+  ap.add_argument("--decode", default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
+  if a.decode:
+    print(decoder(a.decode))
+    return
   demo = ensure_demo_data(os.path.join(a.root, "demo"))
   tok = Tokenizer.from_dir(demo["tokenizer_dir"])
   w, h = (int(x) for x in a.large_size.split("x"))
   large = large_images(os.path.join(a.root, f"large{w}x{h}"), 16, (w, h))
   full = multimodal.ImageConfig()  # 384 px tiles, anyres_max_4 over (1x1)..(6x6), as LLaDA-V
   n_tiles = multimodal.process_image(Image.new("RGB", (w, h)), full).num_tiles
+  vids = videos(os.path.join(a.root, "video720p"), 4)
+  clip = os.path.join(os.path.dirname(vids), "clip0.mp4")
+  print(subprocess.run([sys.executable, __file__, "--decode", clip], capture_output=True, text=True).stdout.strip(),
+        flush=True)
+
+  def file_cfg(path, tiles):
+    def make():
+      cfg = pipeline.default_data_config()
+      cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget = path, os.path.dirname(path), 8192, tiles
+      return cfg
+    return make
+
   rows = []
   for name, make_cfg, image_cfg, bs in (
       ("demo 56px (2 tiles)", lambda: demo_data_config(demo), demo_image_config(), 16),
-      (f"{w}x{h} JPEG ({n_tiles} tiles of 384)", None, full, 2)):
+      (f"{w}x{h} JPEG ({n_tiles} tiles of 384)", file_cfg(large, n_tiles), full, 2),
+      ("720p H.264 10 s (10 frames at 1 fps)", file_cfg(vids, 10), full, 2)):
     for nw in a.workers:
-      if make_cfg is None:
-        cfg = pipeline.default_data_config()
-        cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget = large, os.path.dirname(large), 8192, n_tiles
-      else:
-        cfg = make_cfg()
+      cfg = make_cfg()
       cfg.num_workers = nw
       r = measure(cfg, tok, image_cfg, bs, a.seconds)
       rows.append((name, nw, bs, r))

@@ -7,8 +7,9 @@ malformed line is skipped and counted like any other bad sample.
 
 Record fields (the original's `LazySupervisedDataset`): `id`; `conversations`: a list of
 `{"from": "human"|"gpt"|..., "value": str}` or `{"role", "content"}`; `image`: a path or a list
-of paths (relative to image_folder); `video`: a file (animated GIF/WebP/PNG through PIL; mp4 etc. through decord
-or PyAV when importable) or a list of frame files or a directory of frames; neither: text only.
+of paths (relative to image_folder); `video`: a file (animated GIF/WebP/PNG through PIL; mp4, webm etc. through
+PyAV, a dependency) or a list of frame files or a directory of frames; neither: text only. A path that resolves
+outside its configured folder is never opened (skip reason `outside_root`).
 Embedded bytes (ArrayRecord shards) live in `_blobs` {path: base64}; decoded arrays (TFDS) in
 `_arrays` {path: uint8 HWC array}.
 """
@@ -21,7 +22,7 @@ import math
 import os
 import re
 import warnings
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageSequence, UnidentifiedImageError
@@ -199,25 +200,40 @@ class Opener:
     self.folders = {"image": image_folder, "video": video_folder or image_folder}
 
   def path(self, ref: str, kind: str = "image") -> str:
+    """The file `ref` names, relative to the kind's folder. With a folder configured, a reference that
+    resolves outside it (an absolute path elsewhere, `..`, a symbolic link out) is Skip(outside_root):
+    no file outside the configured root is ever opened."""
     folder = self.folders[kind]
-    return os.path.join(folder, ref) if folder and not os.path.isabs(ref) else ref
+    if not folder:
+      return ref
+    p = os.path.join(folder, ref)
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(p)]) != root:
+      raise Skip("outside_root", f"{ref} resolves outside the {kind} folder {folder}")
+    return p
 
-  def data(self, ref: str, kind: str = "image"):
-    """bytes, or an ndarray (decoded TFDS image). Raises Skip(missing_*/zero_size_image)."""
-    if ref in self.arrays:
-      return self.arrays[ref]
+  def open(self, ref: str, kind: str = "image") -> BinaryIO:
+    """A binary file object of the referenced file (an embedded blob, or the file on disk: videos are
+    decoded from the file, not from a copy in memory). Raises Skip(missing_*/zero_size_*/outside_root)."""
     if ref in self.blobs:
       b = self.blobs[ref]
       data = base64.b64decode(b) if isinstance(b, str) else bytes(b)
-    else:
-      p = self.path(ref, kind)
-      if not os.path.isfile(p):
-        raise Skip(f"missing_{kind}", ref)
-      with open(p, "rb") as f:
-        data = f.read()
-    if not data:
-      raise Skip("zero_size_image", f"{ref} is an empty file")
-    return data
+      if not data:
+        raise Skip(f"zero_size_{kind}", f"{ref} is an empty file")
+      return io.BytesIO(data)
+    p = self.path(ref, kind)
+    if not os.path.isfile(p):
+      raise Skip(f"missing_{kind}", ref)
+    if os.path.getsize(p) == 0:
+      raise Skip(f"zero_size_{kind}", f"{ref} is an empty file")
+    return open(p, "rb")
+
+  def data(self, ref: str, kind: str = "image"):
+    """bytes, or an ndarray (decoded TFDS image). Raises Skip as `open`."""
+    if ref in self.arrays:
+      return self.arrays[ref]
+    with self.open(ref, kind) as f:
+      return f.read()
 
 
 def open_image(data, ref: str, *, max_pixels: int, allow_truncated: bool = False) -> Image.Image:
@@ -265,16 +281,22 @@ VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".flv", ".mpeg", 
 ANIMATED_EXTS = (".gif", ".webp", ".png", ".apng")  # decoded frame by frame with PIL
 
 
-def sample_frame_indices(total: int, fps: float, *, video_fps: float = 1.0, frames_upbound: int = 32):
-  """The original's process_video_with_decord: one frame every round(fps / video_fps) frames;
-  if more than frames_upbound, frames_upbound uniformly spaced over the whole video."""
+def sample_frame_indices(total: int, fps: float, *, video_fps: float = 1.0, frames_upbound: int = 32,
+                         force_sample: bool = False) -> tuple[list[int], list[float]]:
+  """The original's process_video_with_decord: one frame every round(fps / video_fps) frames; if more than
+  `frames_upbound` (or `force_sample`), `frames_upbound` spaced uniformly over the whole video. Returns the
+  indices and the frame times it keeps (i / step before the resampling, i / fps after, as the original
+  writes them). Where round(fps / video_fps) is 0 (fps below half of video_fps) the original crashes on
+  range(..., 0); every frame is taken instead."""
   if total <= 0:
-    return []
+    return [], []
   step = max(1, round(fps / video_fps)) if fps and fps > 0 else 1
   idx = list(range(0, total, step))
-  if frames_upbound > 0 and len(idx) > frames_upbound:
+  times = [i / step for i in idx]
+  if frames_upbound > 0 and (len(idx) > frames_upbound or force_sample):
     idx = np.linspace(0, total - 1, frames_upbound, dtype=int).tolist()
-  return idx
+    times = [i / fps for i in idx] if fps and fps > 0 else [float(i) for i in idx]
+  return idx, times
 
 
 def uniform_subsample(n: int, frames_upbound: int):
@@ -284,9 +306,9 @@ def uniform_subsample(n: int, frames_upbound: int):
   return list(range(n))
 
 
-def _animated_frames(data: bytes, ref: str, pick, max_pixels: int):
+def _animated_frames(f: BinaryIO, ref: str, pick, max_pixels: int):
   try:
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(f)
     if img.width * img.height > max_pixels:
       raise Skip("decompression_bomb", f"{ref}: {img.size}")
     durations, frames = [], []
@@ -301,40 +323,55 @@ def _animated_frames(data: bytes, ref: str, pick, max_pixels: int):
   return [frames[i] for i in pick(len(frames), fps)]
 
 
-def _decoded_video_frames(data: bytes, ref: str, pick):
-  """mp4 & co. through decord, else PyAV, only if importable; else a clear skip reason."""
+def _decoded_video_frames(f: BinaryIO, ref: str, pick, max_pixels: int):
+  """mp4 & co. through PyAV (FFmpeg): the frame count from the container (else one demux pass, no decoding),
+  the stream's average frame rate (decord's get_avg_fps), then one decoding pass in presentation order up to
+  the last chosen index that converts only the chosen frames to RGB."""
   try:
-    import decord  # type: ignore
-    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-    idx = pick(len(vr), vr.get_avg_fps())
-    return [Image.fromarray(a) for a in vr.get_batch(idx).asnumpy()]
+    import av
   except ImportError:
-    pass
-  except Exception as e:  # noqa: BLE001 - decoder errors are data errors
-    raise Skip("corrupt_video", f"{ref}: {type(e).__name__}: {e}") from None
+    raise ImportError(f"decoding {ref} needs PyAV, a dependency of lladav-jax: pip install -r requirements.txt "
+                      "(or pip install av)") from None
   try:
-    import av  # type: ignore
-  except ImportError:
-    raise Skip("video_decoder_unavailable",
-               f"{ref}: decoding {os.path.splitext(ref)[1]} needs `decord` or `av` (PyAV); neither is installed") from None
-  try:
-    with av.open(io.BytesIO(data)) as c:
-      stream = c.streams.video[0]
-      frames = [f.to_image() for f in c.decode(stream)]
-      fps = float(stream.average_rate or 0)
-  except Exception as e:  # noqa: BLE001
+    with av.open(f) as c:
+      if not c.streams.video:
+        raise Skip("corrupt_video", f"{ref}: no video stream")
+      s = c.streams.video[0]
+      w, h = s.codec_context.width, s.codec_context.height
+      if w * h > max_pixels:
+        raise Skip("decompression_bomb", f"{ref}: {w}x{h} = {w * h} px a frame > {max_pixels}")
+      total, fps = s.frames, float(s.average_rate or 0)
+      if not total:
+        total = sum(1 for p in c.demux(s) if p.size)
+        c.seek(0, stream=s)
+      idx = pick(total, fps)
+      if not idx:
+        raise Skip("corrupt_video", f"{ref}: no frames")
+      s.thread_type = "AUTO"
+      want, last, got = set(idx), max(idx), {}
+      for i, frame in enumerate(c.decode(s)):
+        if i in want:
+          got[i] = frame.to_image()
+        if i >= last:
+          break
+  except Skip:
+    raise
+  except (av.FFmpegError, OSError, ValueError, IndexError) as e:
     raise Skip("corrupt_video", f"{ref}: {type(e).__name__}: {e}") from None
-  return [frames[i] for i in pick(len(frames), fps)]
+  if len(got) < len(want):
+    raise Skip("corrupt_video", f"{ref}: {len(want) - len(got)} of {len(want)} chosen frames could not be decoded "
+                                f"(the container counts {total}; truncated?)")
+  return [got[i] for i in idx]
 
 
-def decode_video(data: bytes, ref: str, pick, *, max_pixels: int) -> list[Image.Image]:
-  """A video file's bytes -> the frames `pick(total, fps) -> indices` chooses: animated GIF / WebP /
-  PNG through PIL, mp4 & co. (VIDEO_EXTS) through decord or PyAV. Raises Skip (reason, `ref`)."""
+def decode_video(f: BinaryIO, ref: str, pick, *, max_pixels: int) -> list[Image.Image]:
+  """A video file -> the frames `pick(total, fps) -> indices` chooses: animated GIF / WebP / PNG through
+  PIL, mp4 & co. (VIDEO_EXTS) through PyAV. `f` is a binary file object. Raises Skip (reason, `ref`)."""
   low = ref.lower()
   if low.endswith(ANIMATED_EXTS):
-    frames = _animated_frames(data, ref, pick, max_pixels)
+    frames = _animated_frames(f, ref, pick, max_pixels)
   elif low.endswith(VIDEO_EXTS):
-    frames = _decoded_video_frames(data, ref, pick)
+    frames = _decoded_video_frames(f, ref, pick, max_pixels)
   else:
     raise Skip("corrupt_video", f"{ref}: unknown video type")
   if not frames:
@@ -351,8 +388,9 @@ def load_video_frames(opener: Opener, ref, *, video_fps: float, frames_upbound: 
     files = sorted(os.path.join(d, f) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
   else:
     def pick(total, fps):
-      return sample_frame_indices(total, fps, video_fps=video_fps, frames_upbound=frames_upbound)
-    return decode_video(opener.data(ref, "video"), ref, pick, max_pixels=max_pixels)
+      return sample_frame_indices(total, fps, video_fps=video_fps, frames_upbound=frames_upbound)[0]
+    with opener.open(ref, "video") as f:
+      return decode_video(f, ref, pick, max_pixels=max_pixels)
   if not files:
     raise Skip("missing_video", f"{ref}: no frames")
   return [open_image(opener.data(files[i], "video"), files[i], max_pixels=max_pixels, allow_truncated=allow_truncated)

@@ -66,12 +66,11 @@ def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
       refs = [os.path.join(path, files[i]) for i in pick(len(files), 0)]
       frames = [records.open_image(opener.data(r, "video"), r, max_pixels=Image.MAX_IMAGE_PIXELS) for r in refs]
     elif os.path.isfile(path):
-      frames = records.decode_video(opener.data(path, "video"), path, pick, max_pixels=Image.MAX_IMAGE_PIXELS)
+      with opener.open(path, "video") as f:
+        frames = records.decode_video(f, path, pick, max_pixels=Image.MAX_IMAGE_PIXELS)
     else:
       raise FileNotFoundError(f"video not found: {path}")
   except records.Skip as e:
-    if e.reason == "video_decoder_unavailable":
-      raise ImportError(f"reading video {path} needs PyAV (pip install av) or decord") from None
     raise ValueError(f"cannot read video {path}: {e}") from None
   return [to_rgb(f) for f in frames]
 
