@@ -171,3 +171,24 @@ def test_bad_videos_are_named_skips(tok, tmp_path):
   huge = processor(tok, tmp_path, max_image_pixels=64 * 48 - 1)(rec("good.mp4"))
   assert huge.get("skip") == "decompression_bomb" and "64x48" in huge["detail"], huge
   assert "skip" not in proc(rec("good.mp4"))
+
+
+def test_a_grain_training_batch_with_a_video_record(tok, tmp_path):
+  """A LLaVA JSON with a video record and an image record, through the Grain training iterator."""
+  encode(tmp_path / "clip.mp4", 60, 30)  # 2 frames at 1 fps: 0, 30
+  Image.new("RGB", (300, 200), (255, 0, 0)).save(tmp_path / "red.png")
+  recs = [{"id": "v", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat happens?"},
+                                                             {"from": "gpt", "value": "red"}]},
+          {"id": "i", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat color?"},
+                                                            {"from": "gpt", "value": "red"}]}]
+  (tmp_path / "data.json").write_text(json.dumps(recs))
+  cfg = pipeline.default_data_config()
+  cfg.path, cfg.image_folder, cfg.seq_len, cfg.buckets, cfg.tile_budget = str(tmp_path / "data.json"), str(tmp_path), \
+      4480, [4480], 8
+  it = pipeline.build_train_iterator(cfg, tok, multimodal.ImageConfig(), batch_size_per_process=2, process_index=0,
+                                     process_count=1, seed=0)
+  b = next(it)
+  n_img = sorted(int(x) for x in (b["tokens"] == IMG).sum(1))
+  red = multimodal.process_image(Image.open(tmp_path / "red.png"), multimodal.ImageConfig()).num_tokens
+  assert n_img == sorted([2 * 14 * 15, red])  # the video row: 2 frames of 14 x 15 tokens
+  assert b["pixels"].shape == (2, 8, 384, 384, 3)
