@@ -20,12 +20,13 @@ def tok(tmp_path_factory):
   return Tokenizer.from_dir(d["tokenizer_dir"])
 
 
-def processor(tok, folder, **kw):
+def processor(tok, folder, image_cfg=None, **kw):
+  """The training pipeline's per-record map (demo 56 px tiles unless `image_cfg`); `kw` sets data fields."""
   cfg = pipeline.default_data_config()
   cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget = "x.json", str(folder), 512, 16
   for k, v in kw.items():
     setattr(cfg, k, v)
-  return pipeline.SampleProcessor(tok, demo_image_config(), pipeline.SampleSettings.from_config(cfg))
+  return pipeline.SampleProcessor(tok, image_cfg or demo_image_config(), pipeline.SampleSettings.from_config(cfg))
 
 
 def rec(image=None, video=None, q="<image>\nWhat color is the circle?"):

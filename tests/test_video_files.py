@@ -16,9 +16,8 @@ from PIL import Image
 from lladav_jax import multimodal
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
 from lladav_jax.data import pipeline, records
-from lladav_jax.data.demo_data import ensure_demo_data
-from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.eval.lmms_plugin import read_video
+from tests.test_data_images import processor as image_processor, tok  # noqa: F401 (a fixture)
 
 
 def colour(i):
@@ -114,18 +113,10 @@ def test_eval_plugin_samples_uniformly(tmp_path):
   assert [index_of(f) for f in frames] == np.linspace(0, 49, 8, dtype=int).tolist()
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  d = ensure_demo_data(str(tmp_path_factory.getbasetemp() / "demo"), num_train=4, num_val=1, num_test=1)
-  return Tokenizer.from_dir(d["tokenizer_dir"])
-
-
 def processor(tok, folder, **kw):
-  cfg = pipeline.default_data_config()
-  cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget, cfg.frames_upbound = "x.json", str(folder), 8192, 8, 4
-  for k, v in kw.items():
-    setattr(cfg, k, v)
-  return pipeline.SampleProcessor(tok, multimodal.ImageConfig(), pipeline.SampleSettings.from_config(cfg))
+  """The training pipeline's per-record map at the released geometry, 4 frames at most."""
+  return image_processor(tok, folder, multimodal.ImageConfig(), **{"seq_len": 8192, "tile_budget": 8,
+                                                                   "frames_upbound": 4, **kw})
 
 
 def rec(video):
@@ -136,7 +127,7 @@ def rec(video):
 
 def test_a_training_sample_from_an_mp4(tok, tmp_path):
   encode(tmp_path / "clip.mp4", 120, 30)  # 4 frames at 1 fps: 0, 30, 60, 90
-  out = pipeline.SampleProcessor.__call__(processor(tok, tmp_path), rec("clip.mp4"))
+  out = processor(tok, tmp_path)(rec("clip.mp4"))
   assert "skip" not in out, out
   assert out["pixels"].shape == (4, 384, 384, 3)
   assert (out["tokens"] == IMG).sum() == 4 * 14 * 15  # 27 -> 14 per side, a newline after every row
