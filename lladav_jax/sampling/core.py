@@ -359,8 +359,9 @@ def _sample(graphdef, settings: SamplerSettings, params, inp: SamplerInputs, ref
 
   def rows(c: _Carry) -> _Carry:
     """The per-row bookkeeping stays sharded by row, as the activations are (a no-op off a mesh)."""
-    return jax.tree.map(lambda x: shd.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
-                        if x.ndim and x.shape[0] == b else x, c)
+    by_row = lambda x: shd.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+    return c.replace(**{k: by_row(getattr(c, k)) for k in ("gen", "commit_step", "stop", "nfe", "steps",
+                                                           "query_tokens", "counts")})
 
   def step(c: _Carry) -> _Carry:
     c = rows(c)
