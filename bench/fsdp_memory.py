@@ -26,7 +26,6 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, REPO)
   import ml_collections
-  import numpy as np
   from lladav_jax import config, sharding
   from lladav_jax.training import loss as loss_lib, optimizer, state as st, step as stp
 
@@ -37,10 +36,8 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
   optim = ml_collections.ConfigDict(dict(trainable=optimizer.GROUPS, lr=1e-5, group_lr={}, b1=0.9, b2=0.999, eps=1e-8,
                                          weight_decay=0.0, clip_norm=1.0, warmup_ratio=0.03, schedule="cosine"))
   setup = st.make_setup(cfg, mesh, optim, total_steps=1000)
-  b, s = devices, cfg.vision.image_size
-  shapes = {"tokens": ((b, tokens), np.int32), "labels": ((b, tokens), np.int32), "valid": ((b, tokens), np.bool_),
-            "positions": ((b, tokens), np.int32), "pixels": ((b, tiles, s, s, 3), np.float32),
-            "merge_idx": ((b, tokens, 4), np.int32), "merge_w": ((b, tokens, 4), np.float32)}
+  b = devices
+  shapes = stp.batch_shapes(b, tokens, tiles, cfg.vision.image_size)
   compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=chunk), global_batch=b, accum=1,
                                          batch_shapes=shapes)
   cost = compiled.cost_analysis()

@@ -7,7 +7,6 @@ import math
 import re
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,8 +16,9 @@ from lladav_jax import config, generation, sharding
 from lladav_jax.api import LLaDAV
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
 from lladav_jax.model import LLaDAVModel
-from lladav_jax.training import loss as loss_lib, optimizer, state as st, step as stp
+from lladav_jax.training import loss as loss_lib, state as st, step as stp
 from tests.test_sharded_forward import random_state
+from tests.train_helpers import optim_cfg
 
 CFG = config.tiny().replace(
     llm=dataclasses.replace(config.tiny().llm, hidden_size=72, num_heads=3, num_kv_heads=3, head_dim=24,
@@ -29,15 +29,10 @@ L = 1536  # one 384 px tile (729 tokens) and text
 
 def compile_step(devices: int, per_device: int = 1):
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
-  optim = ml_collections.ConfigDict(dict(trainable=optimizer.GROUPS, lr=1e-3, group_lr={}, b1=0.9, b2=0.999, eps=1e-8,
-                                         weight_decay=0.0, clip_norm=1.0, warmup_ratio=0.0, schedule="constant"))
-  setup = st.make_setup(CFG, mesh, optim, total_steps=10)
-  b, s = devices * per_device, CFG.vision.image_size
-  shapes = {"tokens": ((b, L), np.int32), "labels": ((b, L), np.int32), "valid": ((b, L), np.bool_),
-            "positions": ((b, L), np.int32), "pixels": ((b, 1, s, s, 3), np.float32),
-            "merge_idx": ((b, L, 4), np.int32), "merge_w": ((b, L, 4), np.float32)}
+  setup = st.make_setup(CFG, mesh, optim_cfg(), total_steps=10)
+  b = devices * per_device
   return stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=512), global_batch=b, accum=1,
-                                batch_shapes=shapes)
+                                batch_shapes=stp.batch_shapes(b, L, 1, CFG.vision.image_size))
 
 
 @pytest.fixture(scope="module")

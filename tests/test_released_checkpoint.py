@@ -15,7 +15,7 @@ from lladav_jax import LLaDAV, config, weights
 from lladav_jax.data.demo_data import ensure_demo_data, qa_items
 from lladav_jax.eval.__main__ import main as eval_main
 from lladav_jax.eval.tasks import get_task
-from tests.released import VOCAB, released_config_json, write_released_checkpoint
+from tests.released import VOCAB, write_released_checkpoint
 from tests.train_helpers import PYTHON, REPO, subprocess_env
 
 KW = dict(gen_length=16, block_length=8, steps=8)
@@ -86,7 +86,8 @@ def test_config_without_vision_config_means_so400m(released, tmp_path):
   d = tmp_path / "no_vision_config"
   d.mkdir()
   for f in os.listdir(hf):
-    os.symlink(os.path.join(hf, f), d / f) if f != "config.json" else None
+    if f != "config.json":
+      os.symlink(os.path.join(hf, f), d / f)
   (d / "config.json").write_text(json.dumps(c))
   with pytest.raises(weights.CheckpointMismatchError, match=r"vision_model\.embeddings\.patch_embedding\.weight.*1152"):
     LLaDAV.from_pretrained(str(d), dtype="float32")

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -30,6 +31,14 @@ from lladav_jax.training.state import Setup
 log = logging.getLogger(__name__)
 
 BATCH_NDIMS = {"tokens": 2, "labels": 2, "valid": 2, "positions": 2, "pixels": 5, "merge_idx": 3, "merge_w": 3}
+
+
+def batch_shapes(batch: int, length: int, tiles: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (shape, dtype)} of a training batch (the pipeline's layout), for ahead-of-time compiles."""
+  b, l, s = batch, length, image_size
+  return {"tokens": ((b, l), np.int32), "labels": ((b, l), np.int32), "valid": ((b, l), np.bool_),
+          "positions": ((b, l), np.int32), "pixels": ((b, tiles, s, s, 3), np.float32),
+          "merge_idx": ((b, l, 4), np.int32), "merge_w": ((b, l, 4), np.float32)}
 
 
 def batch_shardings(mesh, batch_like: dict) -> dict:

@@ -203,10 +203,7 @@ def train(cfg, workdir: str) -> dict:
   lengths = batch_lengths(r)
   d = r.data_cfg
   tiles = int(d.synthetic_tiles if d.kind == "synthetic" else d.tile_budget)
-  s, L = r.model_cfg.vision.image_size, lengths[-1]
-  shapes = {"tokens": ((gb, L), np.int32), "labels": ((gb, L), np.int32), "valid": ((gb, L), np.bool_),
-            "positions": ((gb, L), np.int32), "pixels": ((gb, tiles, s, s, 3), np.float32),
-            "merge_idx": ((gb, L, 4), np.int32), "merge_w": ((gb, L, 4), np.float32)}
+  shapes = step_lib.batch_shapes(gb, lengths[-1], tiles, r.model_cfg.vision.image_size)
   compiled = {}
 
   def get_compiled(shp):
