@@ -27,6 +27,7 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
   sys.path.insert(0, REPO)
   import ml_collections
   from lladav_jax import config, sharding
+  from lladav_jax import batch as batch_lib
   from lladav_jax.training import loss as loss_lib, optimizer, state as st, step as stp
 
   cfg = config.get(preset)
@@ -37,7 +38,7 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
                                          weight_decay=0.0, clip_norm=1.0, warmup_ratio=0.03, schedule="cosine"))
   setup = st.make_setup(cfg, mesh, optim, total_steps=1000)
   b = devices
-  shapes = stp.batch_shapes(b, tokens, tiles, cfg.vision.image_size)
+  shapes = batch_lib.shapes(b, tokens, tiles, cfg.vision.image_size)
   compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=chunk), global_batch=b, accum=1,
                                          batch_shapes=shapes)
   cost = compiled.cost_analysis()

@@ -68,13 +68,13 @@ def run(s: Setting, steps: int, warmup: int = 1):
   batch = synthetic.make_batch(np.random.default_rng(0), batch=s.batch, seq_len=s.seq, vocab_size=cfg.llm.vocab_size,
                                mask_token_id=cfg.mask_token_id, tiles=s.tiles, image_size=cfg.vision.image_size,
                                patch_size=cfg.vision.patch_size)
-  shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
+  shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
   with jax.default_matmul_precision(s.precision):
     t = time.perf_counter()
     compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=s.chunk), global_batch=s.batch,
                                            accum=s.accum, batch_shapes=shapes)
     compile_s = time.perf_counter() - t
-  gb = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  gb = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)), batch)
   for _ in range(warmup):
     state, m = compiled(state, gb)
   jax.block_until_ready(m)

@@ -18,7 +18,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from lladav_jax import batch as batch_lib
 from lladav_jax import multimodal, sharding
+from lladav_jax.batch import ModelInputs
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
 from lladav_jax.model import LLaDAVModel
 
@@ -77,7 +79,7 @@ class LLaDAV:
     """Token ids with IMAGE_TOKEN_INDEX placeholders (+ PIL images per sample) -> padded batch.
 
     Samples are expanded (each placeholder -> that image's tokens) and right-padded to the longest;
-    padded keys are masked out. Returns (batch dict of numpy arrays, lengths).
+    padded keys are masked out. Returns host `ModelInputs`.
     """
     rows = [np.asarray(r, np.int64) for r in (input_ids if not isinstance(input_ids, np.ndarray)
                                               or input_ids.ndim == 2 else [input_ids])]
@@ -86,12 +88,11 @@ class LLaDAV:
       raise ValueError(f"{len(rows)} samples but {len(images)} image lists")
     exp = [multimodal.expand(r, multimodal.process_sample_images(ims, self.image_cfg) if ims else [],
                              self.image_cfg) for r, ims in zip(rows, images)]
-    return pad_expanded(exp, self.image_cfg)
+    return batch_lib.collate(exp, self.image_cfg)
 
   def logits(self, input_ids, images: Sequence[Sequence[Image.Image]] | None = None) -> np.ndarray:
     """Float32 logits [B, L_expanded, V] (rows shorter than the longest are right-padded)."""
-    batch, _ = self.prepare(input_ids, images)
-    out = self._logits_fn(self.graphdef, self.state, {k: jnp.asarray(v) for k, v in batch.items()})
+    out = self._logits_fn(self.graphdef, self.state, jax.tree.map(jnp.asarray, self.prepare(input_ids, images)))
     return np.asarray(out)
 
   def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None, **kw):
@@ -106,48 +107,9 @@ class LLaDAV:
     return generation.elbo(self, prompts, images, answers, **kw)
 
 
-def _forward_logits(graphdef, state, batch):
+def _forward_logits(graphdef, state, x: ModelInputs):
   model = nnx.merge(graphdef, state)
-  mask = batch["valid"][:, None, :]
-  return model(batch["tokens"], batch["positions"], mask, batch["pixels"], batch["merge_idx"], batch["merge_w"])
-
-
-def pad_expanded(exp: Sequence[multimodal.Expanded], image_cfg: multimodal.ImageConfig, length: int | None = None,
-                 tiles: int | None = None, pad_id: int = 0, left: bool = False):
-  """Stacks expanded samples into one batch: tokens, positions, valid, pixels, merge_idx, merge_w.
-
-  Tiles are re-packed into a common per-sample budget, so merge indices are remapped. `left`
-  pads on the left (prompts of a sampler batch end at the same column); positions always count
-  from 0 at each sample's first real token, so padding never changes a sample's numbers.
-  """
-  p = image_cfg.tokens_per_tile
-  lens = [len(e.tokens) for e in exp]
-  length = length or max(lens)
-  tiles = max([e.pixels.shape[0] for e in exp] + [0]) if tiles is None else tiles
-  if max(lens) > length:
-    raise ValueError(f"a sample has {max(lens)} tokens, more than the length {length}")
-  b, s = len(exp), image_cfg.image_size
-  tokens = np.full((b, length), pad_id, np.int32)
-  valid = np.zeros((b, length), bool)
-  positions = np.zeros((b, length), np.int32)
-  pixels = np.zeros((b, tiles, s, s, 3), np.float32)
-  zero = tiles * p + 1
-  merge_idx = np.full((b, length, multimodal.TAPS), zero, np.int32)
-  merge_w = np.zeros((b, length, multimodal.TAPS), np.float32)
-  for i, e in enumerate(exp):
-    n, t = lens[i], e.pixels.shape[0]
-    if t > tiles:
-      raise ValueError(f"sample {i} needs {t} tiles, more than {tiles}")
-    sl = slice(length - n, length) if left else slice(0, n)
-    tokens[i, sl], valid[i, sl], positions[i, sl] = e.tokens, True, np.arange(n)
-    pixels[i, :t] = e.pixels
-    # remap [old T*P | newline | zero] -> [new T*P | newline | zero]
-    idx = e.merge_idx
-    idx = np.where(idx < t * p, idx, idx - t * p + tiles * p)
-    merge_idx[i, sl], merge_w[i, sl] = idx, e.merge_w
-  batch = dict(tokens=tokens, positions=positions, valid=valid, pixels=pixels, merge_idx=merge_idx,
-               merge_w=merge_w)
-  return batch, lens
+  return model(x.tokens, x.positions, x.valid[:, None, :], x.pixels, x.merge_idx, x.merge_w)
 
 
 def _maybe_tokenizer(path: str):
@@ -195,4 +157,4 @@ def _grid_pinpoints(value, tile: int, source: str) -> tuple:
   return tuple(out)
 
 
-__all__ = ["LLaDAV", "pad_expanded", "IMAGE_TOKEN_INDEX"]
+__all__ = ["LLaDAV", "IMAGE_TOKEN_INDEX"]

@@ -11,6 +11,7 @@ from typing import Any
 
 IMAGE_TOKEN_INDEX = -200  # the reference's placeholder id for "an image goes here"
 IGNORE_INDEX = -100
+TAPS = 4  # merge-plan taps per position: bilinear interpolation reads at most 2x2 source features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,9 @@ class VisionConfig:
   patch_size: int = 14
   image_size: int = 384
   layer_norm_eps: float = 1e-6
+  # The image processor's normalisation, applied on device to the uint8 tiles: (x / 255 - mean) / std.
+  pixel_mean: tuple = (0.5, 0.5, 0.5)
+  pixel_std: tuple = (0.5, 0.5, 0.5)
 
   @property
   def grid(self) -> int:
@@ -77,7 +81,8 @@ class ModelConfig:
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
     d = dict(d)
     llm = LLMConfig(**d.pop("llm", {}))
-    vision = VisionConfig(**d.pop("vision", {}))
+    vision = d.pop("vision", {})
+    vision = VisionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:

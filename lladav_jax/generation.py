@@ -16,8 +16,12 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from lladav_jax import batch as batch_lib
 from lladav_jax import multimodal, sharding
+from lladav_jax.batch import ModelInputs
+from lladav_jax.data import template
 from lladav_jax.sampling import SamplerInputs, SamplerSettings, sample
 
 
@@ -71,7 +75,6 @@ def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[
                    length_multiple: int = 64, tiles: Optional[int] = None) -> SamplerInputs:
   """Expands, left-pads and buckets one batch into numpy SamplerInputs with `rows` rows and
   `tiles` image tiles per row (default: the next power of two of the batch's largest need)."""
-  from lladav_jax.api import pad_expanded
   icfg = model.image_cfg
   exps = [multimodal.expand(ids, multimodal.process_sample_images(ims, icfg) if ims else [], icfg)
           for ids, ims in zip(prompt_ids, images)]
@@ -82,7 +85,7 @@ def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[
   length = bucket_length(max(len(e.tokens) for e in exps), length_multiple)
   need = max(e.pixels.shape[0] for e in exps)
   tiles = bucket_pow2(need) if tiles is None else tiles
-  batch, _ = pad_expanded(exps, icfg, length=length, tiles=tiles, left=True)
+  prompt = batch_lib.collate(exps, icfg, length=length, tiles=tiles, left=True)
   ns = len(stop_ids)
   ls = max([len(s) for s in stop_ids] + [1])
   stops = np.full((rows, max(ns, 1), ls), -1, np.int32)
@@ -93,9 +96,7 @@ def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[
   suffix = np.broadcast_to(np.asarray(list(suffix_ids), np.int32)[None], (rows, len(suffix_ids))).copy()
   seeds_arr = np.zeros((rows,), np.uint32)
   seeds_arr[:n] = np.asarray(seeds, np.int64) % (1 << 32)
-  return SamplerInputs(tokens=batch["tokens"], valid=batch["valid"], positions=batch["positions"],
-                       pixels=batch["pixels"], merge_idx=batch["merge_idx"], merge_w=batch["merge_w"],
-                       suffix=suffix, stop_ids=stops, stop_lens=lens, seeds=seeds_arr,
+  return SamplerInputs(prompt=prompt, suffix=suffix, stop_ids=stops, stop_lens=lens, seeds=seeds_arr,
                        live=np.arange(rows) < n)
 
 
@@ -150,7 +151,6 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
   `suffix` is a fixed text after the answer positions (never overwritten, appended to the
   output). Settings are those of SamplerSettings; see lladav_jax.sampling for their meaning.
   """
-  from lladav_jax.data import template
   tok = model.tokenizer
   if tok is None:
     raise ValueError("the model has no tokenizer (tokenizer.json next to the checkpoint); use generate_ids")
@@ -195,49 +195,50 @@ def mc_masks(answer_len: int, num_samples: int, rng: np.random.Generator, group:
   return np.stack(masks), np.asarray(ps, np.float32)
 
 
-def _elbo_terms(graphdef, params, tokens, valid, positions, pixels, merge_idx, merge_w, answer, ans_valid, ans_mask,
-                p_mask, mask_id):
+def _elbo_terms(graphdef, params, prompt: ModelInputs, answer, ans_valid, ans_mask, p_mask, mask_id):
   """sum over masked answer positions of CE / p, per MC row [N]. Prompt embeddings computed once;
   `ans_valid` marks the real answer positions (the rest is bucket padding, never attended)."""
-  from flax import nnx
   model = nnx.merge(graphdef, params)
   llm = model.llm
-  prompt = model.embed(tokens, pixels, merge_idx, merge_w)  # [1, P, D]
+  emb = model.embed(prompt.tokens, prompt.pixels, prompt.merge_idx, prompt.merge_w)  # [1, P, D]
   n, t = ans_mask.shape
   noisy = jnp.where(ans_mask, mask_id, answer[None])  # [N, T]
-  x = jnp.concatenate([jnp.broadcast_to(prompt, (n,) + prompt.shape[1:]), llm.embed_tokens(noisy)], axis=1)
-  ans_pos = jnp.sum(valid) + jnp.arange(t)
-  pos = jnp.concatenate([jnp.broadcast_to(positions, (n, positions.shape[1])), jnp.broadcast_to(ans_pos, (n, t))], 1)
-  keymask = jnp.concatenate([jnp.broadcast_to(valid, (n, valid.shape[1])), jnp.broadcast_to(ans_valid, (n, t))], 1)
+  x = jnp.concatenate([jnp.broadcast_to(emb, (n,) + emb.shape[1:]), llm.embed_tokens(noisy)], axis=1)
+  ans_pos = jnp.sum(prompt.valid) + jnp.arange(t)
+  pos = jnp.concatenate([jnp.broadcast_to(prompt.positions, (n, prompt.length)), jnp.broadcast_to(ans_pos, (n, t))], 1)
+  keymask = jnp.concatenate([jnp.broadcast_to(prompt.valid, (n, prompt.length)), jnp.broadcast_to(ans_valid, (n, t))], 1)
   h = llm(x, pos, keymask[:, None, :])
-  logp = jax.nn.log_softmax(llm.logits(h[:, tokens.shape[1]:]), axis=-1)
+  logp = jax.nn.log_softmax(llm.logits(h[:, prompt.length:]), axis=-1)
   ce = -jnp.take_along_axis(logp, jnp.broadcast_to(answer[None, :, None], (n, t, 1)), axis=-1)[..., 0]
   return jnp.sum(jnp.where(ans_mask, ce, 0.0), axis=-1) / p_mask
 
 
-_elbo_jit = jax.jit(_elbo_terms, static_argnums=(0, 12))
+_elbo_jit = jax.jit(_elbo_terms, static_argnums=(0, 7))
 
 
 def elbo_ids(model, prompt_ids: Sequence[int], images: Sequence, answer_ids: Sequence[int], *, num_samples: int = 128,
              seed: int = 0, group: int = 16, length_multiple: int = 64) -> float:
   """Monte-Carlo ELBO of log p(answer | prompt) for one prompt (ids with image placeholders):
   -(1/N) sum_rows sum_{masked} CE / p, as LLaDA's get_log_likelihood (rows in groups of `group`)."""
-  from lladav_jax.api import pad_expanded
   t = len(answer_ids)
   if not t:
     return 0.0
   icfg = model.image_cfg
   e = multimodal.expand(list(prompt_ids), multimodal.process_sample_images(list(images), icfg) if images else [],
                         icfg)
-  batch, _ = pad_expanded([e], icfg, length=bucket_length(len(e.tokens), length_multiple),
-                          tiles=bucket_pow2(e.pixels.shape[0]), left=True)
-  prompt = [jnp.asarray(batch[k]) for k in ("tokens", "valid", "positions", "pixels", "merge_idx", "merge_w")]
+  limit = model.cfg.llm.max_position_embeddings
+  if len(e.tokens) + t > limit:
+    raise ValueError(f"elbo: the expanded prompt ({len(e.tokens)} tokens) and the answer ({t} tokens) are longer "
+                     f"than the model's max_position_embeddings={limit}")
+  prompt = batch_lib.collate([e], icfg, length=bucket_length(len(e.tokens), length_multiple),
+                             tiles=bucket_pow2(e.pixels.shape[0]), left=True)
+  prompt = jax.tree.map(jnp.asarray, prompt)
   masks, ps = mc_masks(t, num_samples, np.random.default_rng(seed), group)
   tb = bucket_length(t, 16)
   ans = np.zeros(tb, np.int32)
   ans[:t] = answer_ids
-  ans_valid = np.arange(tb) < t
-  total = 0.0
+  ans, ans_valid = jnp.asarray(ans), jnp.asarray(np.arange(tb) < t)
+  groups = []
   for g0 in range(0, num_samples, group):  # one compiled shape: rows padded to `group`
     m, p = masks[g0:g0 + group], ps[g0:g0 + group]
     rows = m.shape[0]
@@ -245,9 +246,12 @@ def elbo_ids(model, prompt_ids: Sequence[int], images: Sequence, answer_ids: Seq
     mb[:rows, :t] = m
     pb = np.ones(group, np.float32)
     pb[:rows] = p
-    terms = _elbo_jit(model.graphdef, model.state, *prompt, jnp.asarray(ans), jnp.asarray(ans_valid),
-                      jnp.asarray(mb), jnp.asarray(pb), model.cfg.mask_token_id)
-    total += float(np.sum(np.asarray(terms)[:rows]))
+    terms = _elbo_jit(model.graphdef, model.state, prompt, ans, ans_valid, jnp.asarray(mb), jnp.asarray(pb),
+                      model.cfg.mask_token_id)
+    groups.append((terms, rows))  # dispatched asynchronously: one host sync below, not one a group
+  total = 0.0
+  for terms, rows in jax.device_get(groups):
+    total += float(np.sum(terms[:rows]))
   return -total / num_samples
 
 
@@ -255,7 +259,6 @@ def elbo(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]], an
          num_samples: int = 128, seed: int = 0, group: int = 16, system: Optional[str] = "default") -> list[float]:
   """LLaDA's `get_log_likelihood` for each (prompt, answer): the Monte-Carlo masked-diffusion lower
   bound -E[sum_{masked} CE / p] with LLaDA's stratified mask counts, `num_samples` rows each."""
-  from lladav_jax.data import template
   tok = model.tokenizer
   if tok is None:
     raise ValueError("the model has no tokenizer; use elbo_ids")

@@ -1,6 +1,7 @@
 """Host-side image processing and merge plans (NumPy + PIL, no JAX).
 
-An image (or video) becomes an `ImageInput`: its 384px tiles, normalised, and a *plan* with one
+An image (or video) becomes an `ImageInput`: its 384px tiles (uint8 RGB; the model normalises them
+on device, see VisionConfig.pixel_mean / pixel_std), and a *plan* with one
 row per output token. Row i lists up to TAPS (tile-table index, weight) pairs whose weighted sum
 is token i's feature, so the device splices every layout with one static-shape gather:
   - anyres (single image): base tile (729 tokens), then the tile grid unpadded to the original
@@ -20,9 +21,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from lladav_jax.config import IMAGE_TOKEN_INDEX
+from lladav_jax.config import IMAGE_TOKEN_INDEX, TAPS
 
-TAPS = 4
 NEWLINE = -1  # plan sentinel: the learned image_newline vector
 ZERO = -2     # plan sentinel: an unused tap (zero vector, weight 0)
 
@@ -40,8 +40,8 @@ class ImageConfig:
   multi_image: str = "pad"
   video_pool_stride: int = 2
   video_newline: str = "grid"  # "grid" | "frame" | "one_token" | "no_token"
+  # expand2square's fill is the processor's mean as 8-bit (the original: int(m * 255)).
   mean: tuple = (0.5, 0.5, 0.5)
-  std: tuple = (0.5, 0.5, 0.5)
 
   @property
   def grid(self) -> int:
@@ -58,7 +58,7 @@ class ImageConfig:
 
 @dataclasses.dataclass
 class ImageInput:
-  tiles: np.ndarray  # [T, S, S, 3] float32, normalised
+  tiles: np.ndarray  # [T, S, S, 3] uint8 RGB
   plan_idx: np.ndarray  # [N, TAPS] int32: tile*P + pos, or NEWLINE / ZERO
   plan_w: np.ndarray  # [N, TAPS] float32
 
@@ -85,13 +85,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def normalize(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
-  """SigLIP preprocessing: bicubic resize to (S, S), scale 1/255, (x - mean) / std -> [S, S, 3]."""
+def tile(img: Image.Image, cfg: ImageConfig) -> np.ndarray:
+  """SigLIP's resize: bicubic to (S, S) -> uint8 [S, S, 3] (the scaling and normalisation run on device)."""
   s = cfg.image_size
   if img.size != (s, s):
     img = img.resize((s, s), Image.BICUBIC)
-  x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
-  return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+  return np.asarray(img, dtype=np.uint8)
 
 
 def select_best_resolution(size: tuple[int, int], candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -225,15 +224,15 @@ def process_image(img: Image.Image, cfg: ImageConfig, mode: str | None = None) -
     tiles = [img.resize((s, s), Image.BICUBIC)]
     tiles += [canvas.crop((x, y, x + s, y + s)) for y in range(0, bh, s) for x in range(0, bw, s)]
     idx, w = anyres_plan(img.size, bw // s, bh // s, cfg)
-    return ImageInput(np.stack([normalize(t, cfg) for t in tiles]), idx, w)
+    return ImageInput(np.stack([tile(t, cfg) for t in tiles]), idx, w)
   if mode == "pad":
     fill = tuple(int(m * 255) for m in cfg.mean)
-    tile = normalize(expand2square(img, fill), cfg)
+    square = tile(expand2square(img, fill), cfg)
     nl_i, nl_w = _newline_row()
-    return ImageInput(tile[None], np.concatenate([single[0].reshape(-1, TAPS), nl_i]),
+    return ImageInput(square[None], np.concatenate([single[0].reshape(-1, TAPS), nl_i]),
                       np.concatenate([single[1].reshape(-1, TAPS), nl_w]))
   if mode in ("flat", "square"):
-    return ImageInput(normalize(img, cfg)[None], single[0].reshape(-1, TAPS), single[1].reshape(-1, TAPS))
+    return ImageInput(tile(img, cfg)[None], single[0].reshape(-1, TAPS), single[1].reshape(-1, TAPS))
   raise ValueError(f"unknown image mode {mode!r}")
 
 
@@ -258,7 +257,7 @@ def process_video(frames: Sequence[Image.Image], cfg: ImageConfig) -> ImageInput
     idx, w = np.concatenate([idx, nl[0]]), np.concatenate([w, nl[1]])
   elif cfg.video_newline not in ("grid", "frame", "no_token"):
     raise ValueError(f"unknown video_newline {cfg.video_newline!r}")
-  tiles = np.stack([normalize(to_rgb(fr), cfg) for fr in frames])
+  tiles = np.stack([tile(to_rgb(fr), cfg) for fr in frames])
   return ImageInput(tiles, idx, w)
 
 
@@ -278,7 +277,7 @@ def process_sample_images(images: Sequence, cfg: ImageConfig) -> list[ImageInput
 class Expanded:
   tokens: np.ndarray  # [L] int32, IMAGE_TOKEN_INDEX at image positions
   labels: np.ndarray | None  # [L] int32 (IGNORE at image positions) or None
-  pixels: np.ndarray  # [T, S, S, 3]
+  pixels: np.ndarray  # [T, S, S, 3] uint8
   merge_idx: np.ndarray  # [L, TAPS] int32, absolute into the [T*P | newline | zero] table
   merge_w: np.ndarray  # [L, TAPS] float32
 
@@ -288,7 +287,7 @@ def expand(ids: Sequence[int], images: Sequence[ImageInput], cfg: ImageConfig, *
   """Replaces each IMAGE_TOKEN_INDEX in `ids` by that image's tokens and builds its merge plan.
 
   Tiles of all images are concatenated, padded with zeros to `tile_budget` (default: exactly what
-  the images need). Raises ValueError if the counts of placeholders and images differ or the
+  the images need; `batch.collate` re-packs them into the batch's budget). Raises ValueError if the counts of placeholders and images differ or the
   tiles do not fit the budget.
   """
   ids = np.asarray(ids, np.int64)
@@ -319,7 +318,7 @@ def expand(ids: Sequence[int], images: Sequence[ImageInput], cfg: ImageConfig, *
       tok.append(np.array([t], np.int32))
       lab.append(np.array([ignore_index if labels is None else labels[pos]], np.int32))
       m_idx.append(text_idx); m_w.append(text_w)
-  pixels = np.zeros((budget, s, s, 3), np.float32)
+  pixels = np.zeros((budget, s, s, 3), np.uint8)
   if images:
     pixels[:n_tiles] = np.concatenate([im.tiles for im in images])
   cat = (lambda xs, shape, dt: np.concatenate(xs) if xs else np.zeros(shape, dt))

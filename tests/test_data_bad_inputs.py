@@ -114,12 +114,12 @@ def test_image_tag_count_mismatch(tok, folder):
 
 
 def test_too_long_after_expansion(tok, folder):
-  full = run(tok, folder, rec())["tokens"]
+  full = run(tok, folder, rec())["sample"].tokens
   last_img = int(np.nonzero(full == -200)[0][-1])
   # the image fits, the whole sample does not: the original truncates the text after expansion
   out = run(tok, folder, rec(), seq_len=len(full) - 3)
-  assert "skip" not in out and len(out["tokens"]) == len(full) - 3
-  np.testing.assert_array_equal(out["tokens"], full[:len(full) - 3])
+  assert "skip" not in out and len(out["sample"].tokens) == len(full) - 3
+  np.testing.assert_array_equal(out["sample"].tokens, full[:len(full) - 3])
   assert run(tok, folder, rec(), seq_len=len(full) - 3, truncate=False)["skip"] == "too_long"
   # the image itself would be cut: skipped, never a partial image
   out = run(tok, folder, rec(), seq_len=last_img)
@@ -127,7 +127,7 @@ def test_too_long_after_expansion(tok, folder):
   assert "skip" not in run(tok, folder, rec(), seq_len=last_img + 1)
   # a text-only sample over seq_len: truncated as the original (labels remain), or skipped
   long = {"id": "t", "conversations": [{"from": "human", "value": "yes " * 200}, {"from": "gpt", "value": "no"}]}
-  assert len(run(tok, folder, long, seq_len=64)["tokens"]) == 64
+  assert len(run(tok, folder, long, seq_len=64)["sample"].tokens) == 64
   assert run(tok, folder, long, seq_len=64, truncate=False)["skip"] == "too_long"
 
 
@@ -169,7 +169,7 @@ def test_counts_survive_workers_and_checkpoints(tok, folder, workers):
   assert stats["skipped_ids"]["malformed_json"] == ["data.jsonl:11"]
   assert stats["skipped_ids"]["missing_image"] == ["x1 (data.jsonl:9)"]
   # the last batch: no real rows left -> padding rows (eval keeps equal batch counts per process)
-  assert not batches[2]["valid"].any() and (batches[2]["labels"] == -100).all()
+  assert not batches[2].inputs.valid.any() and (batches[2].labels == -100).all()
 
 
 def test_too_many_skips_raise_with_counts_and_ids(tok, folder):

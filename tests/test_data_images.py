@@ -6,10 +6,11 @@ import pytest
 from PIL import Image
 
 from lladav_jax import multimodal
-from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
+from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG, VisionConfig
 from lladav_jax.data import pipeline
 from lladav_jax.data.demo_data import demo_image_config, ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
+from lladav_jax.model.vision import normalize_pixels
 
 S = 56
 
@@ -53,11 +54,12 @@ def test_anyres_tiles_match_transformers(tok, tmp_path):
     out = proc(rec(f"{w}x{h}.png"))
     assert "skip" not in out, out
     ref = hf(img, return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
-    n = out["pixels"].shape[0]
+    n = out["sample"].pixels.shape[0]
     assert n == ref.shape[0] or np.all(ref[n:] == 0), (w, h)
-    np.testing.assert_allclose(out["pixels"], ref[:n], atol=1e-6, err_msg=f"{w}x{h}")
+    pixels = np.asarray(normalize_pixels(out["sample"].pixels, VisionConfig()))  # as the model normalises them
+    np.testing.assert_allclose(pixels, ref[:n], atol=1e-6, err_msg=f"{w}x{h}")
     # token count of the spliced image: base + unpadded grid with row newlines
-    assert (out["tokens"] == IMG).sum() == multimodal.process_image(img, demo_image_config()).num_tokens
+    assert (out["sample"].tokens == IMG).sum() == multimodal.process_image(img, demo_image_config()).num_tokens
 
 
 def test_modes_are_converted_not_skipped(tok, tmp_path):
@@ -81,13 +83,13 @@ def test_modes_are_converted_not_skipped(tok, tmp_path):
   for name in ("palette.png", "rgba.png", "cmyk.tiff"):
     out = proc(rec(name))
     assert "skip" not in out, (name, out)
-    np.testing.assert_allclose(out["pixels"], expect, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(out["sample"].pixels, expect, atol=1e-6, err_msg=name)
   out = proc(rec("palette_t.png"))
   assert "skip" not in out
   assert Image.open(tmp_path / "white16.png").mode.startswith("I")
   for name, v in (("white16.png", 255), ("gray16.png", 128)):  # 16-bit scaled to 8 bits, not clipped
     ref = multimodal.process_image(Image.new("RGB", (60, 40), (v, v, v)), demo_image_config()).tiles
-    np.testing.assert_allclose(proc(rec(name))["pixels"], ref, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(proc(rec(name))["sample"].pixels, ref, atol=1e-6, err_msg=name)
 
 
 def test_multi_image_pad_text_only_and_budget(tok, tmp_path):
@@ -95,14 +97,15 @@ def test_multi_image_pad_text_only_and_budget(tok, tmp_path):
   Image.new("RGB", (30, 60), (0, 0, 255)).save(tmp_path / "b.png")
   proc = processor(tok, tmp_path)
   out = proc(rec(["a.png", "b.png"], q="<image> <image>\nWhich image has more shapes?"))
-  assert out["pixels"].shape == (2, S, S, 3)  # "pad" path: one tile each
-  assert (out["tokens"] == IMG).sum() == 2 * (16 + 1)  # 16 + 1 newline each
+  assert out["sample"].pixels.shape == (2, S, S, 3)  # "pad" path: one tile each
+  assert (out["sample"].tokens == IMG).sum() == 2 * (16 + 1)  # 16 + 1 newline each
   pad = multimodal.expand2square(Image.open(tmp_path / "a.png"), (127, 127, 127))
-  np.testing.assert_allclose(out["pixels"][0], multimodal.normalize(pad, demo_image_config()), atol=1e-6)
+  np.testing.assert_array_equal(out["sample"].pixels[0], multimodal.tile(pad, demo_image_config()))
   # text only: no tiles at all, merge plan all "zero" rows
   t = proc(("k", json.dumps({"conversations": [{"from": "human", "value": "Hi"},
                                               {"from": "gpt", "value": "yes"}]}).encode()))
-  assert t["pixels"].shape[0] == 0 and (t["merge_w"] == 0).all() and (t["merge_idx"] == 16 * 16 + 1).all()
+  # (the sample's own table: no tiles, then the newline row 0 and the zero row 1; collate re-packs it)
+  assert t["sample"].pixels.shape[0] == 0 and (t["sample"].merge_w == 0).all() and (t["sample"].merge_idx == 1).all()
   # budget: a 300x57 image needs more than 4 tiles
   Image.new("RGB", (300, 57)).save(tmp_path / "wide.png")
   small = processor(tok, tmp_path, tile_budget=4)
@@ -117,12 +120,12 @@ def test_video_gif_and_frame_list(tok, tmp_path):
   proc = processor(tok, tmp_path, frames_upbound=4, tile_budget=8)
   g = proc(rec(video="v.gif"))
   assert "skip" not in g, g
-  assert g["pixels"].shape[0] == 4  # 10 frames at 1 fps -> 10 > 4 -> linspace(0, 9, 4) = 0, 3, 6, 9
-  reds = np.round((g["pixels"][:, 0, 0, 0] * 0.5 + 0.5) * 255).astype(int)
+  assert g["sample"].pixels.shape[0] == 4  # 10 frames at 1 fps -> 10 > 4 -> linspace(0, 9, 4) = 0, 3, 6, 9
+  reds = g["sample"].pixels[:, 0, 0, 0].astype(int)
   np.testing.assert_array_equal(reds, [0, 60, 120, 180])
-  assert (g["tokens"] == IMG).sum() == 4 * 2 * 3  # 4x4 grid pooled to 2x2, + a newline per row
+  assert (g["sample"].tokens == IMG).sum() == 4 * 2 * 3  # 4x4 grid pooled to 2x2, + a newline per row
   lst = proc(rec(video=[f"f{i}.png" for i in range(10)]))
-  np.testing.assert_allclose(lst["pixels"], g["pixels"], atol=1e-6)
+  np.testing.assert_allclose(lst["sample"].pixels, g["sample"].pixels, atol=1e-6)
   mp4 = tmp_path / "v.mp4"
   mp4.write_bytes(b"\x00\x00\x00\x18ftypmp42")
   out = proc(rec(video="v.mp4"))

@@ -7,6 +7,7 @@ import pytest
 from lladav_jax.data import arrayrecord, pipeline
 from lladav_jax.data.demo_data import demo_data_config, demo_image_config, ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
+from tests.train_helpers import flat
 
 B = 4
 
@@ -37,10 +38,10 @@ def same(a, b):
 
 def test_batch_format(demo, tok):
   cfg = demo_data_config(demo)
-  b = next(train_it(cfg, tok))
+  b = flat(next(train_it(cfg, tok)))
   L, T, S = cfg.seq_len, cfg.tile_budget, 56
   spec = {"tokens": ((B, L), np.int32), "labels": ((B, L), np.int32), "valid": ((B, L), np.bool_),
-          "positions": ((B, L), np.int32), "pixels": ((B, T, S, S, 3), np.float32),
+          "positions": ((B, L), np.int32), "pixels": ((B, T, S, S, 3), np.uint8),
           "merge_idx": ((B, L, 4), np.int32), "merge_w": ((B, L, 4), np.float32)}
   assert set(b) == set(spec)
   for k, (shape, dt) in spec.items():
@@ -62,7 +63,7 @@ def test_eos_padding_and_buckets(tok, tmp_path, demo):
   (tmp_path / "d.json").write_text(json.dumps(recs))
   cfg = demo_data_config(demo)
   cfg.path, cfg.shuffle, cfg.buckets = str(tmp_path / "d.json"), False, [64, 96, 128]
-  b = next(eval_it(cfg, tok, bs=2))
+  b = flat(next(eval_it(cfg, tok, bs=2)))
   lens = [len(tok.encode(x)) for x in ("Is there a red circle?", "How many shapes are there in the two images?")]
   n0 = (b["labels"][0] != -100).sum()
   full1 = int(b["valid"][1].sum())  # the longest row: no EOS padding
@@ -76,24 +77,24 @@ def test_eos_padding_and_buckets(tok, tmp_path, demo):
   assert (b["tokens"][:, full1:] == tok.pad_id).all()
   # switches
   cfg.labels.label_eos_padding = False
-  b2 = next(eval_it(cfg, tok, bs=2))
+  b2 = flat(next(eval_it(cfg, tok, bs=2)))
   assert (b2["tokens"] == b["tokens"]).all() and (b2["labels"][0, k0:full1] == -100).all()
   assert (b2["labels"][0] != -100).sum() == n0 - extra
   cfg.labels.pad_with_eos = False
-  b3 = next(eval_it(cfg, tok, bs=2))
+  b3 = flat(next(eval_it(cfg, tok, bs=2)))
   assert b3["valid"][0].sum() == k0
   cfg.labels.pad_with_eos, cfg.pad_group_size = True, 1  # per-device collation with 1 row per device
-  b4 = next(eval_it(cfg, tok, bs=2))
+  b4 = flat(next(eval_it(cfg, tok, bs=2)))
   assert b4["valid"][0].sum() == k0 and b4["valid"][1].sum() == full1
 
 
 def test_determinism_and_seed(demo, tok):
   cfg = demo_data_config(demo)
-  a = [next(it) for it in [train_it(cfg, tok, seed=3)] for _ in range(3)]
+  a = [flat(next(it)) for it in [train_it(cfg, tok, seed=3)] for _ in range(3)]
   it = train_it(cfg, tok, seed=3)
-  b = [next(it) for _ in range(3)]
+  b = [flat(next(it)) for _ in range(3)]
   it = train_it(cfg, tok, seed=4)
-  c = [next(it) for _ in range(3)]
+  c = [flat(next(it)) for _ in range(3)]
   assert all(same(x, y) for x, y in zip(a, b))
   assert not all(same(x, y) for x, y in zip(a, c))
 
@@ -117,11 +118,11 @@ def test_resume_mid_epoch(demo, tok, workers):
   for _ in range(5):
     next(it)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  want = [next(it) for _ in range(3)]
+  want = [flat(next(it)) for _ in range(3)]
   it2 = train_it(cfg, tok, seed=1)
   next(it2)  # a fresh iterator somewhere else
   it2.set_state(state)
-  got = [next(it2) for _ in range(3)]
+  got = [flat(next(it2)) for _ in range(3)]
   assert all(same(x, y) for x, y in zip(want, got))
   assert pipeline.iterator_stats(it2)["batches"] == 8
   if workers:
@@ -153,7 +154,7 @@ def test_eval_equal_batches_every_sample_once(demo, tok, tmp_path):
   for pi in range(2):
     it = eval_it(cfg, tok, pi=pi, pc=2, bs=4)
     n = 0
-    for b in it:
+    for b in map(flat, it):
       n += 1
       real = b["valid"].any(1)
       assert real.sum() == len(it.last_ids)
@@ -181,7 +182,7 @@ def test_jsonl_yaml_and_brace_sets(demo, tok, tmp_path):
   assert len(pipeline.records.json_source(str(tmp_path / "{b,c}.json"))) == 22
   cfg = demo_data_config(demo)
   cfg.path = str(tmp_path / "mix.yaml")
-  assert next(train_it(cfg, tok))["tokens"].shape == (B, cfg.seq_len)
+  assert flat(next(train_it(cfg, tok)))["tokens"].shape == (B, cfg.seq_len)
 
 
 def test_arrayrecord_matches_json(demo, tok, tmp_path):
@@ -193,7 +194,7 @@ def test_arrayrecord_matches_json(demo, tok, tmp_path):
   cfg_ar.path, cfg_ar.image_folder = str(tmp_path / "ar"), "/nonexistent"  # images come from the shards
   a, b = train_it(cfg, tok, seed=5), train_it(cfg_ar, tok, seed=5)
   for _ in range(3):
-    assert same(next(a), next(b))
+    assert same(flat(next(a)), flat(next(b)))
   assert arrayrecord.main([demo["validation"], demo["image_folder"], str(tmp_path / "ar2"), "--shards", "2"]) == 0
 
 
@@ -209,7 +210,7 @@ def test_tfds_source(demo, tok, tmp_path):
   def rows(c):
     it = eval_it(c, tok, bs=2)
     out = {}
-    for b in it:
+    for b in map(flat, it):
       for i, rid in enumerate(it.last_ids):
         out[rid.split(" ")[0]] = {k: v[i] for k, v in b.items()}
     return out
@@ -232,7 +233,7 @@ def test_plain_format_batches(demo, tok, tmp_path):
   cfg = demo_data_config(demo)
   cfg.path, cfg.format = str(tmp_path / "p.json"), "plain"
   img_cfg = demo_image_config().__class__(image_size=56, patch_size=14, aspect="square")
-  b = next(pipeline.build_eval_iterator(cfg, tok, img_cfg, batch_size_per_process=1, process_index=0, process_count=1))
+  b = flat(next(pipeline.build_eval_iterator(cfg, tok, img_cfg, batch_size_per_process=1, process_index=0, process_count=1)))
   n = int(b["valid"][0].sum())
   assert n == 16 + 3 and (b["tokens"][0, :16] == -200).all()
   assert tok.decode(b["labels"][0, 16:n]) == "red circle\n" and (b["labels"][0, :16] == -100).all()
@@ -243,7 +244,7 @@ def test_batches_become_global_jax_arrays(demo, tok):
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-  b = next(train_it(demo_data_config(demo), tok, bs=8))
+  b = flat(next(train_it(demo_data_config(demo), tok, bs=8)))
   for k, v in b.items():
     arr = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), v)
     assert arr.shape == v.shape and arr.dtype == v.dtype, k

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lladav_jax import config, generation, sharding
+from lladav_jax import batch as batch_lib, config, generation, sharding
 from lladav_jax.api import LLaDAV
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
 from lladav_jax.model import LLaDAVModel
@@ -32,7 +32,7 @@ def compile_step(devices: int, per_device: int = 1):
   setup = st.make_setup(CFG, mesh, optim_cfg(), total_steps=10)
   b = devices * per_device
   return stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=512), global_batch=b, accum=1,
-                                batch_shapes=stp.batch_shapes(b, L, 1, CFG.vision.image_size))
+                                batch_shapes=batch_lib.shapes(b, L, 1, CFG.vision.image_size))
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,11 @@ def compile_sampler(devices: int, per_device: int = 1):
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
   graphdef, params = sharding.abstract_model(lambda: LLaDAVModel(CFG, rngs=nnx.Rngs(0)), mesh)
   b, s, p = devices * per_device, CFG.vision.image_size, L
-  shapes = dict(tokens=((b, p), np.int32), valid=((b, p), np.bool_), positions=((b, p), np.int32),
-                pixels=((b, 1, s, s, 3), np.float32), merge_idx=((b, p, 4), np.int32), merge_w=((b, p, 4), np.float32),
-                suffix=((b, 0), np.int32), stop_ids=((b, 1, 1), np.int32), stop_lens=((b, 1), np.int32),
-                seeds=((b,), np.uint32), live=((b,), np.bool_))
-  inputs = core.SamplerInputs(**{k: jax.ShapeDtypeStruct(sh, dt, sharding=sharding.batch_sharding(mesh, len(sh)))
-                                 for k, (sh, dt) in shapes.items()})
+  sds = jax.ShapeDtypeStruct
+  inputs = core.SamplerInputs(prompt=batch_lib.shapes(b, p, 1, s, labels=False), suffix=sds((b, 0), np.int32),
+                              stop_ids=sds((b, 1, 1), np.int32), stop_lens=sds((b, 1), np.int32),
+                              seeds=sds((b,), np.uint32), live=sds((b,), np.bool_))
+  inputs = stp.abstract_batch(mesh, inputs)
   settings = core.SamplerSettings(gen_length=64, block_length=32, steps=8, mask_id=CFG.mask_token_id, eot_id=3,
                                   banned_ids=(1, 2), refresh_interval=1)
   with jax.set_mesh(mesh):

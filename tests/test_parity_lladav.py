@@ -24,7 +24,8 @@ from transformers.image_utils import ChannelDimension, PILImageResampling, to_nu
 
 from lladav_jax import multimodal as mm
 from lladav_jax import sharding, weights
-from lladav_jax.config import IMAGE_TOKEN_INDEX
+from lladav_jax.config import IMAGE_TOKEN_INDEX, VisionConfig
+from lladav_jax.model.vision import normalize_pixels
 from tests.test_parity_llm import MASK_ID, hf_logits, tiny_llama
 
 TOL = 1e-4
@@ -245,6 +246,11 @@ def _forward(graphdef, state, tokens, pixels, idx, w):
   return model(tokens, pos, None, pixels, idx, w)
 
 
+def normalized(tiles):
+  """Our uint8 tiles as the model normalises them on device."""
+  return np.asarray(normalize_pixels(tiles, VisionConfig()))
+
+
 def ours(cfg, state, ids, images):
   e = mm.expand(ids, images, IMAGE_CFG)
   graphdef, _ = weights.abstract_state(cfg)
@@ -303,7 +309,7 @@ def test_anyres_image_matches_torch(loaded, size, grid, n_tokens):
   assert (cols, rows) == grid
   # the pixels the original feeds its tower (its padded resize and crops): 1 + cols * rows tiles
   assert x.tiles.shape == ref_tiles.shape == (1 + cols * rows, 384, 384, 3)
-  assert np.abs(x.tiles - ref_tiles).max() <= 1e-6
+  assert np.abs(normalized(x.tiles) - ref_tiles).max() <= 1e-6
   img_tokens, unpadded, padded, times = torch_anyres(ref.features(ref_tiles), size, cols, rows, ref.newline)
   assert x.num_tokens == len(img_tokens) and (n_tokens is None or x.num_tokens == n_tokens)
   if grid == (6, 6):
@@ -326,7 +332,7 @@ def test_multi_image_pad_path_matches_torch(loaded):
   assert [x.num_tokens for x in xs] == [730, 730, 730]  # 729 + newline each
   ref_tiles = [ref_siglip_preprocess(ref_expand2square(im)) for im in imgs]
   for x, t in zip(xs, ref_tiles):
-    assert np.abs(x.tiles[0] - t).max() <= 1e-6
+    assert np.abs(normalized(x.tiles[0]) - t).max() <= 1e-6
   toks = [torch.cat([ref.features(t[None])[0], ref.newline[None]]) for t in ref_tiles]
   ids = [3, IMAGE_TOKEN_INDEX, 8, IMAGE_TOKEN_INDEX, 11, IMAGE_TOKEN_INDEX]
   logits, _ = ours(cfg, state, ids, xs)
@@ -341,7 +347,7 @@ def test_video_pooled_matches_torch(loaded):
   x = mm.process_video(frames, IMAGE_CFG)
   assert x.num_tokens == 3 * 14 * 15  # 27 -> ceil(27 / 2) = 14 per side, a newline after every row
   ref_tiles = np.stack([ref_siglip_preprocess(f) for f in frames])
-  assert np.abs(x.tiles - ref_tiles).max() <= 1e-6
+  assert np.abs(normalized(x.tiles) - ref_tiles).max() <= 1e-6
   toks = torch_video(ref.features(ref_tiles), ref.newline)
   ids = [4, IMAGE_TOKEN_INDEX, 6]
   logits, _ = ours(cfg, state, ids, [x])

@@ -8,8 +8,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lladav_jax import config, convert, multimodal as mm, sharding, weights
-from lladav_jax.api import pad_expanded
+from lladav_jax import batch as batch_lib, config, convert, multimodal as mm, sharding, weights
 from lladav_jax.config import IMAGE_TOKEN_INDEX
 from tests.test_parity_lladav import tiny_lladav_dir
 
@@ -35,19 +34,18 @@ def batch():
   samples = [([3, IMAGE_TOKEN_INDEX, 9, 10], [img(100, 60)]), ([4, 5, 6], []),
              ([IMAGE_TOKEN_INDEX, 7], [img(50, 50)]), ([8, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX], [img(30, 60), img(60, 30)])]
   exp = [mm.expand(ids, mm.process_sample_images(ims, IMAGE_CFG) if ims else [], IMAGE_CFG) for ids, ims in samples]
-  b, _ = pad_expanded(exp, IMAGE_CFG)
-  return b
+  return batch_lib.collate(exp, IMAGE_CFG)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(graphdef, state, b):
   model = nnx.merge(graphdef, state)
-  return model(b["tokens"], b["positions"], b["valid"][:, None, :], b["pixels"], b["merge_idx"], b["merge_w"])
+  return model(b.tokens, b.positions, b.valid[:, None, :], b.pixels, b.merge_idx, b.merge_w)
 
 
 def run(cfg, state, b, mesh):
   graphdef, _ = weights.abstract_state(cfg)
-  b = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in b.items()}
+  b = sharding.put_rows(b, mesh)
   return np.asarray(forward(graphdef, state, b))
 
 

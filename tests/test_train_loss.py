@@ -11,7 +11,7 @@ from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lladav_jax.training import loss as L
 from lladav_jax.training import state as st
 from lladav_jax.training import synthetic
-from tests.train_helpers import host_params, optim_cfg
+from tests.train_helpers import flat, host_params, optim_cfg
 
 
 def _batch(b=4, l=48, seed=0):
@@ -37,7 +37,7 @@ def numpy_loss(logits, tokens, labels, valid, t, u, eps=1e-3):
 
 
 def test_corrupt_masks_only_labelled_text():
-  bt = _batch()
+  bt = flat(_batch())
   t, u = L.draw_noise(jax.random.key(0), 4, 48)
   noisy, masked, p, w = jax.jit(L.corrupt, static_argnums=(5, 6))(jnp.asarray(bt["tokens"]), jnp.asarray(bt["labels"]), jnp.asarray(bt["valid"]),
                                   t, u, 500, 1e-3)
@@ -63,14 +63,15 @@ def test_loss_matches_numpy_formula():
   cfg = config.tiny()
   setup = st.make_setup(cfg, sharding.make_mesh(devices=jax.devices()[:1]), optim_cfg(), 10)
   graphdef, params = setup.graphdef, nnx.State(host_params(setup))
-  bt = _batch()
+  batch = _batch()
+  bt = flat(batch)
   jb = {k: jnp.asarray(v) for k, v in bt.items()}
   t, u = L.draw_noise(jax.random.key(7), 4, 48)
 
   @jax.jit
-  def both(params, jb, t, u):
+  def both(params, batch, jb, t, u):
     model = nnx.merge(graphdef, params)
-    loss, aux = L.diffusion_loss(model, jb, t, u, mask_token_id=cfg.mask_token_id, cfg=L.LossConfig(logits_chunk=16),
+    loss, aux = L.diffusion_loss(model, batch, t, u, mask_token_id=cfg.mask_token_id, cfg=L.LossConfig(logits_chunk=16),
                                  global_batch=4)
     # the reference: replace masked embeddings *after* splicing the images, full float32 logits
     _, masked, _, _ = L.corrupt(jb["tokens"], jb["labels"], jb["valid"], t, u, cfg.mask_token_id, 1e-3)
@@ -80,7 +81,7 @@ def test_loss_matches_numpy_formula():
     logits = model.llm.logits(model.llm(x, jb["positions"], jb["valid"][:, None, :]))
     return loss, aux, masked, logits
 
-  loss, aux, masked, logits = both(params, jb, t, u)
+  loss, aux, masked, logits = both(params, batch, jb, t, u)
   want = numpy_loss(np.asarray(logits), bt["tokens"], bt["labels"], bt["valid"], np.asarray(t), np.asarray(u))
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   assert float(aux["masked_tokens"]) == float(np.asarray(masked).sum())

@@ -14,11 +14,11 @@ def _setup(mesh, trainable=optimizer.GROUPS, lr=1e-3, cfg=None):
 
 
 def _global(batch, mesh):
-  return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  return jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)), batch)
 
 
 def _loss_and_grad(setup, state, batch, accum):
-  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=8), global_batch=batch["tokens"].shape[0], accum=accum)
+  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=8), global_batch=batch.inputs.rows, accum=accum)
   bs = stp.batch_shardings(setup.mesh, batch)
   rep = sharding.replicated(setup.mesh)
   f = jax.jit(fn, in_shardings=(setup.shardings, bs),
@@ -63,7 +63,7 @@ def test_stage1_freezes_everything_but_the_projector():
   before = jax.device_get(state)
   batch = synthetic.make_batch(np.random.default_rng(1), batch=8, seq_len=32, vocab_size=512, mask_token_id=500)
   compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), global_batch=8, accum=1,
-                                       batch_shapes={k: (v.shape, v.dtype) for k, v in batch.items()})
+                                       batch_shapes=jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch))
   for _ in range(3):
     state, m = compiled(state, _global(batch, mesh))
   after = jax.device_get(state)

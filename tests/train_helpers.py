@@ -1,4 +1,5 @@
 """Shared helpers for tests/test_train_*.py: fast host-side parameter init, small optimizer configs."""
+import dataclasses
 import os
 import sys
 
@@ -14,6 +15,12 @@ def optim_cfg(trainable=optimizer.GROUPS, lr=1e-3, schedule="constant", warmup_r
   return ml_collections.ConfigDict(dict(trainable=tuple(trainable), lr=lr, group_lr=group_lr or {}, b1=0.9, b2=0.999,
                                         eps=1e-8, weight_decay=0.0, clip_norm=1.0, warmup_ratio=warmup_ratio,
                                         schedule=schedule))
+
+
+def flat(batch):
+  """A TrainBatch as {field: array}: the tests compare and index batches field by field."""
+  x = batch.inputs
+  return {**{f.name: getattr(x, f.name) for f in dataclasses.fields(x)}, "labels": batch.labels}
 
 
 def host_params(setup, seed=0):

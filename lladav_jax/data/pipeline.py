@@ -5,17 +5,11 @@
       -> [mp_prefetch workers] -> drop+count skipped samples -> static-shape batch
 
 The trainer calls `build_train_iterator(...)` and passes each batch to
-`jax.make_array_from_process_local_data`. A batch is a dict of numpy arrays
-(B = per-process batch, L = bucket length, T = tile budget, S = tile size):
-
-  tokens    int32 [B, L]   ids; IMAGE_TOKEN_INDEX (-200) at image positions; padded first with
-                           EOS up to the original's padded length (labels = EOS: the original pads
-                           input_ids *and* labels with EOS before image expansion), then with pad id
-  labels    int32 [B, L]   -100 = not trained on
-  valid     bool  [B, L]   False only at bucket padding (keys the model must not attend to)
-  positions int32 [B, L]   arange(L)
-  pixels    float32 [B, T, S, S, 3]
-  merge_idx int32 [B, L, 4], merge_w float32 [B, L, 4]   (multimodal.expand, tile_budget=T)
+`jax.make_array_from_process_local_data`. A batch is a `batch.TrainBatch` of NumPy arrays (the one
+layout, see lladav_jax/batch.py), B = per-process batch, L = bucket length, T = tile budget. Each
+row is first padded with EOS up to the original's padded length (labels = EOS: the original pads
+input_ids *and* labels with EOS before image expansion; those positions are valid), then with the
+pad id (not valid).
 
 Skipped samples (bad files, too long, ...) travel as small sentinel records through the workers
 and are dropped and counted by reason in the main process (`iterator_stats(it)`); the counters
@@ -35,14 +29,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from lladav_jax import batch as batch_lib
 from lladav_jax import multimodal
 from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lladav_jax.data import records, template
 from lladav_jax.data.records import DataError, Skip
 
 log = logging.getLogger(__name__)
-
-BATCH_KEYS = ("tokens", "labels", "valid", "positions", "pixels", "merge_idx", "merge_w")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -232,17 +225,15 @@ class SampleProcessor:
     n_tiles = sum(x.num_tiles for x in inputs)
     if n_tiles > s.tile_budget:
       raise Skip("too_many_tiles", f"{n_tiles} tiles > tile_budget {s.tile_budget}")
-    exp = multimodal.expand(ids, inputs, self.image_cfg, labels=labels, tile_budget=s.tile_budget)
-    tokens, lab, m_idx, m_w = exp.tokens, exp.labels, exp.merge_idx, exp.merge_w
-    if len(tokens) > s.seq_len:  # the original's second truncation, after expansion
-      img = np.nonzero(tokens == IMAGE_TOKEN_INDEX)[0]
+    exp = multimodal.expand(ids, inputs, self.image_cfg, labels=labels)
+    if len(exp.tokens) > s.seq_len:  # the original's second truncation, after expansion
+      img = np.nonzero(exp.tokens == IMAGE_TOKEN_INDEX)[0]
       if not s.truncate or (img.size and img[-1] >= s.seq_len):
-        raise Skip("too_long", f"{len(tokens)} tokens after image expansion > seq_len {s.seq_len}")
-      tokens, lab, m_idx, m_w = tokens[:s.seq_len], lab[:s.seq_len], m_idx[:s.seq_len], m_w[:s.seq_len]
-    if not (lab != IGNORE_INDEX).any():
+        raise Skip("too_long", f"{len(exp.tokens)} tokens after image expansion > seq_len {s.seq_len}")
+      exp = batch_lib.truncate(exp, s.seq_len)
+    if not (exp.labels != IGNORE_INDEX).any():
       raise Skip("no_labels", "no labelled token left after truncation")
-    return {"tokens": tokens.astype(np.int32), "labels": lab.astype(np.int32), "merge_idx": m_idx,
-            "merge_w": m_w, "pixels": exp.pixels[:n_tiles], "pre_len": np.int32(pre_len), "id": rid}
+    return {"sample": exp, "pre_len": np.int32(pre_len), "id": rid}
 
 
 # ----------------------------------------------------------------------------- batching
@@ -253,8 +244,7 @@ class BatchSpec:
   buckets: tuple
   seq_len: int
   tile_budget: int
-  image_size: int
-  tokens_per_tile: int
+  image_cfg: multimodal.ImageConfig
   pad_id: int
   eos_id: int
   pad_with_eos: bool
@@ -262,42 +252,23 @@ class BatchSpec:
   pad_group_size: int = 0
 
 
-def collate(rows: list[dict], spec: BatchSpec) -> dict[str, np.ndarray]:
+def collate(rows: list[dict], spec: BatchSpec) -> batch_lib.TrainBatch:
   """Samples -> one static-shape batch (missing rows: all padding, no labels, no valid keys)."""
-  b, t, s = spec.batch_size, spec.tile_budget, spec.image_size
-  n = [len(r["tokens"]) for r in rows]
   pre = [int(r["pre_len"]) for r in rows]
   # The original pads input_ids and labels with EOS to the longest *pre-expansion* sample of its
   # (per-device) batch, then expands images and truncates to model_max_length.
-  g = spec.pad_group_size or b
+  g = spec.pad_group_size or spec.batch_size
   group_max = [max(pre[j - j % g:j - j % g + g]) for j in range(len(pre))]
-  eos_n = [m - p if spec.pad_with_eos else 0 for m, p in zip(group_max, pre)]
-  total = [min(a + e, spec.seq_len) for a, e in zip(n, eos_n)]
-  need = max(total, default=1)
+  samples = []
+  for r, m, p in zip(rows, group_max, pre):
+    e = r["sample"]
+    n = min(m - p, spec.seq_len - len(e.tokens)) if spec.pad_with_eos else 0
+    label = spec.eos_id if spec.label_eos_padding else IGNORE_INDEX
+    samples.append(batch_lib.extend(e, n, spec.eos_id, label, spec.image_cfg.tokens_per_tile))
+  need = max([len(e.tokens) for e in samples], default=1)
   length = next(x for x in spec.buckets if x >= need)
-  zero = t * spec.tokens_per_tile + 1
-  out = {
-      "tokens": np.full((b, length), spec.pad_id, np.int32),
-      "labels": np.full((b, length), IGNORE_INDEX, np.int32),
-      "valid": np.zeros((b, length), bool),
-      "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-      "pixels": np.zeros((b, t, s, s, 3), np.float32),
-      "merge_idx": np.full((b, length, multimodal.TAPS), zero, np.int32),
-      "merge_w": np.zeros((b, length, multimodal.TAPS), np.float32),
-  }
-  for i, r in enumerate(rows):
-    k = n[i]
-    out["tokens"][i, :k] = r["tokens"]
-    out["labels"][i, :k] = r["labels"]
-    out["merge_idx"][i, :k] = r["merge_idx"]
-    out["merge_w"][i, :k] = r["merge_w"]
-    out["valid"][i, :total[i]] = True
-    out["tokens"][i, k:total[i]] = spec.eos_id
-    if spec.label_eos_padding:
-      out["labels"][i, k:total[i]] = spec.eos_id
-    nt = r["pixels"].shape[0]
-    out["pixels"][i, :nt] = r["pixels"]
-  return out
+  return batch_lib.collate_train(samples, spec.image_cfg, rows=spec.batch_size, length=length, tiles=spec.tile_budget,
+                                 pad_id=spec.pad_id)
 
 
 class _BatchDataset(grain.IterDataset):
@@ -438,7 +409,7 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
                    else per_proc // batch_size_per_process)
   spec = BatchSpec(batch_size=int(batch_size_per_process), buckets=tuple(_buckets(data_cfg)),
                    seq_len=int(data_cfg.seq_len), tile_budget=int(data_cfg.tile_budget),
-                   image_size=image_cfg.image_size, tokens_per_tile=image_cfg.tokens_per_tile,
+                   image_cfg=image_cfg,
                    pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, pad_with_eos=settings.labels.pad_with_eos,
                    label_eos_padding=settings.labels.label_eos_padding,
                    pad_group_size=int(data_cfg.get("pad_group_size", 0) or 0))

@@ -16,9 +16,7 @@ from lladav_jax import sharding as shd
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
 from lladav_jax.model import common
 from lladav_jax.model.llm import KVCache, LLaDA
-from lladav_jax.model.vision import SigLIPVision
-
-TAPS = 4  # bilinear interpolation reads at most 2x2 source features
+from lladav_jax.model.vision import SigLIPVision, normalize_pixels
 
 
 def dtype_of(name: str):
@@ -61,9 +59,12 @@ class LLaDAVModel(nnx.Module):
                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
 
   def image_table(self, pixels_BTHWC):
-    """Projected features of every tile plus the newline and a zero row: [B, T*P + 2, D]."""
+    """Projected features of every uint8 tile plus the newline and a zero row: [B, T*P + 2, D]."""
     b, t = pixels_BTHWC.shape[:2]
-    feats = self.projector(self.vision(pixels_BTHWC.reshape((b * t,) + pixels_BTHWC.shape[2:])))
+    if pixels_BTHWC.dtype != jnp.uint8:
+      raise TypeError(f"pixels must be uint8 RGB tiles (normalised on device), got {pixels_BTHWC.dtype}")
+    x = normalize_pixels(pixels_BTHWC.reshape((b * t,) + pixels_BTHWC.shape[2:]), self.cfg.vision)
+    feats = self.projector(self.vision(x))
     feats = shd.constrain(feats.reshape(b, -1, feats.shape[-1]), shd.BLD)
     dt = feats.dtype
     tail = jnp.stack([self.image_newline[...].astype(dt), jnp.zeros_like(self.image_newline[...], dt)])
@@ -88,4 +89,4 @@ class LLaDAVModel(nnx.Module):
     return self.llm.logits(self.llm(x, positions_BL, mask_BTS))
 
 
-__all__ = ["LLaDAVModel", "Projector", "KVCache", "TAPS"]
+__all__ = ["LLaDAVModel", "Projector", "KVCache"]

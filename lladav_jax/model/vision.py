@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -50,6 +51,15 @@ class VisionBlock(nnx.Module):
                       shd.BLF)
     y = jnp.einsum("BPF,FD->BPD", y, w(self.fc2)) + w(self.fc2_bias)
     return x_BPD + checkpoint_name(y, "mlp_out")
+
+
+def normalize_pixels(pixels, cfg: VisionConfig):
+  """uint8 RGB tiles -> the tower's float32 input, (x * (1/255) - mean) / std as the image processor computes
+  it. Host batches stay uint8 (a quarter of the bytes); the 256 values per channel are computed here in NumPy
+  and looked up, so the result is exact on every backend (a fused multiply-add would round differently)."""
+  v = np.arange(256, dtype=np.float32)[:, None] * np.float32(1 / 255)
+  table = (v - np.asarray(cfg.pixel_mean, np.float32)) / np.asarray(cfg.pixel_std, np.float32)  # [256, 3]
+  return jnp.asarray(table)[pixels.astype(jnp.int32), jnp.arange(3)]
 
 
 class SigLIPVision(nnx.Module):

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from lladav_jax import sharding as shd
+from lladav_jax.batch import ModelInputs
 from lladav_jax.model.llm import KVCache
 from lladav_jax.sampling.schedule import count_table
 
@@ -139,12 +140,7 @@ class SamplerSettings:
 @struct.dataclass
 class SamplerInputs:
   """One batch, all static shapes. Prompts are left-padded (all end at column P)."""
-  tokens: jax.Array  # int32 [B, P]; IMAGE_TOKEN_INDEX at image-feature positions
-  valid: jax.Array  # bool [B, P]; False at padding
-  positions: jax.Array  # int32 [B, P]; 0 at each sample's first real token
-  pixels: jax.Array  # float32 [B, T, S, S, 3]
-  merge_idx: jax.Array  # int32 [B, P, 4]
-  merge_w: jax.Array  # float32 [B, P, 4]
+  prompt: ModelInputs  # [B, P]; positions 0 at each sample's first real token
   suffix: jax.Array  # int32 [B, Ls]; fixed tokens after the answer (Ls may be 0)
   stop_ids: jax.Array  # int32 [B, NS, LS]; extra stop sequences (eot_id is implicit)
   stop_lens: jax.Array  # int32 [B, NS]; 0 = unused slot
@@ -261,18 +257,19 @@ class Forward:
   def __init__(self, model, st: SamplerSettings, inp: SamplerInputs):
     self.llm, self.st = model.llm, st
     llm = self.llm
-    self.b, self.p = inp.tokens.shape
+    prompt = inp.prompt
+    self.b, self.p = prompt.tokens.shape
     self.g, self.bl = st.gen_length, st.block_length
     self.lg = self.g + inp.suffix.shape[1]  # answer + suffix
     self.cfg = st.cfg_scale > 0
     self.mult = 2 if self.cfg else 1
-    prompt_emb = model.embed(inp.tokens, inp.pixels, inp.merge_idx, inp.merge_w)
-    plen = jnp.sum(inp.valid, axis=-1).astype(jnp.int32)
+    prompt_emb = model.embed(prompt.tokens, prompt.pixels, prompt.merge_idx, prompt.merge_w)
+    plen = jnp.sum(prompt.valid, axis=-1).astype(jnp.int32)
     gen_pos = plen[:, None] + jnp.arange(self.lg, dtype=jnp.int32)[None]
-    valid, pos = inp.valid, inp.positions
+    valid, pos = prompt.valid, prompt.positions
     if self.cfg:  # unconditional pass: the mask embedding at every prompt position, images included
       mask_emb = llm.embed_tokens(jnp.full((1, 1), st.mask_id, jnp.int32)).astype(prompt_emb.dtype)
-      prompt_emb = jnp.concatenate([prompt_emb, jnp.where(inp.valid[..., None], mask_emb, prompt_emb)])
+      prompt_emb = jnp.concatenate([prompt_emb, jnp.where(prompt.valid[..., None], mask_emb, prompt_emb)])
       valid, pos, gen_pos = (jnp.concatenate([a, a]) for a in (valid, pos, gen_pos))
     self.prompt_emb, self.valid, self.pos, self.gen_pos = prompt_emb, valid, pos, gen_pos
     self.window_len = {None: 0, "prefix": self.lg, "dual": self.bl}[st.cache]

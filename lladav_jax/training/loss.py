@@ -109,13 +109,13 @@ def diffusion_loss(model, batch, t_B, u_BL, *, mask_token_id: int, cfg: LossConf
   """Sum over this (micro-)batch's sequences of the per-sequence term, divided by the *global*
   batch size, so micro-batch losses (and their gradients) add up to the formula on the global batch.
   Returns (loss, aux dict of sums for logging)."""
-  noisy, masked, p_B, w_BL = corrupt(batch["tokens"], batch["labels"], batch["valid"], t_B, u_BL,
-                                     mask_token_id, cfg.eps)
-  x = model.embed(noisy, batch["pixels"], batch["merge_idx"], batch["merge_w"])
-  h = model.llm(x, batch["positions"], batch["valid"][:, None, :])
-  wsum, ce_sum, correct = weighted_ce(h, model.llm.lm_head[...], batch["labels"], w_BL,
+  x, labels = batch.inputs, batch.labels
+  noisy, masked, p_B, w_BL = corrupt(x.tokens, labels, x.valid, t_B, u_BL, mask_token_id, cfg.eps)
+  emb = model.embed(noisy, x.pixels, x.merge_idx, x.merge_w)
+  h = model.llm(emb, x.positions, x.valid[:, None, :])
+  wsum, ce_sum, correct = weighted_ce(h, model.llm.lm_head[...], labels, w_BL,
                                       chunk=cfg.logits_chunk, dtype=model.llm.dtype)
-  answer = ((batch["labels"] != IGNORE_INDEX) & batch["valid"]).sum()
+  answer = ((labels != IGNORE_INDEX) & x.valid).sum()
   aux = {"masked_tokens": masked.sum().astype(jnp.float32), "answer_tokens": answer.astype(jnp.float32),
-         "ce_sum": ce_sum, "correct": correct, "valid_tokens": batch["valid"].sum().astype(jnp.float32)}
+         "ce_sum": ce_sum, "correct": correct, "valid_tokens": x.valid.sum().astype(jnp.float32)}
   return wsum / global_batch, aux

@@ -14,14 +14,11 @@ reports `finite = 0`; the host loop stops there.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lladav_jax import sharding as shd
 from lladav_jax.training import loss as loss_lib
@@ -30,23 +27,15 @@ from lladav_jax.training.state import Setup
 
 log = logging.getLogger(__name__)
 
-BATCH_NDIMS = {"tokens": 2, "labels": 2, "valid": 2, "positions": 2, "pixels": 5, "merge_idx": 3, "merge_w": 3}
+def batch_shardings(mesh, batch_like):
+  """Every batch array sharded by rows over (data, fsdp) (a TrainBatch of arrays or shapes)."""
+  return jax.tree.map(lambda v: shd.batch_sharding(mesh, len(v.shape)), batch_like)
 
 
-def batch_shapes(batch: int, length: int, tiles: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """{key: (shape, dtype)} of a training batch (the pipeline's layout), for ahead-of-time compiles."""
-  b, l, s = batch, length, image_size
-  return {"tokens": ((b, l), np.int32), "labels": ((b, l), np.int32), "valid": ((b, l), np.bool_),
-          "positions": ((b, l), np.int32), "pixels": ((b, tiles, s, s, 3), np.float32),
-          "merge_idx": ((b, l, 4), np.int32), "merge_w": ((b, l, 4), np.float32)}
-
-
-def batch_shardings(mesh, batch_like: dict) -> dict:
-  return {k: shd.batch_sharding(mesh, v.ndim if hasattr(v, "ndim") else len(v.shape)) for k, v in batch_like.items()}
-
-
-def abstract_batch(mesh, shapes: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
-  return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
+def abstract_batch(mesh, shapes):
+  """`shapes` (batch.shapes(...), global sizes) with the batch shardings attached."""
+  return jax.tree.map(lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), shapes,
+                      batch_shardings(mesh, shapes))
 
 
 def _to_micro(x, accum: int):
@@ -62,12 +51,9 @@ def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_ba
   noise from fold_in(key, step) over the whole batch, micro-batches of B / accum rows."""
   graphdef, mesh = setup.graphdef, setup.mesh
   mask_id = setup.model_cfg.mask_token_id
-  row_spec = shd.RULES["activation_batch"]
 
   def constrain(tree):
-    return jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(row_spec, *([None] * (x.ndim - 1))))),
-        tree)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim)), tree)
 
   def loss_fn(params, frozen, mb, t, u):
     model = nnx.merge(graphdef, nnx.State(opt.merge_params(params, frozen)))
@@ -77,7 +63,7 @@ def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_ba
 
   def fn(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    b, l = batch["tokens"].shape
+    b, l = batch.inputs.tokens.shape
     t, u = loss_lib.draw_noise(key, b, l, loss_cfg.antithetic)
     params, frozen = state["params"], state["frozen"]
     if accum == 1:
@@ -104,7 +90,7 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch
   loss_and_grad = make_loss_and_grad(setup, loss_cfg, global_batch=global_batch, accum=accum)
 
   def train_step(state, batch):
-    with jax.profiler.TraceAnnotation("train_step"):
+    with jax.named_scope("train_step"):
       loss, aux, grads = loss_and_grad(state, batch)
       params = state["params"]
       gnorm = optax.tree.norm(grads)
@@ -128,15 +114,16 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch
   return train_step
 
 
-def jit_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_example: dict):
+def jit_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_example):
   fn = make_train_step(setup, loss_cfg, global_batch=global_batch, accum=accum)
   rep = shd.replicated(setup.mesh)
   return jax.jit(fn, donate_argnums=0, in_shardings=(setup.shardings, batch_shardings(setup.mesh, batch_example)),
                  out_shardings=(setup.shardings, rep))
 
 
-def compile_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_shapes: dict):
-  """Ahead-of-time compile for one batch shape; returns (compiled, memory stats dict or None)."""
+def compile_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_shapes):
+  """Ahead-of-time compile for one batch shape (`batch.shapes(...)`, global sizes); returns
+  (compiled, memory stats dict or None)."""
   abs_batch = abstract_batch(setup.mesh, batch_shapes)
   jitted = jit_train_step(setup, loss_cfg, global_batch=global_batch, accum=accum, batch_example=abs_batch)
   with jax.set_mesh(setup.mesh):

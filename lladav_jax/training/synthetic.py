@@ -10,14 +10,13 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-
-TAPS = 4
+from lladav_jax.batch import ModelInputs, TrainBatch
+from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TAPS
 
 
 def make_batch(rng: np.random.Generator, *, batch: int, seq_len: int, vocab_size: int, mask_token_id: int,
                tiles: int = 1, image_size: int = 384, patch_size: int = 14, answer_frac: float = 0.3,
-               pad_frac: float = 0.1, eos_id: int | None = None) -> dict[str, np.ndarray]:
+               pad_frac: float = 0.1, eos_id: int | None = None) -> TrainBatch:
   p = (image_size // patch_size) ** 2
   n_img = min(tiles * p, seq_len // 2)
   zero = tiles * p + 1
@@ -28,7 +27,7 @@ def make_batch(rng: np.random.Generator, *, batch: int, seq_len: int, vocab_size
       "labels": np.full((batch, seq_len), IGNORE_INDEX, np.int32),
       "valid": np.zeros((batch, seq_len), bool),
       "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-      "pixels": rng.standard_normal((batch, tiles, image_size, image_size, 3)).astype(np.float32) * 0.5,
+      "pixels": rng.integers(0, 256, (batch, tiles, image_size, image_size, 3), dtype=np.uint8),
       "merge_idx": np.full((batch, seq_len, TAPS), zero, np.int32),
       "merge_w": np.zeros((batch, seq_len, TAPS), np.float32),
   }
@@ -51,7 +50,8 @@ def make_batch(rng: np.random.Generator, *, batch: int, seq_len: int, vocab_size
       out["labels"][b, n_valid - n_eos:n_valid] = eos
     out["valid"][b, :n_valid] = True
     out["tokens"][b, n_valid:] = eos
-  return out
+  labels = out.pop("labels")
+  return TrainBatch(ModelInputs(**out), labels)
 
 
 class SyntheticIterator(grain.DatasetIterator):

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lladav_jax import batch as batch_lib
 from lladav_jax import sharding as shd
 from lladav_jax.training import checkpointing, flops as flops_lib, metrics as metrics_lib
 from lladav_jax.training import run_config, state as state_lib, step as step_lib, synthetic
@@ -80,35 +81,14 @@ def batch_lengths(r: run_config.Resolved) -> list[int]:
   return sorted({int(x) for x in (d.buckets or [])} | {int(d.seq_len)})
 
 
-def pad_batch(batch: dict, length: int) -> dict:
-  """Right-pads a host batch to `length` positions (not valid, unlabelled)."""
-  l = batch["tokens"].shape[1]
-  if l == length:
-    return batch
-  n = length - l
-  out = dict(batch)
-  zero = int(batch["merge_idx"].max(initial=0))  # the table's zero row is its largest index
-  out["tokens"] = np.pad(batch["tokens"], ((0, 0), (0, n)))
-  out["labels"] = np.pad(batch["labels"], ((0, 0), (0, n)), constant_values=-100)
-  out["valid"] = np.pad(batch["valid"], ((0, 0), (0, n)))
-  out["positions"] = np.broadcast_to(np.arange(length, dtype=np.int32), (batch["tokens"].shape[0], length)).copy()
-  out["merge_idx"] = np.pad(batch["merge_idx"], ((0, 0), (0, n), (0, 0)), constant_values=zero)
-  out["merge_w"] = np.pad(batch["merge_w"], ((0, 0), (0, n), (0, 0)))
-  return out
+def global_shapes(host: batch_lib.TrainBatch, process_count: int) -> batch_lib.TrainBatch:
+  """The global batch's shapes: every process contributes its rows."""
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype), host)
 
 
-def batch_shapes(per_process_batch: dict, process_count: int) -> dict:
-  return {k: ((v.shape[0] * process_count,) + v.shape[1:], v.dtype) for k, v in per_process_batch.items()
-          if k in step_lib.BATCH_NDIMS}
-
-
-def to_global(batch: dict, mesh, process_count: int) -> dict:
-  out = {}
-  for k in step_lib.BATCH_NDIMS:
-    v = batch[k]
-    gshape = (v.shape[0] * process_count,) + v.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v, gshape)
-  return out
+def to_global(host: batch_lib.TrainBatch, mesh, process_count: int) -> batch_lib.TrainBatch:
+  return jax.tree.map(lambda v, g: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v, g.shape),
+                      host, global_shapes(host, process_count))
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -203,16 +183,15 @@ def train(cfg, workdir: str) -> dict:
   lengths = batch_lengths(r)
   d = r.data_cfg
   tiles = int(d.synthetic_tiles if d.kind == "synthetic" else d.tile_budget)
-  shapes = step_lib.batch_shapes(gb, lengths[-1], tiles, r.model_cfg.vision.image_size)
+  shapes = batch_lib.shapes(gb, lengths[-1], tiles, r.model_cfg.vision.image_size)
   compiled = {}
 
   def get_compiled(shp):
-    key = tuple(sorted((k, v[0]) for k, v in shp.items()))
+    key = tuple((v.shape, v.dtype) for v in jax.tree.leaves(shp))
     if key not in compiled:
       tc = time.perf_counter()
       compiled[key], mem = step_lib.compile_train_step(setup, loss_cfg, global_batch=gb, accum=accum, batch_shapes=shp)
-      log.info("compiled the train step for batch %s in %.1fs", dict((k, v[0]) for k, v in shp.items() if k == "tokens"),
-               time.perf_counter() - tc)
+      log.info("compiled the train step for tokens %s in %.1fs", shp.inputs.tokens.shape, time.perf_counter() - tc)
       if mem:
         log.info("per-device memory (compiled.memory_analysis): arguments %.1f MiB, outputs %.1f MiB, aliased %.1f MiB, "
                  "temporaries %.1f MiB, peak estimate %.1f MiB", *(mem[k] / 2 ** 20 for k in (
@@ -271,18 +250,18 @@ def train(cfg, workdir: str) -> dict:
         profiling = True
       host = next(data_iter)
       if len(lengths) > 1:
-        l_need = host["tokens"].shape[1]
+        l_need = host.inputs.length
         if pc > 1:
           from jax.experimental import multihost_utils
           l_need = int(np.max(multihost_utils.process_allgather(np.int32(l_need))))
-        host = pad_batch(host, l_need)
+        host = batch_lib.pad_length(host, l_need, r.image_cfg.tokens_per_tile)
       batch = to_global(host, mesh, pc)
-      fn = get_compiled(batch_shapes(host, pc))
+      fn = get_compiled(global_shapes(host, pc))
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, m = fn(state, batch)
       step += 1
-      b, l = batch["tokens"].shape
-      info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model_cfg, batch=b, seq_len=l, tiles=batch["pixels"].shape[1],
+      b, l = batch.inputs.tokens.shape
+      info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model_cfg, batch=b, seq_len=l, tiles=batch.inputs.tiles,
                                                              trainable=setup.trainable)["total"]}
       flush()  # the previous step's metrics (this step is already dispatched)
       pending.append((step, m, info))

@@ -1,0 +1,139 @@
+"""The one batch layout: what the model reads (`ModelInputs`) and what training adds (`TrainBatch`).
+
+Training (the Grain pipeline), inference (the sampler, logits, the ELBO), the demo and the tests all
+build batches with `collate`, from `multimodal.Expanded` samples (ids with the image placeholders
+already expanded, a merge plan, uint8 tiles). Shapes are static: B rows, L positions, T tiles of
+S x S pixels, TAPS merge taps.
+
+  tokens    int32 [B, L]        ids; IMAGE_TOKEN_INDEX (-200) at image-feature positions
+  positions int32 [B, L]        RoPE positions: 0 at each sample's first token (counting on through right
+                                padding, 0 on left padding; padding is never attended)
+  valid     bool  [B, L]        False only at padding: keys never attended
+  pixels    uint8 [B, T, S, S, 3]  RGB tiles (normalised on device); zeros where unused
+  merge_idx int32 [B, L, TAPS]  the merge plan into each row's [T*P tile features | newline | zero]
+  merge_w   float32 [B, L, TAPS]
+  labels    int32 [B, L]        training only: IGNORE_INDEX (-100) = not trained on
+
+Sequence packing adds one field here (segment ids), not a new layout.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import struct
+
+from lladav_jax.config import IGNORE_INDEX, TAPS
+from lladav_jax.multimodal import Expanded, ImageConfig
+
+
+@struct.dataclass
+class ModelInputs:
+  tokens: Any
+  positions: Any
+  valid: Any
+  pixels: Any
+  merge_idx: Any
+  merge_w: Any
+
+  @property
+  def rows(self) -> int:
+    return self.tokens.shape[0]
+
+  @property
+  def length(self) -> int:
+    return self.tokens.shape[1]
+
+  @property
+  def tiles(self) -> int:
+    return self.pixels.shape[1]
+
+
+@struct.dataclass
+class TrainBatch:
+  inputs: ModelInputs
+  labels: Any
+
+
+def shapes(rows: int, length: int, tiles: int, image_size: int, *, labels: bool = True):
+  """A batch of `jax.ShapeDtypeStruct`s (ahead-of-time compiles, memory plans); no allocation."""
+  s = jax.ShapeDtypeStruct
+  inputs = ModelInputs(tokens=s((rows, length), np.int32), positions=s((rows, length), np.int32),
+                       valid=s((rows, length), np.bool_), pixels=s((rows, tiles, image_size, image_size, 3), np.uint8),
+                       merge_idx=s((rows, length, TAPS), np.int32), merge_w=s((rows, length, TAPS), np.float32))
+  return TrainBatch(inputs, s((rows, length), np.int32)) if labels else inputs
+
+
+def collate(samples: Sequence[Expanded], image_cfg: ImageConfig, *, length: int | None = None,
+            tiles: int | None = None, rows: int | None = None, pad_id: int = 0, left: bool = False) -> ModelInputs:
+  """Stacks samples into `rows` rows (default: one per sample; extra rows are all padding) of `length`
+  positions and `tiles` tiles (defaults: what the samples need). `left` pads on the left (sampler
+  prompts all end at the same column). Each sample's merge plan points into its own
+  [t*P | newline | zero] table; it is remapped to the batch's [tiles*P | newline | zero]."""
+  rows = len(samples) if rows is None else rows
+  length = max([len(e.tokens) for e in samples], default=1) if length is None else length
+  tiles = max([e.pixels.shape[0] for e in samples], default=0) if tiles is None else tiles
+  if len(samples) > rows:
+    raise ValueError(f"{len(samples)} samples but {rows} rows")
+  p, s = image_cfg.tokens_per_tile, image_cfg.image_size
+  zero = tiles * p + 1
+  out = ModelInputs(tokens=np.full((rows, length), pad_id, np.int32), positions=np.zeros((rows, length), np.int32),
+                    valid=np.zeros((rows, length), bool), pixels=np.zeros((rows, tiles, s, s, 3), np.uint8),
+                    merge_idx=np.full((rows, length, TAPS), zero, np.int32),
+                    merge_w=np.zeros((rows, length, TAPS), np.float32))
+  for i, e in enumerate(samples):
+    n, t = len(e.tokens), e.pixels.shape[0]
+    if n > length:
+      raise ValueError(f"sample {i} has {n} tokens, more than the length {length}")
+    if t > tiles:
+      raise ValueError(f"sample {i} needs {t} tiles, more than {tiles}")
+    sl = slice(length - n, length) if left else slice(0, n)
+    out.tokens[i, sl], out.valid[i, sl] = e.tokens, True
+    out.positions[i] = np.maximum(np.arange(length) - sl.start, 0)
+    out.pixels[i, :t] = e.pixels
+    idx = e.merge_idx
+    out.merge_idx[i, sl] = np.where(idx < t * p, idx, idx - t * p + tiles * p)
+    out.merge_w[i, sl] = e.merge_w
+  return out
+
+
+def collate_train(samples: Sequence[Expanded], image_cfg: ImageConfig, **kw) -> TrainBatch:
+  """`collate` plus the samples' labels (IGNORE_INDEX on padding). Right-padded."""
+  inputs = collate(samples, image_cfg, **kw)
+  labels = np.full(inputs.tokens.shape, IGNORE_INDEX, np.int32)
+  for i, e in enumerate(samples):
+    labels[i, :len(e.labels)] = e.labels
+  return TrainBatch(inputs, labels)
+
+
+def pad_length(batch: TrainBatch, length: int, tokens_per_tile: int) -> TrainBatch:
+  """Right-pads a host batch to `length` positions (not valid, unlabelled): one compiled shape."""
+  x = batch.inputs
+  n = length - x.length
+  if n < 0:
+    raise ValueError(f"batch of length {x.length} is longer than {length}")
+  if n == 0:
+    return batch
+  pad = lambda a, value=0: np.pad(a, ((0, 0), (0, n)) + ((0, 0),) * (a.ndim - 2), constant_values=value)
+  positions = np.concatenate([x.positions, x.positions[:, -1:] + 1 + np.arange(n)], axis=1)
+  inputs = ModelInputs(tokens=pad(x.tokens), positions=positions, valid=pad(x.valid), pixels=x.pixels,
+                       merge_idx=pad(x.merge_idx, x.tiles * tokens_per_tile + 1), merge_w=pad(x.merge_w))
+  return TrainBatch(inputs, pad(batch.labels, IGNORE_INDEX))
+
+
+def extend(e: Expanded, n: int, token: int, label: int, tokens_per_tile: int) -> Expanded:
+  """`e` with `n` more text tokens (the original's EOS padding before image expansion)."""
+  if n <= 0:
+    return e
+  zero = e.pixels.shape[0] * tokens_per_tile + 1
+  return Expanded(tokens=np.concatenate([e.tokens, np.full(n, token, np.int32)]),
+                  labels=None if e.labels is None else np.concatenate([e.labels, np.full(n, label, np.int32)]),
+                  pixels=e.pixels, merge_idx=np.concatenate([e.merge_idx, np.full((n, TAPS), zero, np.int32)]),
+                  merge_w=np.concatenate([e.merge_w, np.zeros((n, TAPS), np.float32)]))
+
+
+def truncate(e: Expanded, n: int) -> Expanded:
+  """The first `n` positions of `e` (the original's truncation to model_max_length after expansion)."""
+  return Expanded(tokens=e.tokens[:n], labels=None if e.labels is None else e.labels[:n], pixels=e.pixels,
+                  merge_idx=e.merge_idx[:n], merge_w=e.merge_w[:n])
