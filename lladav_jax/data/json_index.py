@@ -25,8 +25,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _VERSION = 1  # bump when the index layout changes: older files are then never read
-_CHUNK = 16 << 20  # bytes scanned at a time: bounds the scan's temporaries (~10x this)
-_WS = b" \t\r\n"
+_CHUNK = 2 << 20  # bytes scanned at a time: the scan's temporaries are ~10x this (a few MiB)
 
 
 class JsonIndexError(ValueError):
@@ -43,88 +42,117 @@ def _file_key(path: str) -> str:
   return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{_VERSION}".encode()).hexdigest()[:20]
 
 
-def _lut(chars: bytes) -> np.ndarray:
-  t = np.zeros(256, bool)
-  t[list(chars)] = True
-  return t
+def _nonws(a: np.ndarray) -> np.ndarray:
+  """JSON's whitespace is 4 bytes. Comparisons, not a table lookup: indexing by a uint8 array makes an
+  8-byte index per byte."""
+  return (a != 32) & (a != 10) & (a != 13) & (a != 9)
 
 
-_STRUCT = _lut(b"[]{},")
-_WS_LUT = _lut(_WS)
-_STRIP_LUT = _lut(b" \t\r\n\x0b\x0c")  # what bytes.strip() removes: a JSONL line of only these is blank
+_STRIP = np.zeros(256, bool)
+_STRIP[list(b" \t\r\n\x0b\x0c")] = True  # what bytes.strip() removes: a JSONL line of only these is blank
 
 
-def _memmap(path: str):
-  return np.memmap(path, np.uint8, "r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+def _chunks(f):
+  """(offset, uint8 array) pieces of a file read in order: the scan holds one piece at a time (a memory
+  map would count the whole file as resident)."""
+  lo = 0
+  while b := f.read(_CHUNK):
+    yield lo, np.frombuffer(b, np.uint8)
+    lo += len(b)
+
+
+def _escaped(a: np.ndarray, q: np.ndarray, carry: int) -> list[int]:
+  """The quotes among positions `q` of `a` after an odd run of backslashes (`carry`: the run that ends
+  the previous piece). Backslashes before quotes are rare: checked one by one."""
+  out = []
+  for c in q[((q > 0) & (a[np.maximum(q - 1, 0)] == 92)) | ((q == 0) & (carry > 0))].tolist():
+    k = c - 1
+    while k >= 0 and a[k] == 92:
+      k -= 1
+    if (c - 1 - k + (carry if k < 0 else 0)) % 2:
+      out.append(c)
+  return out
+
+
+def _trailing_backslashes(a: np.ndarray, carry: int) -> int:
+  if not a.size or a[-1] != 92:
+    return 0
+  other = np.flatnonzero(a != 92)
+  return a.size - 1 - other[-1] if other.size else a.size + carry
 
 
 def scan_json_list(path: str) -> np.ndarray:
   """int64 [n, 2]: the byte span of each element of the top-level JSON list (whitespace around an
-  element included). Quotes preceded by an odd run of backslashes are escaped; brackets, braces and
-  commas inside strings are ignored. Raises JsonIndexError if the top level is not one list."""
-  mm = _memmap(path)
-  size = mm.size
-  nonws = np.flatnonzero(~_WS_LUT[mm[:min(size, 4096)]])
-  if not nonws.size:
-    raise JsonIndexError("empty file" if size <= 4096 else "no JSON value in the first 4 KiB")
-  first = chr(mm[nonws[0]])
-  if first != "[":
-    got = {"{": "an object"}.get(first, "not a list")
-    raise JsonIndexError(f"expected a JSON list of records, got {got}")
-  seps, quotes, depth, closed = [], 0, 0, -1
-  for lo in range(0, size, _CHUNK):
-    a = mm[lo:lo + _CHUNK]
-    q = np.flatnonzero(a == 34) + lo
-    cand = q[(q > 0) & (mm[np.maximum(q - 1, 0)] == 92)]  # quotes after a backslash: rare, checked one by one
-    if cand.size:
-      escaped = []
-      for c in cand.tolist():
-        k = c - 1
-        while k >= 0 and mm[k] == 92:
-          k -= 1
-        if (c - 1 - k) % 2:
-          escaped.append(c)
-      q = np.setdiff1d(q, escaped, assume_unique=True)
-    s = np.flatnonzero(_STRUCT[a]) + lo
-    s = s[(np.searchsorted(q, s) + quotes) % 2 == 0]  # outside strings: an even number of quotes before
-    quotes += q.size
-    if not s.size:
-      continue
-    ch = mm[s]
-    delta = np.where((ch == 91) | (ch == 123), 1, np.where((ch == 93) | (ch == 125), -1, 0))
-    after = depth + np.cumsum(delta)
-    before = after - delta
-    if (after < 0).any() or (before[1:] == 0).any() or (closed >= 0):
-      raise JsonIndexError("not valid JSON: more than one top-level value or unbalanced brackets")
-    top = ((ch == 44) & (before == 1)) | ((ch == 93) & (after == 0)) | ((ch == 91) & (before == 0))
-    seps.append(s[top])
-    if after[-1] == 0:
-      closed = int(s[-1])
-    depth = int(after[-1])
-  if depth or quotes % 2 or closed < 0:
-    raise JsonIndexError("not valid JSON: unterminated list or string")
-  if closed + 1 < size and (~_WS_LUT[mm[closed + 1:]]).any():
-    raise JsonIndexError("not valid JSON: data after the list")
-  seps = np.concatenate(seps)
-  spans = np.stack([seps[:-1] + 1, seps[1:]], 1).astype(np.int64)
-  if len(spans) == 1 and not (~_WS_LUT[mm[spans[0, 0]:spans[0, 1]]]).any():
-    spans = spans[:0]  # []
+  element included). Quotes after an odd run of backslashes are escaped; brackets, braces and commas
+  inside strings are ignored. Raises JsonIndexError if the top level is not one list."""
+  seps, quotes, depth, closed, carry, started = [], 0, 0, -1, 0, False
+  with open(path, "rb") as f:
+    for lo, a in _chunks(f):
+      if not started:
+        m = _nonws(a)
+        i = int(m.argmax())  # the first value's first byte
+        if not m[i]:
+          continue
+        if a[i] != 91:
+          raise JsonIndexError(f"expected a JSON list of records, got {'an object' if a[i] == 123 else 'not a list'}")
+        started = True
+      q = np.flatnonzero(a == 34)
+      esc = _escaped(a, q, carry)
+      if esc:
+        q = np.setdiff1d(q, esc, assume_unique=True)
+      carry = _trailing_backslashes(a, carry)
+      folded = a | 32  # '[' -> '{', ']' -> '}'
+      s = np.flatnonzero((folded == 123) | (folded == 125) | (a == 44))
+      s = s[(np.searchsorted(q, s) + quotes) % 2 == 0]  # outside strings: an even number of quotes before
+      quotes += q.size
+      if s.size:
+        ch = a[s]
+        delta = np.where((ch == 91) | (ch == 123), 1, np.where((ch == 93) | (ch == 125), -1, 0))
+        after = depth + np.cumsum(delta)
+        before = after - delta
+        if (after < 0).any() or (before[1:] == 0).any() or closed >= 0:
+          raise JsonIndexError("not valid JSON: more than one top-level value or unbalanced brackets")
+        top = ((ch == 44) & (before == 1)) | ((ch == 93) & (after == 0)) | ((ch == 91) & (before == 0))
+        seps.append(s[top] + lo)
+        if after[-1] == 0:
+          closed = lo + int(s[-1])
+        depth = int(after[-1])
+      if closed >= 0 and _nonws(a[max(0, closed + 1 - lo):]).any():
+        raise JsonIndexError("not valid JSON: data after the list")
+    if not started:
+      raise JsonIndexError("empty file")
+    if depth or quotes % 2 or closed < 0:
+      raise JsonIndexError("not valid JSON: unterminated list or string")
+    seps = np.concatenate(seps)
+    spans = np.stack([seps[:-1] + 1, seps[1:]], 1).astype(np.int64)
+    if len(spans) == 1 and not os.pread(f.fileno(), int(spans[0, 1] - spans[0, 0]), int(spans[0, 0])).strip():
+      spans = spans[:0]  # []
   return spans
 
 
 def scan_jsonl(path: str) -> np.ndarray:
   """int64 [n, 3]: start, end (newline excluded) and 1-based line number of each non-blank line."""
-  mm = _memmap(path)
-  size = mm.size
-  nl = np.concatenate([np.flatnonzero(mm[lo:lo + _CHUNK] == 10) + lo for lo in range(0, size, _CHUNK)] or
-                      [np.zeros(0, np.int64)])
-  starts = np.concatenate([[0], nl + 1]).astype(np.int64)
-  ends = np.concatenate([nl, [size]]).astype(np.int64)
-  lines = np.arange(1, len(starts) + 1, dtype=np.int64)
-  keep = ends > starts
-  keep[keep] = ~_STRIP_LUT[mm[starts[keep]]]  # first byte not blank: the line has content
-  for i in np.flatnonzero((ends > starts) & ~keep).tolist():  # lines that open with blanks (rare)
-    keep[i] = bool(bytes(mm[starts[i]:ends[i]]).strip())
+  nls, firsts, last = [], [], 10
+  with open(path, "rb") as f:
+    for lo, a in _chunks(f):
+      nl = np.flatnonzero(a == 10)
+      st = nl + 1
+      st = st[st < a.size]
+      if last == 10:  # a line starts where this piece does
+        st = np.concatenate([[0], st])
+      nls.append(nl + lo)
+      firsts.append(a[st])
+      last = a[-1]
+    size = f.tell()
+    nl = np.concatenate(nls or [np.zeros(0, np.int64)])
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [size]]).astype(np.int64)
+    lines = np.arange(1, len(starts) + 1, dtype=np.int64)
+    content = np.zeros(len(starts), bool)
+    content[starts < size] = ~_STRIP[np.concatenate(firsts or [np.zeros(0, np.uint8)])]  # first byte not blank
+    for i in np.flatnonzero((ends > starts) & ~content).tolist():  # lines that open with blanks (rare)
+      content[i] = bool(os.pread(f.fileno(), int(ends[i] - starts[i]), int(starts[i])).strip())
+  keep = content & (ends > starts)
   return np.stack([starts[keep], ends[keep], lines[keep]], 1)
 
 
