@@ -186,7 +186,7 @@ def cached_picks(path: str, strategy: str, rng: np.random.Generator, pick) -> st
   state = json.dumps(rng.bit_generator.state, sort_keys=True, default=str)
   key = hashlib.sha1(f"{_file_key(path)}|{strategy}|{state}".encode()).hexdigest()[:20]
   npy = os.path.join(cache_dir(), f"{os.path.basename(path)}.pick.{key}.npy")
-  arr = np.asarray(pick(), np.int64)
+  arr = np.asarray(pick(), np.int64)  # drawn even when cached: the mix's later draws follow from it
   if os.path.exists(npy):
     return npy
   return _save(npy, arr, f"record selection of {path}")
