@@ -22,10 +22,12 @@ import math
 import os
 import re
 import warnings
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageSequence, UnidentifiedImageError
+
+from lladav_jax.data import json_index
 
 
 class Skip(Exception):
@@ -43,73 +45,37 @@ class DataError(RuntimeError):
 
 # ----------------------------------------------------------------------------- sources
 
-class JsonLinesSource:
-  """Records kept as compact JSON bytes in one buffer (+ offsets): cheap to pickle to workers."""
-
-  def __init__(self, blobs: Sequence[bytes], keys: Sequence[str]):
-    self._offsets = np.zeros(len(blobs) + 1, np.int64)
-    np.cumsum([len(b) for b in blobs], out=self._offsets[1:])
-    self._buf = b"".join(blobs)
-    self._keys = list(keys)
-
-  def __len__(self):
-    return len(self._keys)
-
-  def __getitem__(self, i: int):
-    i = int(i)
-    return self._keys[i], self._buf[self._offsets[i]:self._offsets[i + 1]]
-
-  def __repr__(self):
-    return f"JsonLinesSource({len(self)} records)"
+def _indexed(path: str):
+  """(index, record count) of one .json list / .jsonl file (json_index: built once, then cached)."""
+  if not os.path.isfile(path):
+    raise DataError(f"data file not found: {path}")
+  try:
+    return json_index.load_index(path)
+  except json_index.JsonIndexError as e:
+    raise DataError(f"{path}: {e}; use .jsonl for line-per-record files") from None
 
 
-def _read_json_file(path: str):
-  """-> (list of raw JSON bytes, keys). JSONL lines are kept raw (parsed, and skipped if
-  malformed, per sample); a .json file must be one JSON list."""
-  blobs, keys = [], []
-  name = os.path.basename(path)
-  if path.endswith(".jsonl"):
-    with open(path, "rb") as f:
-      for n, line in enumerate(f, 1):
-        line = line.strip()
-        if line:
-          blobs.append(line)
-          keys.append(f"{name}:{n}")
-    return blobs, keys
-  with open(path, "rb") as f:
-    try:
-      data = json.loads(f.read())
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}: not valid JSON ({e}); use .jsonl for line-per-record files") from None
-  if not isinstance(data, list):
-    raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-  for i, r in enumerate(data):
-    blobs.append(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode())
-    keys.append(f"{name}#{i}")
-  return blobs, keys
-
-
-def _apply_strategy(blobs, keys, strategy: str, rng: np.random.Generator, where: str):
-  """LLaVA's YAML `sampling_strategy`: all | first:N | end:N | random:N, N may be P%."""
+def _selection(path: str, n: int, strategy: str, rng: np.random.Generator, where: str):
+  """LLaVA's YAML `sampling_strategy`: all | first:N | end:N | random:N, N may be P%.
+  -> None (all), a (lo, hi) range, or the chosen record numbers (random)."""
   if strategy == "all" or not strategy:
-    return blobs, keys
+    return None
   if ":" not in strategy:
     raise DataError(f"{where}: unknown sampling_strategy {strategy!r}")
   kind, num = strategy.split(":", 1)
-  n = math.ceil(int(num[:-1]) * len(blobs) / 100) if num.endswith("%") else int(num)
+  k = math.ceil(int(num[:-1]) * n / 100) if num.endswith("%") else int(num)
   if kind == "first":
-    idx = range(min(n, len(blobs)))
-  elif kind == "end":
-    idx = range(max(0, len(blobs) - n), len(blobs))
-  elif kind == "random":  # the original shuffles unseeded; here seeded
-    idx = rng.permutation(len(blobs))[:n]
-  else:
-    raise DataError(f"{where}: unknown sampling_strategy {strategy!r}")
-  return [blobs[i] for i in idx], [keys[i] for i in idx]
+    return 0, min(k, n)
+  if kind == "end":
+    return max(0, n - k), n
+  if kind == "random":  # the original shuffles unseeded; here seeded
+    return json_index.cached_picks(path, strategy, rng, lambda: rng.permutation(n)[:k])
+  raise DataError(f"{where}: unknown sampling_strategy {strategy!r}")
 
 
-def json_source(data_path: str, seed: int = 0) -> JsonLinesSource:
-  """A file (.json list or .jsonl), a `{a,b}.json` set, or a YAML list of datasets."""
+def json_source(data_path: str, seed: int = 0) -> json_index.IndexedJsonSource:
+  """A file (.json list or .jsonl), a `{a,b}.json` set, or a YAML list of datasets. Records are read
+  from the files on access (json_index): workers get paths and indexes, never the records."""
   if data_path.endswith((".yaml", ".yml")):
     import yaml
     with open(data_path) as f:
@@ -118,28 +84,18 @@ def json_source(data_path: str, seed: int = 0) -> JsonLinesSource:
       raise DataError(f"{data_path}: expected `datasets: [{{json_path: ..., sampling_strategy: ...}}]`")
     rng = np.random.default_rng(seed)
     base = os.path.dirname(os.path.abspath(data_path))
-    all_b, all_k = [], []
+    parts = []
     for d in spec["datasets"]:
       p = d.get("json_path")
       if not p:
         raise DataError(f"{data_path}: a dataset entry has no json_path: {d}")
       p = p if os.path.isabs(p) else os.path.join(base, p)
-      b, k = _read_json_file(p)
-      b, k = _apply_strategy(b, k, str(d.get("sampling_strategy", "all")), rng, data_path)
-      all_b += b
-      all_k += k
-    return JsonLinesSource(all_b, all_k)
+      index, n = _indexed(p)
+      parts.append((p, index, _selection(p, n, str(d.get("sampling_strategy", "all")), rng, data_path)))
+    return json_index.IndexedJsonSource(parts)
   m = re.match(r"^(.*)\{(.*)\}\.json$", data_path)
-  if m:
-    all_b, all_k = [], []
-    for name in m.group(2).split(","):
-      b, k = _read_json_file(f"{m.group(1)}{name}.json")
-      all_b += b
-      all_k += k
-    return JsonLinesSource(all_b, all_k)
-  if not os.path.exists(data_path):
-    raise DataError(f"data file not found: {data_path}")
-  return JsonLinesSource(*_read_json_file(data_path))
+  paths = [f"{m.group(1)}{name}.json" for name in m.group(2).split(",")] if m else [data_path]
+  return json_index.IndexedJsonSource([(p, _indexed(p)[0], None) for p in paths])
 
 
 # ----------------------------------------------------------------------------- records

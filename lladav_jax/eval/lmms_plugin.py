@@ -13,7 +13,9 @@ and `loglikelihood` returns the ELBO (higher is better) where the original retur
 Video tasks (doc_to_visual gives a path) get `max_frames_num` uniformly sampled frames, passed to
 the model as one video: a per-prompt visual that is a list of frames (one placeholder, the frames
 pooled by `multimodal.process_video`, as the original). Multi-round tasks follow lmms-eval's
-`generate_until_multi_round` contract (the task's doc_to_text drives the rounds).
+`generate_until_multi_round` contract (the task's doc_to_text drives the rounds). A request's visuals are
+built (doc_to_visual called, its video read) only when its batch runs, so one batch's pixels are in
+memory at a time, never the benchmark's.
 """
 from __future__ import annotations
 
@@ -183,9 +185,13 @@ class LLaDAVJax(_Base):
               stop_strings=stops, seed=self.seed)
     return kw, gk.get("think_mode", self.think_mode)
 
-  def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
-    vis = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
-    return self._model_visuals(vis)
+  def _visuals(self, doc_to_visual, doc_id, task, split):
+    """The request's visuals, to be built when its batch runs (doc_to_visual decodes images, a video
+    path is read into frames): built up front, a benchmark's every image would be in memory at once."""
+    def build():
+      vis = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else None
+      return self._model_visuals(vis)
+    return build
 
   def _model_visuals(self, vis) -> list:
     """lmms-eval visuals -> the model's per-prompt list: PIL images, or one video (a path, read
@@ -195,18 +201,23 @@ class LLaDAVJax(_Base):
       if len(vis) != 1:
         raise ValueError(f"lladav_jax: a video must be the sample's only visual, got {len(vis)} visuals")
       return [read_video(vis[0], self.max_frames_num)]
-    return [v.convert("RGB") if hasattr(v, "convert") else v for v in vis]
+    return [v.convert("RGB") if hasattr(v, "convert") and v.mode != "RGB" else v for v in vis]  # RGB: no copy
 
-  def _prepare(self, context: str, gen_kwargs, images: list):
-    """One prompt: (text with the think suffix where the original adds it, visuals, sampler kwargs)."""
+  def _prepare(self, context: str, gen_kwargs, visuals):
+    """One prompt: (context, visuals (a list, or a callable that builds it), sampler kwargs, think mode)."""
     kw, think = self.generation_settings(gen_kwargs)
-    prompt = f"{context} /{think}" if think in ("think", "no_think") and images else context
-    return prompt, images, kw
+    return context, visuals, kw, think
+
+  @staticmethod
+  def _prompt(context: str, think, images: list) -> str:
+    """The think suffix where the original adds it: a think mode and visuals."""
+    return f"{context} /{think}" if think in ("think", "no_think") and images else context
 
   def _generate(self, prepared: list) -> list[str]:
-    """Prepared prompts -> cleaned answers in the same order; same-settings prompts are batched."""
+    """Prepared prompts -> cleaned answers in the same order; same-settings prompts are batched, and
+    each batch's visuals are built just before its call."""
     groups = {}
-    for i, (_, _, kw) in enumerate(prepared):
+    for i, (_, _, kw, _) in enumerate(prepared):
       key = repr(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
       groups.setdefault(key, []).append(i)
     res: list[str | None] = [None] * len(prepared)
@@ -214,7 +225,10 @@ class LLaDAVJax(_Base):
       kw = prepared[idxs[0]][2]
       for s in range(0, len(idxs), self.batch_size):
         chunk = idxs[s:s + self.batch_size]
-        outs = self.model.generate([prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk], **kw)
+        images = [_built(prepared[i][1]) for i in chunk]
+        prompts = [self._prompt(prepared[i][0], prepared[i][3], im) for i, im in zip(chunk, images)]
+        outs = self.model.generate(prompts, images, **kw)
+        del images  # freed before the next batch is built, not after
         for i, out in zip(chunk, outs):
           text = out if isinstance(out, str) else out.text
           res[i] = ans.postprocess_output(ans.truncate_at_stop(text, kw["stop_strings"]))
@@ -239,10 +253,11 @@ class LLaDAVJax(_Base):
       items.append((context, self._visuals(doc_to_visual, doc_id, task, split), str(cont)))
     out: list[tuple[float, bool]] = []
     for s in range(0, len(items), self.batch_size):
-      chunk = items[s:s + self.batch_size]
+      chunk = [(c, _built(v), t) for c, v, t in items[s:s + self.batch_size]]
       elbos = self.model.elbo([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk],
                               num_samples=self.mc_num)
       out += [(float(e), self._is_greedy(c) if self.check_greedy else False) for e, c in zip(elbos, chunk)]
+      del chunk  # its visuals are freed before the next batch is built, not after
     return out
 
   def _is_greedy(self, item) -> bool:
@@ -295,10 +310,14 @@ class LLaDAVJax(_Base):
         if terminal:
           res[i] = tuple(answers)
         else:
-          state[i] = [self._model_visuals(vis), context, answers, info]
+          state[i] = [lambda vis=vis: self._model_visuals(vis), context, answers, info]
           still.append(i)
       live = still
     return res
+
+
+def _built(visuals) -> list:
+  return visuals() if callable(visuals) else visuals
 
 
 def lmms_eval_manifest():

@@ -12,7 +12,9 @@ Formats:
   * LLaVA conversation rows (id, image, conversations) for the demo / synthetic splits.
 
 A missing required column raises DataFormatError naming the file, row and column. A row whose
-image cannot be decoded is skipped and listed in ReadResult.skipped with its id and the reason.
+image cannot be read (missing file, not an image) is skipped and listed in ReadResult.skipped with its id
+and the reason. Images stay encoded in the samples (ImageRef: bytes or a path); eval/run.py decodes
+them a batch at a time.
 """
 from __future__ import annotations
 
@@ -56,21 +58,59 @@ class ReadResult:
 
 # ------------------------------------------------------------------------------ images
 
-def decode_image(value: Any, base_dir: str = ".") -> Image.Image:
-  """PIL RGB image from base64 text, a data URI, raw bytes, a path, or {"bytes"/"path"} dicts."""
+class ImageRef:
+  """One image kept encoded (its bytes, or the path of its file) until a batch needs it: a benchmark's
+  samples hold these, so memory follows the file's size, not the decoded pixels (a DocVQA page is
+  ~15 MB as RGB). `load()` decodes; eval/run.py decodes each batch's images and lets them go. The
+  header is read when the reference is made, so a file that is not an image is caught by the reader.
+  Other PIL attributes (getpixel, ...) read through a fresh decode that is not kept."""
+
+  __slots__ = ("data", "path", "size")
+
+  def __init__(self, data: bytes | None = None, path: str | None = None):
+    self.data, self.path = data, path
+    try:
+      with Image.open(self._file()) as im:
+        self.size = im.size
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+      raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+  def _file(self):
+    return io.BytesIO(self.data) if self.data is not None else self.path
+
+  def load(self) -> Image.Image:
+    """The RGB image. Raises ImageDecodeError (e.g. a truncated file whose header was fine)."""
+    try:
+      with Image.open(self._file()) as im:
+        im.load()
+        return im if im.mode == "RGB" else im.convert("RGB")  # RGB: no second copy
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+      raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+  def __getattr__(self, name):
+    if name.startswith("_"):  # copy / pickle protocol lookups: not the image's
+      raise AttributeError(name)
+    return getattr(self.load(), name)
+
+  def __repr__(self):
+    where = self.path or f"{len(self.data)} bytes"
+    return f"ImageRef({where}, {self.size[0]}x{self.size[1]})"
+
+
+def image_ref(value: Any, base_dir: str = ".") -> ImageRef | Image.Image:
+  """An ImageRef from base64 text, a data URI, raw bytes, a path, or {"bytes"/"path"} dicts (an
+  already-decoded PIL image is returned as is). Raises ImageDecodeError."""
   try:
     if isinstance(value, Image.Image):
-      return value.convert("RGB")
+      return value
     if isinstance(value, dict):
       if value.get("bytes") is not None:
-        return decode_image(value["bytes"], base_dir)
+        return image_ref(value["bytes"], base_dir)
       if value.get("path"):
-        return decode_image(value["path"], base_dir)
+        return image_ref(value["path"], base_dir)
       raise ImageDecodeError("image dict has neither 'bytes' nor 'path'")
     if isinstance(value, (bytes, bytearray)):
-      im = Image.open(io.BytesIO(value))
-      im.load()
-      return im.convert("RGB")
+      return ImageRef(data=bytes(value))
     if not isinstance(value, str) or not value.strip():
       raise ImageDecodeError(f"empty or non-string image value ({type(value).__name__})")
     s = value.strip()
@@ -79,18 +119,25 @@ def decode_image(value: Any, base_dir: str = ".") -> Image.Image:
     elif len(s) < 1024:  # short strings are paths; base64 of any real image is longer
       path = s if os.path.isabs(s) else os.path.join(base_dir, s)
       if os.path.exists(path):
-        with Image.open(path) as im:
-          return im.convert("RGB")
+        return ImageRef(path=os.path.abspath(path))
       if not _looks_base64(s):
         raise ImageDecodeError(f"image file not found: {path}")
-    raw = base64.b64decode(s, validate=False)
-    im = Image.open(io.BytesIO(raw))
-    im.load()
-    return im.convert("RGB")
+    return ImageRef(data=base64.b64decode(s, validate=False))
   except ImageDecodeError:
     raise
-  except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
+  except (binascii.Error, ValueError) as e:
     raise ImageDecodeError(f"{type(e).__name__}: {e}") from e
+
+
+def decode_image(value: Any, base_dir: str = ".") -> Image.Image:
+  """PIL RGB image from base64 text, a data URI, raw bytes, a path, or {"bytes"/"path"} dicts."""
+  ref = image_ref(value, base_dir)
+  return ref.load() if isinstance(ref, ImageRef) else ref.convert("RGB")
+
+
+def load_images(images) -> list:
+  """A sample's images decoded (ImageRef -> RGB PIL image; anything else as it is)."""
+  return [x.load() if isinstance(x, ImageRef) else x for x in images]
 
 
 def _looks_base64(s: str) -> bool:
@@ -144,7 +191,7 @@ def read_tsv(path: str, task: Task, limit: int | None = None, shard_index: int =
       raise DataFormatError(f"{path}: missing required column {c!r} (columns: {sorted(cols)})")
   by_index = {str(r["index"]): r for r in rows}
   rows = rows[:limit] if limit is not None else rows
-  samples, skipped = [], []
+  samples, skipped, shared = [], [], {}
   for i, row in enumerate(rows):
     if not _shard_take(i, shard_index, shard_count):
       continue
@@ -158,7 +205,7 @@ def read_tsv(path: str, task: Task, limit: int | None = None, shard_index: int =
     if task.needs_choices and not choices:
       raise DataFormatError(f"{path}: row {i + 1} (index {rid}): no option columns A.. with values")
     try:
-      images, image_key = _tsv_images(row, by_index, os.path.dirname(path))
+      images, image_key = _tsv_images(row, by_index, os.path.dirname(path), shared)
     except ImageDecodeError as e:
       skipped.append({"id": rid, "row": i + 1, "reason": str(e)})
       continue
@@ -174,23 +221,28 @@ def read_tsv(path: str, task: Task, limit: int | None = None, shard_index: int =
   return ReadResult(samples, skipped, len(rows), path)
 
 
-def _tsv_images(row: dict, by_index: dict, base_dir: str) -> tuple[list[Image.Image], str]:
+def _tsv_images(row: dict, by_index: dict, base_dir: str, shared: dict) -> tuple[list, str]:
+  """(ImageRefs, image key). `shared`: the refs made so far, by row, so an image that several rows
+  point to is held once."""
   v = row.get("image")
   if not _present(v) and _present(row.get("image_path")):
-    return [decode_image(row["image_path"], base_dir)], str(row["image_path"])
+    return [image_ref(row["image_path"], base_dir)], str(row["image_path"])
   if not _present(v):
     raise ImageDecodeError("empty image field")
   v = v.strip()
   # VLMEvalKit stores a repeated image once; other rows hold the index of the row that has it.
   if len(v) <= 64 and v in by_index and by_index[v] is not row:
-    return _tsv_images(by_index[v], by_index, base_dir)[0], v
-  if v.startswith("["):
-    try:
-      items = ast.literal_eval(v)
-    except (ValueError, SyntaxError) as e:
-      raise ImageDecodeError(f"image list is not a valid literal: {e}") from e
-    return [decode_image(x, base_dir) for x in items], str(row.get("index"))
-  return [decode_image(v, base_dir)], str(row.get("index"))
+    return _tsv_images(by_index[v], by_index, base_dir, shared)[0], v
+  if id(row) not in shared:
+    if v.startswith("["):
+      try:
+        items = ast.literal_eval(v)
+      except (ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"image list is not a valid literal: {e}") from e
+      shared[id(row)] = [image_ref(x, base_dir) for x in items]
+    else:
+      shared[id(row)] = [image_ref(v, base_dir)]
+  return shared[id(row)], str(row.get("index"))
 
 
 def _answers_for(task: Task, answer, choices: list[str]) -> list[str]:
@@ -293,22 +345,22 @@ def _question_answer(row: dict, task: Task, where: str) -> tuple[str, Any]:
   raise DataFormatError(f"{where}: missing required field 'answers' (or 'answer')")
 
 
-def _json_images(row: dict, question: str, choices: list[str], base_dir: str) -> list[Image.Image]:
+def _json_images(row: dict, question: str, choices: list[str], base_dir: str) -> list:
   tagged = [f"image_{k}" for k in range(1, 8) if row.get(f"image_{k}") is not None]
   listed = row.get("images", row.get("image_list"))
   single = row.get("image", row.get("image_path"))
   tags = sorted({int(t) for t in _IMAGE_TAG.findall(question + "\n" + "\n".join(choices))})
   if tagged:  # MMMU: the images referenced by <image N> tags, in tag order
     keys = [f"image_{t}" for t in tags if f"image_{t}" in tagged] or tagged
-    return [decode_image(row[k], base_dir) for k in keys]
+    return [image_ref(row[k], base_dir) for k in keys]
   if isinstance(listed, list):
     if tags and all(1 <= t <= len(listed) for t in tags):
       listed = [listed[t - 1] for t in tags]
-    return [decode_image(x, base_dir) for x in listed]
+    return [image_ref(x, base_dir) for x in listed]
   if isinstance(single, list):
-    return [decode_image(x, base_dir) for x in single]
+    return [image_ref(x, base_dir) for x in single]
   if single is not None:
-    return [decode_image(single, base_dir)]
+    return [image_ref(single, base_dir)]
   return []
 
 

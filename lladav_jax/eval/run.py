@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from lladav_jax.eval import answers as ans
-from lladav_jax.eval.readers import read_samples
+from lladav_jax.eval.readers import ImageDecodeError, load_images, read_samples
 from lladav_jax.eval.sample import EvalSample
 from lladav_jax.eval.tasks import EOT, Task, get_task
 
@@ -84,6 +84,25 @@ def _batches(items: list, batch_size: int, pad_to_full: bool, num_batches: int |
   return out
 
 
+def _batch_images(batch: list, n_real: int, skipped: list) -> tuple[list, set]:
+  """The batch's images decoded (readers keep them encoded, so only one batch is ever decoded). Rows
+  whose image fails to decode (a truncated file whose header was fine) are returned in `bad`; the real
+  ones are added to `skipped`."""
+  images, bad, done = [], set(), {}
+  for j, s in enumerate(batch):
+    if id(s) not in done:  # padding repeats a row
+      try:
+        done[id(s)] = load_images(s.images)
+      except ImageDecodeError as e:
+        done[id(s)] = e
+        if j < n_real:
+          skipped.append({"id": s.id, "row": None, "reason": f"image decoding failed: {e}"})
+    images.append(done[id(s)])
+    if isinstance(images[-1], ImageDecodeError):
+      bad.add(j)
+  return images, bad
+
+
 def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: GenerateFn, *,
              gen_kwargs: dict | None = None, batch_size: int = 1, process_index: int = 0,
              process_count: int = 1, presharded: bool = False, num_batches: int | None = None,
@@ -93,23 +112,31 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
 
   samples: all samples (each process keeps its stride) or, with presharded=True, this process's.
   num_batches: with several processes, the generate-call count every process must make.
-  skipped: rows the reader could not use; they are reported, never scored as 0 silently.
+  skipped: rows the reader could not use; they are reported, never scored as 0 silently (so are rows
+    whose image fails to decode here: images are decoded a batch at a time, readers keep them encoded).
   """
   task = get_task(task) if isinstance(task, str) else task
   kw = resolve_gen_kwargs(task, gen_kwargs)
   mine = list(samples) if presharded or process_count == 1 else list(samples)[process_index::process_count]
-  records, gen_seconds = [], 0.0
+  records, gen_seconds, skipped = [], 0.0, list(skipped)
   batches = _batches(mine, batch_size, pad_to_full=process_count > 1, num_batches=num_batches)
   local = 0
   for bi, (batch, n_real) in enumerate(batches):
     prompts = [task.model_prompt(s) for s in batch]
+    images, bad = _batch_images(batch, n_real, skipped)
+    good = next((j for j in range(len(batch)) if j not in bad), None)
+    for j in bad:  # the call keeps its size (every process makes the same calls); the output is dropped
+      prompts[j], images[j] = (prompts[good], images[good]) if good is not None else ("", [])
     t0 = time.perf_counter()
-    outs = list(generate_fn(prompts, [s.images for s in batch], **kw))
+    outs = list(generate_fn(prompts, images, **kw))
+    del images  # this batch's pixels go before the next batch is decoded
     dt = time.perf_counter() - t0
     gen_seconds += dt
     if len(outs) != len(batch):
       raise RuntimeError(f"generate_fn returned {len(outs)} outputs for {len(batch)} prompts")
-    for s, prompt, out in list(zip(batch, prompts, outs))[:n_real]:
+    for j, (s, prompt, out) in enumerate(list(zip(batch, prompts, outs))[:n_real]):
+      if j in bad:
+        continue
       raw, nfe, n_tok = _out_fields(out)
       pred = ans.postprocess_output(ans.truncate_at_stop(raw, kw["stop_strings"]))
       rec = {"id": s.id, "prompt": prompt, "raw_output": raw, "prediction": pred, "answers": s.answers,
@@ -121,7 +148,6 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
       local += 1
     if log and (bi + 1) % max(1, len(batches) // 10) == 0:
       log(f"[{task.name}] process {process_index}: batch {bi + 1}/{len(batches)}")
-  skipped = list(skipped)
   if process_count > 1:
     if shard_dir is None:
       raise ValueError("shard_dir is required when process_count > 1")

@@ -11,7 +11,7 @@ class EvalSample:
 
   prompt_text: the user turn without the think suffix (the task adds " /think" / " /no_think"
     when images are present, as the original does; the API adds the chat template and <image>s).
-  images: PIL images in prompt order.
+  images: in prompt order: readers.ImageRef (kept encoded; evaluate decodes a batch at a time) or PIL images.
   answers: ground truths; for multiple choice, the gold letter(s).
   choices: option texts for multiple choice (A, B, ... in order), else [].
   meta: task-specific fields used by scoring (category, question_type, index, pair_id, ...).
