@@ -34,9 +34,9 @@ class Projector(nnx.Module):
       bound = fan_in ** -0.5
       return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
     self.fc1 = common.param(rngs, uniform(d_in), (d_in, d_out), ("vit_embed", "embed"), param_dtype)
-    self.fc1_bias = common.param(rngs, uniform(d_in), (d_out,), ("norm",), param_dtype)
+    self.fc1_bias = common.param(rngs, uniform(d_in), (d_out,), ("replicated",), param_dtype)
     self.fc2 = common.param(rngs, uniform(d_out), (d_out, d_out), ("mlp", "embed"), param_dtype)
-    self.fc2_bias = common.param(rngs, uniform(d_out), (d_out,), ("norm",), param_dtype)
+    self.fc2_bias = common.param(rngs, uniform(d_out), (d_out,), ("replicated",), param_dtype)
     self.dtype = dtype
 
   def __call__(self, x):
@@ -54,7 +54,7 @@ class LLaDAVModel(nnx.Module):
     self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=dtype, param_dtype=pdtype,
                                rngs=rngs)
     self.image_newline = common.param(rngs, jax.nn.initializers.normal(cfg.llm.hidden_size ** -0.5),
-                                      (cfg.llm.hidden_size,), ("norm",), pdtype)
+                                      (cfg.llm.hidden_size,), ("replicated",), pdtype)
     self.llm = LLaDA(cfg.llm, dtype=dtype, param_dtype=pdtype, attention_impl=cfg.attention_impl,
                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
 

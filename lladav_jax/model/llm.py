@@ -92,9 +92,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   def __init__(self, cfg: LLMConfig, attention_impl: str, dtype, param_dtype, *, rngs: nnx.Rngs):
     ones = jax.nn.initializers.ones
-    self.attn_norm = common.param(rngs, ones, (cfg.hidden_size,), ("norm",), param_dtype)
+    self.attn_norm = common.param(rngs, ones, (cfg.hidden_size,), ("replicated",), param_dtype)
     self.attn = Attention(cfg, attention_impl, dtype, param_dtype, rngs=rngs)
-    self.mlp_norm = common.param(rngs, ones, (cfg.hidden_size,), ("norm",), param_dtype)
+    self.mlp_norm = common.param(rngs, ones, (cfg.hidden_size,), ("replicated",), param_dtype)
     self.mlp = MLP(cfg, dtype, param_dtype, rngs=rngs)
     self.eps = cfg.rms_norm_eps
 
@@ -119,7 +119,7 @@ class LLaDA(nnx.Module):
                               param_dtype)
     self.layers = common.stacked(lambda r: Block(cfg, attention_impl, dtype, param_dtype, rngs=r),
                                  cfg.num_layers, rngs)
-    self.final_norm = common.param(rngs, jax.nn.initializers.ones, (cfg.hidden_size,), ("norm",),
+    self.final_norm = common.param(rngs, jax.nn.initializers.ones, (cfg.hidden_size,), ("replicated",),
                                    param_dtype)
     self.lm_head = common.param(rngs, init_normal, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                 param_dtype)

@@ -24,14 +24,14 @@ class VisionBlock(nnx.Module):
     d, n, f = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
     h = d // n
     p = lambda init, shape, axes: common.param(rngs, init, shape, axes, param_dtype)
-    self.ln1_scale, self.ln1_bias = p(ones, (d,), ("norm",)), p(zeros, (d,), ("norm",))
+    self.ln1_scale, self.ln1_bias = p(ones, (d,), ("replicated",)), p(zeros, (d,), ("replicated",))
     self.q_proj, self.q_bias = p(init_normal, (d, n, h), ("vit_embed", "vit_heads", None)), p(zeros, (n, h), ("vit_heads", None))
     self.k_proj, self.k_bias = p(init_normal, (d, n, h), ("vit_embed", "vit_heads", None)), p(zeros, (n, h), ("vit_heads", None))
     self.v_proj, self.v_bias = p(init_normal, (d, n, h), ("vit_embed", "vit_heads", None)), p(zeros, (n, h), ("vit_heads", None))
-    self.o_proj, self.o_bias = p(init_normal, (n, h, d), ("vit_heads", None, "vit_embed")), p(zeros, (d,), ("norm",))
-    self.ln2_scale, self.ln2_bias = p(ones, (d,), ("norm",)), p(zeros, (d,), ("norm",))
+    self.o_proj, self.o_bias = p(init_normal, (n, h, d), ("vit_heads", None, "vit_embed")), p(zeros, (d,), ("replicated",))
+    self.ln2_scale, self.ln2_bias = p(ones, (d,), ("replicated",)), p(zeros, (d,), ("replicated",))
     self.fc1, self.fc1_bias = p(init_normal, (d, f), ("vit_embed", "vit_mlp")), p(zeros, (f,), ("vit_mlp",))
-    self.fc2, self.fc2_bias = p(init_normal, (f, d), ("vit_mlp", "vit_embed")), p(zeros, (d,), ("norm",))
+    self.fc2, self.fc2_bias = p(init_normal, (f, d), ("vit_mlp", "vit_embed")), p(zeros, (d,), ("replicated",))
     self.eps = cfg.layer_norm_eps
     self.dtype = dtype
 
@@ -72,7 +72,7 @@ class SigLIPVision(nnx.Module):
     pdim = cfg.patch_size * cfg.patch_size * 3
     # Conv2d(3, D, patch, stride=patch) as a matmul over (py, px, c)-flattened patches.
     self.patch_kernel = common.param(rngs, init_normal, (pdim, cfg.hidden_size), (None, "vit_embed"), param_dtype)
-    self.patch_bias = common.param(rngs, zeros, (cfg.hidden_size,), ("norm",), param_dtype)
+    self.patch_bias = common.param(rngs, zeros, (cfg.hidden_size,), ("replicated",), param_dtype)
     self.pos_embed = common.param(rngs, init_normal, (cfg.tokens_per_tile, cfg.hidden_size), (None, "vit_embed"),
                                   param_dtype)
     self.layers = common.stacked(lambda r: VisionBlock(cfg, dtype, param_dtype, rngs=r), cfg.num_layers, rngs)
