@@ -45,7 +45,8 @@ def main(argv):
       trainer.maybe_initialize_distributed(run_config.distributed_config(cfg))
     run = run_config.resolve(cfg, num_devices=jax.device_count(), process_count=jax.process_count())
     if _PRINT.value:
-      print(json.dumps(run.to_dict(), indent=1))
+      # JSON, one section a line
+      print("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in run.to_dict().items()) + "\n}")
       return
     trainer.train(run, _WORKDIR.value)
   except run_config.ConfigError as e:
