@@ -1,7 +1,7 @@
 """The typed training run: frozen dataclasses, one per section of the command-line config
 (configs/finetune.py), built and validated once by `run_config.resolve`. Below the entry point
-nothing reads the ConfigDict. The defaults live in configs/finetune.py (the sections with their
-own module, OptimConfig and DataConfig, also have library defaults there).
+nothing reads the ConfigDict. The run's defaults are the presets' (configs/finetune.py); only the
+sections that libraries also build by hand (OptimConfig, DataConfig, ...) have defaults of their own.
 
     RunConfig
       model ModelConfig, image ImageConfig, loss LossConfig, optim OptimConfig  (their own modules)
