@@ -83,7 +83,7 @@ def _buckets(cfg) -> list[int]:
   if b[-1] != cfg.seq_len:
     b = sorted(set(b) | {int(cfg.seq_len)})
   if b[0] <= 0 or b[-1] > cfg.seq_len:
-    raise ValueError(f"buckets {b} must be positive and <= seq_len {cfg.seq_len}")
+    raise ValueError(f"data.buckets {b} must be positive and <= data.seq_len={cfg.seq_len}")
   return b
 
 
