@@ -135,9 +135,7 @@ def main():
 
   def file_cfg(path, tiles):
     def make():
-      cfg = pipeline.default_data_config()
-      cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget = path, os.path.dirname(path), 8192, tiles
-      return cfg
+      return pipeline.DataConfig(path=path, image_folder=os.path.dirname(path), seq_len=8192, tile_budget=tiles)
     return make
 
   rows = []
@@ -146,8 +144,7 @@ def main():
       (f"{w}x{h} JPEG ({n_tiles} tiles of 384)", file_cfg(large, n_tiles), full, 2),
       ("720p H.264 10 s (10 frames at 1 fps)", file_cfg(vids, 10), full, 2)):
     for nw in a.workers:
-      cfg = make_cfg()
-      cfg.num_workers = nw
+      cfg = make_cfg().replace(num_workers=nw)
       r = measure(cfg, tok, image_cfg, bs, a.seconds)
       rows.append((name, nw, bs, r))
       print(f"{name:34s} workers={nw} batch={bs:2d}: {r['samples_per_s']:8.1f} samples/s  "

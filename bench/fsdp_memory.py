@@ -25,7 +25,6 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, REPO)
-  import ml_collections
   from lladav_jax import config, sharding
   from lladav_jax import batch as batch_lib
   from lladav_jax.training import loss as loss_lib, optimizer, state as st, step as stp
@@ -34,8 +33,7 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
   if preset == "llada_v_8b":
     cfg = cfg.replace(remat_policy=remat)
   mesh = sharding.make_mesh(1, devices, 1)
-  optim = ml_collections.ConfigDict(dict(trainable=optimizer.GROUPS, lr=1e-5, group_lr={}, b1=0.9, b2=0.999, eps=1e-8,
-                                         weight_decay=0.0, clip_norm=1.0, warmup_ratio=0.03, schedule="cosine"))
+  optim = optimizer.OptimConfig(lr=1e-5)  # the HF Trainer AdamW of every stage
   setup = st.make_setup(cfg, mesh, optim, total_steps=1000)
   b = devices
   shapes = batch_lib.shapes(b, tokens, tiles, cfg.vision.image_size)

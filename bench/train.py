@@ -22,7 +22,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lladav_jax import config as model_config, sharding  # noqa: E402
@@ -61,8 +60,7 @@ def model_cfg(s: Setting):
 def run(s: Setting, steps: int, warmup: int = 1):
   cfg = model_cfg(s)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  ocfg = ml_collections.ConfigDict(dict(trainable=optimizer.GROUPS, lr=1e-4, group_lr={}, b1=0.9, b2=0.999, eps=1e-8,
-                                        weight_decay=0.0, clip_norm=1.0, warmup_ratio=0.03, schedule="cosine"))
+  ocfg = optimizer.OptimConfig(lr=1e-4)  # the HF Trainer AdamW of every stage
   setup = st.make_setup(cfg, mesh, ocfg, total_steps=1000)
   state = st.init_state(setup, seed=0, params=random_like(st.full_params(setup.abstract)))
   batch = synthetic.make_batch(np.random.default_rng(0), batch=s.batch, seq_len=s.seq, vocab_size=cfg.llm.vocab_size,

@@ -5,9 +5,16 @@ r"""Training configs for LLaDA-V: the built-in demo and the original's stages (R
         --config.data.path=/data/mammoth_si_10M.json --config.data.image_folder=/data/images
     python -m lladav_jax.train --config=configs/finetune.py:finetune,runlocal --workdir=/tmp/t
 
-The argument after ':' is `PRESET[,runlocal][,key=value...]` (big_vision style). `runlocal`
+The argument after ':' is `PRESET[,runlocal][,FIELD=VALUE...]` (big_vision style). `runlocal`
 shrinks any preset to a tiny CPU run on synthetic data (tests, smoke runs). Every field can also be
-overridden with `--config.FIELD=VALUE` (the config is locked: a misspelt field is an error).
+overridden with `--config.FIELD=VALUE` (the config is locked: a misspelt field is an error). Both
+forms parse VALUE by the field's type with absl's parsers: `true`/`false`, numbers, a string, a
+tuple as a Python literal (`data.buckets=(4096,8192)`, `optim.trainable=('projector',)`); a field
+that defaults to None (a placeholder) takes a value of its declared type. The suffix is applied
+after the preset, `--config.FIELD` flags after the suffix:
+
+    --config='configs/finetune.py:stage2_si,train.global_batch_size=128,data.buckets=(4096,8192)'
+    python -m lladav_jax.train --config=configs/finetune.py:stage1 --print_config   # the result, resolved
 
 Presets (hyperparameters of the original's scripts; HF Trainer AdamW (0.9, 0.999, 1e-8), weight
 decay 0, clip 1.0, warmup ratio 0.03, cosine, 1 epoch, gradient checkpointing):
@@ -23,15 +30,39 @@ decay 0, clip 1.0, warmup ratio 0.03, cosine, 1 epoch, gradient checkpointing):
               data.seq_len); init: the stage-2 OV output.
   finetune    everything, LR 1e-5 / 2e-6, batch 64, length 8192; init: GSAI-ML/LLaDA-V converted.
 """
+import dataclasses
+
 import ml_collections
+from absl import flags
 from ml_collections import config_dict
+from ml_collections.config_flags import tuple_parser
 
 PRESETS = ("demo", "stage1", "stage2_si", "stage2_ov", "stage3", "finetune")
 
 
+def _split(arg: str) -> list[str]:
+  """`arg` split at the commas outside brackets and quotes (a tuple value keeps its commas)."""
+  parts, cur, depth, quote = [], "", 0, None
+  for ch in arg:
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(cur)
+      cur = ""
+      continue
+    cur += ch
+  return parts + [cur]
+
+
 def _parse(arg: str):
   preset, runlocal, kv = "demo", False, {}
-  for i, tok in enumerate(t.strip() for t in (arg or "").split(",") if t.strip()):
+  for i, tok in enumerate(t.strip() for t in _split(arg or "") if t.strip()):
     if tok == "runlocal":
       runlocal = True
     elif "=" in tok:
@@ -47,17 +78,13 @@ def _parse(arg: str):
 
 
 def _data_config():
-  from lladav_jax.data.pipeline import default_data_config
-  d = default_data_config()
+  from lladav_jax.data.pipeline import DataConfig
+  d = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))  # the pipeline's fields and defaults
   d.kind = "llava"  # "llava" (data.path) | "demo" (generated) | "synthetic" (random tokens, perf runs)
   d.demo_root = "~/.cache/lladav_jax/demo"
   d.synthetic_tiles = 1
   d.synthetic_answer_frac = 0.3
-  # lists cannot be overridden from the command line; tuples can (--config.data.buckets="(4096,8192)")
-  raw = d.to_dict()
-  raw["buckets"] = tuple(raw["buckets"])
-  raw["labels"]["unmask_tokens"] = tuple(raw["labels"]["unmask_tokens"])
-  return ml_collections.ConfigDict(raw)
+  return d
 
 
 def _eval_task_names():
@@ -95,7 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.image.video_pool_stride = 2
   c.image.video_newline = "grid"
 
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # preset: "fsdp_tp" (FSDP over fsdp, tensor parallel over tensor), "fsdp" (pure FSDP over fsdp x tensor:
+  # a factored axis for sizes one axis cannot divide), "dp" (weights replicated). See lladav_jax/sharding.py.
+  c.mesh = ml_collections.ConfigDict(dict(preset="fsdp_tp", data=1, fsdp=-1, tensor=1))
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 64
@@ -256,16 +285,23 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   return c
 
 
+# The parsers `--config.FIELD=VALUE` uses (ml_collections.config_flags), so both forms read a value alike.
+_PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser(),
+            str: flags.ArgumentParser(), tuple: tuple_parser.TupleParser()}
+
+
 def _set(c, dotted: str, value: str):
   *path, last = dotted.split(".")
   node = c
-  for p in path:
-    node = node[p]
-  cur = node[last]
-  if isinstance(cur, bool):
-    value = value.lower() in ("1", "true", "yes")
-  elif isinstance(cur, int):
-    value = int(value)
-  elif isinstance(cur, float):
-    value = float(value)
-  node[last] = value
+  try:
+    for p in path:
+      node = node[p]
+    kind = node.get_type(last)  # a placeholder's declared type when its value is None
+  except (KeyError, AttributeError):
+    raise ValueError(f"config override {dotted}={value}: no field {dotted!r}") from None
+  if kind not in _PARSERS:
+    raise ValueError(f"config override {dotted}={value}: {dotted} is a {kind.__name__}, not a single value")
+  try:
+    node[last] = _PARSERS[kind].parse(value)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config override {dotted}={value}: not a {kind.__name__} ({e})") from None

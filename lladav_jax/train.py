@@ -4,14 +4,19 @@ r"""Train LLaDA-V: `python -m lladav_jax.train --config=configs/finetune.py[:PRE
     python -m lladav_jax.train --config=configs/finetune.py:finetune --workdir=runs/ft \
         --config.init.checkpoint=model/LLaDA-V-orbax --config.data.path=my_data.json \
         --config.data.image_folder=my_images --config.train.global_batch_size=64
+    python -m lladav_jax.train --config=configs/finetune.py:stage1 --print_config     # the resolved settings
 
 Re-running with the same --workdir resumes from its latest checkpoint (model, optimizer, step, RNG
 and data-iterator position) and continues with exactly the losses of an uninterrupted run.
 Presets and every field: configs/finetune.py. Multi-host: run the same command on every host
 (launch/tpu_pod.sh, launch/slurm_gpu.sbatch); jax.distributed is initialised automatically.
+
+This is the edge: the ConfigDict is resolved here into `training.settings.RunConfig` (validated
+once, every bad field named) and nothing below reads the ConfigDict.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -20,7 +25,11 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PRINT = flags.DEFINE_bool("print_config", False, "Resolve and validate the config, print it as JSON and exit "
+                           "(no training; --workdir not needed).")
+flags.mark_flag_as_required("config")
+flags.register_multi_flags_validator(["workdir", "print_config"], lambda f: bool(f["workdir"]) or f["print_config"],
+                                     message="--workdir must be set (unless --print_config)")
 
 
 def main(argv):
@@ -28,9 +37,18 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("absl", "orbax", "jax._src", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  import jax
   from lladav_jax.training import run_config, trainer
+  cfg = _CONFIG.value
   try:
-    trainer.train(_CONFIG.value, _WORKDIR.value)
+    if not _PRINT.value:  # before resolve: the device count of a multi-process run needs it
+      trainer.maybe_initialize_distributed(run_config.distributed_config(cfg))
+    run = run_config.resolve(cfg, num_devices=jax.device_count(), process_count=jax.process_count())
+    if _PRINT.value:
+      # JSON, one section a line
+      print("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in run.to_dict().items()) + "\n}")
+      return
+    trainer.train(run, _WORKDIR.value)
   except run_config.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

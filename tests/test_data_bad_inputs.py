@@ -34,11 +34,8 @@ def folder(tmp_path):
 
 
 def cfg_for(folder, **kw):
-  cfg = pipeline.default_data_config()
-  cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget = str(folder / "data.jsonl"), str(folder), 160, 2
-  for k, v in kw.items():
-    setattr(cfg, k, v)
-  return cfg
+  cfg = pipeline.DataConfig(path=str(folder / "data.jsonl"), image_folder=str(folder), seq_len=160, tile_budget=2)
+  return cfg.replace(**kw)
 
 
 def run(tok, folder, record, **kw):
@@ -139,7 +136,7 @@ def test_truncation_leaving_no_labels(tok, folder):
   proc = pipeline.SampleProcessor(tok, img_cfg, pipeline.SampleSettings.from_config(cfg))
   out = proc(("k", json.dumps(plain).encode()))  # <image>(16) + "\n" -> 17 -> cut to 16: nothing labelled
   assert out["skip"] == "no_labels"
-  cfg.seq_len = 17
+  cfg = cfg.replace(seq_len=17)
   proc = pipeline.SampleProcessor(tok, img_cfg, pipeline.SampleSettings.from_config(cfg))
   assert "skip" not in proc(("k", json.dumps(plain).encode()))
 

@@ -23,10 +23,7 @@ def tok(tmp_path_factory):
 
 def processor(tok, folder, image_cfg=None, **kw):
   """The training pipeline's per-record map (demo 56 px tiles unless `image_cfg`); `kw` sets data fields."""
-  cfg = pipeline.default_data_config()
-  cfg.path, cfg.image_folder, cfg.seq_len, cfg.tile_budget = "x.json", str(folder), 512, 16
-  for k, v in kw.items():
-    setattr(cfg, k, v)
+  cfg = pipeline.DataConfig(path="x.json", image_folder=str(folder), seq_len=512, tile_budget=16).replace(**kw)
   return pipeline.SampleProcessor(tok, image_cfg or demo_image_config(), pipeline.SampleSettings.from_config(cfg))
 
 

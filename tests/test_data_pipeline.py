@@ -1,4 +1,5 @@
 """Batches: exact format and padding, determinism, resume, per-process shards, every source."""
+import dataclasses
 import json
 
 import numpy as np
@@ -61,8 +62,7 @@ def test_eos_padding_and_buckets(tok, tmp_path, demo):
     return {"id": f"r{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
   recs = [r(0, "Is there a red circle?", "yes"), r(1, "How many shapes are there in the two images?", "two")]
   (tmp_path / "d.json").write_text(json.dumps(recs))
-  cfg = demo_data_config(demo)
-  cfg.path, cfg.shuffle, cfg.buckets = str(tmp_path / "d.json"), False, [64, 96, 128]
+  cfg = demo_data_config(demo).replace(path=str(tmp_path / "d.json"), shuffle=False, buckets=(64, 96, 128))
   b = flat(next(eval_it(cfg, tok, bs=2)))
   lens = [len(tok.encode(x)) for x in ("Is there a red circle?", "How many shapes are there in the two images?")]
   n0 = (b["labels"][0] != -100).sum()
@@ -76,14 +76,15 @@ def test_eos_padding_and_buckets(tok, tmp_path, demo):
   assert (b["labels"][:, full1:] == -100).all() and not b["valid"][:, full1:].any()
   assert (b["tokens"][:, full1:] == tok.pad_id).all()
   # switches
-  cfg.labels.label_eos_padding = False
+  cfg = cfg.replace(labels=dataclasses.replace(cfg.labels, label_eos_padding=False))
   b2 = flat(next(eval_it(cfg, tok, bs=2)))
   assert (b2["tokens"] == b["tokens"]).all() and (b2["labels"][0, k0:full1] == -100).all()
   assert (b2["labels"][0] != -100).sum() == n0 - extra
-  cfg.labels.pad_with_eos = False
+  cfg = cfg.replace(labels=dataclasses.replace(cfg.labels, pad_with_eos=False))
   b3 = flat(next(eval_it(cfg, tok, bs=2)))
   assert b3["valid"][0].sum() == k0
-  cfg.labels.pad_with_eos, cfg.pad_group_size = True, 1  # per-device collation with 1 row per device
+  # per-device collation with 1 row per device
+  cfg = cfg.replace(labels=dataclasses.replace(cfg.labels, pad_with_eos=True), pad_group_size=1)
   b4 = flat(next(eval_it(cfg, tok, bs=2)))
   assert b4["valid"][0].sum() == k0 and b4["valid"][1].sum() == full1
 
@@ -112,8 +113,7 @@ def test_epochs_reshuffle(demo, tok):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch(demo, tok, workers):
-  cfg = demo_data_config(demo)
-  cfg.num_workers = workers
+  cfg = demo_data_config(demo).replace(num_workers=workers)
   it = train_it(cfg, tok, seed=1)
   for _ in range(5):
     next(it)
@@ -148,8 +148,7 @@ def test_eval_equal_batches_every_sample_once(demo, tok, tmp_path):
   with open(demo["train"]) as f:
     recs = json.load(f)[:11]
   (tmp_path / "e.json").write_text(json.dumps(recs))
-  cfg = demo_data_config(demo)
-  cfg.path, cfg.drop_remainder = str(tmp_path / "e.json"), False
+  cfg = demo_data_config(demo).replace(path=str(tmp_path / "e.json"), drop_remainder=False)
   seen, counts = [], []
   for pi in range(2):
     it = eval_it(cfg, tok, pi=pi, pc=2, bs=4)
@@ -180,8 +179,7 @@ def test_jsonl_yaml_and_brace_sets(demo, tok, tmp_path):
   assert len(keys) == 12 and all(k.startswith("b.json#") for k in keys[9:])
   (tmp_path / "c.json").write_text(json.dumps(recs[30:32]))
   assert len(pipeline.records.json_source(str(tmp_path / "{b,c}.json"))) == 22
-  cfg = demo_data_config(demo)
-  cfg.path = str(tmp_path / "mix.yaml")
+  cfg = demo_data_config(demo).replace(path=str(tmp_path / "mix.yaml"))
   assert flat(next(train_it(cfg, tok)))["tokens"].shape == (B, cfg.seq_len)
 
 
@@ -190,8 +188,8 @@ def test_arrayrecord_matches_json(demo, tok, tmp_path):
   assert stats["shards"] == 3 and stats["missing_files"] == 0
   assert len(arrayrecord.find_shards(str(tmp_path / "ar"))) == 3
   cfg = demo_data_config(demo)
-  cfg_ar = demo_data_config(demo)
-  cfg_ar.path, cfg_ar.image_folder = str(tmp_path / "ar"), "/nonexistent"  # images come from the shards
+  # images come from the shards
+  cfg_ar = demo_data_config(demo).replace(path=str(tmp_path / "ar"), image_folder="/nonexistent")
   a, b = train_it(cfg, tok, seed=5), train_it(cfg_ar, tok, seed=5)
   for _ in range(3):
     assert same(flat(next(a)), flat(next(b)))
@@ -202,10 +200,8 @@ def test_tfds_source(demo, tok, tmp_path):
   from lladav_jax.data import tfds_source
   tfds_source.prepare_tfds("lladav_demo_test", str(tmp_path / "tfds"), {"validation": demo["validation"]},
                            demo["image_folder"])
-  cfg = demo_data_config(demo, "validation")
-  cfg_t = demo_data_config(demo, "validation")
-  cfg_t.path, cfg_t.tfds_data_dir, cfg_t.image_folder = "tfds:lladav_demo_test:validation", str(tmp_path / "tfds"), ""
-  cfg.shuffle = cfg_t.shuffle = False
+  cfg = demo_data_config(demo, "validation").replace(shuffle=False)
+  cfg_t = cfg.replace(path="tfds:lladav_demo_test:validation", tfds_data_dir=str(tmp_path / "tfds"), image_folder="")
 
   def rows(c):
     it = eval_it(c, tok, bs=2)
@@ -230,8 +226,7 @@ def test_plain_format_batches(demo, tok, tmp_path):
   recs = [{"id": "p0", "image": "images/train/train-00000.png",
            "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "red circle"}]}]
   (tmp_path / "p.json").write_text(json.dumps(recs))
-  cfg = demo_data_config(demo)
-  cfg.path, cfg.format = str(tmp_path / "p.json"), "plain"
+  cfg = demo_data_config(demo).replace(path=str(tmp_path / "p.json"), format="plain")
   img_cfg = demo_image_config().__class__(image_size=56, patch_size=14, aspect="square")
   b = flat(next(pipeline.build_eval_iterator(cfg, tok, img_cfg, batch_size_per_process=1, process_index=0, process_count=1)))
   n = int(b["valid"][0].sum())

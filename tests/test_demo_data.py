@@ -72,11 +72,12 @@ def test_generation_is_deterministic(demo, tmp_path):
 def test_demo_preset_labels_only_the_answers(demo):
   """The demo preset scores each answer and its <|eot_id|> (not the headers, BOS or "\\n\\n")."""
   from configs.finetune import get_config
-  from lladav_jax.data import pipeline, template
+  from lladav_jax.data import template
   from lladav_jax.data.tokenizer import Tokenizer
+  from lladav_jax.training import run_config
 
   tok = Tokenizer.from_dir(demo["tokenizer_dir"])
-  cfg = pipeline.label_config(get_config("demo").data)
+  cfg = run_config.data_config(get_config("demo").data).labels
   eot = tok.encode(tok.special_strings["eot"])
   for r in _load(demo["train"])[:20]:
     msgs = [(c["from"], c["value"]) for c in r["conversations"]]

@@ -72,7 +72,7 @@ def test_image_tokens_must_fit_the_sequence(tmp_path):
   assert "image.aspect='anyres_max_4'" in msg and "up to 4419 tokens" in msg and "data.seq_len=4096" in msg, msg
   c.data.seq_len = 4480
   r = run_config.resolve(c, num_devices=8, process_count=1)
-  assert r.model_cfg.llm.vocab_size == r.tokenizer.vocab_size and r.model_cfg.mask_token_id == r.tokenizer.mask_id
+  assert r.model.llm.vocab_size == r.tokenizer.vocab_size and r.model.mask_token_id == r.tokenizer.mask_id
 
 
 def test_cli_reports_config_errors(tmp_path):

@@ -1,4 +1,6 @@
 """The train step: mesh invariance, gradient accumulation, stage-1 freezing, loss going down."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,8 +92,7 @@ def test_weight_decay_skips_biases_and_norms():
   params = {"llm": {"embed": jnp.ones((3, 2)), "final_norm": jnp.ones(2), "layers": {"attn_norm": jnp.ones((2, 2))}},
             "projector": {"fc1": jnp.ones((2, 2)), "fc1_bias": jnp.ones(2)},
             "vision": {"layers": {"ln1_scale": jnp.ones((2, 2)), "ln1_bias": jnp.ones((2, 2)), "q_proj": jnp.ones((2, 2))}}}
-  ocfg = optim_cfg(lr=0.1)
-  ocfg.weight_decay = 0.5
+  ocfg = dataclasses.replace(optim_cfg(lr=0.1), weight_decay=0.5)
   tx, _ = optimizer.make(ocfg, 10, params)
   grads = jax.tree.map(jnp.zeros_like, params)
   upd, _ = tx.update(grads, tx.init(params), params)

@@ -174,9 +174,8 @@ def test_a_grain_training_batch_with_a_video_record(tok, tmp_path):
           {"id": "i", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat color?"},
                                                             {"from": "gpt", "value": "red"}]}]
   (tmp_path / "data.json").write_text(json.dumps(recs))
-  cfg = pipeline.default_data_config()
-  cfg.path, cfg.image_folder, cfg.seq_len, cfg.buckets, cfg.tile_budget = str(tmp_path / "data.json"), str(tmp_path), \
-      4480, [4480], 8
+  cfg = pipeline.DataConfig(path=str(tmp_path / "data.json"), image_folder=str(tmp_path), seq_len=4480, buckets=(4480,),
+                            tile_budget=8)
   it = pipeline.build_train_iterator(cfg, tok, multimodal.ImageConfig(), batch_size_per_process=2, process_index=0,
                                      process_count=1, seed=0)
   b = next(it)

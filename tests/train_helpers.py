@@ -3,8 +3,6 @@ import dataclasses
 import os
 import sys
 
-import ml_collections
-
 from lladav_jax.model.common import random_like
 from lladav_jax.training import optimizer, state as st
 
@@ -12,9 +10,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def optim_cfg(trainable=optimizer.GROUPS, lr=1e-3, schedule="constant", warmup_ratio=0.0, group_lr=None):
-  return ml_collections.ConfigDict(dict(trainable=tuple(trainable), lr=lr, group_lr=group_lr or {}, b1=0.9, b2=0.999,
-                                        eps=1e-8, weight_decay=0.0, clip_norm=1.0, warmup_ratio=warmup_ratio,
-                                        schedule=schedule))
+  return optimizer.OptimConfig(trainable=tuple(trainable), lr=lr, group_lr=group_lr or {}, b1=0.9, b2=0.999,
+                               eps=1e-8, weight_decay=0.0, clip_norm=1.0, warmup_ratio=warmup_ratio, schedule=schedule)
 
 
 def flat(batch):

@@ -11,7 +11,7 @@ to it with the `tokenizers` library.
 
     paths = ensure_demo_data("/tmp/demo")      # generated once (atomically), then reused
     tok = Tokenizer.from_dir(paths["tokenizer_dir"])
-    cfg = demo_data_config(paths)              # ConfigDict for build_train_iterator
+    cfg = demo_data_config(paths)              # pipeline.DataConfig for build_train_iterator
 """
 from __future__ import annotations
 
@@ -227,15 +227,10 @@ DEMO_TILE_BUDGET = 2
 
 
 def demo_data_config(paths: dict, split: str = "train"):
-  """The data ConfigDict for the demo (DEMO_SEQ_LEN, 2 tiles of 56 px per sample)."""
-  from lladav_jax.data.pipeline import default_data_config
-  cfg = default_data_config()
-  cfg.path = paths[split]
-  cfg.image_folder = paths["image_folder"]
-  cfg.seq_len = DEMO_SEQ_LEN
-  cfg.buckets = [DEMO_SEQ_LEN]
-  cfg.tile_budget = DEMO_TILE_BUDGET
-  return cfg
+  """The pipeline.DataConfig for the demo (DEMO_SEQ_LEN, 2 tiles of 56 px per sample)."""
+  from lladav_jax.data.pipeline import DataConfig
+  return DataConfig(path=paths[split], image_folder=paths["image_folder"], seq_len=DEMO_SEQ_LEN,
+                    buckets=(DEMO_SEQ_LEN,), tile_budget=DEMO_TILE_BUDGET)
 
 
 def qa_items(json_path: str):

@@ -25,7 +25,6 @@ import math
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -38,43 +37,38 @@ from lladav_jax.data.records import DataError, Skip
 log = logging.getLogger(__name__)
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What the pipeline reads: the `data` section of the training config (configs/finetune.py)."""
   # .json / .jsonl / .yaml (LLaVA `datasets:` list) / {a,b}.json; an ArrayRecord file, glob or
   # directory (see data/arrayrecord.py); or "tfds:NAME[:SPLIT]" (see data/tfds_source.py).
-  c.path = ""
-  c.image_folder = ""
-  c.video_folder = ""  # default: image_folder
-  c.tfds_data_dir = ""
-  c.format = "llava"  # "llava" (preprocess_llada) | "plain" (stage 1, llada_plain)
-  c.seq_len = 8192  # model_max_length: truncation before and after image expansion
-  c.buckets = []  # sequence-length buckets (each <= seq_len); [] = [seq_len]
-  c.tile_budget = 16  # image tiles per sample (pixels [B, T, S, S, 3]); more -> skipped
+  path: str = ""
+  image_folder: str = ""
+  video_folder: str = ""  # default: image_folder
+  tfds_data_dir: str = ""
+  format: str = "llava"  # "llava" (preprocess_llada) | "plain" (stage 1, llada_plain)
+  seq_len: int = 8192  # model_max_length: truncation before and after image expansion
+  buckets: tuple[int, ...] = ()  # sequence-length buckets (each <= seq_len); () = (seq_len,)
+  tile_budget: int = 16  # image tiles per sample (pixels [B, T, S, S, 3]); more -> skipped
   # Rows that share one EOS padding length: the original collates (and EOS-pads) each GPU's
   # batch on its own; set to the per-device batch to match it. 0 = the whole process batch.
-  c.pad_group_size = 0
-  c.truncate = True  # the original truncates over-long text; False skips every over-long sample
-  c.max_skip_fraction = 0.01
-  c.skip_check_min_samples = 200
-  c.num_workers = 0  # grain mp_prefetch worker processes; 0 = in-process
-  c.prefetch_buffer = 4  # per-worker buffer (elements)
-  c.read_threads = 2  # threads per process that run the map step
-  c.frames_upbound = 32
-  c.video_fps = 1.0
-  c.shuffle = True
-  c.drop_remainder = True
-  c.max_image_pixels = int(Image.MAX_IMAGE_PIXELS or 89478485)  # larger -> decompression_bomb
-  c.allow_truncated_images = False  # the original sets ImageFile.LOAD_TRUNCATED_IMAGES = True
-  c.labels = ml_collections.ConfigDict(
-      {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(template.LabelConfig()).items()})
-  return c
+  pad_group_size: int = 0
+  truncate: bool = True  # the original truncates over-long text; False skips every over-long sample
+  max_skip_fraction: float = 0.01
+  skip_check_min_samples: int = 200
+  num_workers: int = 0  # grain mp_prefetch worker processes; 0 = in-process
+  prefetch_buffer: int = 4  # per-worker buffer (elements)
+  read_threads: int = 2  # threads per process that run the map step
+  frames_upbound: int = 32
+  video_fps: float = 1.0
+  shuffle: bool = True
+  drop_remainder: bool = True
+  max_image_pixels: int = int(Image.MAX_IMAGE_PIXELS or 89478485)  # larger -> decompression_bomb
+  allow_truncated_images: bool = False  # the original sets ImageFile.LOAD_TRUNCATED_IMAGES = True
+  labels: template.LabelConfig = template.LabelConfig()
 
-
-def label_config(cfg) -> template.LabelConfig:
-  d = dict(cfg.labels) if "labels" in cfg else {}
-  if "unmask_tokens" in d:
-    d["unmask_tokens"] = tuple(d["unmask_tokens"])
-  return template.LabelConfig(**d)
+  def replace(self, **kw) -> "DataConfig":
+    return dataclasses.replace(self, **kw)
 
 
 def _buckets(cfg) -> list[int]:
@@ -82,19 +76,18 @@ def _buckets(cfg) -> list[int]:
   if b[-1] != cfg.seq_len:
     b = sorted(set(b) | {int(cfg.seq_len)})
   if b[0] <= 0 or b[-1] > cfg.seq_len:
-    raise ValueError(f"buckets {b} must be positive and <= seq_len {cfg.seq_len}")
+    raise ValueError(f"data.buckets {b} must be positive and <= data.seq_len={cfg.seq_len}")
   return b
 
 
-def validate_config(cfg, tokenizer=None, image_cfg=None):
+def config_problems(cfg: DataConfig) -> list[str]:
+  """Every bad field of `cfg` but an empty path, each named as in the training config."""
   errs = []
-  if not cfg.path:
-    errs.append("data.path is empty")
   if cfg.format not in ("llava", "plain"):
     errs.append(f"data.format={cfg.format!r} must be 'llava' or 'plain'")
   if cfg.seq_len <= 0 or cfg.tile_budget < 0:
     errs.append("data.seq_len must be > 0 and data.tile_budget >= 0")
-  if cfg.get("pad_group_size", 0) < 0:
+  if cfg.pad_group_size < 0:
     errs.append("data.pad_group_size must be >= 0")
   if not 0 <= cfg.max_skip_fraction <= 1:
     errs.append("data.max_skip_fraction must be in [0, 1]")
@@ -102,19 +95,24 @@ def validate_config(cfg, tokenizer=None, image_cfg=None):
     _buckets(cfg)
   except ValueError as e:
     errs.append(str(e))
+  return errs
+
+
+def validate_config(cfg: DataConfig):
+  errs = ([] if cfg.path else ["data.path is empty"]) + config_problems(cfg)
   if errs:
     raise ValueError("invalid data config:\n  " + "\n  ".join(errs))
 
 
 # ----------------------------------------------------------------------------- sources
 
-def make_source(cfg, seed: int = 0):
+def make_source(cfg: DataConfig, seed: int = 0):
   """A random-access sequence of (key, raw record) for `cfg.path` (format auto-detected)."""
   p = cfg.path
   if p.startswith("tfds:"):
     from lladav_jax.data import tfds_source
     parts = p[len("tfds:"):].split(":")
-    return tfds_source.TfdsRecords(parts[0], data_dir=cfg.get("tfds_data_dir") or None,
+    return tfds_source.TfdsRecords(parts[0], data_dir=cfg.tfds_data_dir or None,
                                    split=parts[1] if len(parts) > 1 else "train")
   from lladav_jax.data import arrayrecord
   files = arrayrecord.find_shards(p)
@@ -140,12 +138,11 @@ class SampleSettings:
   labels: template.LabelConfig
 
   @classmethod
-  def from_config(cls, cfg) -> "SampleSettings":
-    return cls(fmt=cfg.format, seq_len=int(cfg.seq_len), tile_budget=int(cfg.tile_budget), truncate=bool(cfg.truncate),
-               image_folder=cfg.image_folder or "", video_folder=cfg.get("video_folder") or cfg.image_folder or "",
-               frames_upbound=int(cfg.frames_upbound), video_fps=float(cfg.video_fps),
-               max_image_pixels=int(cfg.max_image_pixels), allow_truncated_images=bool(cfg.allow_truncated_images),
-               labels=label_config(cfg))
+  def from_config(cls, cfg: DataConfig) -> "SampleSettings":
+    return cls(fmt=cfg.format, seq_len=cfg.seq_len, tile_budget=cfg.tile_budget, truncate=cfg.truncate,
+               image_folder=cfg.image_folder, video_folder=cfg.video_folder or cfg.image_folder,
+               frames_upbound=cfg.frames_upbound, video_fps=cfg.video_fps, max_image_pixels=cfg.max_image_pixels,
+               allow_truncated_images=cfg.allow_truncated_images, labels=cfg.labels)
 
 
 class SampleProcessor:
@@ -412,20 +409,20 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
                    image_cfg=image_cfg,
                    pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, pad_with_eos=settings.labels.pad_with_eos,
                    label_eos_padding=settings.labels.label_eos_padding,
-                   pad_group_size=int(data_cfg.get("pad_group_size", 0) or 0))
+                   pad_group_size=data_cfg.pad_group_size)
   return iter(_BatchDataset(it, spec, max_skip_fraction=float(data_cfg.max_skip_fraction),
                             min_samples=int(data_cfg.skip_check_min_samples),
                             drop_remainder=bool(data_cfg.drop_remainder), num_batches=num_batches))
 
 
-def build_train_iterator(data_cfg: ml_collections.ConfigDict, tokenizer, image_cfg: multimodal.ImageConfig, *,
+def build_train_iterator(data_cfg: DataConfig, tokenizer, image_cfg: multimodal.ImageConfig, *,
                          batch_size_per_process: int, process_index: int, process_count: int, seed: int):
   """Infinite, checkpointable (get_state/set_state) iterator of static-shape host batches."""
   return _build(data_cfg, tokenizer, image_cfg, batch_size_per_process=batch_size_per_process,
                 process_index=process_index, process_count=process_count, seed=seed, train=True)
 
 
-def build_eval_iterator(data_cfg: ml_collections.ConfigDict, tokenizer, image_cfg: multimodal.ImageConfig, *,
+def build_eval_iterator(data_cfg: DataConfig, tokenizer, image_cfg: multimodal.ImageConfig, *,
                         batch_size_per_process: int, process_index: int, process_count: int, seed: int = 0):
   """One pass, no repeat; every process yields the same number of batches. With
   drop_remainder=False the last batches carry padding rows (labels all -100, valid all False):

@@ -9,6 +9,7 @@
     metrics.py        metrics.jsonl / TensorBoard / tqdm (process 0)
     flops.py          model FLOPs per step (bidirectional attention, vision tower), peak FLOP/s table
     synthetic.py      synthetic batches in the pipeline's format (tests, performance runs)
-    run_config.py     config -> model/data/image objects, `resolve` (errors name the field)
+    settings.py       the typed run (frozen RunConfig, a dataclass a config section)
+    run_config.py     ConfigDict -> RunConfig, `resolve` (validated once; errors name every bad field)
     trainer.py        the loop behind `python -m lladav_jax.train`
 """

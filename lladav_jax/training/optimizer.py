@@ -18,6 +18,7 @@ respect to the trainable tree and the optimizer state covers only it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Mapping, Sequence
@@ -27,6 +28,35 @@ import optax
 from flax import traverse_util
 
 GROUPS = ("vision", "projector", "llm")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The `optim` section of the training config; the defaults are the HF Trainer settings above."""
+  trainable: tuple[str, ...] = GROUPS
+  lr: float = 1e-5
+  group_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)  # peak LR by group (others: lr)
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0  # 0: no clipping
+  warmup_ratio: float = 0.03
+  schedule: str = "cosine"  # one of SCHEDULES
+
+
+def config_problems(ocfg: OptimConfig) -> list[str]:
+  """Every bad field of `ocfg`, each named as in the training config."""
+  problems = []
+  if set(ocfg.trainable) - set(GROUPS) or not ocfg.trainable:
+    problems.append(f"optim.trainable={list(ocfg.trainable)} must be a non-empty subset of {list(GROUPS)}")
+  bad = set(ocfg.group_lr) - set(GROUPS)
+  if bad:
+    problems.append(f"optim.group_lr has unknown groups {sorted(bad)}; known: {list(GROUPS)}")
+  if ocfg.schedule not in SCHEDULES:
+    problems.append(f"optim.schedule={ocfg.schedule!r} must be 'cosine', 'linear' or 'constant'")
+  return problems
 
 
 def group_of(path: Sequence[str]) -> str:
@@ -73,13 +103,8 @@ def schedule(peak_lr: float, total_steps: int, warmup_ratio: float, kind: str = 
   raise ValueError(f"optim.schedule={kind!r} must be 'cosine', 'linear' or 'constant'")
 
 
-def group_lrs(ocfg) -> dict[str, float]:
-  gl = ocfg.get("group_lr", {}) or {}
-  over = {k: v for k, v in (gl.to_dict() if hasattr(gl, "to_dict") else dict(gl)).items() if v is not None}
-  bad = set(over) - set(GROUPS)
-  if bad:
-    raise ValueError(f"optim.group_lr has unknown groups {sorted(bad)}; known: {list(GROUPS)}")
-  return {g: float(over.get(g, ocfg.lr)) for g in GROUPS}
+def group_lrs(ocfg: OptimConfig) -> dict[str, float]:
+  return {g: float(ocfg.group_lr.get(g, ocfg.lr)) for g in GROUPS}
 
 
 _NO_DECAY = re.compile(r"bias|norm|^ln\d|_scale$")
@@ -90,11 +115,14 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(lambda path, _: not _NO_DECAY.search(str(path[-1].key)), params)
 
 
-def make(ocfg, total_steps: int, trainable_params: Mapping):
+def make(ocfg: OptimConfig, total_steps: int, trainable_params: Mapping):
   """(optax transform over the trainable tree, {group: schedule}) from the `optim` config.
 
   Groups sharing a learning rate share one AdamW (one label); the schedules dict has one entry per
   distinct learning rate, keyed by the first such group in (llm, projector, vision) order."""
+  problems = config_problems(ocfg)
+  if problems:
+    raise ValueError("; ".join(problems))
   lrs = group_lrs(ocfg)
   flat = traverse_util.flatten_dict(dict(trainable_params))
   present = [g for g in ("llm", "projector", "vision") if any(group_of(k) == g for k in flat)]

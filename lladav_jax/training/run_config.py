@@ -1,16 +1,17 @@
-"""Turning a training ConfigDict into concrete objects with `resolve(cfg)`, which validates it first:
-one error listing every problem, each naming its config field."""
+"""The command-line ConfigDict (configs/finetune.py) -> the typed `settings.RunConfig` with
+`resolve(cfg)`, which validates it once: one error listing every problem, each naming its config field."""
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from typing import Any
-
-import ml_collections
 
 from lladav_jax import config as model_config
 from lladav_jax import multimodal
+from lladav_jax import sharding as shd
+from lladav_jax.data import pipeline, template
+from lladav_jax.training import optimizer, settings
+from lladav_jax.training.loss import LossConfig
 
 CONVERT_HINT = "run `python -m lladav_jax.convert hf-to-orbax <HF checkpoint dir> {dst}` first"
 
@@ -21,26 +22,39 @@ class ConfigError(ValueError):
     super().__init__("invalid training config:\n  " + "\n  ".join(problems))
 
 
-@dataclasses.dataclass
-class Resolved:
-  model_cfg: model_config.ModelConfig
-  image_cfg: multimodal.ImageConfig
-  data_cfg: ml_collections.ConfigDict
-  tokenizer: Any
-  tokenizer_dir: str | None
-  eval_data: dict
-  num_steps: int
-  mesh_shape: tuple
-
-
-def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
-  shape = [int(cfg.mesh.data), int(cfg.mesh.fsdp), int(cfg.mesh.tensor)]
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  shape = [int(data), int(fsdp), int(tensor)]
   if shape.count(-1) > 1:
     raise ConfigError([f"mesh: at most one of mesh.data/mesh.fsdp/mesh.tensor may be -1, got {shape}"])
   if -1 in shape:
     rest = math.prod(s for s in shape if s != -1)
     shape[shape.index(-1)] = num_devices // rest if rest and num_devices % rest == 0 else -1
   return tuple(shape)
+
+
+# ----------------------------------------------------------------------------- sections, field by field
+
+def data_config(d) -> pipeline.DataConfig:
+  """The `data` section's pipeline fields (unvalidated; `resolve` checks them)."""
+  names = {f.name for f in dataclasses.fields(pipeline.DataConfig)} - {"buckets", "labels"}
+  labels = d.labels.to_dict()
+  labels["unmask_tokens"] = tuple(labels["unmask_tokens"])
+  return pipeline.DataConfig(buckets=tuple(int(b) for b in d.buckets), labels=template.LabelConfig(**labels),
+                             **{k: d[k] for k in names})
+
+
+def optim_config(o) -> optimizer.OptimConfig:
+  group_lr = {k: float(v) for k, v in (o.group_lr.to_dict() if o.group_lr else {}).items() if v is not None}
+  return optimizer.OptimConfig(trainable=tuple(o.trainable), lr=float(o.lr), group_lr=group_lr, b1=float(o.b1),
+                               b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
+                               clip_norm=float(o.clip_norm), warmup_ratio=float(o.warmup_ratio), schedule=o.schedule)
+
+
+def distributed_config(cfg) -> settings.DistributedConfig:
+  """Read before `resolve`: jax.distributed must be initialised before the device count is known."""
+  d = cfg.distributed
+  return settings.DistributedConfig(coordinator_address=d.coordinator_address, num_processes=int(d.num_processes),
+                                    process_id=int(d.process_id))
 
 
 def max_image_tokens(icfg: multimodal.ImageConfig) -> int:
@@ -85,11 +99,12 @@ def _model_config(cfg, tokenizer, problems) -> model_config.ModelConfig | None:
   return mc.replace(**top) if top else mc
 
 
-def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
-  """Validates `cfg` (raising ConfigError that names every bad field) and builds what it describes.
-  The demo data is generated here on first use."""
+def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
+  """Validates `cfg` (raising ConfigError that names every bad field) and builds the typed run it
+  describes. The demo data is generated here on first use."""
   problems: list[str] = []
-  data = ml_collections.ConfigDict(cfg.data.to_dict())
+  kind = cfg.data.kind
+  data = data_config(cfg.data)
   eval_data = {k: v for k, v in cfg.eval.data.to_dict().items() if v} if cfg.eval.data else {}
   tok_dir = cfg.tokenizer_dir
 
@@ -99,17 +114,17 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
                     + CONVERT_HINT.format(dst=cfg.init.checkpoint))
   if cfg.model.preset == "checkpoint" and not cfg.init.checkpoint:
     problems.append("model.preset='checkpoint' needs init.checkpoint")
-  if data.kind == "demo":
+  if kind == "demo":
     from lladav_jax.data import demo_data
-    paths = demo_data.ensure_demo_data(os.path.expanduser(data.demo_root))
+    paths = demo_data.ensure_demo_data(os.path.expanduser(cfg.data.demo_root))
     demo = demo_data.demo_data_config(paths)
-    data.path, data.image_folder = paths["train"], paths["image_folder"]
+    data = data.replace(path=paths["train"], image_folder=paths["image_folder"])
     if data.tile_budget < demo.tile_budget:
       problems.append(f"data.tile_budget={data.tile_budget} is less than the demo data's {demo.tile_budget} "
                       "(two-image questions would be skipped)")
     tok_dir = tok_dir or paths["tokenizer_dir"]
     eval_data.setdefault("demo", paths["test"])
-  elif data.kind == "llava":
+  elif kind == "llava":
     if not data.path:
       problems.append("data.path is empty (a LLaVA JSON/JSONL/YAML, ArrayRecord or tfds:NAME)")
     elif not data.path.startswith("tfds:") and not any(os.path.exists(p) for p in _expand_braces(data.path)) \
@@ -117,13 +132,13 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
       problems.append(f"data.path={data.path!r} does not exist")
     if data.image_folder and not os.path.isdir(data.image_folder):
       problems.append(f"data.image_folder={data.image_folder!r} is not a directory")
-  elif data.kind != "synthetic":
-    problems.append(f"data.kind={data.kind!r} must be 'llava', 'demo' or 'synthetic'")
+  elif kind != "synthetic":
+    problems.append(f"data.kind={kind!r} must be 'llava', 'demo' or 'synthetic'")
   if not tok_dir and cfg.init.checkpoint and os.path.exists(os.path.join(cfg.init.checkpoint, "tokenizer.json")):
     tok_dir = cfg.init.checkpoint
   if tok_dir and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
     problems.append(f"tokenizer_dir={tok_dir!r} has no tokenizer.json")
-  if data.kind in ("llava", "demo") and not tok_dir:
+  if kind in ("llava", "demo") and not tok_dir:
     problems.append("no tokenizer: set tokenizer_dir (or use an init.checkpoint that has tokenizer.json)")
   if problems:
     raise ConfigError(problems)
@@ -150,8 +165,10 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
   except ValueError as e:
     problems.append(f"model: {e}")
 
-  # ---- images
-  if data.kind == "demo":
+  # ---- data and images
+  if kind != "synthetic":
+    problems += pipeline.config_problems(data)
+  if kind == "demo":
     from lladav_jax.data import demo_data
     icfg = demo_data.demo_image_config(mc.vision.patch_size)
   else:
@@ -162,20 +179,27 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
   if icfg.image_size != mc.vision.image_size or icfg.patch_size != mc.vision.patch_size:
     problems.append(f"the images are {icfg.image_size}px tiles of {icfg.patch_size}px patches but the vision tower "
                     f"expects {mc.vision.image_size}/{mc.vision.patch_size}")
-  if data.kind != "synthetic":
+  syn_tiles = int(cfg.data.synthetic_tiles)
+  if kind != "synthetic":
     need = max_image_tokens(icfg)
     if need > data.seq_len:
       problems.append(f"image.aspect={icfg.aspect!r} gives up to {need} tokens for one image "
                       f"({icfg.tokens_per_tile} per tile), more than data.seq_len={data.seq_len}")
-  elif data.synthetic_tiles * icfg.tokens_per_tile > data.seq_len // 2:
-    problems.append(f"data.synthetic_tiles={data.synthetic_tiles} x {icfg.tokens_per_tile} tokens per tile do not fit "
+  elif syn_tiles * icfg.tokens_per_tile > data.seq_len // 2:
+    problems.append(f"data.synthetic_tiles={syn_tiles} x {icfg.tokens_per_tile} tokens per tile do not fit "
                     f"half of data.seq_len={data.seq_len}")
 
   # ---- mesh and batch
-  shape = mesh_shape(cfg, num_devices)
+  m = cfg.mesh
+  shape = mesh_shape(m.data, m.fsdp, m.tensor, num_devices)
   if -1 in shape or math.prod(shape) != num_devices:
-    problems.append(f"mesh: mesh.data*mesh.fsdp*mesh.tensor = {cfg.mesh.data}*{cfg.mesh.fsdp}*{cfg.mesh.tensor} "
+    problems.append(f"mesh: mesh.data*mesh.fsdp*mesh.tensor = {m.data}*{m.fsdp}*{m.tensor} "
                     f"does not match the {num_devices} devices")
+  preset = str(m.get("preset", "fsdp_tp"))
+  if preset not in shd.PRESETS:
+    problems.append(f"mesh.preset={preset!r} must be one of {sorted(shd.PRESETS)}")
+  elif preset == "dp" and shape[1:] != (1, 1):
+    problems.append(f"mesh.preset='dp' replicates the weights: mesh.fsdp and mesh.tensor must be 1, got {shape[1:]}")
   gb, acc = int(cfg.train.global_batch_size), int(cfg.train.grad_accum_steps)
   if gb <= 0 or acc <= 0:
     problems.append("train.global_batch_size and train.grad_accum_steps must be positive")
@@ -184,26 +208,20 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
       problems.append(f"train.global_batch_size={gb} is not a multiple of train.grad_accum_steps={acc}")
     if gb % process_count:
       problems.append(f"train.global_batch_size={gb} is not a multiple of the {process_count} processes")
-    rows = shape[0] * shape[1]
+    rows, axes = (shape[0] * shape[1], "mesh.data*mesh.fsdp") if preset == "fsdp_tp" else (math.prod(shape), "the devices")
     if -1 not in shape and (gb // max(acc, 1)) % rows:
       problems.append(f"train.global_batch_size / train.grad_accum_steps = {gb // max(acc, 1)} rows per micro-batch "
-                      f"is not a multiple of mesh.data*mesh.fsdp = {rows}")
+                      f"is not a multiple of {axes} = {rows} (the batch axes of mesh.preset={preset!r})")
   # ---- loss / optimizer / eval
-  if not 0 < cfg.loss.eps < 1:
-    problems.append(f"loss.eps={cfg.loss.eps} must be in (0, 1)")
-  from lladav_jax.training import optimizer
-  bad = set(cfg.optim.trainable) - set(optimizer.GROUPS)
-  if bad or not cfg.optim.trainable:
-    problems.append(f"optim.trainable={list(cfg.optim.trainable)} must be a non-empty subset of {list(optimizer.GROUPS)}")
-  bad = {k for k, v in cfg.optim.group_lr.to_dict().items() if v is not None} - set(optimizer.GROUPS) \
-      if cfg.optim.group_lr else set()
-  if bad:
-    problems.append(f"optim.group_lr has unknown groups {sorted(bad)}; known: {list(optimizer.GROUPS)}")
-  if cfg.optim.schedule not in ("cosine", "linear", "constant"):
-    problems.append(f"optim.schedule={cfg.optim.schedule!r} must be 'cosine', 'linear' or 'constant'")
-  if cfg.eval.tasks:
+  loss = LossConfig(eps=float(cfg.loss.eps), antithetic=bool(cfg.loss.antithetic), logits_chunk=int(cfg.loss.logits_chunk))
+  if not 0 < loss.eps < 1:
+    problems.append(f"loss.eps={loss.eps} must be in (0, 1)")
+  optim = optim_config(cfg.optim)
+  problems += optimizer.config_problems(optim)
+  e = cfg.eval
+  if e.tasks:
     from lladav_jax.eval import TASKS
-    for t in cfg.eval.tasks:
+    for t in e.tasks:
       if t not in TASKS:
         problems.append(f"eval.tasks: unknown task {t!r}")
       elif t not in eval_data:
@@ -216,18 +234,32 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> Resolved:
   # ---- steps
   num_steps = int(cfg.train.num_steps)
   if num_steps <= 0 and not problems:
-    if data.kind == "synthetic":
+    if kind == "synthetic":
       problems.append("train.num_steps must be set for data.kind='synthetic'")
     else:
-      from lladav_jax.data import pipeline
       n = len(pipeline.make_source(data, cfg.seed))
       num_steps = int(cfg.train.num_epochs * n) // gb
       if num_steps <= 0:
         problems.append(f"the training set has {n} records: fewer than one global batch of {gb}")
   if problems:
     raise ConfigError(problems)
-  return Resolved(model_cfg=mc, image_cfg=icfg, data_cfg=data, tokenizer=tokenizer, tokenizer_dir=tok_dir or None,
-                  eval_data=eval_data, num_steps=num_steps, mesh_shape=shape)
+
+  c, lg = cfg.checkpoint, cfg.log
+  return settings.RunConfig(
+      preset=cfg.preset, seed=int(cfg.seed), model=mc, image=icfg,
+      data=settings.TrainData(kind=kind, pipeline=data, synthetic_tiles=syn_tiles,
+                              synthetic_answer_frac=float(cfg.data.synthetic_answer_frac)),
+      loss=loss, optim=optim, train=settings.TrainConfig(global_batch_size=gb, grad_accum_steps=acc, num_steps=num_steps),
+      mesh=settings.MeshConfig(*shape, preset=preset),
+      checkpoint=settings.CheckpointConfig(enabled=bool(c.enabled), every_steps=int(c.every_steps), keep=int(c.keep),
+                                           async_save=bool(c.async_save), export_model=bool(c.export_model)),
+      log=settings.LogConfig(every_steps=int(lg.every_steps), tensorboard=bool(lg.tensorboard), progress=bool(lg.progress),
+                             profile_start_step=int(lg.profile_start_step), profile_num_steps=int(lg.profile_num_steps)),
+      eval=settings.EvalConfig(tasks=tuple(e.tasks), data=eval_data, every_steps=int(e.every_steps), at_end=bool(e.at_end),
+                               limit=int(e.limit), batch_size=int(e.batch_size), gen_length=e.gen_length,
+                               block_length=e.block_length, steps=e.steps),
+      distributed=distributed_config(cfg), init_checkpoint=cfg.init.checkpoint, tokenizer_dir=tok_dir or None,
+      peak_flops_per_device=float(cfg.peak_flops_per_device), tokenizer=tokenizer)
 
 
 def _expand_braces(p: str) -> list[str]:

@@ -69,7 +69,7 @@ def like_params_shardings(tree, param_shardings, default):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def make_setup(model_cfg: ModelConfig, mesh, optim_cfg, total_steps: int) -> Setup:
+def make_setup(model_cfg: ModelConfig, mesh, optim_cfg: opt.OptimConfig, total_steps: int) -> Setup:
   trainable = tuple(optim_cfg.trainable)
   graphdef, params = abstract_params(model_cfg, mesh)
   tr, fr = opt.split_params(params, trainable)

@@ -1,6 +1,6 @@
-"""The training loop behind `python -m lladav_jax.train`.
+"""The training loop behind `python -m lladav_jax.train`, on a resolved `settings.RunConfig`.
 
-    resolve (and validate) the config -> mesh -> data iterator (this process's shard)
+    mesh -> data iterator (this process's shard)
       -> restore the latest checkpoint of the workdir (state + iterator) or init (random / converted)
       -> AOT-compile the step, log its memory -> loop: batch -> global arrays -> step -> metrics
       -> checkpoints every N steps, at the end, on SIGTERM; evals every M steps
@@ -24,8 +24,8 @@ from flax import nnx
 from lladav_jax import batch as batch_lib
 from lladav_jax import sharding as shd
 from lladav_jax.training import checkpointing, flops as flops_lib, metrics as metrics_lib
-from lladav_jax.training import run_config, state as state_lib, step as step_lib, synthetic
-from lladav_jax.training.loss import LossConfig
+from lladav_jax.training import state as state_lib, step as step_lib, synthetic
+from lladav_jax.training.settings import DistributedConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,16 @@ class NonFiniteError(RuntimeError):
 
 # ----------------------------------------------------------------------------- distributed
 
-def maybe_initialize_distributed(cfg) -> None:
+def maybe_initialize_distributed(d: DistributedConfig) -> None:
   """jax.distributed.initialize() when this is one of several processes: explicit coordinator in
   the config, or auto-detected clusters (SLURM with >1 task, multi-host TPU, JAX_COORDINATOR_ADDRESS)."""
-  d = cfg.distributed
   if jax.distributed.is_initialized():
     return
   if d.coordinator_address:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=int(d.num_processes),
-                               process_id=int(d.process_id))
+    jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
+                               process_id=d.process_id)
     return
   env = os.environ
   multi = (int(env.get("SLURM_NTASKS", "1") or 1) > 1 or env.get("JAX_COORDINATOR_ADDRESS")
@@ -60,25 +59,25 @@ def maybe_initialize_distributed(cfg) -> None:
 
 # ----------------------------------------------------------------------------- data
 
-def build_data_iterator(cfg, r: run_config.Resolved, *, per_process: int):
+def build_data_iterator(r: RunConfig, *, per_process: int):
   pi, pc = jax.process_index(), jax.process_count()
-  d = r.data_cfg
+  d = r.data
   if d.kind == "synthetic":
-    mc = r.model_cfg
+    mc = r.model
     return synthetic.SyntheticIterator(
-        seed=int(cfg.seed), process_index=pi, batch=per_process, seq_len=int(d.seq_len),
-        vocab_size=mc.llm.vocab_size, mask_token_id=mc.mask_token_id, tiles=int(d.synthetic_tiles),
-        image_size=mc.vision.image_size, patch_size=mc.vision.patch_size, answer_frac=float(d.synthetic_answer_frac))
+        seed=r.seed, process_index=pi, batch=per_process, seq_len=d.pipeline.seq_len,
+        vocab_size=mc.llm.vocab_size, mask_token_id=mc.mask_token_id, tiles=d.synthetic_tiles,
+        image_size=mc.vision.image_size, patch_size=mc.vision.patch_size, answer_frac=d.synthetic_answer_frac)
   from lladav_jax.data import pipeline
-  return pipeline.build_train_iterator(d, r.tokenizer, r.image_cfg, batch_size_per_process=per_process,
-                                       process_index=pi, process_count=pc, seed=int(cfg.seed))
+  return pipeline.build_train_iterator(d.pipeline, r.tokenizer, r.image, batch_size_per_process=per_process,
+                                       process_index=pi, process_count=pc, seed=r.seed)
 
 
-def batch_lengths(r: run_config.Resolved) -> list[int]:
-  d = r.data_cfg
-  if d.kind == "synthetic":
-    return [int(d.seq_len)]
-  return sorted({int(x) for x in (d.buckets or [])} | {int(d.seq_len)})
+def batch_lengths(r: RunConfig) -> list[int]:
+  d = r.data.pipeline
+  if r.data.kind == "synthetic":
+    return [d.seq_len]
+  return sorted(set(d.buckets) | {d.seq_len})
 
 
 def global_shapes(host: batch_lib.TrainBatch, process_count: int) -> batch_lib.TrainBatch:
@@ -124,48 +123,45 @@ class StopSignal:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def lladav_model(setup, r, state):
+def lladav_model(setup, r: RunConfig, state):
   from lladav_jax.api import LLaDAV
-  return LLaDAV(r.model_cfg, setup.graphdef, nnx.State(state_lib.full_params(state)), tokenizer=r.tokenizer,
-                image_cfg=r.image_cfg, mesh=setup.mesh)
+  return LLaDAV(r.model, setup.graphdef, nnx.State(state_lib.full_params(state)), tokenizer=r.tokenizer,
+                image_cfg=r.image, mesh=setup.mesh)
 
 
-def run_evals(cfg, setup, r, state, *, step: int = 0, workdir: str | None = None) -> dict:
+def run_evals(setup, r: RunConfig, state, *, step: int = 0, workdir: str | None = None) -> dict:
   """The configured eval tasks on the current parameters (lladav_jax.eval, the sampler through
   LLaDAV.generate). Returns {"eval/<task>/<metric>": value}; process 0 writes each task's full
   results (predictions included) to <workdir>/eval/<task>_step<N>.json."""
-  if not cfg.eval.tasks:
+  e = r.eval
+  if not e.tasks:
     return {}
   from lladav_jax.eval import evaluate_during_training
-  over = {k: cfg.eval[k] for k in ("gen_length", "block_length", "steps") if cfg.eval[k] is not None}
   path = os.path.join(workdir, "eval", f"{{task}}_step{step}.json") if workdir and jax.process_index() == 0 else None
-  return evaluate_during_training(lladav_model(setup, r, state), list(cfg.eval.tasks), r.eval_data,
-                                  limit=int(cfg.eval.limit) or None, batch_size=int(cfg.eval.batch_size),
-                                  gen_overrides=over, results_path=path)
+  return evaluate_during_training(lladav_model(setup, r, state), list(e.tasks), dict(e.data), limit=e.limit or None,
+                                  batch_size=e.batch_size, gen_overrides=e.gen_overrides, results_path=path)
 
 
 # ----------------------------------------------------------------------------- main loop
 
-def train(cfg, workdir: str) -> dict:
-  """Runs (or resumes) training in `workdir`. Returns the last logged metrics (process 0)."""
-  maybe_initialize_distributed(cfg)
+def train(r: RunConfig, workdir: str) -> dict:
+  """Runs (or resumes) training in `workdir` (jax.distributed already initialised, `r` resolved
+  against its devices). Returns the last logged metrics (process 0)."""
   workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
   pi, pc = jax.process_index(), jax.process_count()
   is_main = pi == 0
-  r = run_config.resolve(cfg, num_devices=jax.device_count(), process_count=pc)
-  mesh = shd.make_mesh(*r.mesh_shape)
-  gb, accum, total = int(cfg.train.global_batch_size), int(cfg.train.grad_accum_steps), r.num_steps
+  mesh = shd.make_mesh(*r.mesh.shape, preset=r.mesh.preset)
+  gb, accum, total = r.train.global_batch_size, r.train.grad_accum_steps, r.train.num_steps
   per_process = gb // pc
-  setup = state_lib.make_setup(r.model_cfg, mesh, cfg.optim, total)
-  loss_cfg = LossConfig(eps=float(cfg.loss.eps), antithetic=bool(cfg.loss.antithetic),
-                        logits_chunk=int(cfg.loss.logits_chunk))
-  data_iter = build_data_iterator(cfg, r, per_process=per_process)
+  setup = state_lib.make_setup(r.model, mesh, r.optim, total)
+  data_iter = build_data_iterator(r, per_process=per_process)
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = None
-  if cfg.checkpoint.enabled:
-    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), every_steps=int(cfg.checkpoint.every_steps),
-                                      keep=int(cfg.checkpoint.keep), async_save=bool(cfg.checkpoint.async_save))
+  c = r.checkpoint
+  if c.enabled:
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), every_steps=c.every_steps, keep=c.keep,
+                                      async_save=c.async_save)
   latest = ckpt.latest_step() if ckpt else None
   t0 = time.perf_counter()
   if latest is not None:
@@ -173,7 +169,7 @@ def train(cfg, workdir: str) -> dict:
     start = int(jax.device_get(state["step"]))
     log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
-    state = state_lib.init_state(setup, seed=int(cfg.seed), init_checkpoint=cfg.init.checkpoint)
+    state = state_lib.init_state(setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
     start = 0
   n_tr, n_fr = state_lib.num_params(state["params"]), state_lib.num_params(state["frozen"])
   log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
@@ -181,16 +177,15 @@ def train(cfg, workdir: str) -> dict:
 
   # ---- ahead-of-time compile for the largest bucket
   lengths = batch_lengths(r)
-  d = r.data_cfg
-  tiles = int(d.synthetic_tiles if d.kind == "synthetic" else d.tile_budget)
-  shapes = batch_lib.shapes(gb, lengths[-1], tiles, r.model_cfg.vision.image_size)
+  tiles = r.data.synthetic_tiles if r.data.kind == "synthetic" else r.data.pipeline.tile_budget
+  shapes = batch_lib.shapes(gb, lengths[-1], tiles, r.model.vision.image_size)
   compiled = {}
 
   def get_compiled(shp):
     key = tuple((v.shape, v.dtype) for v in jax.tree.leaves(shp))
     if key not in compiled:
       tc = time.perf_counter()
-      compiled[key], mem = step_lib.compile_train_step(setup, loss_cfg, global_batch=gb, accum=accum, batch_shapes=shp)
+      compiled[key], mem = step_lib.compile_train_step(setup, r.loss, global_batch=gb, accum=accum, batch_shapes=shp)
       log.info("compiled the train step for tokens %s in %.1fs", shp.inputs.tokens.shape, time.perf_counter() - tc)
       if mem:
         log.info("per-device memory (compiled.memory_analysis): arguments %.1f MiB, outputs %.1f MiB, aliased %.1f MiB, "
@@ -204,14 +199,14 @@ def train(cfg, workdir: str) -> dict:
   # ---- throughput accounting
   n_dev = jax.device_count()
   kind = jax.devices()[0].device_kind
-  peak = float(cfg.peak_flops_per_device) or flops_lib.peak_flops(kind)
+  peak = r.peak_flops_per_device or flops_lib.peak_flops(kind)
   if not peak and jax.devices()[0].platform == "cpu":
     peak = flops_lib.measure_matmul_flops() / max(1, jax.local_device_count())
     log.info("CPU peak FLOP/s per device taken as a measured float32 matmul: %.1f GFLOP/s", peak / 1e9)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=bool(cfg.log.tensorboard),
-                                    resume_step=latest)
-  progress = metrics_lib.Progress(total, start, enabled=is_main and bool(cfg.log.progress))
+  lg = r.log
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=lg.tensorboard, resume_step=latest)
+  progress = metrics_lib.Progress(total, start, enabled=is_main and lg.progress)
   stop = StopSignal()
   pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, static info)
   last: dict = {}
@@ -234,7 +229,7 @@ def train(cfg, workdir: str) -> dict:
       if peak:
         m["mfu"] = fl / dt / n_dev / peak
       m.pop("finite")
-      if stp % max(1, int(cfg.log.every_steps)) == 0 or stp == total:
+      if stp % max(1, lg.every_steps) == 0 or stp == total:
         writer.write(stp, m)
       progress.update(1, loss=m["loss"], lr=m["lr"])
       last = {"step": stp, **m}
@@ -245,7 +240,7 @@ def train(cfg, workdir: str) -> dict:
   profiling = False
   try:
     while step < total:
-      if int(cfg.log.profile_start_step) == step + 1 and is_main:
+      if lg.profile_start_step == step + 1 and is_main:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
       host = next(data_iter)
@@ -254,23 +249,23 @@ def train(cfg, workdir: str) -> dict:
         if pc > 1:
           from jax.experimental import multihost_utils
           l_need = int(np.max(multihost_utils.process_allgather(np.int32(l_need))))
-        host = batch_lib.pad_length(host, l_need, r.image_cfg.tokens_per_tile)
+        host = batch_lib.pad_length(host, l_need, r.image.tokens_per_tile)
       batch = to_global(host, mesh, pc)
       fn = get_compiled(global_shapes(host, pc))
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, m = fn(state, batch)
       step += 1
       b, l = batch.inputs.tokens.shape
-      info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model_cfg, batch=b, seq_len=l, tiles=batch.inputs.tiles,
+      info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model, batch=b, seq_len=l, tiles=batch.inputs.tiles,
                                                              trainable=setup.trainable)["total"]}
       flush()  # the previous step's metrics (this step is already dispatched)
       pending.append((step, m, info))
-      if profiling and step >= int(cfg.log.profile_start_step) + int(cfg.log.profile_num_steps) - 1:
+      if profiling and step >= lg.profile_start_step + lg.profile_num_steps - 1:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         profiling = False
-      want_eval = int(cfg.eval.every_steps) > 0 and step % int(cfg.eval.every_steps) == 0 and step < total
-      want_save = ckpt is not None and step % max(1, int(cfg.checkpoint.every_steps)) == 0
+      want_eval = r.eval.every_steps > 0 and step % r.eval.every_steps == 0 and step < total
+      want_save = ckpt is not None and step % max(1, c.every_steps) == 0
       preempted = stop.reached(step)
       if want_save or want_eval or preempted:
         flush()  # every step up to here is finite before anything is saved
@@ -278,7 +273,7 @@ def train(cfg, workdir: str) -> dict:
         ckpt.save(step, state, data_iter, force=preempted)
         good_step = step
       if want_eval:
-        evals = run_evals(cfg, setup, r, state, step=step, workdir=workdir)
+        evals = run_evals(setup, r, state, step=step, workdir=workdir)
         writer.write(step, evals)
         progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
       if preempted:
@@ -303,15 +298,15 @@ def train(cfg, workdir: str) -> dict:
   progress.close()
   if ckpt is not None:
     ckpt.wait()
-  if exit_reason == "done" and cfg.checkpoint.export_model:
+  if exit_reason == "done" and c.export_model:
     from lladav_jax import weights
-    out = weights.save_model(os.path.join(workdir, "model"), r.model_cfg, state_lib.full_params(state), r.tokenizer_dir)
+    out = weights.save_model(os.path.join(workdir, "model"), r.model, state_lib.full_params(state), r.tokenizer_dir)
     if is_main:
       log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
 
-  if exit_reason == "done" and cfg.eval.at_end and cfg.eval.tasks:
+  if exit_reason == "done" and r.eval.at_end and r.eval.tasks:
     te = time.perf_counter()
-    evals = run_evals(cfg, setup, r, state, step=step, workdir=workdir)
+    evals = run_evals(setup, r, state, step=step, workdir=workdir)
     writer.write(step, evals)
     if is_main:
       for k, v in evals.items():
