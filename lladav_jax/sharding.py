@@ -174,7 +174,8 @@ def check_layout(state, mesh, limit_bytes: int = REPLICATE_LIMIT_BYTES) -> list[
 
 def working_meshes(state, devices: int, limit_bytes: int = REPLICATE_LIMIT_BYTES) -> list[str]:
   """The presets and sizes of `devices` devices under which no parameter above `limit_bytes` is left
-  whole by a weight axis, the most weight shards first ("fsdp_tp: data=3 fsdp=8 tensor=1 [8]")."""
+  whole by a weight axis, the most weight shards first, then the widest fsdp ("fsdp_tp: data=3 fsdp=8
+  tensor=1 [8]")."""
   out = []
   for preset, names in PRESETS.items():
     if preset == "dp":
@@ -184,8 +185,8 @@ def working_meshes(state, devices: int, limit_bytes: int = REPLICATE_LIMIT_BYTES
         if devices % (f * t) == 0:
           sizes = (devices // (f * t), f, t)
           if all(w[2] <= limit_bytes for w in _whole(state, AbstractMesh(sizes, names))):
-            out.append((f * t, f"{preset}: data={sizes[0]} fsdp={f} {names[2]}={t} [{f * t}]"))
-  return [s for _, s in sorted(out, key=lambda x: -x[0])]
+            out.append(((-f * t, -f), f"{preset}: data={sizes[0]} fsdp={f} {names[2]}={t} [{f * t}]"))
+  return [s for _, s in sorted(out, key=lambda x: x[0])]
 
 
 def state_shardings(state, mesh):
