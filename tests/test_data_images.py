@@ -1,5 +1,6 @@
 """Image tensors of the pipeline: anyres tiles against transformers, modes, videos, budgets."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -55,8 +56,28 @@ def test_anyres_tiles_match_transformers(tok, tmp_path):
     assert n == ref.shape[0] or np.all(ref[n:] == 0), (w, h)
     pixels = np.asarray(normalize_pixels(out["sample"].pixels, VisionConfig()))  # as the model normalises them
     np.testing.assert_allclose(pixels, ref[:n], atol=1e-6, err_msg=f"{w}x{h}")
-    # token count of the spliced image: base + unpadded grid with row newlines
-    assert (out["sample"].tokens == IMG).sum() == multimodal.process_image(img, demo_image_config()).num_tokens
+    # token count of the spliced image: base + unpadded grid with row newlines (LLaVA-NeXT's formula)
+    assert (out["sample"].tokens == IMG).sum() == reference_token_count(w, h, demo_image_config()), (w, h)
+
+
+def reference_token_count(w, h, cfg):
+  """LLaVA-OneVision's anyres_max_N image token count, transcribed: base tile, the best grid unpadded to
+  the original aspect (`unpad_image`), bilinearly shrunk past N tiles x 1.1, a newline per row."""
+  from transformers.image_processing_utils import select_best_resolution
+  s, g = cfg.image_size, cfg.grid
+  gh, gw = select_best_resolution((h, w), [(s * j, s * i) for i, j in cfg.grid_pinpoints])
+  ch, cw = gh // s * g, gw // s * g
+  if w / h > cw / ch:
+    nh = int(round(h * (cw / w), 7))
+    ch -= 2 * ((ch - nh) // 2)
+  else:
+    nw = int(round(w * (ch / h), 7))
+    cw -= 2 * ((cw - nw) // 2)
+  limit = cfg.max_area_tiles
+  if ch * cw > limit * g * g * 1.1:
+    times = math.sqrt(ch * cw / (limit * g * g))
+    ch, cw = int(ch // times), int(cw // times)
+  return g * g + ch * (cw + 1)
 
 
 def test_modes_are_converted_not_skipped(tok, tmp_path):

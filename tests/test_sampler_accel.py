@@ -45,8 +45,10 @@ def lavida_shift_counts(n, steps, shift):
 def test_shift_schedule_example_and_torch_parity():
   # 32 tokens in 16 steps, shift 1/3: early steps commit more
   assert shift_counts(32, 16, 1 / 3) == [6, 4, 4, 2, 3, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-  # the often-quoted [6,4,4,2,3,2,2,1,2,1,...] is the clamped vector before the surplus of 1 is removed
-  assert sum([6, 4, 4, 2, 3, 2, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1]) == 33
+  # the often-quoted [6,4,4,2,3,2,2,1,2,1,...] (sum 33) is the clamped vector, reversed, before the surplus is removed
+  t = torch.linspace(0, 1, 17)
+  v = ((1 / 3) * t / (1 + (1 / 3 - 1) * t) * 32).to(torch.int64)
+  assert torch.clamp(v[1:] - v[:-1], 1, None).flip(0).tolist() == [6, 4, 4, 2, 3, 2, 2, 1, 2, 1, 1, 1, 1, 1, 1, 1]
   for n in range(1, 70):
     for steps in (1, 2, 3, 4, 8, 16, 32):
       for shift in (1 / 3, 3.0, 0.5):

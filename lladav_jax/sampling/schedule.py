@@ -11,7 +11,7 @@ once per (block_length, S, schedule) and looked up on device, so `n` may differ 
     diff(int(sigma * n)), clamped to >= 1; the surplus is removed one token at a time, cycling
     over the entries that are > 1 from the first; then the order is reversed. LaViDa computes in
     float32 torch; `_torch_linspace_f32` and the float32 arithmetic below reproduce it bit for
-    bit (tests/test_sampler_schedule.py checks against torch), because int() of sigma * n sits
+    bit (tests/test_sampler_accel.py checks against torch), because int() of sigma * n sits
     on integer boundaries (n=32, S=16, shift=1/3 gives sigma * n = 8.000001 at t = 0.5).
     Example, n=32, S=16, shift=1/3: [6,4,4,2,3,2,2,1,1,1,1,1,1,1,1,1]. (The vector
     [6,4,4,2,3,2,2,1,2,1,1,1,1,1,1,1] sometimes quoted for this case is the clamped vector before

@@ -30,9 +30,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
 
-  def should_save(self, step: int) -> bool:
-    return self.mngr.should_save(step)
-
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data_iter=grain.checkpoint.CheckpointSave(data_iter))
@@ -46,11 +43,6 @@ class Checkpointer:
                               data_iter=grain.checkpoint.CheckpointRestore(data_iter))
     out = self.mngr.restore(step, args=args)
     return out["state"], out["data_iter"]
-
-  def restore_state(self, step: int, abstract_state):
-    """The train state only (e.g. for export or evaluation)."""
-    out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return out["state"]
 
   def wait(self):
     self.mngr.wait_until_finished()

@@ -6,7 +6,7 @@
 `params` / `frozen` are nested dicts with the model's parameter paths (nnx.to_pure_dict layout);
 the model is rebuilt inside the jitted step with `nnx.merge(graphdef, State(params | frozen))`.
 Shardings come from each parameter's logical axes (lladav_jax.sharding); optimizer moments take
-their parameter's sharding (optax.tree_map_params), scalars are replicated.
+their parameter's sharding (`like_params_shardings`, by key path), scalars are replicated.
 """
 from __future__ import annotations
 
@@ -122,10 +122,6 @@ def init_state(setup: Setup, *, seed: int, init_checkpoint: str = "", params=Non
 
 def full_params(state: dict) -> dict:
   return opt.merge_params(state["params"], state["frozen"])
-
-
-def model_from_state(setup: Setup, state: dict) -> LLaDAVModel:
-  return nnx.merge(setup.graphdef, nnx.State(full_params(state)))
 
 
 def num_params(tree) -> int:
