@@ -22,8 +22,6 @@ from lladav_jax import multimodal, sharding
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
 from lladav_jax.model import LLaDAVModel
 
-CONFIG_FILE = "lladav_config.json"
-
 
 class LLaDAV:
   """A loaded LLaDA-V: model config, image config, tokenizer, and sharded parameters."""
@@ -55,7 +53,7 @@ class LLaDAV:
     cfg = cfg.replace(**cfg_overrides)
     cfg.validate()
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-    graphdef, _ = sharding.abstract_model(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, _ = sharding.abstract_model(cfg)
     state = weights.load_state(path, cfg, mesh)
     tokenizer = _maybe_tokenizer(path)
     return cls(cfg, graphdef, state, tokenizer=tokenizer, image_cfg=_image_config(path, cfg), mesh=mesh)
@@ -65,7 +63,7 @@ class LLaDAV:
     """A randomly initialised model (tests, demos, benchmarks)."""
     cfg.validate()
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-    graphdef, state = sharding.init_sharded(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(seed)), mesh)
+    graphdef, state = sharding.init_sharded(cfg, mesh, seed=seed)
     return cls(cfg, graphdef, state, tokenizer=tokenizer, image_cfg=image_cfg, mesh=mesh)
 
   @property

@@ -6,6 +6,7 @@ that the mesh axis does not divide is replicated instead (tiny test models on 8 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -126,27 +127,51 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def abstract_model(model_fn, mesh):
-  """(graphdef, abstract state with shardings) of `model_fn()` without allocating anything."""
-  abstract = nnx.eval_shape(model_fn)
-  graphdef, state = nnx.split(abstract)
-  shardings = state_shardings(state, mesh)
-  state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return graphdef, state
+@functools.lru_cache(maxsize=8)
+def _eval_shape(cfg):
+  from lladav_jax.model import LLaDAVModel
+  return nnx.split(nnx.eval_shape(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
 
 
-def init_sharded(model_fn, mesh):
-  """Initialises a model directly onto the mesh (no full copy on one device): (graphdef, state)."""
-  graphdef, abstract = abstract_model(model_fn, mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+def abstract_model(cfg, mesh=None):
+  """(graphdef, nnx.State of Variables holding ShapeDtypeStructs) of LLaDAVModel(cfg), allocating
+  nothing; with `mesh`, each ShapeDtypeStruct carries its NamedSharding. The state is a fresh copy
+  (callers may fill it in place)."""
+  graphdef, state = _eval_shape(cfg)
+  if mesh is None:
+    return graphdef, jax.tree.map(lambda x: x, state)
 
-  @jax.jit
+  def one(v):
+    s = NamedSharding(mesh, logical_to_spec(v.get_metadata().get("out_sharding"), v.shape, mesh))
+    return v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s))
+  return graphdef, jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_sharded(cfg, mesh=None, *, seed: int = 0, only: Sequence[str] | None = None):
+  """Random init of LLaDAVModel(cfg, rngs=nnx.Rngs(seed)) as one compiled function whose outputs land
+  straight on `mesh` with each parameter's sharding (no full copy on one device; no mesh: the default
+  device). `only` (flat names such as "llm.embed") keeps those parameters: XLA drops the rest of the
+  init and the values stay those of the full init. Returns (graphdef, nnx.State)."""
+  graphdef, _ = _eval_shape(cfg)
+  return graphdef, _init_fn(cfg, mesh, seed, None if only is None else tuple(only))()
+
+
+def _subset(state, only):
+  keep = set(only)
+  return nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state) if ".".join(map(str, p)) in keep])
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(cfg, mesh, seed, only):
+  from lladav_jax.model import LLaDAVModel
+
   def init():
-    return nnx.split(model_fn())[1]
-
-  state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state
+    state = nnx.split(LLaDAVModel(cfg, rngs=nnx.Rngs(seed)))[1]
+    return state if only is None else _subset(state, only)
+  if mesh is None:
+    return jax.jit(init)
+  shardings = state_shardings(_eval_shape(cfg)[1], mesh)
+  return jax.jit(init, out_shardings=shardings if only is None else _subset(shardings, only))
 
 
 def to_host(tree):

@@ -247,7 +247,7 @@ def _forward(graphdef, state, tokens, pixels, idx, w):
 
 def ours(cfg, state, ids, images):
   e = mm.expand(ids, images, IMAGE_CFG)
-  graphdef, _ = weights.abstract_state(cfg)
+  graphdef, _ = sharding.abstract_model(cfg)
   out = _forward(graphdef, state, jnp.asarray(e.tokens)[None], jnp.asarray(e.pixels)[None],
                  jnp.asarray(e.merge_idx)[None], jnp.asarray(e.merge_w)[None])
   return np.asarray(out)[0], e

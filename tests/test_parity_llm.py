@@ -59,7 +59,7 @@ def _llm_forward(graphdef, state, ids, mask):
 
 
 def our_llm_logits(cfg, state, ids, valid=None):
-  graphdef, _ = weights.abstract_state(cfg)
+  graphdef, _ = sharding.abstract_model(cfg)
   mask = None if valid is None else jnp.asarray(valid)[:, None, :]
   return np.asarray(_llm_forward(graphdef, state, jnp.asarray(ids), mask))
 

@@ -1,11 +1,10 @@
-"""Shared helpers for tests/test_train_*.py: fast host-side parameter init, small optimizer configs."""
+"""Shared helpers for tests/test_train_*.py: small optimizer configs, subprocess environments."""
 import os
 import sys
 
 import ml_collections
 
-from lladav_jax.model.common import random_like
-from lladav_jax.training import optimizer, state as st
+from lladav_jax.training import optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,11 +13,6 @@ def optim_cfg(trainable=optimizer.GROUPS, lr=1e-3, schedule="constant", warmup_r
   return ml_collections.ConfigDict(dict(trainable=tuple(trainable), lr=lr, group_lr=group_lr or {}, b1=0.9, b2=0.999,
                                         eps=1e-8, weight_decay=0.0, clip_norm=1.0, warmup_ratio=warmup_ratio,
                                         schedule=schedule))
-
-
-def host_params(setup, seed=0):
-  """Random host parameters of the whole model (no init compile)."""
-  return random_like(st.full_params(setup.abstract), seed)
 
 
 def subprocess_env(cache_dir, devices=1):
