@@ -43,13 +43,19 @@ class LLaDAV:
   # ---------------------------------------------------------------- construction
   @classmethod
   def from_pretrained(cls, path: str, dtype: str | None = None, mesh=None, **cfg_overrides) -> "LLaDAV":
-    """Loads a Hugging Face LLaDA-V / LLaDA directory or a converted Orbax directory."""
+    """Loads a Hugging Face LLaDA-V / LLaDA directory or a converted Orbax directory.
+
+    `dtype` is the parameter and compute dtype ("float32": float32 compute). None keeps the
+    parameters at the checkpoint's own dtype (bf16 for the released model: 15.7 GiB, not 31.4) and
+    the config's compute dtype. Norms, softmax and logits are float32 either way."""
     from lladav_jax import weights
     if not os.path.isdir(path):
       raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg = weights.load_model_config(path)
     if dtype is not None:
-      cfg = cfg.replace(dtype=dtype, param_dtype=dtype if dtype == "float32" else cfg.param_dtype)
+      cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    else:
+      cfg = cfg.replace(param_dtype=weights.checkpoint_dtype(path) or cfg.param_dtype)
     cfg = cfg.replace(**cfg_overrides)
     cfg.validate()
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])

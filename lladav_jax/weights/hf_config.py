@@ -1,13 +1,18 @@
 """Model configs of checkpoints: Hugging Face config.json (LLaDA-V / LLaMA or original LLaDA) and our
-lladav_config.json -> `ModelConfig`."""
+lladav_config.json -> `ModelConfig`; the dtype a checkpoint stores its parameters at."""
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 from typing import Any, Mapping
 
+import ml_dtypes
+import numpy as np
+
 from lladav_jax.config import LLMConfig, ModelConfig, VisionConfig
-from lladav_jax.weights.names import CONFIG_FILE
+from lladav_jax.weights.names import CONFIG_FILE, INDEX_FILE
 
 DEFAULT_MASK_TOKEN_ID = 126336
 
@@ -89,3 +94,32 @@ def load_model_config(path: str, **overrides) -> ModelConfig:
     raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} nor config.json found")
   with open(hf) as f:
     return model_config_from_hf(json.load(f), **overrides)
+
+
+def checkpoint_dtype(path: str) -> str | None:
+  """The dtype that holds most of a checkpoint's floating-point values ("bfloat16" for the released
+  model): from the Orbax metadata of a converted directory, else the safetensors headers, else
+  config.json's torch_dtype; None when none of them says."""
+  from lladav_jax.weights.orbax_io import is_orbax_dir, orbax_metadata
+  counts: collections.Counter = collections.Counter()
+  if is_orbax_dir(path):
+    for shape, dtype in orbax_metadata(path).values():
+      counts[np.dtype(dtype)] += math.prod(shape)
+  elif any(f.endswith(".safetensors") for f in os.listdir(path)) or os.path.exists(os.path.join(path, INDEX_FILE)):
+    from lladav_jax.weights.hf_read import SafetensorsDir
+    files = SafetensorsDir(path)
+    for name in files.names:
+      counts[files.dtype(name)] += math.prod(files.shape(name))
+  counts = {d: n for d, n in counts.items() if np.issubdtype(d, np.floating) or d == ml_dtypes.bfloat16}
+  if counts:
+    name = max(counts, key=counts.get).name
+  else:
+    hf = os.path.join(path, "config.json")
+    if not os.path.exists(hf):
+      return None
+    with open(hf) as f:
+      c = json.load(f)
+    name = c.get("torch_dtype") or c.get("dtype")  # transformers 5 writes "dtype"
+    if not isinstance(name, str):
+      return None
+  return "float32" if name == "float64" else name  # JAX runs without x64
