@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from lladav_jax import weights  # noqa: E402
+from lladav_jax.model import abstract_model  # noqa: E402
 from lladav_jax.config import LLMConfig, ModelConfig, VisionConfig  # noqa: E402
 
 CFG = ModelConfig(
@@ -122,7 +123,7 @@ def write_checkpoint(path: str, shards: int, seed: int = 0) -> dict:
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(HF_CONFIG, f)
   largest = max(2 * math.prod(s) for s in shapes.values())
-  _, abstract = weights.abstract_state(CFG)
+  _, abstract = abstract_model(CFG)
   stacked = max(2 * math.prod(x.shape) for x in weights.flat_params(abstract).values())
   return dict(bytes=total, tensors=len(names), files=k, largest_tensor=largest, largest_param_bf16=stacked)
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lladav_jax import config, generation, multimodal  # noqa: E402
 from lladav_jax.api import LLaDAV  # noqa: E402
-from lladav_jax.model import LLaDAVModel  # noqa: E402
+from lladav_jax.model import abstract_model  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
 from lladav_jax.sampling import SamplerSettings, core  # noqa: E402
 from lladav_jax.sampling.schedule import uniform_counts  # noqa: E402
@@ -43,7 +43,7 @@ REPS = 1
 def random_model(cfg, seed=0, logit_std=15.0):
   """Random weights; the LM head scaled so that logits have about `logit_std` spread."""
   head_scale = logit_std / (0.02 * cfg.llm.hidden_size ** 0.5)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract = abstract_model(cfg)
   icfg = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size, aspect="square")
   state = jax.tree.map(jnp.asarray, random_like(abstract, seed, scales={"lm_head": head_scale}))
   return LLaDAV(cfg, graphdef, state, image_cfg=icfg)
@@ -174,7 +174,7 @@ def main():
   for name in args.configs.split(","):
     global REPS
     cfg, gen, block, steps, batch, REPS = setups[name]
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.eval_shape(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0)))))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_model(cfg)[1]))
     print(f"{name}: {n / 1e6:.1f}M params, gen {gen}, block {block}, steps {steps}", flush=True)
     rows, _ = bench(name, cfg, gen, block, steps, batch, args.quick)
     all_rows += rows

@@ -22,9 +22,7 @@ from lladav_jax import batch as batch_lib
 from lladav_jax import multimodal, sharding
 from lladav_jax.batch import ModelInputs
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
-from lladav_jax.model import LLaDAVModel
-
-CONFIG_FILE = "lladav_config.json"
+from lladav_jax.model import LLaDAVModel, abstract_model, init_sharded
 
 
 class LLaDAV:
@@ -47,17 +45,23 @@ class LLaDAV:
   # ---------------------------------------------------------------- construction
   @classmethod
   def from_pretrained(cls, path: str, dtype: str | None = None, mesh=None, **cfg_overrides) -> "LLaDAV":
-    """Loads a Hugging Face LLaDA-V / LLaDA directory or a converted Orbax directory."""
+    """Loads a Hugging Face LLaDA-V / LLaDA directory or a converted Orbax directory.
+
+    `dtype` is the parameter and compute dtype ("float32": float32 compute). None keeps the
+    parameters at the checkpoint's own dtype (bf16 for the released model: 15.7 GiB, not 31.4) and
+    the config's compute dtype. Norms, softmax and logits are float32 either way."""
     from lladav_jax import weights
     if not os.path.isdir(path):
       raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg = weights.load_model_config(path)
     if dtype is not None:
-      cfg = cfg.replace(dtype=dtype, param_dtype=dtype if dtype == "float32" else cfg.param_dtype)
+      cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    else:
+      cfg = cfg.replace(param_dtype=weights.checkpoint_dtype(path) or cfg.param_dtype)
     cfg = cfg.replace(**cfg_overrides)
     cfg.validate()
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-    graphdef, _ = sharding.abstract_model(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, _ = abstract_model(cfg)
     state = weights.load_state(path, cfg, mesh)
     tokenizer = _maybe_tokenizer(path)
     return cls(cfg, graphdef, state, tokenizer=tokenizer, image_cfg=_image_config(path, cfg), mesh=mesh)
@@ -67,7 +71,7 @@ class LLaDAV:
     """A randomly initialised model (tests, demos, benchmarks)."""
     cfg.validate()
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-    graphdef, state = sharding.init_sharded(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(seed)), mesh)
+    graphdef, state = init_sharded(cfg, mesh, seed=seed)
     return cls(cfg, graphdef, state, tokenizer=tokenizer, image_cfg=image_cfg, mesh=mesh)
 
   @property

@@ -95,80 +95,77 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
     cfg = W.model_config_from_hf(hf_config, vision_json)
   cfg.validate()
   plan = W.plan_hf(src, cfg, strict=strict)  # raises before anything is written
-  try:
-    with _atomic_dir(dst, overwrite) as tmp:
-      params_dir = os.path.join(tmp, W.PARAMS_DIR)
-      tensors, param_dtypes = [], {}
+  with _atomic_dir(dst, overwrite) as tmp:
+    params_dir = os.path.join(tmp, W.PARAMS_DIR)
+    tensors, param_dtypes = [], {}
+    pending, pending_bytes = {}, 0
+
+    # No defensive copy of our (never mutated) host arrays and no zstd pass: the save then needs
+    # little beyond the arrays themselves (weights barely compress anyway).
+    ctx = ocp_v1.Context()
+    ctx.memory.deepcopy_host_arrays = False
+    ctx.array.saving.use_compression = False
+
+    def flush():
+      nonlocal pending, pending_bytes
+      if pending:
+        with ctx:
+          ocp_partial.save(params_dir, W.nest(pending))
+      if pending_bytes >= _GC_BYTES:
+        pending.clear()
+        gc.collect()  # free the saved arrays now, not at the next cyclic collection
       pending, pending_bytes = {}, 0
 
-      # No defensive copy of our (never mutated) host arrays and no zstd pass: the save then needs
-      # little beyond the arrays themselves (weights barely compress anyway).
-      ctx = ocp_v1.Context()
-      ctx.memory.deepcopy_host_arrays = False
-      ctx.array.saving.use_compression = False
-
-      def flush():
-        nonlocal pending, pending_bytes
-        if pending:
-          with ctx:
-            ocp_partial.save(params_dir, W.nest(pending))
-        if pending_bytes >= _GC_BYTES:
-          pending.clear()
-          gc.collect()  # free the saved arrays now, not at the next cyclic collection
-        pending, pending_bytes = {}, 0
-
-      for param, source in plan.params.items():
-        nbytes = math.prod(source.shape) * W.common_dtype(plan.files.dtype(n) for n in source.names).itemsize
-        if pending_bytes + nbytes > PARTIAL_SAVE_BYTES:
-          flush()  # before reading, so that a large parameter is never held next to a full batch
-        arr = W.read_param(plan, param)
+    for param, source in plan.params.items():
+      nbytes = math.prod(source.shape) * W.common_dtype(plan.files.dtype(n) for n in source.names).itemsize
+      if pending_bytes + nbytes > PARTIAL_SAVE_BYTES:
+        flush()  # before reading, so that a large parameter is never held next to a full batch
+      arr = W.read_param(plan, param)
+      param_dtypes[param] = str(arr.dtype)
+      for i, name in enumerate(source.names):
+        tensors.append(dict(name=name, param=param, layer=i if source.entry.stacked else None,
+                            dtype=str(plan.files.dtype(name)), shape=list(plan.files.shape(name))))
+      pending[param] = arr
+      pending_bytes += arr.nbytes
+      del arr
+    if plan.initialized:
+      log.warning("%s: %d parameters (%s) are random-initialised (seed %d) in %s", src,
+                  len(plan.initialized), ", ".join(sorted({W.ENTRIES[p].group for p in plan.initialized})),
+                  seed, dst)
+      init = W.init_params(cfg, plan.initialized, seed=seed)  # one compile; ~1.6 GB for so400m in f32
+      for param in list(init):
+        arr = init.pop(param)
         param_dtypes[param] = str(arr.dtype)
-        for i, name in enumerate(source.names):
-          tensors.append(dict(name=name, param=param, layer=i if source.entry.stacked else None,
-                              dtype=str(plan.files.dtype(name)), shape=list(plan.files.shape(name))))
+        if pending_bytes + arr.nbytes > PARTIAL_SAVE_BYTES:
+          flush()
         pending[param] = arr
         pending_bytes += arr.nbytes
-        del arr
-      if plan.initialized:
-        log.warning("%s: %d parameters (%s) are random-initialised (seed %d) in %s", src,
-                    len(plan.initialized), ", ".join(sorted({W.ENTRIES[p].group for p in plan.initialized})),
-                    seed, dst)
-        init = W.init_params(cfg, plan.initialized, seed=seed)  # one compile; ~1.6 GB for so400m in f32
-        for param in list(init):
-          arr = init.pop(param)
-          param_dtypes[param] = str(arr.dtype)
-          if pending_bytes + arr.nbytes > PARTIAL_SAVE_BYTES:
-            flush()
-          pending[param] = arr
-          pending_bytes += arr.nbytes
-        del init
-      flush()
-      with ctx:
-        ocp_partial.finalize(params_dir)
+      del init
+    flush()
+    with ctx:
+      ocp_partial.finalize(params_dir)
 
-      extras = []
-      if plan.extras:
-        ex = {}
-        for name in plan.extras:
-          ex[name] = plan.files.get(name)
-          extras.append(dict(name=name, dtype=str(ex[name].dtype), shape=list(ex[name].shape)))
-        save_file(ex, os.path.join(tmp, W.EXTRAS_FILE), metadata=plan.files.metadata)
-        del ex
-      order = {n: i for i, n in enumerate(plan.files.names)}
-      manifest = dict(
-          format=1, scheme=plan.scheme, source=os.path.abspath(src),
-          safetensors_metadata=plan.files.metadata,
-          tensors=sorted(tensors + [dict(e, extra=True) for e in extras], key=lambda t: order[t["name"]]),
-          param_dtypes=param_dtypes, initialized=plan.initialized,
-          initialized_groups=sorted({W.ENTRIES[p].group for p in plan.initialized}))
-      with open(os.path.join(tmp, W.MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f, indent=1)
-      with open(os.path.join(tmp, W.CONFIG_FILE), "w") as f:
-        f.write(cfg.to_json())
-      for fname in W.aux_files(src):
-        shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
-  finally:
-    plan.files.close()
+    extras = []
+    if plan.extras:
+      ex = {}
+      for name in plan.extras:
+        ex[name] = plan.files.get(name)
+        extras.append(dict(name=name, dtype=str(ex[name].dtype), shape=list(ex[name].shape)))
+      save_file(ex, os.path.join(tmp, W.EXTRAS_FILE), metadata=plan.files.metadata)
+      del ex
+    order = {n: i for i, n in enumerate(plan.files.names)}
+    manifest = dict(
+        format=1, scheme=plan.scheme, source=os.path.abspath(src),
+        safetensors_metadata=plan.files.metadata,
+        tensors=sorted(tensors + [dict(e, extra=True) for e in extras], key=lambda t: order[t["name"]]),
+        param_dtypes=param_dtypes, initialized=plan.initialized,
+        initialized_groups=sorted({W.ENTRIES[p].group for p in plan.initialized}))
+    with open(os.path.join(tmp, W.MANIFEST_FILE), "w") as f:
+      json.dump(manifest, f, indent=1)
+    with open(os.path.join(tmp, W.CONFIG_FILE), "w") as f:
+      f.write(cfg.to_json())
+    for fname in W.aux_files(src):
+      shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
   log.info("converted %s -> %s (%d tensors, %d extras)", src, dst, len(tensors), len(extras))
   return dst
 

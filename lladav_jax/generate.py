@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", required=False, help="Hugging Face LLaDA-V directory or converted Orbax directory")
   p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
   p.add_argument("--prompt", required=True, help="the user question (<image> tags are added if absent)")
-  p.add_argument("--dtype", default=None, help="compute/param dtype override, e.g. float32 or bfloat16")
+  p.add_argument("--dtype", default=None,
+                 help="parameter and compute dtype, e.g. float32 (default: the checkpoint's own parameter dtype)")
   p.add_argument("--gen_length", type=int, default=128)
   p.add_argument("--block_length", type=int, default=128)
   p.add_argument("--steps", type=int, default=128)

@@ -229,26 +229,3 @@ def put_rows(tree, mesh):
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def abstract_model(model_fn, mesh):
-  """(graphdef, abstract state with shardings) of `model_fn()` without allocating anything."""
-  abstract = nnx.eval_shape(model_fn)
-  graphdef, state = nnx.split(abstract)
-  shardings = state_shardings(state, mesh)
-  state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return graphdef, state
-
-
-def init_sharded(model_fn, mesh):
-  """Initialises a model directly onto the mesh (no full copy on one device): (graphdef, state)."""
-  graphdef, abstract = abstract_model(model_fn, mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-
-  @jax.jit
-  def init():
-    return nnx.split(model_fn())[1]
-
-  state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 
 from lladav_jax.data import demo_data
@@ -50,8 +51,9 @@ def demo_data_vocab(path: str) -> list[int]:
   return [i for t, i in vocab.items() if t not in SPECIAL_IDS and t != "<|unk|>"]
 
 
-def write_released_checkpoint(path: str, seed: int = 0):
-  """Writes the checkpoint (two safetensors shards + index, config.json, tokenizer files) to `path`.
+def write_released_checkpoint(path: str, seed: int = 0, dtype=None):
+  """Writes the checkpoint (two safetensors shards + index, config.json, tokenizer files) to `path`, every
+  tensor at `dtype` when given (ml_dtypes.bfloat16: as released) and config.json's torch_dtype with it.
   Returns (the PyTorch reference model, path)."""
   ref = build_torch_lladav(seed, vocab=VOCAB)
   # Answers in words: the head's rows of ids the word-level tokenizer lacks are zero, the others scaled up
@@ -62,7 +64,10 @@ def write_released_checkpoint(path: str, seed: int = 0):
     keep = torch.zeros(w.shape[0], 1)
     keep[used] = 4.0
     w.mul_(keep)
-  write_hf_dir(path, ref.tensors(), released_config_json(ref.llama.config.to_dict(), ref.keep_layers), shards=2)
+  tensors, config_json = ref.tensors(), released_config_json(ref.llama.config.to_dict(), ref.keep_layers)
+  if dtype is not None:
+    config_json["torch_dtype"] = np.dtype(dtype).name
+  write_hf_dir(path, tensors, config_json, shards=2, dtypes={k: dtype for k in tensors} if dtype is not None else None)
   with open(os.path.join(path, "generation_config.json"), "w") as f:
     json.dump({"bos_token_id": 126080, "eos_token_id": 126081, "pad_token_id": 126081}, f)
   return ref, path

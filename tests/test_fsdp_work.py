@@ -9,15 +9,14 @@ import re
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from lladav_jax import batch as batch_lib, config, generation, sharding
 from lladav_jax.api import LLaDAV
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
-from lladav_jax.model import LLaDAVModel
 from lladav_jax.training import loss as loss_lib, state as st, step as stp
-from tests.test_sharded_forward import random_state
+from lladav_jax.model import abstract_model
+from tests.models import random_state
 from tests.train_helpers import optim_cfg
 
 CFG = config.tiny().replace(
@@ -60,7 +59,7 @@ def compile_sampler(devices: int, per_device: int = 1):
   """The jitted sampler for rows sharded over the mesh (prompt of 1536 positions, one tile a row)."""
   from lladav_jax.sampling import core
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
-  graphdef, params = sharding.abstract_model(lambda: LLaDAVModel(CFG, rngs=nnx.Rngs(0)), mesh)
+  graphdef, params = abstract_model(CFG, mesh)
   b, s, p = devices * per_device, CFG.vision.image_size, L
   sds = jax.ShapeDtypeStruct
   inputs = core.SamplerInputs(prompt=batch_lib.shapes(b, p, 1, s, labels=False), suffix=sds((b, 0), np.int32),
@@ -97,7 +96,7 @@ def test_generate_on_8_devices_gives_the_single_device_tokens():
   cfg = config.tiny()
   models = []
   for mesh in (sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(2, 2, 2)):
-    graphdef, _ = sharding.abstract_model(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, _ = abstract_model(cfg)
     models.append(LLaDAV(cfg, graphdef, random_state(cfg, mesh, seed=4), mesh=mesh))
   img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8))
   prompts = [[5, IMG, 6, 7], [8, 9, 10], [11, 12], [13, IMG, 14]]

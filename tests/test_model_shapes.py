@@ -9,13 +9,12 @@ import pytest
 from flax import nnx
 
 from lladav_jax import config, weights
-from lladav_jax.model import LLaDAVModel
+from lladav_jax.model import abstract_model, init_sharded
 
 
 @pytest.fixture(scope="module")
 def abstract_8b():
-  model = nnx.eval_shape(lambda: LLaDAVModel(config.llada_v_8b(), rngs=nnx.Rngs(0)))
-  return weights.flat_params(nnx.state(model))
+  return weights.flat_params(abstract_model(config.llada_v_8b())[1])
 
 
 def count(flat, prefix):
@@ -121,7 +120,7 @@ def test_initializer_range_sets_the_weight_std():
   for std in (0.02, 0.06):
     cfg = config.tiny()
     cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, initializer_range=std))
-    flat = weights.flat_params(nnx.state(LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
+    flat = weights.flat_params(init_sharded(cfg)[1])
     for name in ("llm.embed", "llm.layers.attn.q_proj", "llm.layers.mlp.down_proj", "llm.lm_head"):
       assert float(np.std(np.asarray(flat[name]))) == pytest.approx(std, rel=0.1), (name, std)
   hf = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
@@ -134,7 +133,7 @@ def test_initializer_range_sets_the_weight_std():
 def test_projector_init_is_torch_linear_default():
   """The original creates the projector with nn.Linear: weight and bias ~ U(+-1/sqrt(fan_in))."""
   cfg = config.tiny()
-  proj = LLaDAVModel(cfg, rngs=nnx.Rngs(0)).projector
+  proj = nnx.merge(*init_sharded(cfg)).projector
   for w, b, fan_in in ((proj.fc1, proj.fc1_bias, cfg.vision.hidden_size), (proj.fc2, proj.fc2_bias, cfg.llm.hidden_size)):
     bound = fan_in ** -0.5
     for x in (np.asarray(w[...]), np.asarray(b[...])):

@@ -26,6 +26,7 @@ from lladav_jax import multimodal as mm
 from lladav_jax import sharding, weights
 from lladav_jax.config import IMAGE_TOKEN_INDEX, VisionConfig
 from lladav_jax.model.vision import normalize_pixels
+from lladav_jax.model import abstract_model
 from tests.test_parity_llm import MASK_ID, hf_logits, tiny_llama
 
 TOL = 1e-4
@@ -253,7 +254,7 @@ def normalized(tiles):
 
 def ours(cfg, state, ids, images):
   e = mm.expand(ids, images, IMAGE_CFG)
-  graphdef, _ = weights.abstract_state(cfg)
+  graphdef, _ = abstract_model(cfg)
   out = _forward(graphdef, state, jnp.asarray(e.tokens)[None], jnp.asarray(e.pixels)[None],
                  jnp.asarray(e.merge_idx)[None], jnp.asarray(e.merge_w)[None])
   return np.asarray(out)[0], e

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lladav_jax import config, sharding, weights
+from lladav_jax.model import abstract_model
 
 TOL = 1e-4
 MASK_ID = 500
@@ -59,7 +60,7 @@ def _llm_forward(graphdef, state, ids, mask):
 
 
 def our_llm_logits(cfg, state, ids, valid=None):
-  graphdef, _ = weights.abstract_state(cfg)
+  graphdef, _ = abstract_model(cfg)
   mask = None if valid is None else jnp.asarray(valid)[:, None, :]
   return np.asarray(_llm_forward(graphdef, state, jnp.asarray(ids), mask))
 

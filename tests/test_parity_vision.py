@@ -7,6 +7,7 @@ import torch
 from flax import nnx
 
 from lladav_jax import sharding, weights
+from lladav_jax.model import abstract_model
 from tests.test_parity_lladav import tiny_lladav_dir
 
 TOL = 1e-4
@@ -17,7 +18,7 @@ def tower(tmp_path_factory):
   ref, d = tiny_lladav_dir(str(tmp_path_factory.mktemp("lladav_v")), seed=11)
   cfg = weights.load_model_config(d, dtype="float32", param_dtype="float32")
   state = weights.load_state(d, cfg, sharding.make_mesh(devices=jax.devices()[:1]))
-  graphdef, _ = weights.abstract_state(cfg)
+  graphdef, _ = abstract_model(cfg)
   return ref, d, cfg, nnx.merge(graphdef, state)
 
 

@@ -21,9 +21,8 @@ from PIL import Image
 from lladav_jax import config, generation, multimodal
 from lladav_jax.api import LLaDAV
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
-from lladav_jax.model import LLaDAVModel
-from lladav_jax.model.common import random_like
 from lladav_jax.sampling import TRACE_COUNTS, SamplerSettings, uniform_counts
+from tests.models import random_model
 
 MASK = 500
 SUFFIX = [60, 61]
@@ -32,13 +31,6 @@ BUCKETS = dict(length_multiple=64, tiles=4)  # every test batch has the same sha
 
 SCALES = {"lm_head": 50.0, "q_proj": 4.0, "k_proj": 4.0, "v_proj": 4.0, "o_proj": 4.0, "gate_proj": 3.0,
           "up_proj": 3.0, "down_proj": 3.0}
-
-
-def random_model(cfg, seed: int = 0, scales=None, **kw) -> LLaDAV:
-  """A random LLaDAV built from the abstract state with NumPy (no init compile): N(0, 0.02)
-  weights times `scales[name]`, ones for norm scales, zeros for biases."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LLaDAVModel(cfg, rngs=nnx.Rngs(0))))
-  return LLaDAV(cfg, graphdef, jax.tree.map(jnp.asarray, random_like(abstract, seed, scales=scales)), **kw)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ from lladav_jax import config, generate as cli, generation
 from lladav_jax.data import template
 from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
-from tests.test_sampler import random_model
+from tests.models import random_model
 
 
 @pytest.fixture(scope="module")

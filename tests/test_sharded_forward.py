@@ -10,6 +10,8 @@ from PIL import Image
 
 from lladav_jax import batch as batch_lib, config, convert, multimodal as mm, sharding, weights
 from lladav_jax.config import IMAGE_TOKEN_INDEX
+from lladav_jax.model import abstract_model
+from tests.models import random_state
 from tests.test_parity_lladav import tiny_lladav_dir
 
 TOL = 1e-5
@@ -44,7 +46,7 @@ def forward(graphdef, state, b):
 
 
 def run(cfg, state, b, mesh):
-  graphdef, _ = weights.abstract_state(cfg)
+  graphdef, _ = abstract_model(cfg)
   b = sharding.put_rows(b, mesh)
   return np.asarray(forward(graphdef, state, b))
 
@@ -54,22 +56,6 @@ def assert_really_sharded(state):
   assert "fsdp" in specs["llm.layers.attn.q_proj"] and "tensor" in specs["llm.layers.attn.q_proj"]
   assert "tensor" in specs["llm.embed"] and "fsdp" in specs["llm.lm_head"]
   assert len(weights.flat_params(state)["llm.layers.mlp.gate_proj"].addressable_shards) == 8
-
-
-def random_state(cfg, mesh, seed=0):
-  """Random parameters (norm scales around one) placed on `mesh` with the model's shardings. Built with
-  NumPy: the model's own RNG init compiles for several seconds on CPU, see test_streamed_load_... for
-  the sharded loading path."""
-  rng = np.random.default_rng(seed)
-  _, abstract = weights.abstract_state(cfg)
-  shardings = weights.flat_params(sharding.state_shardings(abstract, mesh))
-  values = {}
-  for k, v in weights.flat_params(abstract).items():
-    x = rng.standard_normal(v.shape).astype(np.float32)
-    x = 1 + 0.2 * x if ("norm" in k or "scale" in k) else 0.1 * x
-    values[k] = jax.device_put(x, shardings[k])
-  nnx.replace_by_pure_dict(abstract, weights.nest(values))
-  return abstract
 
 
 def test_random_state_forward_on_mesh_equals_single_device(mesh8, mesh1, batch):
@@ -92,7 +78,7 @@ def test_streamed_load_onto_mesh_equals_single_device(mesh8, mesh1, batch, tmp_p
   f8, f1 = weights.flat_params(state8), weights.flat_params(state1)
   for k in f1:
     assert f8[k].sharding.is_equivalent_to(
-        weights.flat_params(sharding.state_shardings(weights.abstract_state(cfg)[1], mesh8))[k], f8[k].ndim), k
+        weights.flat_params(sharding.state_shardings(abstract_model(cfg)[1], mesh8))[k], f8[k].ndim), k
     np.testing.assert_array_equal(np.asarray(f8[k]), np.asarray(f1[k]), err_msg=k)
   a, b = run(cfg, state8, batch, mesh8), run(cfg, state1, batch, mesh1)
   diff = np.abs(a - b).max()

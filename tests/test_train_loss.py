@@ -11,7 +11,8 @@ from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lladav_jax.training import loss as L
 from lladav_jax.training import state as st
 from lladav_jax.training import synthetic
-from tests.train_helpers import flat, host_params, optim_cfg
+from tests.models import host_params
+from tests.train_helpers import flat, optim_cfg
 
 
 def _batch(b=4, l=48, seed=0):

@@ -8,7 +8,8 @@ from flax import traverse_util
 
 from lladav_jax import config, sharding
 from lladav_jax.training import loss as L, optimizer, state as st, step as stp, synthetic
-from tests.train_helpers import host_params, optim_cfg
+from tests.models import host_params
+from tests.train_helpers import optim_cfg
 
 
 def _setup(mesh, trainable=optimizer.GROUPS, lr=1e-3, cfg=None):

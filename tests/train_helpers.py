@@ -1,10 +1,9 @@
-"""Shared helpers for tests/test_train_*.py: fast host-side parameter init, small optimizer configs."""
+"""Shared helpers for tests/test_train_*.py: small optimizer configs, batches by field, subprocess environments."""
 import dataclasses
 import os
 import sys
 
-from lladav_jax.model.common import random_like
-from lladav_jax.training import optimizer, state as st
+from lladav_jax.training import optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,11 +17,6 @@ def flat(batch):
   """A TrainBatch as {field: array}: the tests compare and index batches field by field."""
   x = batch.inputs
   return {**{f.name: getattr(x, f.name) for f in dataclasses.fields(x)}, "labels": batch.labels}
-
-
-def host_params(setup, seed=0):
-  """Random host parameters of the whole model (no init compile)."""
-  return random_like(st.full_params(setup.abstract), seed)
 
 
 def subprocess_env(cache_dir, devices=1):

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cache", default=None, help="sampler cache mode passed to LLaDAV.generate (none = off)")
   p.add_argument("--temperature", type=float, default=None)
   p.add_argument("--seed", type=int, default=None)
-  p.add_argument("--dtype", default=None, help="model dtype override for from_pretrained")
+  p.add_argument("--dtype", default=None,
+                 help="parameter and compute dtype, e.g. float32 (default: the checkpoint's own parameter dtype)")
   p.add_argument("--sweep", default=None, help="e.g. steps=4,8,16 or threshold=0.9,0.7")
   p.add_argument("--output", default=None, help="results JSON (default runs/eval/<task>.json)")
   return p

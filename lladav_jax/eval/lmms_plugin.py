@@ -117,7 +117,8 @@ class LLaDAVJax(_Base):
   Model args: pretrained (checkpoint dir), batch_size, think_mode ("think" | "no_think" | None),
   default gen_length / block_length / steps / threshold / cache (per-request gen_kwargs win),
   mc_num (ELBO Monte-Carlo samples), check_greedy, max_frames_num (frames per video, 32 as the
-  original), dtype, seed. `model=` injects a loaded model.
+  original), dtype (parameters and compute; default: the checkpoint's own parameter dtype), seed.
+  `model=` injects a loaded model.
   """
 
   def __init__(self, pretrained: str = "", batch_size: int = 1, think_mode: str | None = None,

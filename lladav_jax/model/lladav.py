@@ -19,10 +19,6 @@ from lladav_jax.model.llm import KVCache, LLaDA
 from lladav_jax.model.vision import SigLIPVision, normalize_pixels
 
 
-def dtype_of(name: str):
-  return jnp.dtype(name)
-
-
 class Projector(nnx.Module):
   """mlp2x_gelu: Linear(vision -> llm) -> GELU (exact erf) -> Linear(llm -> llm), with biases."""
 
@@ -48,7 +44,7 @@ class Projector(nnx.Module):
 class LLaDAVModel(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.vision = SigLIPVision(cfg.vision, dtype=dtype, param_dtype=pdtype, scan_layers=cfg.scan_layers,
                                remat_policy=cfg.remat_policy, rngs=rngs)
     self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=dtype, param_dtype=pdtype,

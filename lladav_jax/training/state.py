@@ -22,7 +22,7 @@ from flax import nnx
 
 from lladav_jax import sharding as shd
 from lladav_jax.config import ModelConfig
-from lladav_jax.model import LLaDAVModel
+from lladav_jax.model import abstract_model, init_sharded
 from lladav_jax.training import optimizer as opt
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _sds(x, sharding):
 
 def abstract_params(model_cfg: ModelConfig, mesh):
   """(graphdef, nested dict of ShapeDtypeStructs with shardings) of LLaDAVModel(model_cfg)."""
-  graphdef, state = shd.abstract_model(lambda: LLaDAVModel(model_cfg, rngs=nnx.Rngs(0)), mesh)
+  graphdef, state = abstract_model(model_cfg, mesh)
   return graphdef, nnx.to_pure_dict(state)
 
 
@@ -88,16 +88,6 @@ def make_setup(model_cfg: ModelConfig, mesh, optim_cfg: opt.OptimConfig, total_s
                trainable=trainable, abstract=abstract, shardings=shardings)
 
 
-def _random_params(setup: Setup, seed: int):
-  cfg = setup.model_cfg
-  shardings = opt.merge_params(setup.shardings["params"], setup.shardings["frozen"])
-
-  def init():
-    return nnx.to_pure_dict(nnx.split(LLaDAVModel(cfg, rngs=nnx.Rngs(seed)))[1])
-
-  return jax.jit(init, out_shardings=shardings)()
-
-
 def init_state(setup: Setup, *, seed: int, init_checkpoint: str = "", params=None) -> dict:
   """A fresh train state on the mesh: random init, weights from a converted/HF checkpoint
   (lladav_jax.weights.load_state, sharded straight onto the mesh), or given `params` (a nested
@@ -108,7 +98,7 @@ def init_state(setup: Setup, *, seed: int, init_checkpoint: str = "", params=Non
     from lladav_jax import weights
     params = nnx.to_pure_dict(weights.load_state(init_checkpoint, setup.model_cfg, setup.mesh))
   else:
-    params = _random_params(setup, seed)
+    params = nnx.to_pure_dict(init_sharded(setup.model_cfg, setup.mesh, seed=seed)[1])
   tr, fr = opt.split_params(params, setup.trainable)
   # put each leaf exactly where the train state expects it (a loader may pick another layout)
   tr = jax.device_put(tr, setup.shardings["params"])

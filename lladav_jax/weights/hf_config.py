@@ -1,0 +1,125 @@
+"""Model configs of checkpoints: Hugging Face config.json (LLaDA-V / LLaMA or original LLaDA) and our
+lladav_config.json -> `ModelConfig`; the dtype a checkpoint stores its parameters at."""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from lladav_jax.config import LLMConfig, ModelConfig, VisionConfig
+from lladav_jax.weights.names import CONFIG_FILE, INDEX_FILE
+
+DEFAULT_MASK_TOKEN_ID = 126336
+
+
+def _rope_theta(c: Mapping[str, Any], default: float) -> float:
+  rp = c.get("rope_parameters") or {}
+  if isinstance(rp, dict) and rp.get("rope_theta") is not None:
+    return float(rp["rope_theta"])
+  return float(c.get("rope_theta", default))
+
+
+def _vision_from_hf(v: Mapping[str, Any] | None, mm_hidden_size: int | None) -> VisionConfig:
+  """A SigLIP config (vision_config or a siglip config.json) -> our VisionConfig. LLaDA-V deletes the
+  last encoder layer and reads the output before post_layernorm, so num_layers = layers - 1."""
+  base = VisionConfig()
+  if not v:
+    if mm_hidden_size is not None and int(mm_hidden_size) != base.hidden_size:
+      raise ValueError(f"mm_hidden_size={mm_hidden_size} without a vision_config: pass the vision tower's "
+                       f"config.json (vision_json) so that its shape is known")
+    return base
+  v = dict(v.get("vision_config", v))
+  n = int(v.get("num_hidden_layers", base.num_layers + 1))
+  return VisionConfig(
+      hidden_size=int(v.get("hidden_size", base.hidden_size)),
+      intermediate_size=int(v.get("intermediate_size", base.intermediate_size)),
+      num_layers=n - 1,
+      num_heads=int(v.get("num_attention_heads", base.num_heads)),
+      patch_size=int(v.get("patch_size", base.patch_size)),
+      image_size=int(v.get("image_size", base.image_size)),
+      layer_norm_eps=float(v.get("layer_norm_eps", base.layer_norm_eps)))
+
+
+def model_config_from_hf(config_json: Mapping[str, Any], vision_json: Mapping[str, Any] | None = None,
+                         **overrides) -> ModelConfig:
+  """Our ModelConfig from a Hugging Face config.json (LLaDA-V / LLaMA style or original LLaDA).
+
+  The vision tower comes from `vision_json` (a SigLIP config.json) or the config's `vision_config`;
+  otherwise the siglip2-so400m defaults. `overrides` replace ModelConfig fields (dtype, ...).
+  """
+  c = dict(config_json)
+  if "d_model" in c:  # original LLaDA (OLMo-style config)
+    heads = int(c["n_heads"])
+    d = int(c["d_model"])
+    llm = LLMConfig(
+        vocab_size=int(c.get("embedding_size") or c["vocab_size"]),
+        hidden_size=d, num_layers=int(c["n_layers"]), num_heads=heads,
+        num_kv_heads=int(c.get("n_kv_heads") or heads), head_dim=d // heads,
+        intermediate_size=int(c.get("mlp_hidden_size") or c.get("mlp_ratio", 4) * d),
+        rope_theta=_rope_theta(c, 10000.0),
+        rms_norm_eps=float(c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-5))),
+        max_position_embeddings=int(c.get("max_sequence_length", c.get("max_position_embeddings", 4096))),
+        initializer_range=float(c.get("init_std", 0.02)))
+  else:
+    heads = int(c["num_attention_heads"])
+    d = int(c["hidden_size"])
+    llm = LLMConfig(
+        vocab_size=int(c["vocab_size"]), hidden_size=d, num_layers=int(c["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        head_dim=int(c.get("head_dim") or d // heads), intermediate_size=int(c["intermediate_size"]),
+        rope_theta=_rope_theta(c, 10000.0), rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+        max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+        initializer_range=float(c.get("initializer_range", 0.02)))
+  vision = _vision_from_hf(vision_json or c.get("vision_config"), c.get("mm_hidden_size"))
+  mask = c.get("mask_token_id")
+  kw = dict(llm=llm, vision=vision, mask_token_id=int(DEFAULT_MASK_TOKEN_ID if mask is None else mask))
+  kw.update(overrides)
+  return ModelConfig(**kw)
+
+
+def load_model_config(path: str, **overrides) -> ModelConfig:
+  """ModelConfig of a converted Orbax directory (lladav_config.json) or an HF directory (config.json)."""
+  own = os.path.join(path, CONFIG_FILE)
+  if os.path.exists(own):
+    with open(own) as f:
+      cfg = ModelConfig.from_dict(json.load(f))
+    return cfg.replace(**overrides) if overrides else cfg
+  hf = os.path.join(path, "config.json")
+  if not os.path.exists(hf):
+    raise FileNotFoundError(f"{path}: neither {CONFIG_FILE} nor config.json found")
+  with open(hf) as f:
+    return model_config_from_hf(json.load(f), **overrides)
+
+
+def checkpoint_dtype(path: str) -> str | None:
+  """The dtype that holds most of a checkpoint's floating-point values ("bfloat16" for the released
+  model): from the Orbax metadata of a converted directory, else the safetensors headers, else
+  config.json's torch_dtype; None when none of them says."""
+  from lladav_jax.weights.orbax_io import is_orbax_dir, orbax_metadata
+  counts: collections.Counter = collections.Counter()
+  if is_orbax_dir(path):
+    for shape, dtype in orbax_metadata(path).values():
+      counts[np.dtype(dtype)] += math.prod(shape)
+  elif any(f.endswith(".safetensors") for f in os.listdir(path)) or os.path.exists(os.path.join(path, INDEX_FILE)):
+    from lladav_jax.weights.hf_read import SafetensorsDir
+    files = SafetensorsDir(path)
+    for name in files.names:
+      counts[files.dtype(name)] += math.prod(files.shape(name))
+  counts = {d: n for d, n in counts.items() if np.issubdtype(d, np.floating) or d == ml_dtypes.bfloat16}
+  if counts:
+    name = max(counts, key=counts.get).name
+  else:
+    hf = os.path.join(path, "config.json")
+    if not os.path.exists(hf):
+      return None
+    with open(hf) as f:
+      c = json.load(f)
+    name = c.get("torch_dtype") or c.get("dtype")  # transformers 5 writes "dtype"
+    if not isinstance(name, str):
+      return None
+  return "float32" if name == "float64" else name  # JAX runs without x64
