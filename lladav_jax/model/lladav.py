@@ -45,8 +45,8 @@ class LLaDAVModel(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.vision = SigLIPVision(cfg.vision, dtype=dtype, param_dtype=pdtype, scan_layers=cfg.scan_layers,
-                               remat_policy=cfg.remat_policy, rngs=rngs)
+    self.vision = SigLIPVision(cfg.vision, dtype=dtype, param_dtype=pdtype, attention_impl=cfg.attention_impl,
+                               scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
     self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=dtype, param_dtype=pdtype,
                                rngs=rngs)
     self.image_newline = common.param(rngs, jax.nn.initializers.normal(cfg.llm.hidden_size ** -0.5),

@@ -20,7 +20,7 @@ zeros, ones = jax.nn.initializers.zeros, jax.nn.initializers.ones
 
 
 class VisionBlock(nnx.Module):
-  def __init__(self, cfg: VisionConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, dtype, param_dtype, *, attention_impl: str = "xla", rngs: nnx.Rngs):
     d, n, f = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
     h = d // n
     p = lambda init, shape, axes: common.param(rngs, init, shape, axes, param_dtype)
@@ -34,6 +34,7 @@ class VisionBlock(nnx.Module):
     self.fc2, self.fc2_bias = p(init_normal, (f, d), ("vit_mlp", "vit_embed")), p(zeros, (d,), ("replicated",))
     self.eps = cfg.layer_norm_eps
     self.dtype = dtype
+    self.impl = attention_impl
 
   def __call__(self, x_BPD):
     # B here counts tiles (samples x tiles, batch-major): sharded as the batch.
@@ -43,7 +44,7 @@ class VisionBlock(nnx.Module):
     y = common.layer_norm(x_BPD, self.ln1_scale[...], self.ln1_bias[...], self.eps)
     q, k, v = (shd.constrain(jnp.einsum("BPD,DNH->BPNH", y, w(p)) + w(b), shd.BLNH)
                for p, b in ((self.q_proj, self.q_bias), (self.k_proj, self.k_bias), (self.v_proj, self.v_bias)))
-    ctx = jax.nn.dot_product_attention(q, k, v, is_causal=False)
+    ctx = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.impl)
     ctx = checkpoint_name(ctx, "context")
     x_BPD = x_BPD + jnp.einsum("BPNH,NHD->BPD", ctx, w(self.o_proj)) + w(self.o_bias)
     y = common.layer_norm(x_BPD, self.ln2_scale[...], self.ln2_bias[...], self.eps)
@@ -63,7 +64,7 @@ def normalize_pixels(pixels, cfg: VisionConfig):
 
 
 class SigLIPVision(nnx.Module):
-  def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+  def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "xla",
                scan_layers: bool = True, remat_policy: str = "none", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
@@ -75,7 +76,8 @@ class SigLIPVision(nnx.Module):
     self.patch_bias = common.param(rngs, zeros, (cfg.hidden_size,), ("replicated",), param_dtype)
     self.pos_embed = common.param(rngs, init_normal, (cfg.tokens_per_tile, cfg.hidden_size), (None, "vit_embed"),
                                   param_dtype)
-    self.layers = common.stacked(lambda r: VisionBlock(cfg, dtype, param_dtype, rngs=r), cfg.num_layers, rngs)
+    self.layers = common.stacked(lambda r: VisionBlock(cfg, dtype, param_dtype, attention_impl=attention_impl, rngs=r),
+                                 cfg.num_layers, rngs)
 
   def __call__(self, pixels_NHWC):
     """[N, S, S, 3] normalised pixels -> [N, (S // p)^2, hidden] features.
