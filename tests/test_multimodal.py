@@ -145,3 +145,18 @@ def test_expand_builds_plan_and_checks_counts():
     mm.expand([IMAGE_TOKEN_INDEX], ims, CFG)
   with pytest.raises(ValueError, match="tile budget"):
     mm.expand(ids, ims, CFG, tile_budget=1)
+
+
+def test_device_normalisation_is_the_processors_float32_formula_exactly():
+  """Host tiles are uint8 (a quarter of the bytes); the model normalises them inside jit. Every one of the 256
+  values, per channel, equals the processor's float32 (x * (1/255) - mean) / std bit for bit."""
+  import jax
+  from lladav_jax.config import VisionConfig
+  from lladav_jax.model.vision import normalize_pixels
+  x = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # [1, 256, 3]: every value, every channel
+  cfg = VisionConfig(pixel_mean=(0.48145466, 0.4578275, 0.40821073), pixel_std=(0.26862954, 0.26130258, 0.27577711))
+  for c in (VisionConfig(), cfg):
+    want = (x.astype(np.float32) * np.float32(1 / 255) - np.asarray(c.pixel_mean, np.float32)) / np.asarray(
+        c.pixel_std, np.float32)
+    got = np.asarray(jax.jit(normalize_pixels, static_argnums=1)(x, c))
+    assert got.dtype == np.float32 and np.array_equal(got, want)
