@@ -19,9 +19,10 @@ from flax import nnx
 from PIL import Image
 
 from lladav_jax import batch as batch_lib
-from lladav_jax import multimodal, sharding
+from lladav_jax import generation, multimodal, sharding, weights
 from lladav_jax.batch import ModelInputs
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
+from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.model import LLaDAVModel, abstract_model, init_sharded
 
 
@@ -50,7 +51,6 @@ class LLaDAV:
     `dtype` is the parameter and compute dtype ("float32": float32 compute). None keeps the
     parameters at the checkpoint's own dtype (bf16 for the released model: 15.7 GiB, not 31.4) and
     the config's compute dtype. Norms, softmax and logits are float32 either way."""
-    from lladav_jax import weights
     if not os.path.isdir(path):
       raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg = weights.load_model_config(path)
@@ -102,12 +102,10 @@ class LLaDAV:
   def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None, **kw):
     """Answers for `prompts` (user questions; the chat template and <image> tags are added).
     Keyword arguments are the sampler settings (see lladav_jax.generation.generate)."""
-    from lladav_jax import generation
     return generation.generate(self, prompts, images, **kw)
 
   def elbo(self, prompts: Sequence[str], images, answers: Sequence[str], **kw) -> list[float]:
     """Monte-Carlo lower bound of log p(answer | prompt, images), as the original's loglikelihood."""
-    from lladav_jax import generation
     return generation.elbo(self, prompts, images, answers, **kw)
 
 
@@ -119,7 +117,6 @@ def _forward_logits(graphdef, state, x: ModelInputs):
 def _maybe_tokenizer(path: str):
   if not os.path.exists(os.path.join(path, "tokenizer.json")):
     return None
-  from lladav_jax.data.tokenizer import Tokenizer
   return Tokenizer.from_dir(path)
 
 

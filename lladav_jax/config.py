@@ -13,6 +13,17 @@ IMAGE_TOKEN_INDEX = -200  # the reference's placeholder id for "an image goes he
 IGNORE_INDEX = -100
 TAPS = 4  # merge-plan taps per position: bilinear interpolation reads at most 2x2 source features
 
+# Rematerialisation policies by name: the activations (model/common checkpoint_name tags) each one keeps
+# for the backward pass; everything else is recomputed. None: no remat at all.
+REMAT_POLICIES: dict[str, tuple[str, ...] | None] = {
+    "none": None,
+    "minimal_with_context": ("qkv", "context", "attn_out", "mlp_wi", "mlp_out"),
+    "minimal": ("qkv", "attn_out", "mlp_wi", "mlp_out"),
+    "save_dot_except_mlp": ("qkv", "context", "attn_out"),
+    "save_qkv_proj": ("qkv",),
+    "full": (),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
@@ -107,7 +118,6 @@ class ModelConfig:
                   f"{self.vision.image_size} (a tile holds at least one patch)")
     if self.attention_impl not in ("xla", "cudnn"):
       errs.append(f"attention_impl={self.attention_impl!r} must be 'xla' or 'cudnn'")
-    from lladav_jax.model.common import REMAT_POLICIES
     if self.remat_policy not in REMAT_POLICIES:
       errs.append(f"remat_policy={self.remat_policy!r} must be one of {sorted(REMAT_POLICIES)}")
     if errs:

@@ -32,6 +32,12 @@ import sys
 import tempfile
 from typing import Iterator
 
+import jax
+import ml_dtypes
+import numpy as np
+
+from lladav_jax import weights as W
+
 log = logging.getLogger(__name__)
 
 PARTIAL_SAVE_BYTES = 64 << 20  # parameters are saved to Orbax in batches of about this size
@@ -84,8 +90,6 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
   from orbax.checkpoint.experimental import v1 as ocp_v1
   from orbax.checkpoint.experimental.v1 import partial as ocp_partial
   from safetensors.numpy import save_file
-
-  from lladav_jax import weights as W
 
   if os.path.exists(dst) and not overwrite:
     raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
@@ -174,10 +178,7 @@ def orbax_to_hf(src: str, dst: str, *, shard_size: int | str = "5GB", overwrite:
   """Writes a converted Orbax directory back as HF safetensors shards + model.safetensors.index.json
   (metadata.total_size), with the source's names and per-tensor dtypes (from hf_manifest.json; without
   one: LLaDA-V names at the stored dtypes), the extras, config.json and the auxiliary files."""
-  import numpy as np
   from safetensors import safe_open
-
-  from lladav_jax import weights as W
 
   limit = parse_size(shard_size)
   if os.path.exists(dst) and not overwrite:
@@ -261,7 +262,6 @@ class _SafetensorsWriter:
   each tensor's bytes as it arrives, in the planned order. No copy of the file is built in memory."""
 
   def __init__(self, path: str, tensors: list[dict], metadata: dict | None):
-    import numpy as np
     header, off = {}, 0
     for t in tensors:
       nb = math.prod(t["shape"]) * np.dtype(_dtype(t["dtype"])).itemsize
@@ -277,7 +277,6 @@ class _SafetensorsWriter:
     self._i = 0
 
   def write(self, name: str, arr) -> None:
-    import numpy as np
     want_name, h = self._pending[self._i]
     nb = h["data_offsets"][1] - h["data_offsets"][0]
     if name != want_name or list(arr.shape) != h["shape"] or _ST_CODES[str(arr.dtype)] != h["dtype"] or arr.nbytes != nb:
@@ -296,8 +295,6 @@ class _SafetensorsWriter:
 
 
 def _dtype(name: str):
-  import ml_dtypes
-  import numpy as np
   return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
@@ -319,7 +316,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("lladav_jax").setLevel(logging.INFO)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; keep accelerators free
+  if "JAX_PLATFORMS" not in os.environ:  # conversion is host work: keep accelerators free
+    jax.config.update("jax_platforms", "cpu")  # the flag, not the variable: jax read that at import
   if args.cmd == "hf-to-orbax":
     vision = None
     if args.vision_config:

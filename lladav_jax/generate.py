@@ -23,6 +23,11 @@ import sys
 import time
 from typing import Sequence
 
+from PIL import Image
+
+from lladav_jax import generation
+from lladav_jax.api import LLaDAV
+
 MASK_GLYPH = "░"
 
 
@@ -164,15 +169,11 @@ draw(last);
 
 def main(argv: Sequence[str] | None = None, model=None, out=None):
   """Runs the CLI. `model` (an LLaDAV) replaces --checkpoint (tests, notebooks)."""
-  from PIL import Image
-
-  from lladav_jax import generation
   out = out or sys.stdout
   args = build_parser().parse_args(argv)
   if model is None:
     if not args.checkpoint:
       raise SystemExit("--checkpoint DIR is required")
-    from lladav_jax.api import LLaDAV
     model = LLaDAV.from_pretrained(args.checkpoint, dtype=args.dtype)
   imgs = [Image.open(p) for p in args.image]
   live = not args.json and not args.no_live and hasattr(out, "isatty") and out.isatty()

@@ -20,8 +20,11 @@ import json
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from lladav_jax.training import run_config, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
@@ -37,8 +40,6 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("absl", "orbax", "jax._src", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  import jax
-  from lladav_jax.training import run_config, trainer
   cfg = _CONFIG.value
   try:
     if not _PRINT.value:  # before resolve: the device count of a multi-process run needs it

@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+import grain
+
 from lladav_jax.data import records
 
 SUFFIX = ".array_record"
@@ -44,7 +46,6 @@ class ArrayRecordRecords:
 
   def _open(self):
     if self._src is None:
-      import grain
       self._src = grain.sources.ArrayRecordDataSource(self.files)
     return self._src
 

@@ -22,7 +22,10 @@ import shutil
 import tempfile
 
 from PIL import Image, ImageDraw
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from lladav_jax.data.pipeline import DataConfig
+from lladav_jax.data.template import DEFAULT_SYSTEM
 from lladav_jax.multimodal import ImageConfig
 
 VERSION = 4
@@ -129,7 +132,6 @@ def generate_split(rng: random.Random, n: int, split: str, image_dir: str, rel_p
 def build_tokenizer(texts, out_dir: str, model_max_length: int = 256, special_ids: dict[str, int] | None = None):
   """A word-level `tokenizers` tokenizer over `texts` (+ printable ASCII), the original's specials:
   after the words, or at `special_ids` ({"<|mdm_mask|>": 126336, ...}: the released ids) where given."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
   pre = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
   pieces = set()
   for t in texts:
@@ -139,7 +141,7 @@ def build_tokenizer(texts, out_dir: str, model_max_length: int = 256, special_id
   vocab = {p: i for i, p in enumerate(sorted(pieces))}
   for s in SPECIAL_TOKENS:
     vocab[s] = (special_ids or {}).get(s, len(vocab))
-  tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+  tk = HFTokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
   tk.pre_tokenizer = pre
   tk.decoder = decoders.Fuse()
   tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
@@ -165,7 +167,6 @@ def build_tokenizer(texts, out_dir: str, model_max_length: int = 256, special_id
 def _corpus_texts():
   """Every string the templates can produce (so the demo never hits <|unk|>), and a few more
   (counts, "Is there ...", "Which image ...") that tests write by hand."""
-  from lladav_jax.data.template import DEFAULT_SYSTEM
   words = set(NUMBERS) | set(COLORS) | set(SHAPES) | {"nothing", "yes", "no", "first", "second", "object",
                                                          "system", "user", "assistant"}
   texts = [DEFAULT_SYSTEM, "system", "user", "assistant"]
@@ -228,7 +229,6 @@ DEMO_TILE_BUDGET = 2
 
 def demo_data_config(paths: dict, split: str = "train"):
   """The pipeline.DataConfig for the demo (DEMO_SEQ_LEN, 2 tiles of 56 px per sample)."""
-  from lladav_jax.data.pipeline import DataConfig
   return DataConfig(path=paths[split], image_folder=paths["image_folder"], seq_len=DEMO_SEQ_LEN,
                     buckets=(DEMO_SEQ_LEN,), tile_budget=DEMO_TILE_BUDGET)
 

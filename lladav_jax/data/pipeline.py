@@ -31,7 +31,7 @@ from PIL import Image
 from lladav_jax import batch as batch_lib
 from lladav_jax import multimodal
 from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from lladav_jax.data import records, template
+from lladav_jax.data import arrayrecord, records, template, tfds_source
 from lladav_jax.data.records import DataError, Skip
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,9 @@ def make_source(cfg: DataConfig, seed: int = 0):
   """A random-access sequence of (key, raw record) for `cfg.path` (format auto-detected)."""
   p = cfg.path
   if p.startswith("tfds:"):
-    from lladav_jax.data import tfds_source
     parts = p[len("tfds:"):].split(":")
     return tfds_source.TfdsRecords(parts[0], data_dir=cfg.tfds_data_dir or None,
                                    split=parts[1] if len(parts) > 1 else "train")
-  from lladav_jax.data import arrayrecord
   files = arrayrecord.find_shards(p)
   if files:
     return arrayrecord.ArrayRecordRecords(files)

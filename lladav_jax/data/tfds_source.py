@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from lladav_jax.data import records
+from lladav_jax.data import arrayrecord, records
 
 
 def example_to_record(ex: dict) -> dict | bytes:
@@ -98,7 +98,6 @@ def prepare_tfds(name: str, data_dir: str, splits: dict[str, str], image_folder:
   samples as missing_image); malformed lines are kept as they are.
   """
   import tensorflow_datasets as tfds
-  from lladav_jax.data import arrayrecord
 
   def examples(path):
     src = records.json_source(path)

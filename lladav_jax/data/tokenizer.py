@@ -13,6 +13,8 @@ import json
 import os
 from typing import Sequence
 
+from tokenizers import Tokenizer as HFTokenizer
+
 from lladav_jax.config import IMAGE_TOKEN_INDEX
 
 IMAGE_TAG = "<image>"
@@ -64,7 +66,6 @@ class Tokenizer:
   @classmethod
   def from_dir(cls, path: str) -> "Tokenizer":
     """Loads `path/tokenizer.json` (+ tokenizer_config.json / special_tokens_map.json if present)."""
-    from tokenizers import Tokenizer as HFTokenizer
     tj = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tj):
       raise FileNotFoundError(f"no tokenizer.json in {path!r} (the `tokenizers` library format is required)")

@@ -2,7 +2,7 @@
 
     python -m lladav_jax.eval --checkpoint DIR --task chartqa --data chartqa_test.jsonl --limit 100
 
-Nothing here imports JAX or the model at import time; the CLI and the plugin load LLaDAV lazily.
+The package itself imports neither JAX nor the model; the CLI (__main__) and the plugin (lmms_plugin) do.
 """
 from lladav_jax.eval.readers import DataFormatError, ReadResult, read_samples
 from lladav_jax.eval.run import evaluate, evaluate_during_training, run_sweep

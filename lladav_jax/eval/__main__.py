@@ -5,7 +5,11 @@ import argparse
 import os
 import sys
 
+import jax
+
+from lladav_jax.api import LLaDAV
 from lladav_jax.eval import run as R
+from lladav_jax.eval.plots import plot_sweep
 from lladav_jax.eval.readers import read_samples
 from lladav_jax.eval.tasks import TASKS, get_task
 
@@ -32,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args):
-  from lladav_jax.api import LLaDAV
   kw = {"dtype": args.dtype} if args.dtype else {}
   return LLaDAV.from_pretrained(args.checkpoint, **kw)
 
@@ -43,7 +46,6 @@ def main(argv=None, generate_fn=None, process_index: int | None = None, process_
   args = build_parser().parse_args(argv)
   task = get_task(args.task)
   if generate_fn is None:
-    import jax
     generate_fn = _load_model(args).generate
     process_index, process_count = jax.process_index(), jax.process_count()
   process_index, process_count = process_index or 0, process_count or 1
@@ -67,7 +69,6 @@ def main(argv=None, generate_fn=None, process_index: int | None = None, process_
     return None
   results.update(checkpoint=args.checkpoint, data=os.path.abspath(args.data), limit=args.limit)
   if args.sweep:
-    from lladav_jax.eval.plots import plot_sweep
     results["plot"] = plot_sweep(results, os.path.splitext(output)[0] + "_sweep.png")
   R.write_results(results, output)
   print(R.format_summary(results))

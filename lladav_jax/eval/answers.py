@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lladav_jax.eval.metrics import levenshtein_distance
+from lladav_jax.eval.metrics import levenshtein_distance, mmmu_normalize_str
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -183,7 +183,6 @@ def extract_numbers(s: str) -> list[str]:
 def parse_open_response(response: str) -> list:
   """MMMU's parse_open_response: key sub-responses after "is", "so", "=", ..., plus their numbers,
   normalised (numbers -> rounded floats, strings lower-cased)."""
-  from lladav_jax.eval.metrics import mmmu_normalize_str
   indicators = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
   resp = response.strip().strip(".").lower()
   subs = re.split(r"\.\s(?=[A-Z])|\n", resp)

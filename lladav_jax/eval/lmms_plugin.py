@@ -23,9 +23,11 @@ import math
 import os
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
+from lladav_jax.api import LLaDAV
 from lladav_jax.data import records
 from lladav_jax.multimodal import to_rgb
 from lladav_jax.eval import answers as ans
@@ -141,13 +143,11 @@ class LLaDAVJax(_Base):
     if self._model is None and not pretrained:
       raise ValueError("lladav_jax needs model_args pretrained=<checkpoint dir>")
     if model is None:
-      import jax
       self._rank, self._world_size = jax.process_index(), jax.process_count()
 
   @property
   def model(self):
     if self._model is None:
-      from lladav_jax.api import LLaDAV
       self._model = LLaDAV.from_pretrained(self.pretrained, **({"dtype": self.dtype} if self.dtype else {}))
     return self._model
 

@@ -1,13 +1,13 @@
 """Sweep plots: the task's primary metric against mean NFE and against seconds per sample."""
 from __future__ import annotations
 
+from lladav_jax.eval.run import sweep_table
+
 
 def plot_sweep(sweep: dict, path: str) -> str:
   import matplotlib
   matplotlib.use("Agg")  # headless: eval runs on servers
   import matplotlib.pyplot as plt
-
-  from lladav_jax.eval.run import sweep_table
 
   rows = sweep_table(sweep)
   metric, param = sweep["primary_metric"], sweep["sweep"]["param"]

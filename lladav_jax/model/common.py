@@ -5,18 +5,10 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-# Named rematerialisation policies (MaxText's names), from fastest to leanest.
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "none": None,  # no remat: keep everything
-    "minimal_with_context": jax.checkpoint_policies.save_only_these_names(
-        "qkv", "context", "attn_out", "mlp_wi", "mlp_out"),
-    "minimal": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_wi", "mlp_out"),
-    "save_dot_except_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "context", "attn_out"),
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv"),
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
+from lladav_jax.config import REMAT_POLICIES
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None],
@@ -65,9 +57,9 @@ def run_stacked(layers: nnx.Module, body: Callable, carry, xs=None, *, scan: boo
     layer_state, x = inp
     return body(nnx.merge(graphdef, layer_state), c, x)
 
-  policy = REMAT_POLICIES[remat_policy]
-  if remat_policy != "none":
-    step = jax.checkpoint(step, policy=policy, prevent_cse=not scan)
+  saved = REMAT_POLICIES[remat_policy]
+  if saved is not None:
+    step = jax.checkpoint(step, policy=jax.checkpoint_policies.save_only_these_names(*saved), prevent_cse=not scan)
   if scan:
     return jax.lax.scan(step, carry, (state, xs))
   n = jax.tree.leaves(state)[0].shape[0]
@@ -83,7 +75,6 @@ def random_like(abstract, seed: int = 0, std: float = 0.02, scales: dict[str, fl
   """NumPy random values for a tree of shape/dtype leaves (an abstract model state or params dict),
   without compiling the model's init (tests, benchmarks): N(0, std * scales[name]) for the weight
   named `name` in its path, ones for norm scales, zeros for biases."""
-  import numpy as np
   rng = np.random.default_rng(seed)
   scales = scales or {}
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
+
 from lladav_jax.config import ModelConfig
 
 # bf16 dense peak per device (no sparsity).
@@ -36,8 +39,6 @@ def peak_flops(device_kind: str) -> float | None:
 
 def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
   """Best-of-N FLOP/s of a jitted n^3 matmul on the default device (the CPU 'peak')."""
-  import jax
-  import jax.numpy as jnp
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()

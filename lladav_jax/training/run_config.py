@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 
 from lladav_jax import config as model_config
-from lladav_jax import multimodal
+from lladav_jax import multimodal, weights
 from lladav_jax import sharding as shd
-from lladav_jax.data import pipeline, template
+from lladav_jax.data import demo_data, pipeline, template
+from lladav_jax.data.tokenizer import Tokenizer
+from lladav_jax.eval import TASKS
 from lladav_jax.training import optimizer, settings
 from lladav_jax.training.loss import LossConfig
 
@@ -73,7 +76,6 @@ def _model_config(cfg, tokenizer, problems) -> model_config.ModelConfig | None:
   m = cfg.model
   kw = {}
   if m.preset == "checkpoint":
-    from lladav_jax import weights
     try:
       mc = weights.load_model_config(cfg.init.checkpoint)
     except (FileNotFoundError, ValueError) as e:
@@ -115,7 +117,6 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
   if cfg.model.preset == "checkpoint" and not cfg.init.checkpoint:
     problems.append("model.preset='checkpoint' needs init.checkpoint")
   if kind == "demo":
-    from lladav_jax.data import demo_data
     paths = demo_data.ensure_demo_data(os.path.expanduser(cfg.data.demo_root))
     demo = demo_data.demo_data_config(paths)
     data = data.replace(path=paths["train"], image_folder=paths["image_folder"])
@@ -145,7 +146,6 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
 
   tokenizer = None
   if tok_dir:
-    from lladav_jax.data.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_dir(tok_dir)
 
   mc = _model_config(cfg, tokenizer, problems)
@@ -169,7 +169,6 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
   if kind != "synthetic":
     problems += pipeline.config_problems(data)
   if kind == "demo":
-    from lladav_jax.data import demo_data
     icfg = demo_data.demo_image_config(mc.vision.patch_size)
   else:
     icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size,
@@ -220,7 +219,6 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
   problems += optimizer.config_problems(optim)
   e = cfg.eval
   if e.tasks:
-    from lladav_jax.eval import TASKS
     for t in e.tasks:
       if t not in TASKS:
         problems.append(f"eval.tasks: unknown task {t!r}")
@@ -271,5 +269,4 @@ def _expand_braces(p: str) -> list[str]:
 
 
 def _glob_any(p: str) -> bool:
-  import glob
   return any(ch in p for ch in "*?[") and bool(glob.glob(p))

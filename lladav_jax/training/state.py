@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from lladav_jax import sharding as shd
+from lladav_jax import weights
 from lladav_jax.config import ModelConfig
 from lladav_jax.model import abstract_model, init_sharded
 from lladav_jax.training import optimizer as opt
@@ -54,7 +55,6 @@ def abstract_params(model_cfg: ModelConfig, mesh):
 def like_params_shardings(tree, param_shardings, default):
   """Shardings for an optimizer-state-like tree: a leaf whose key path ends with a parameter's
   path (and has its shape) takes that parameter's sharding; anything else gets `default`."""
-  from flax import traverse_util
   flat = traverse_util.flatten_dict(dict(param_shardings)) if param_shardings else {}
   n_max = max((len(k) for k in flat), default=0)
 
@@ -95,7 +95,6 @@ def init_state(setup: Setup, *, seed: int, init_checkpoint: str = "", params=Non
   if params is not None:
     params = jax.device_put(params, opt.merge_params(setup.shardings["params"], setup.shardings["frozen"]))
   elif init_checkpoint:
-    from lladav_jax import weights
     params = nnx.to_pure_dict(weights.load_state(init_checkpoint, setup.model_cfg, setup.mesh))
   else:
     params = nnx.to_pure_dict(init_sharded(setup.model_cfg, setup.mesh, seed=seed)[1])

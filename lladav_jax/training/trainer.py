@@ -23,6 +23,10 @@ from flax import nnx
 
 from lladav_jax import batch as batch_lib
 from lladav_jax import sharding as shd
+from lladav_jax import weights
+from lladav_jax.api import LLaDAV
+from lladav_jax.data import pipeline
+from lladav_jax.eval import evaluate_during_training
 from lladav_jax.training import checkpointing, flops as flops_lib, metrics as metrics_lib
 from lladav_jax.training import state as state_lib, step as step_lib, synthetic
 from lladav_jax.training.settings import DistributedConfig, RunConfig
@@ -68,7 +72,6 @@ def build_data_iterator(r: RunConfig, *, per_process: int):
         seed=r.seed, process_index=pi, batch=per_process, seq_len=d.pipeline.seq_len,
         vocab_size=mc.llm.vocab_size, mask_token_id=mc.mask_token_id, tiles=d.synthetic_tiles,
         image_size=mc.vision.image_size, patch_size=mc.vision.patch_size, answer_frac=d.synthetic_answer_frac)
-  from lladav_jax.data import pipeline
   return pipeline.build_train_iterator(d.pipeline, r.tokenizer, r.image, batch_size_per_process=per_process,
                                        process_index=pi, process_count=pc, seed=r.seed)
 
@@ -124,7 +127,6 @@ class StopSignal:
 # ----------------------------------------------------------------------------- evaluation
 
 def lladav_model(setup, r: RunConfig, state):
-  from lladav_jax.api import LLaDAV
   return LLaDAV(r.model, setup.graphdef, nnx.State(state_lib.full_params(state)), tokenizer=r.tokenizer,
                 image_cfg=r.image, mesh=setup.mesh)
 
@@ -136,7 +138,6 @@ def run_evals(setup, r: RunConfig, state, *, step: int = 0, workdir: str | None 
   e = r.eval
   if not e.tasks:
     return {}
-  from lladav_jax.eval import evaluate_during_training
   path = os.path.join(workdir, "eval", f"{{task}}_step{step}.json") if workdir and jax.process_index() == 0 else None
   return evaluate_during_training(lladav_model(setup, r, state), list(e.tasks), dict(e.data), limit=e.limit or None,
                                   batch_size=e.batch_size, gen_overrides=e.gen_overrides, results_path=path)
@@ -299,7 +300,6 @@ def train(r: RunConfig, workdir: str) -> dict:
   if ckpt is not None:
     ckpt.wait()
   if exit_reason == "done" and c.export_model:
-    from lladav_jax import weights
     out = weights.save_model(os.path.join(workdir, "model"), r.model, state_lib.full_params(state), r.tokenizer_dir)
     if is_main:
       log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)

@@ -12,7 +12,9 @@ import ml_dtypes
 import numpy as np
 
 from lladav_jax.config import LLMConfig, ModelConfig, VisionConfig
+from lladav_jax.weights.hf_read import SafetensorsDir
 from lladav_jax.weights.names import CONFIG_FILE, INDEX_FILE
+from lladav_jax.weights.orbax_io import is_orbax_dir, orbax_metadata
 
 DEFAULT_MASK_TOKEN_ID = 126336
 
@@ -100,13 +102,11 @@ def checkpoint_dtype(path: str) -> str | None:
   """The dtype that holds most of a checkpoint's floating-point values ("bfloat16" for the released
   model): from the Orbax metadata of a converted directory, else the safetensors headers, else
   config.json's torch_dtype; None when none of them says."""
-  from lladav_jax.weights.orbax_io import is_orbax_dir, orbax_metadata
   counts: collections.Counter = collections.Counter()
   if is_orbax_dir(path):
     for shape, dtype in orbax_metadata(path).values():
       counts[np.dtype(dtype)] += math.prod(shape)
   elif any(f.endswith(".safetensors") for f in os.listdir(path)) or os.path.exists(os.path.join(path, INDEX_FILE)):
-    from lladav_jax.weights.hf_read import SafetensorsDir
     files = SafetensorsDir(path)
     for name in files.names:
       counts[files.dtype(name)] += math.prod(files.shape(name))
