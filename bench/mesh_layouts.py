@@ -19,7 +19,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import AbstractMesh  # noqa: E402
 
 from lladav_jax import config, sharding  # noqa: E402
-from lladav_jax.model import LLaDAVModel  # noqa: E402
+from lladav_jax.model import abstract_model  # noqa: E402
 
 
 def state_bytes(params, mesh, *, fallback: bool) -> float:
@@ -36,7 +36,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--devices", default="24,48,256")
   a = p.parse_args()
-  params = nnx.split(nnx.eval_shape(lambda: LLaDAVModel(config.llada_v_8b(), rngs=nnx.Rngs(0))))[1]
+  params = abstract_model(config.llada_v_8b())[1]
   total = sum(3 * math.prod(v.shape) * 4 for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
   gib = 2 ** 30
   print(f"8B state (f32 params + Adam): {total / gib:.1f} GiB in all")

@@ -13,10 +13,11 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from lladav_jax import config, generation, sharding
 from lladav_jax.api import LLaDAV
-from lladav_jax.model import LLaDAVModel
+from lladav_jax.model import abstract_model
 from lladav_jax.sampling import SamplerSettings
 from lladav_jax.training import loss as L, state as st, step as stp, synthetic
-from tests.train_helpers import host_params, optim_cfg
+from tests.models import host_params
+from tests.train_helpers import optim_cfg
 
 MESHES = {"fsdp_tp": (2, 2, 2), "fsdp": (2, 2, 2), "dp": (8,)}
 
@@ -79,7 +80,7 @@ def test_every_preset_gives_the_single_device_numbers(preset, one_device):
 
 @pytest.fixture(scope="module")
 def params_8b():
-  return nnx.split(nnx.eval_shape(lambda: LLaDAVModel(config.llada_v_8b(), rngs=nnx.Rngs(0))))[1]
+  return abstract_model(config.llada_v_8b())[1]
 
 
 def _leaves(state):
