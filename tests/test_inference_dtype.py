@@ -34,9 +34,8 @@ def param_dtypes(model) -> set[str]:
 def outputs(model):
   """Float32 logits of IDS, and the embeddings of a prompt with an image (vision tower, projector, splice)."""
   img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8))
-  batch, _ = model.prepare([[126080, 5, -200, 7]], [[img]])
-  embed = jax.jit(lambda s, b: nnx.merge(model.graphdef, s).embed(b["tokens"], b["pixels"], b["merge_idx"],
-                                                                  b["merge_w"]))
+  batch = model.prepare([[126080, 5, -200, 7]], [[img]])
+  embed = jax.jit(lambda s, b: nnx.merge(model.graphdef, s).embed(b.tokens, b.pixels, b.merge_idx, b.merge_w))
   return model.logits(IDS), np.asarray(embed(model.state, batch)).astype(np.float32)
 
 

@@ -19,7 +19,9 @@ from lladav_jax.training import loss as L, state as st, step as stp, synthetic
 from tests.models import host_params
 from tests.train_helpers import optim_cfg
 
-MESHES = {"fsdp_tp": (2, 2, 2), "fsdp": (2, 2, 2), "dp": (8,)}
+# fsdp_tp (the default) on (2, 2, 2): tests/test_train_step.py (loss and gradients), tests/test_fsdp_work.py
+# (the sampler's tokens) and tests/test_sharded_forward.py (logits, shardings).
+MESHES = {"fsdp": (2, 2, 2), "dp": (8,)}
 
 
 def _mesh(preset):
@@ -66,9 +68,8 @@ def test_every_preset_gives_the_single_device_numbers(preset, one_device):
   state_in, batch_in = compiled.input_shardings[0]
   q = state_in["params"]["llm"]["layers"]["attn"]["q_proj"]  # [layers, embed, heads, head_dim]
   rows = batch_in.inputs.tokens.spec[0]
-  want_q = {"fsdp_tp": P(None, "fsdp", "tensor", None), "fsdp": P(None, "fsdp", "fsdp_b", None),
-            "dp": P(None, None, None, None)}[preset]
-  want_rows = {"fsdp_tp": ("data", "fsdp"), "fsdp": ("data", "fsdp", "fsdp_b"), "dp": "data"}[preset]
+  want_q = {"fsdp": P(None, "fsdp", "fsdp_b", None), "dp": P(None, None, None, None)}[preset]
+  want_rows = {"fsdp": ("data", "fsdp", "fsdp_b"), "dp": "data"}[preset]
   assert q.spec == want_q and rows == want_rows, (q.spec, rows)
   # the sampler on the same mesh: the same tokens, rows sharded over the batch axes
   one = ref["model"]
