@@ -198,7 +198,8 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
   if preset not in shd.PRESETS:
     problems.append(f"mesh.preset={preset!r} must be one of {sorted(shd.PRESETS)}")
   elif preset == "dp" and shape[1:] != (1, 1):
-    problems.append(f"mesh.preset='dp' replicates the weights: mesh.fsdp and mesh.tensor must be 1, got {shape[1:]}")
+    problems.append(f"mesh.preset='dp' replicates the weights: mesh.fsdp and mesh.tensor must be 1, got {shape[1:]} "
+                    "(set mesh.data=-1 mesh.fsdp=1 mesh.tensor=1)")
   gb, acc = int(cfg.train.global_batch_size), int(cfg.train.grad_accum_steps)
   if gb <= 0 or acc <= 0:
     problems.append("train.global_batch_size and train.grad_accum_steps must be positive")
