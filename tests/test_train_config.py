@@ -81,3 +81,19 @@ def test_cli_reports_config_errors(tmp_path):
                      cwd=REPO, env=subprocess_env(tmp_path / "c"), capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr
   assert "init.checkpoint" in r.stderr and "hf-to-orbax" in r.stderr
+
+
+def test_mesh_presets():
+  """The layout is a config value; the batch axes it names must divide the micro-batch."""
+  c = finetune.get_config("finetune,runlocal")
+  c.mesh.preset = "zero3"
+  assert "mesh.preset='zero3'" in _problems(c)
+  c.mesh.preset = "dp"  # the default sizes (fsdp=-1) would shard the weights
+  assert "mesh.data=-1 mesh.fsdp=1" in _problems(c)
+  c.mesh.data, c.mesh.fsdp = -1, 1
+  r = run_config.resolve(c, num_devices=8, process_count=1)
+  assert (r.mesh.preset, r.mesh.shape) == ("dp", (8, 1, 1))
+  c = finetune.get_config("finetune,runlocal")
+  c.mesh.preset, c.mesh.fsdp, c.mesh.tensor = "fsdp", 4, 2  # pure FSDP over 4 x 2: rows over all 8 devices
+  c.train.global_batch_size = 4
+  assert "rows per micro-batch is not a multiple of the devices = 8" in _problems(c)
