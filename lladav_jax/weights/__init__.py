@@ -17,13 +17,13 @@ from lladav_jax.weights.names import (CONFIG_FILE, ENTRIES, EXTRAS_FILE, GROUPS,
                                       flat_params, hf_shape, is_extra, nest, to_hf, to_ours)
 from lladav_jax.weights.orbax_io import is_orbax_dir, orbax_metadata, read_manifest, read_orbax_param
 from lladav_jax.weights.verify import CheckpointMismatchError, ParamSource, Plan, plan_hf
-from lladav_jax.weights.write import iter_hf_tensors, save_model
+from lladav_jax.weights.write import save_model
 
 __all__ = [
     "MAPPING", "Entry", "ENTRIES", "TRANSFORMS", "GROUPS", "VISION_PREFIX", "CheckpointMismatchError", "Plan",
     "ParamSource", "SafetensorsDir", "model_config_from_hf", "load_model_config", "checkpoint_dtype", "load_state", "plan_hf",
     "read_param", "is_extra", "is_orbax_dir", "orbax_metadata", "read_orbax_param", "read_manifest", "init_params",
-    "iter_hf_tensors", "expected_hf_shapes", "hf_shape", "to_ours", "to_hf", "flat_params", "nest", "common_dtype",
+    "expected_hf_shapes", "hf_shape", "to_ours", "to_hf", "flat_params", "nest", "common_dtype",
     "aux_files", "save_model", "CONFIG_FILE", "MANIFEST_FILE", "EXTRAS_FILE", "PARAMS_DIR", "INDEX_FILE",
     "DEFAULT_MASK_TOKEN_ID",
 ]

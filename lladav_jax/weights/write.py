@@ -1,16 +1,14 @@
-"""Writing: a model directory that every entry point loads (`save_model`: Orbax params, our config, the
-tokenizer files) and our parameters as HF tensors (the export direction of the name table)."""
+"""Writing a model directory that every entry point loads (`save_model`: Orbax params, our config, the
+tokenizer files). The HF export is `convert.orbax_to_hf`."""
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterator
 
 import jax
-import numpy as np
 
 from lladav_jax.config import ModelConfig
-from lladav_jax.weights.names import CONFIG_FILE, ENTRIES, PARAMS_DIR, aux_files, flat_params, nest, to_hf
+from lladav_jax.weights.names import CONFIG_FILE, PARAMS_DIR, aux_files, flat_params, nest
 
 
 def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None) -> str:
@@ -34,13 +32,3 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = 
       f.write(cfg.to_json())
     os.replace(cfg_file + ".tmp", cfg_file)
   return path
-
-
-def iter_hf_tensors(param: str, value: np.ndarray, scheme: str = "llada_v") -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, HF-layout array) for each layer slice of one of our parameters."""
-  e = ENTRIES[param]
-  if e.stacked:
-    for i in range(value.shape[0]):
-      yield e.name(scheme, i), to_hf(e, value[i])
-  else:
-    yield e.name(scheme), to_hf(e, value)
