@@ -12,8 +12,6 @@ decoded page: ~15 MB a row).
 from __future__ import annotations
 
 import argparse
-import base64
-import csv
 import io
 import json
 import os
@@ -23,29 +21,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGE = 2000
-
-
-def page_png(n: int = PAGE) -> bytes:
-  """A grayscale 'document page' (lines of text as bars)."""
-  from PIL import Image, ImageDraw
-  im = Image.new("L", (n, n), 255)
-  d = ImageDraw.Draw(im)
-  for y in range(100, n - 100, 120):
-    d.rectangle((100, y, n - 100, y + 18), fill=0)
-  buf = io.BytesIO()
-  im.save(buf, "PNG", compress_level=1)
-  return buf.getvalue()
-
-
-def write_tsv(path: str, rows: int) -> str:
-  b64 = base64.b64encode(page_png()).decode()
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f, delimiter="\t")
-    w.writerow(["index", "question", "answer", "image"])
-    for i in range(rows):
-      w.writerow([str(i), f"What is the title of page {i}?", "x", b64])
-  return path
 
 
 def _hwm_mib() -> float:
@@ -53,16 +28,17 @@ def _hwm_mib() -> float:
     return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def measure(kind: str, tsv: str, rows: int) -> dict:
+def measure(kind: str, tsv: str, png_path: str, rows: int) -> dict:
   """In a fresh process (one per checkout and path): peak RSS growth and wall time."""
   from types import SimpleNamespace
 
   from PIL import Image
+  size = Image.open(png_path).size
 
   def touch(images):  # the stand-in model reads every pixel row's first pixel
     for per_prompt in images:
       for im in per_prompt:
-        assert im.size == (PAGE, PAGE) and im.getpixel((0, 0)) == (255, 255, 255)
+        assert im.size == size and im.getpixel((0, 0)) == (255, 255, 255)
 
   base, t = _hwm_mib(), time.perf_counter()
   if kind == "evaluate":
@@ -79,7 +55,8 @@ def measure(kind: str, tsv: str, rows: int) -> dict:
     n = run.evaluate(task, rr.samples, generate, batch_size=8, skipped=rr.skipped)["num_samples"]
   else:
     from lladav_jax.eval import lmms_plugin
-    png = page_png()  # an HF dataset holds encoded bytes and decodes on access, as doc_to_visual here
+    with open(png_path, "rb") as f:  # an HF dataset holds encoded bytes and decodes on access, as doc_to_visual here
+      png = f.read()
 
     class Model:
       def generate(self, prompts, images, **kw):
@@ -94,8 +71,8 @@ def measure(kind: str, tsv: str, rows: int) -> dict:
   return {"rows": n, "seconds": time.perf_counter() - t, "peak_gib": (_hwm_mib() - base) / 1024}
 
 
-def run_one(tree: str, kind: str, tsv: str, rows: int) -> dict:
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", kind, tsv, str(rows)],
+def run_one(tree: str, kind: str, tsv: str, png: str, rows: int) -> dict:
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", kind, tsv, png, str(rows)],
                        env=dict(os.environ, PYTHONPATH=tree), check=True, capture_output=True, text=True, cwd=tree)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -105,13 +82,20 @@ def main():
   ap.add_argument("--rows", type=int, default=300)
   ap.add_argument("--before", default="", help="another checkout to measure too (decoding up front)")
   ap.add_argument("--before-rows", type=int, default=0, help="rows for --before (default: --rows)")
-  ap.add_argument("--measure", nargs=3, default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--measure", nargs=4, default=None, help=argparse.SUPPRESS)
   a = ap.parse_args()
-  if a.measure:
-    kind, tsv, rows = a.measure
-    print(json.dumps(measure(kind, tsv, int(rows))))
+  if a.measure:  # a child process: the tree under test comes first on sys.path (PYTHONPATH)
+    kind, tsv, png, rows = a.measure
+    print(json.dumps(measure(kind, tsv, png, int(rows))))
     return
-  tsv = write_tsv(os.path.join(tempfile.mkdtemp(prefix="bench_eval_"), "pages.tsv"), a.rows)
+  sys.path.append(ROOT)  # the pages of tests/test_eval_memory.py (only here: a child imports the tree it measures)
+  from tests.test_eval_memory import PAGE, page_png, write_docvqa_tsv
+  tmp = tempfile.mkdtemp(prefix="bench_eval_")
+  png = os.path.join(tmp, "page.png")
+  with open(png, "wb") as f:
+    f.write(page_png())
+  with open(png, "rb") as f:
+    tsv = write_docvqa_tsv(os.path.join(tmp, "pages.tsv"), a.rows, f.read())
   print(f"{tsv}: {a.rows} rows of {PAGE}x{PAGE} pages ({PAGE * PAGE * 3 / 2**20:.1f} MiB each as RGB), "
         f"{os.path.getsize(tsv) / 2**20:.1f} MiB on disk")
   runs = ([("before", os.path.abspath(a.before), a.before_rows or a.rows)] if a.before else []) + \
@@ -119,7 +103,7 @@ def main():
   table = [["source", "path", "rows", "seconds", "peak +GiB", "peak +MiB/row"]]
   for name, tree, rows in runs:
     for kind in ("evaluate", "plugin"):
-      r = run_one(tree, kind, tsv, rows)
+      r = run_one(tree, kind, tsv, png, rows)
       table.append([name, "read_samples + evaluate" if kind == "evaluate" else "lmms plugin generate_until",
                     str(r["rows"]), f"{r['seconds']:.1f}", f"{r['peak_gib']:.3f}",
                     f"{r['peak_gib'] * 1024 / r['rows']:.2f}"])
