@@ -254,11 +254,11 @@ def collate(rows: list[dict], spec: BatchSpec) -> batch_lib.TrainBatch:
   # (per-device) batch, then expands images and truncates to model_max_length.
   g = spec.pad_group_size or spec.batch_size
   group_max = [max(pre[j - j % g:j - j % g + g]) for j in range(len(pre))]
+  label = spec.eos_id if spec.label_eos_padding else IGNORE_INDEX
   samples = []
   for r, m, p in zip(rows, group_max, pre):
     e = r["sample"]
     n = min(m - p, spec.seq_len - len(e.tokens)) if spec.pad_with_eos else 0
-    label = spec.eos_id if spec.label_eos_padding else IGNORE_INDEX
     samples.append(batch_lib.extend(e, n, spec.eos_id, label, spec.image_cfg.tokens_per_tile))
   need = max([len(e.tokens) for e in samples], default=1)
   length = next(x for x in spec.buckets if x >= need)
