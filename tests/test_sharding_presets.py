@@ -56,7 +56,8 @@ def one_device():
   return dict(params=params, batch=batch, loss=loss, gnorm=gnorm, model=model, tokens=tokens)
 
 
-@pytest.mark.parametrize("preset", sorted(MESHES))
+# dp (weights replicated) is the simplest layout; its run (~40 s) is marked slow
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p == "dp" else p for p in sorted(MESHES)])
 def test_every_preset_gives_the_single_device_numbers(preset, one_device):
   ref = one_device
   mesh = _mesh(preset)

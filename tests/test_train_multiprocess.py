@@ -39,6 +39,7 @@ def _launch(workdir, steps, env):
   return [p.returncode for p in procs], outs
 
 
+@pytest.mark.slow  # ~100 s: four process launches; single-process kill/resume is in the default suite
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
   env = subprocess_env(tmp_path / "jax_cache", devices=2)  # 2 processes x 2 CPU devices = a 4-device mesh
   wd = str(tmp_path / "run")
