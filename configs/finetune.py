@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _stage(c, *, lr, group_lr, batch, seq_len, init, trainable=("vision", "projector", "llm")):
+def _stage(c, *, lr, group_lr, batch, seq_len, init, per_device=1, trainable=("vision", "projector", "llm")):
   c.model.preset = "checkpoint"
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
@@ -183,6 +183,8 @@ def _stage(c, *, lr, group_lr, batch, seq_len, init, trainable=("vision", "proje
     c.optim.group_lr[g] = group_lr.get(g)
   c.optim.trainable = tuple(trainable)
   c.train.global_batch_size = batch
+  # the original EOS-pads each GPU's micro-batch of per_device_train_batch_size rows on its own
+  c.data.pad_group_size = per_device
   c.data.seq_len = seq_len
   c.data.tile_budget = 16
   c.data.num_workers = 8
@@ -235,7 +237,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.eval.steps = 8
   elif preset == "stage1":
     _stage(c, lr=1e-3, group_lr={}, batch=64, seq_len=8192, init="model/llada_v_stage0_orbax",
-           trainable=("projector",))
+           per_device=16, trainable=("projector",))
     c.data.format = "plain"  # llada_plain: "<image>" + caption + "\n"
     c.data.tile_budget = 1
     c.image.aspect = "square"  # the default image_aspect_ratio; merge "flat", 729 tokens
@@ -260,6 +262,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       c.data.tile_budget = 1
       c.data.num_workers = 0
     c.train.global_batch_size = 8
+    c.data.pad_group_size = min(c.data.pad_group_size, 8)
     c.train.grad_accum_steps = 1
     c.train.num_steps = 12
     c.loss.logits_chunk = 16

@@ -24,11 +24,13 @@ def test_presets_carry_the_original_hyperparameters(preset):
   if preset == "stage1":
     assert c.optim.lr == 1e-3 and tuple(c.optim.trainable) == ("projector",) and c.train.global_batch_size == 64
     assert c.image.aspect == "square" and c.data.format == "plain"
+    assert c.data.pad_group_size == 16  # llada_v_pretrain.sh: per_device_train_batch_size 16
   elif preset != "demo":
     assert c.optim.lr == 1e-5 and c.optim.group_lr.vision == 2e-6 and len(c.optim.trainable) == 3
     assert c.train.global_batch_size == (64 if preset == "finetune" else 256)
     assert c.data.seq_len == (16384 if preset == "stage2_ov" else 8192)
     assert c.model.remat_policy == "minimal" and c.model.dtype == "bfloat16" and c.model.param_dtype == "float32"
+    assert c.data.pad_group_size == 1  # 1 row a GPU: the original never EOS-pads a stage-2/3 sample
   # runlocal: the stages shrink to config.tiny (the released image geometry); the demo keeps its own model
   assert finetune.get_config(f"{preset},runlocal").model.preset == ("small" if preset == "demo" else "tiny")
 
@@ -43,6 +45,12 @@ def test_validation_names_each_bad_field(tmp_path):
   msg = _problems(c)
   for field in ("mesh.data", "model.mask_token_id", "train.global_batch_size", "loss.eps", "optim.trainable"):
     assert field in msg, (field, msg)
+
+
+def test_pad_group_must_divide_the_process_batch():
+  c = finetune.get_config("stage1,runlocal")
+  c.data.pad_group_size = 3
+  assert "data.pad_group_size=3 must divide the 8 rows" in _problems(c)
 
 
 def test_missing_checkpoint_and_data_paths(tmp_path):

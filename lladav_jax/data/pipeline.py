@@ -50,8 +50,9 @@ class DataConfig:
   seq_len: int = 8192  # model_max_length: truncation before and after image expansion
   buckets: tuple[int, ...] = ()  # sequence-length buckets (each <= seq_len); () = (seq_len,)
   tile_budget: int = 16  # image tiles per sample (pixels [B, T, S, S, 3]); more -> skipped
-  # Rows that share one EOS padding length: the original collates (and EOS-pads) each GPU's
-  # batch on its own; set to the per-device batch to match it. 0 = the whole process batch.
+  # Rows that share one EOS padding length (consecutive rows of a process batch). The original collates
+  # and EOS-pads each GPU's micro-batch on its own (per_device_train_batch_size: 16 in stage 1, 1 in
+  # stages 2-3, so no padding there); the stage presets set it so. 0 = the whole process batch.
   pad_group_size: int = 0
   truncate: bool = True  # the original truncates over-long text; False skips every over-long sample
   max_skip_fraction: float = 0.01

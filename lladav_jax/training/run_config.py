@@ -208,6 +208,10 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
       problems.append(f"train.global_batch_size={gb} is not a multiple of train.grad_accum_steps={acc}")
     if gb % process_count:
       problems.append(f"train.global_batch_size={gb} is not a multiple of the {process_count} processes")
+    g = data.pad_group_size
+    if g and (gb // process_count) % g:
+      problems.append(f"data.pad_group_size={g} must divide the {gb // process_count} rows a process loads "
+                      "(train.global_batch_size / processes)")
     rows, axes = (shape[0] * shape[1], "mesh.data*mesh.fsdp") if preset == "fsdp_tp" else (math.prod(shape), "the devices")
     if -1 not in shape and (gb // max(acc, 1)) % rows:
       problems.append(f"train.global_batch_size / train.grad_accum_steps = {gb // max(acc, 1)} rows per micro-batch "
