@@ -2,7 +2,7 @@
 import pytest
 
 from lladav_jax.eval.sample import EvalSample
-from lladav_jax.eval.tasks import EOT, TASKS, get_task
+from lladav_jax.eval.tasks import EOT, TASKS, get_task, with_think
 
 MCQ = ["mmmu_val", "mmmu_pro_standard", "mmstar", "ai2d", "seedbench", "mmbench_en_dev", "muirbench", "mme",
        "realworldqa"]
@@ -57,6 +57,11 @@ def test_think_suffix_rules():
   assert t.model_prompt(s("Q", images=())) == "Q"      # original: suffix only on the image branch
   assert get_task("mathvista_testmini").model_prompt(s("Q")) == "Q /think"
   assert get_task("demo").model_prompt(s("Q")) == "Q"
+  # the original appends it only where it inserts the image placeholders itself: not when the
+  # context already carries "<image>" (llava_onevision_llada.generate_until)
+  assert t.model_prompt(s("<image>\nQ")) == "<image>\nQ"
+  assert with_think("Q <image>", "think", True) == "Q <image>" and with_think("Q", "think", True) == "Q /think"
+  assert with_think("Q", "maybe", True) == "Q"
 
 
 def test_mmmu_scoring_mc_and_open():

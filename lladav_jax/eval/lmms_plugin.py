@@ -32,6 +32,7 @@ from lladav_jax.data import records
 from lladav_jax.multimodal import to_rgb
 from lladav_jax.eval import answers as ans
 from lladav_jax.eval.run import validate_schedule
+from lladav_jax.eval import tasks
 from lladav_jax.eval.tasks import EOT
 
 
@@ -211,8 +212,7 @@ class LLaDAVJax(_Base):
 
   @staticmethod
   def _prompt(context: str, think, images: list) -> str:
-    """The think suffix where the original adds it: a think mode and visuals."""
-    return f"{context} /{think}" if think in ("think", "no_think") and images else context
+    return tasks.with_think(context, think, bool(images))
 
   def _generate(self, prepared: list) -> list[str]:
     """Prepared prompts -> cleaned answers in the same order; same-settings prompts are batched, and

@@ -23,6 +23,15 @@ MCQ_DIRECT = "Answer with the option's letter from the given choices directly."
 SINGLE_WORD_OR_PHRASE = "Answer the question using a single word or phrase."
 
 
+def with_think(context: str, think: str | None, has_visuals: bool) -> str:
+  """The question with " /think" or " /no_think" appended where the original does: only in the branch
+  where it inserts the image placeholders itself (llava_onevision_llada.generate_until), i.e. visuals
+  are given and the context has no "<image>". Text-only and "<image>"-bearing contexts get no suffix."""
+  if think in ("think", "no_think") and has_visuals and "<image>" not in context:
+    return f"{context} /{think}"
+  return context
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   name: str
@@ -49,11 +58,8 @@ class Task:
                 stop_strings=list(self.stop_strings))
 
   def model_prompt(self, sample: EvalSample) -> str:
-    """prompt_text plus the think suffix. The original appends it only on the image branch
-    (text-only questions get none), after the question."""
-    if self.think and sample.images:
-      return f"{sample.prompt_text} /{self.think}"
-    return sample.prompt_text
+    """prompt_text plus the think suffix (see `with_think`)."""
+    return with_think(sample.prompt_text, self.think, bool(sample.images))
 
   # ---------------------------------------------------------------- prompts
   def build_prompt(self, question: str, choices: Sequence[str] = (), meta: dict | None = None) -> str:
