@@ -26,6 +26,14 @@ from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.model import LLaDAVModel, abstract_model, init_sharded
 
 
+def _check_vocab(cfg: ModelConfig, tokenizer, where: str = "the model"):
+  """Every id the tokenizer can produce needs an embedding row (ids are not contiguous: the released
+  specials sit at 126080-126348, so the vocabulary is the largest id + 1, not the entry count)."""
+  if tokenizer is not None and tokenizer.vocab_size > cfg.llm.vocab_size:
+    raise ValueError(f"{where}: the tokenizer's largest id is {tokenizer.vocab_size - 1} but the model has "
+                     f"vocab_size={cfg.llm.vocab_size} embedding rows")
+
+
 class LLaDAV:
   """A loaded LLaDA-V: model config, image config, tokenizer, and sharded parameters."""
 
@@ -40,6 +48,7 @@ class LLaDAV:
     if (self.image_cfg.image_size, self.image_cfg.patch_size) != (cfg.vision.image_size, cfg.vision.patch_size):
       raise ValueError(f"image_cfg makes {self.image_cfg.image_size} px tiles of {self.image_cfg.patch_size} px "
                        f"patches but the vision tower takes {cfg.vision.image_size} px / {cfg.vision.patch_size} px")
+    _check_vocab(cfg, tokenizer)
     self.mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
     self._logits_fn = jax.jit(_forward_logits, static_argnums=0)
 
@@ -61,9 +70,10 @@ class LLaDAV:
     cfg = cfg.replace(**cfg_overrides)
     cfg.validate()
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+    tokenizer = _maybe_tokenizer(path)
+    _check_vocab(cfg, tokenizer, path)  # before reading gigabytes of weights
     graphdef, _ = abstract_model(cfg)
     state = weights.load_state(path, cfg, mesh)
-    tokenizer = _maybe_tokenizer(path)
     return cls(cfg, graphdef, state, tokenizer=tokenizer, image_cfg=_image_config(path, cfg), mesh=mesh)
 
   @classmethod

@@ -198,3 +198,17 @@ def test_against_the_original_algorithm_with_hf(demo, tok):
                                 tokenize=False, add_generation_prompt=True)
   ref = [IMG if t == image_id else t for t in hf(text, add_special_tokens=False).input_ids]
   assert template.inference_prompt_ids(tok, "What color is the circle? ", 1) == ref
+
+
+def test_vocabulary_is_the_largest_id_plus_one(tmp_path):
+  """The released specials sit at 126080-126348 over a few hundred words: the model needs 126349 rows,
+  not the entry count; a model with fewer rows is refused with both numbers."""
+  from lladav_jax import config
+  from lladav_jax.api import _check_vocab
+  from tests.released import SPECIAL_IDS, demo_data_vocab
+  demo_data_vocab(str(tmp_path))
+  t = Tokenizer.from_dir(str(tmp_path))
+  assert t.vocab_size == max(SPECIAL_IDS.values()) + 1 == 126349 and t.mask_id == 126336
+  with pytest.raises(ValueError, match="largest id is 126348 but the model has vocab_size=512"):
+    _check_vocab(config.tiny(vocab_size=512), t)
+  _check_vocab(config.tiny(vocab_size=126464), t)
