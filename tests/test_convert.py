@@ -117,6 +117,29 @@ def test_mismatched_keys_and_shapes_are_all_listed(source, tmp_path):
   assert not os.path.exists(dst) and no_leftovers(str(tmp_path), "out")
 
 
+def test_layers_beyond_the_config_are_errors_naming_both_counts(source, tmp_path):
+  """The original drops the last vision layer (select layer -2), so a checkpoint may hold it or not; a
+  config that claims fewer layers than the checkpoint holds is an error, for the LLM as for the tower."""
+  t = read_hf(source)
+  with open(os.path.join(source, "config.json")) as f:
+    cfg_json = json.load(f)
+  n = cfg_json["vision_config"]["num_hidden_layers"]  # 3: the model runs 2, layer 2 is the dropped one
+  assert "model.vision_tower.vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight" in t
+  few = dict(cfg_json, num_hidden_layers=1, vision_config=dict(cfg_json["vision_config"], num_hidden_layers=n - 1))
+  with pytest.raises(weights.CheckpointMismatchError) as e:
+    weights.plan_hf(write_hf_dir(str(tmp_path / "few"), t, few), weights.model_config_from_hf(few))
+  msg = str(e.value)
+  assert ("unexpected: model.vision_tower.vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight (shape [64, 32]) "
+          "[vision encoder layer 2, but the vision config has num_hidden_layers=2 (the model uses 1; the original "
+          "drops the last)]") in msg, msg
+  assert "vision_model.encoder.layers.1.mlp.fc1.weight" not in msg  # the dropped layer is an extra
+  assert "unexpected: model.layers.1.mlp.up_proj.weight (shape [128, 64]) [llm layer 1, but the config has num_hidden_layers=1]" in msg
+  # the dropped layer may be absent
+  t = {k: v for k, v in t.items() if ".encoder.layers.2." not in k}
+  plan = weights.plan_hf(write_hf_dir(str(tmp_path / "absent"), t, cfg_json), weights.model_config_from_hf(cfg_json))
+  assert not any(".encoder.layers." in k for k in plan.extras)
+
+
 def test_missing_shard_file_lists_its_keys(source, tmp_path):
   import shutil
   d = str(tmp_path / "partial")

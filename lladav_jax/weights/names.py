@@ -121,16 +121,42 @@ _EXTRA_PATTERNS = (
     re.compile(re.escape(_V) + r"embeddings\.position_ids$"),
     re.compile(r".*rotary_emb\.inv_freq$"),
 )
-_VISION_LAYER = re.compile(re.escape(_V) + r"encoder\.layers\.(\d+)\.(.+)$")
-_VISION_LAYER_SUFFIXES = {e.hf[len(_VL):] for e in MAPPING if e.hf.startswith(_VL)}
+# Every stacked family's per-layer name as a pattern: (family, the config field that counts its layers).
+_LAYER_PATTERNS = tuple(
+    (re.compile(re.escape(t).replace(re.escape("{i}"), r"(\d+)") + "$"), e.group)
+    for e in MAPPING if e.stacked for t in {e.hf, e.hf_llada or e.hf})
+
+
+def layer_of(name: str) -> tuple[str, int] | None:
+  """(group, layer index) of a per-layer tensor name of either scheme; None for other names."""
+  for pat, group in _LAYER_PATTERNS:
+    m = pat.match(name)
+    if m:
+      return group, int(m.group(1))
+  return None
 
 
 def is_extra(name: str, cfg: ModelConfig) -> bool:
-  """Whether `name` is a known tensor that our model does not use (kept verbatim on convert)."""
+  """Whether `name` is a known tensor that our model does not use (kept verbatim on convert). Of the
+  vision layers only the one the original drops is: it reads the features of the second-to-last layer
+  (mm_vision_select_layer -2), so the checkpoint may hold layer `cfg.vision.num_layers` or not."""
   if any(p.match(name) for p in _EXTRA_PATTERNS):
     return True
-  m = _VISION_LAYER.match(name)
-  return bool(m and int(m.group(1)) >= cfg.vision.num_layers and m.group(2) in _VISION_LAYER_SUFFIXES)
+  layer = layer_of(name)
+  return layer == ("vision", cfg.vision.num_layers)
+
+
+def beyond_config(name: str, cfg: ModelConfig) -> str | None:
+  """Why a per-layer tensor the model does not read is an error, naming both numbers; None otherwise."""
+  layer = layer_of(name)
+  if layer is None:
+    return None
+  group, i = layer
+  if group == "vision":
+    n = cfg.vision.num_layers + 1
+    return (f"vision encoder layer {i}, but the vision config has num_hidden_layers={n} (the model uses "
+            f"{n - 1}; the original drops the last)")
+  return f"{group} layer {i}, but the config has num_hidden_layers={cfg.llm.num_layers}"
 
 
 # ----------------------------------------------------------------------------- transforms

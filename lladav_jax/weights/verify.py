@@ -19,7 +19,7 @@ from lladav_jax.config import ModelConfig
 from lladav_jax.model import abstract_model
 from lladav_jax.weights.hf_read import SafetensorsDir
 from lladav_jax.weights.names import (ENTRIES, GROUPS, INDEX_FILE, VISION_PREFIX as _V, Entry, check_table_covers,
-                                      flat_params, hf_shape, is_extra)
+                                      beyond_config, flat_params, hf_shape, is_extra)
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def plan_hf(path: str, cfg: ModelConfig, *, strict: bool = False) -> Plan:
     if is_extra(name, cfg):
       extras.append(name)
     else:
-      problems.append(f"unexpected: {name} (shape {fmt(files.shape(name))})")
+      why = beyond_config(name, cfg)
+      problems.append(f"unexpected: {name} (shape {fmt(files.shape(name))})" + (f" [{why}]" if why else ""))
   for f, ks in files.missing_files.items():
     for k in ks:
       if k in expected:
