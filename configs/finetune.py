@@ -121,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.image.multi_image = "pad"
   c.image.video_pool_stride = 2
   c.image.video_newline = "grid"
+  c.image.exif_transpose = False  # the original never rotates by EXIF orientation
 
   # preset: "fsdp_tp" (FSDP over fsdp, tensor parallel over tensor), "fsdp" (pure FSDP over fsdp x tensor:
   # a factored axis for sizes one axis cannot divide), "dp" (weights replicated). See lladav_jax/sharding.py.

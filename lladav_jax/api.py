@@ -44,7 +44,7 @@ class LLaDAV:
     self.state = state
     self.tokenizer = tokenizer
     self.image_cfg = image_cfg or multimodal.ImageConfig(image_size=cfg.vision.image_size,
-                                                         patch_size=cfg.vision.patch_size)
+                                                         patch_size=cfg.vision.patch_size, multi_image="pad_flat")
     if (self.image_cfg.image_size, self.image_cfg.patch_size) != (cfg.vision.image_size, cfg.vision.patch_size):
       raise ValueError(f"image_cfg makes {self.image_cfg.image_size} px tiles of {self.image_cfg.patch_size} px "
                        f"patches but the vision tower takes {cfg.vision.image_size} px / {cfg.vision.patch_size} px")
@@ -131,8 +131,10 @@ def _maybe_tokenizer(path: str):
 
 
 def _image_config(path: str, cfg: ModelConfig) -> multimodal.ImageConfig:
-  """Image settings from the checkpoint's config.json where present (aspect, pinpoints, video)."""
-  base = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size)
+  """Image settings from the checkpoint's config.json where present (aspect, pinpoints, video). Several
+  images take the original's inference path (its lmms-eval model): "pad_flat"."""
+  base = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
+                                multi_image="pad_flat")
   f = os.path.join(path, "config.json")
   if not os.path.exists(f):
     return base

@@ -2,8 +2,9 @@
 -> the jitted sampler (lladav_jax.sampling) -> decoded answers; and the Monte-Carlo ELBO.
 
 Shapes are bucketed so that a new prompt rarely recompiles: the expanded prompt length is rounded
-up to a multiple of `length_multiple` (64), the tile count to a power of two, the batch to
-`batch_size` (or the next power of two); padding rows are marked not `live` and finish at once.
+up to a multiple of `length_multiple` (64), the tile count to one of TILE_BUCKETS (every tile an
+image or video needs is run: none is dropped), the batch to `batch_size` (or the next power of two);
+padding rows are marked not `live` and finish at once.
 Sample i of a call gets the seed `seed + i`, so its answer does not depend on how the prompts are
 batched (`batch_size`).
 """
@@ -52,6 +53,19 @@ def bucket_pow2(n: int) -> int:
   return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
+# Tiles a row, the compiled sizes: base + k x k anyres grids (k = 1..6; 37 = anyres_max_4's largest, a 6x6
+# grid) and 32 (the original's video frames); past 37, multiples of 37.
+TILE_BUCKETS = (1, 2, 5, 10, 17, 26, 32, 37)
+
+
+def bucket_tiles(n: int) -> int:
+  """The smallest tile bucket that holds `n` tiles (0 for none)."""
+  if n <= 0:
+    return 0
+  top = TILE_BUCKETS[-1]
+  return next((b for b in TILE_BUCKETS if n <= b), -(-n // top) * top)
+
+
 def sampler_settings(model, **kw) -> SamplerSettings:
   """Settings with the token ids of `model`: mask from the model config, the banned ids (eos, bos,
   start/end header) and eot from its tokenizer. Explicit `mask_id`/`banned_ids`/`eot_id` win."""
@@ -74,7 +88,7 @@ def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[
                    stop_ids: Sequence[Sequence[int]] = (), seeds: Sequence[int], rows: int,
                    length_multiple: int = 64, tiles: Optional[int] = None) -> SamplerInputs:
   """Expands, left-pads and buckets one batch into numpy SamplerInputs with `rows` rows and
-  `tiles` image tiles per row (default: the next power of two of the batch's largest need)."""
+  `tiles` image tiles per row (default: the tile bucket of the batch's largest need)."""
   icfg = model.image_cfg
   exps = [multimodal.expand(ids, multimodal.process_sample_images(ims, icfg) if ims else [], icfg)
           for ids, ims in zip(prompt_ids, images)]
@@ -84,7 +98,9 @@ def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[
   exps += [multimodal.expand([0], [], icfg)] * (rows - n)
   length = bucket_length(max(len(e.tokens) for e in exps), length_multiple)
   need = max(e.pixels.shape[0] for e in exps)
-  tiles = bucket_pow2(need) if tiles is None else tiles
+  if tiles is not None and need > tiles:
+    raise ValueError(f"a prompt's images need {need} tiles, more than tiles={tiles} (tiles=None buckets them)")
+  tiles = bucket_tiles(need) if tiles is None else tiles
   prompt = batch_lib.collate(exps, icfg, length=length, tiles=tiles, left=True)
   ns = len(stop_ids)
   ls = max([len(s) for s in stop_ids] + [1])
@@ -231,7 +247,7 @@ def elbo_ids(model, prompt_ids: Sequence[int], images: Sequence, answer_ids: Seq
     raise ValueError(f"elbo: the expanded prompt ({len(e.tokens)} tokens) and the answer ({t} tokens) are longer "
                      f"than the model's max_position_embeddings={limit}")
   prompt = batch_lib.collate([e], icfg, length=bucket_length(len(e.tokens), length_multiple),
-                             tiles=bucket_pow2(e.pixels.shape[0]), left=True)
+                             tiles=bucket_tiles(e.pixels.shape[0]), left=True)
   prompt = jax.tree.map(jnp.asarray, prompt)
   masks, ps = mc_masks(t, num_samples, np.random.default_rng(seed), group)
   tb = bucket_length(t, 16)

@@ -8,7 +8,8 @@ is token i's feature, so the device splices every layout with one static-shape g
     aspect ratio, bilinearly downscaled when it exceeds max_tiles * 729 * 1.1, plus a newline
     after every row (REFERENCE.md section 12);
   - pad (several images, training): expand2square(fill 127) -> 729 tokens + 1 newline;
-  - flat (stage-1 "square", and lmms-eval's multi-image path): 729 tokens, no newline;
+  - pad_flat (several images, the original's lmms-eval): expand2square(fill 127) -> 729 tokens, no newline;
+  - flat (stage-1 "square"): resized to the tile, 729 tokens, no newline;
   - video: per frame, 2x2 bilinear pooling 27 -> 14 (196 tokens), newlines as configured.
 Bilinear weights replicate torch F.interpolate(mode="bilinear", align_corners=False), float32.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +29,8 @@ NEWLINE = -1  # plan sentinel: the learned image_newline vector
 ZERO = -2     # plan sentinel: an unused tap (zero vector, weight 0)
 
 DEFAULT_PINPOINTS = tuple((i, j) for i in range(1, 7) for j in range(1, 7))
+MULTI_IMAGE_MODES = ("pad", "pad_flat")
+VIDEO_NEWLINES = ("grid", "frame", "one_token", "no_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +40,28 @@ class ImageConfig:
   # "anyres_max_N" (spatial_unpad), "pad" (expand2square + newline) or "square" (flat, no newline).
   aspect: str = "anyres_max_4"
   grid_pinpoints: tuple = DEFAULT_PINPOINTS  # (i, j) multiples of image_size, read as (width, height)
-  # Several images in one sample: "pad" (training: 729 + newline) or "flat" (lmms-eval: 729).
+  # Several images in one sample: "pad" (the original's training: 729 + newline each) or "pad_flat" (its
+  # lmms-eval model: the images stacked into one tensor take encode_images' flat path, 729 each, no newline).
   multi_image: str = "pad"
   video_pool_stride: int = 2
   video_newline: str = "grid"  # "grid" | "frame" | "one_token" | "no_token"
   # expand2square's fill is the processor's mean as 8-bit (the original: int(m * 255)).
   mean: tuple = (0.5, 0.5, 0.5)
+  # The original opens images with PIL and never applies the EXIF orientation; True rotates them upright.
+  exif_transpose: bool = False
+
+  def __post_init__(self):
+    errs = []
+    if not (re.fullmatch(r"anyres_max_[1-9]\d*", self.aspect) or self.aspect in ("pad", "square")):
+      errs.append(f"image.aspect={self.aspect!r} must be 'anyres_max_N', 'pad' or 'square'")
+    if self.multi_image not in MULTI_IMAGE_MODES:
+      errs.append(f"image.multi_image={self.multi_image!r} must be one of {MULTI_IMAGE_MODES}")
+    if self.video_newline not in VIDEO_NEWLINES:
+      errs.append(f"image.video_newline={self.video_newline!r} must be one of {VIDEO_NEWLINES}")
+    if not isinstance(self.exif_transpose, bool):
+      errs.append(f"image.exif_transpose={self.exif_transpose!r} must be True or False")
+    if errs:
+      raise ValueError("; ".join(errs))
 
   @property
   def grid(self) -> int:
@@ -73,9 +93,11 @@ class ImageInput:
 
 # ----------------------------------------------------------------------------- pixels
 
-def to_rgb(img: Image.Image) -> Image.Image:
-  """EXIF orientation applied; any mode (16-bit, palette, CMYK, RGBA, ...) converted to 8-bit RGB."""
-  img = ImageOps.exif_transpose(img)
+def to_rgb(img: Image.Image, exif_transpose: bool = False) -> Image.Image:
+  """Any mode (16-bit, palette, CMYK, RGBA, ...) converted to 8-bit RGB; the EXIF orientation applied only
+  with `exif_transpose` (the original never applies it: ImageConfig.exif_transpose)."""
+  if exif_transpose:
+    img = ImageOps.exif_transpose(img)
   if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
     a = np.asarray(img, dtype=np.float64)
     hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -209,8 +231,8 @@ def anyres_plan(orig_size: tuple[int, int], cols: int, rows: int, cfg: ImageConf
 
 
 def process_image(img: Image.Image, cfg: ImageConfig, mode: str | None = None) -> ImageInput:
-  """One image -> tiles + plan. `mode`: "anyres" (default for aspect anyres_*), "pad", "flat"."""
-  img = to_rgb(img)
+  """One image -> tiles + plan. `mode`: "anyres" (default for aspect anyres_*), "pad", "pad_flat", "flat"."""
+  img = to_rgb(img, cfg.exif_transpose)
   if img.width < 1 or img.height < 1:
     raise ValueError(f"image has zero size {img.size}")
   mode = mode or ("anyres" if cfg.aspect.startswith("anyres") else cfg.aspect)
@@ -225,9 +247,11 @@ def process_image(img: Image.Image, cfg: ImageConfig, mode: str | None = None) -
     tiles += [canvas.crop((x, y, x + s, y + s)) for y in range(0, bh, s) for x in range(0, bw, s)]
     idx, w = anyres_plan(img.size, bw // s, bh // s, cfg)
     return ImageInput(np.stack([tile(t, cfg) for t in tiles]), idx, w)
-  if mode == "pad":
+  if mode in ("pad", "pad_flat"):
     fill = tuple(int(m * 255) for m in cfg.mean)
     square = tile(expand2square(img, fill), cfg)
+    if mode == "pad_flat":
+      return ImageInput(square[None], single[0].reshape(-1, TAPS), single[1].reshape(-1, TAPS))
     nl_i, nl_w = _newline_row()
     return ImageInput(square[None], np.concatenate([single[0].reshape(-1, TAPS), nl_i]),
                       np.concatenate([single[1].reshape(-1, TAPS), nl_w]))
@@ -255,9 +279,7 @@ def process_video(frames: Sequence[Image.Image], cfg: ImageConfig) -> ImageInput
   if cfg.video_newline == "one_token":
     nl = _newline_row()
     idx, w = np.concatenate([idx, nl[0]]), np.concatenate([w, nl[1]])
-  elif cfg.video_newline not in ("grid", "frame", "no_token"):
-    raise ValueError(f"unknown video_newline {cfg.video_newline!r}")
-  tiles = np.stack([tile(to_rgb(fr), cfg) for fr in frames])
+  tiles = np.stack([tile(to_rgb(fr, cfg.exif_transpose), cfg) for fr in frames])
   return ImageInput(tiles, idx, w)
 
 

@@ -142,9 +142,50 @@ def test_video_gif_and_frame_list(tok, tmp_path):
   reds = g["sample"].pixels[:, 0, 0, 0].astype(int)
   np.testing.assert_array_equal(reds, [0, 60, 120, 180])
   assert (g["sample"].tokens == IMG).sum() == 4 * 2 * 3  # 4x4 grid pooled to 2x2, + a newline per row
-  lst = proc(rec(video=[f"f{i}.png" for i in range(10)]))
+  # a list of frame files is sampled as a frame folder: with force_sample, frames_upbound of them
+  lst = processor(tok, tmp_path, frames_upbound=4, force_sample=True, tile_budget=8)(
+      rec(video=[f"f{i}.png" for i in range(10)]))
   np.testing.assert_allclose(lst["sample"].pixels, g["sample"].pixels, atol=1e-6)
   mp4 = tmp_path / "v.mp4"
   mp4.write_bytes(b"\x00\x00\x00\x18ftypmp42")
   out = proc(rec(video="v.mp4"))
   assert out["skip"] == "corrupt_video" and "v.mp4" in out["detail"]
+
+
+def _frame_folder(path, n, corrupt=()):
+  """n frame files f000.png... whose red channel encodes the index (`corrupt`: indices written as junk)."""
+  path.mkdir(parents=True)
+  for i in range(n):
+    if i in corrupt:
+      (path / f"f{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n junk")
+    else:
+      Image.new("RGB", (16, 12), (i * 10, 0, 0)).save(path / f"f{i:03d}.png")
+  return path
+
+
+def _frame_indices(frames):
+  return [f.getpixel((0, 0))[0] // 10 for f in frames]
+
+
+def test_frame_folders_are_sampled_as_the_original(tmp_path):
+  # train.py's ShareGPTVideo branch: the folder's files sorted by name, linspace(0, n - 1, 10) (frames_upbound
+  # with force_sample), each opened and converted to RGB; a frame that fails to open is left out
+  from lladav_jax.data import records
+  root = tmp_path / "videos"
+  _frame_folder(root / "ShareGPTVideo" / "long", 25)
+  _frame_folder(root / "ShareGPTVideo" / "short", 5)
+  _frame_folder(root / "ShareGPTVideo" / "broken", 12, corrupt=(0, 6))
+  opener = records.Opener({}, str(tmp_path / "images"), str(root))
+  load = lambda ref, **kw: records.load_video_frames(opener, ref, video_fps=1.0, max_pixels=10 ** 8,
+                                                     **{"frames_upbound": 32, **kw})
+  assert _frame_indices(load("ShareGPTVideo/long")) == [0, 2, 5, 8, 10, 13, 16, 18, 21, 24]
+  assert _frame_indices(load("ShareGPTVideo/short")) == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4]
+  assert _frame_indices(load("ShareGPTVideo/long", frames_upbound=4, force_sample=True)) == [0, 8, 16, 24]
+  # linspace(0, 11, 10) = 0 1 2 3 4 6 7 8 9 11: frames 0 and 6 are junk
+  assert _frame_indices(load("ShareGPTVideo/broken")) == [1, 2, 3, 4, 7, 8, 9, 11]
+  with pytest.raises(records.Skip, match="outside_root"):
+    load("../images/../../x")
+  (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+  _frame_folder(tmp_path / "elsewhere", 3)
+  with pytest.raises(records.Skip, match="outside_root"):
+    load("link")

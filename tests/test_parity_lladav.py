@@ -4,6 +4,7 @@ same steps (transformers SigLIP and LLaMA, torch Linear/GELU, F.interpolate), we
 synthesized LLaDA-V safetensors checkpoint through weights.load_state."""
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from transformers.image_utils import ChannelDimension, PILImageResampling, to_nu
 
 from lladav_jax import multimodal as mm
 from lladav_jax import sharding, weights
+from lladav_jax.api import _image_config as api_image_config
 from lladav_jax.config import IMAGE_TOKEN_INDEX, VisionConfig
 from lladav_jax.model.vision import normalize_pixels
 from lladav_jax.model import abstract_model
@@ -295,10 +297,11 @@ def test_text_only_matches_torch(loaded):
 # (size, grid (cols, rows), image tokens): a square under 384 px, a 2x3 grid, a 6x6 grid (max_4 downsample to
 # 54 x 54), 1x1 and 4000x2 pixels, and two sizes at the resize-rounding edge: the original computes
 # ceil(136 * (384 / 85)) = 615 -> min(615, 768) for 136x85 (float division first); ceil(136 * 384 / 85) = 615 too,
-# but 85x136 gives ceil(85 * (384 / 136)) = 241 against ceil(85 * 384 / 136) = 240.
+# but 85x136 gives ceil(85 * (384 / 136)) = 241 against ceil(85 * 384 / 136) = 240 (more edge sizes, without the
+# model: test_image_fidelity.py). 38x152 and 25x50: thin images whose unpadded maps keep 7 and 13 columns.
 ANYRES_CASES = [((300, 300), (1, 1), 729 + 27 * 28), ((700, 1000), (2, 3), None), ((2000, 2000), (6, 6), 729 + 54 * 55),
                 ((1, 1), (1, 1), 729 + 27 * 28), ((4000, 2), (6, 1), 729 + 1 * 163), ((85, 136), (1, 1), None),
-                ((136, 85), (1, 1), None)]
+                ((136, 85), (1, 1), None), ((38, 152), (1, 1), 729 + 27 * (7 + 1)), ((25, 50), (1, 1), 729 + 27 * (13 + 1))]
 
 
 @pytest.mark.parametrize("size,grid,n_tokens", ANYRES_CASES, ids=[f"{w}x{h}" for (w, h), _, _ in ANYRES_CASES])
@@ -340,6 +343,61 @@ def test_multi_image_pad_path_matches_torch(loaded):
   diff = np.abs(logits - reference(ref, ids, toks)).max()
   print(f"lladav multi-image pad path: max abs diff {diff:.3g}")
   assert diff <= TOL
+
+
+def test_multi_image_eval_path_matches_torch(loaded, tmp_path):
+  # the original's lmms-eval: several images are stacked into one tensor -> encode_images (expand2square
+  # with the mean, 729 tokens each, no newline); sizes at the rounding edge, a pixel, a line
+  ref, cfg, state = loaded
+  sizes = [(25, 50), (4000, 2)]
+  imgs = [rand_image(w, h, seed=w + 2 * h) for w, h in sizes]
+  d = write_hf_dir(str(tmp_path / "ckpt"), {}, ref.config_json())
+  icfg = api_image_config(d, cfg)
+  assert icfg.multi_image == "pad_flat"  # what LLaDAV.from_pretrained (eval, generation) runs
+  xs = mm.process_sample_images(imgs, icfg)
+  assert [x.num_tokens for x in xs] == [729] * 2
+  ref_tiles = [ref_siglip_preprocess(ref_expand2square(im)) for im in imgs]
+  for x, t in zip(xs, ref_tiles):
+    assert np.abs(normalized(x.tiles[0]) - t).max() <= 1e-6
+  toks = [ref.features(t[None])[0] for t in ref_tiles]
+  ids = [3, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 11]
+  logits, _ = ours(cfg, state, ids, xs)
+  expect = reference(ref, ids, toks)
+  assert logits.shape == expect.shape == (2 + 2 * 729, expect.shape[1])
+  diff = np.abs(logits - expect).max()
+  print(f"lladav multi-image eval path (pad_flat): max abs diff {diff:.3g}")
+  assert diff <= TOL
+
+
+def exif_jpeg(w, h, orientation=6) -> Image.Image:
+  """A phone-style JPEG: stored w x h, EXIF orientation 6 (display rotated 90 degrees)."""
+  img = rand_image(w, h, seed=7)
+  exif = img.getexif()
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  img.save(buf, "JPEG", exif=exif, quality=95)
+  buf.seek(0)
+  return Image.open(buf)
+
+
+def test_exif_orientation_is_not_applied_by_default(loaded):
+  # the original opens with PIL and converts to RGB: the stored pixels, never rotated
+  ref, cfg, state = loaded
+  img = exif_jpeg(500, 300)
+  ref_tiles, cols, rows = ref_anyres_tiles(img.convert("RGB"))
+  assert (cols, rows) == (2, 1)
+  x = mm.process_image(img, IMAGE_CFG)
+  assert np.abs(normalized(x.tiles) - ref_tiles).max() <= 1e-6
+  img_tokens = torch_anyres(ref.features(ref_tiles), img.size, cols, rows, ref.newline)[0]
+  assert x.num_tokens == len(img_tokens) == 729 + 27 * (46 + 1)  # 27 x 54 map unpadded to 46 columns
+  ids = [5, IMAGE_TOKEN_INDEX, 9]
+  logits, _ = ours(cfg, state, ids, [x])
+  diff = np.abs(logits - reference(ref, ids, [img_tokens])).max()
+  print(f"lladav EXIF orientation 6, 500x300 stored: {x.num_tokens} image tokens, max abs diff {diff:.3g}")
+  assert diff <= TOL
+  # the option: upright (300 x 500 displayed), the (1, 2) grid
+  rotated = mm.process_image(img, dataclasses.replace(IMAGE_CFG, exif_transpose=True))
+  assert rotated.num_tiles == 3 and rotated.num_tokens == 729 + 46 * (27 + 1)
 
 
 def test_video_pooled_matches_torch(loaded):

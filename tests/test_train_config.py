@@ -105,3 +105,14 @@ def test_mesh_presets():
   c.mesh.preset, c.mesh.fsdp, c.mesh.tensor = "fsdp", 4, 2  # pure FSDP over 4 x 2: rows over all 8 devices
   c.train.global_batch_size = 4
   assert "rows per micro-batch is not a multiple of the devices = 8" in _problems(c)
+
+
+def test_image_and_video_fields_are_checked():
+  c = finetune.get_config("finetune,runlocal")
+  c.image.multi_image = "flat"
+  msg = _problems(c)
+  assert "image.multi_image='flat' must be one of ('pad', 'pad_flat')" in msg, msg
+  from lladav_jax.data import pipeline
+  bad = pipeline.DataConfig(path="x.json", force_sample=True, frames_upbound=0)
+  assert pipeline.config_problems(bad) == ["data.force_sample needs data.frames_upbound > 0 (the number of "
+                                           "frames it samples)"]

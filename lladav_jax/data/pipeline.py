@@ -62,6 +62,9 @@ class DataConfig:
   read_threads: int = 2  # threads per process that run the map step
   frames_upbound: int = 32
   video_fps: float = 1.0
+  # The original's force_sample: always frames_upbound frames (a video file: even when it has fewer at
+  # video_fps; a frame folder: instead of its fixed 10).
+  force_sample: bool = False
   shuffle: bool = True
   drop_remainder: bool = True
   max_image_pixels: int = int(Image.MAX_IMAGE_PIXELS or 89478485)  # larger -> decompression_bomb
@@ -88,6 +91,8 @@ def config_problems(cfg: DataConfig) -> list[str]:
     errs.append(f"data.format={cfg.format!r} must be 'llava' or 'plain'")
   if cfg.seq_len <= 0 or cfg.tile_budget < 0:
     errs.append("data.seq_len must be > 0 and data.tile_budget >= 0")
+  if cfg.force_sample and cfg.frames_upbound <= 0:
+    errs.append("data.force_sample needs data.frames_upbound > 0 (the number of frames it samples)")
   if cfg.pad_group_size < 0:
     errs.append("data.pad_group_size must be >= 0")
   if not 0 <= cfg.max_skip_fraction <= 1:
@@ -132,6 +137,7 @@ class SampleSettings:
   video_folder: str
   frames_upbound: int
   video_fps: float
+  force_sample: bool
   max_image_pixels: int
   allow_truncated_images: bool
   labels: template.LabelConfig
@@ -140,7 +146,8 @@ class SampleSettings:
   def from_config(cls, cfg: DataConfig) -> "SampleSettings":
     return cls(fmt=cfg.format, seq_len=cfg.seq_len, tile_budget=cfg.tile_budget, truncate=cfg.truncate,
                image_folder=cfg.image_folder, video_folder=cfg.video_folder or cfg.image_folder,
-               frames_upbound=cfg.frames_upbound, video_fps=cfg.video_fps, max_image_pixels=cfg.max_image_pixels,
+               frames_upbound=cfg.frames_upbound, video_fps=cfg.video_fps, force_sample=cfg.force_sample,
+               max_image_pixels=cfg.max_image_pixels,
                allow_truncated_images=cfg.allow_truncated_images, labels=cfg.labels)
 
 
@@ -197,6 +204,7 @@ class SampleProcessor:
     try:
       if kind == "video":
         frames = records.load_video_frames(opener, refs[0], video_fps=s.video_fps, frames_upbound=s.frames_upbound,
+                                           force_sample=s.force_sample,
                                            max_pixels=s.max_image_pixels, allow_truncated=s.allow_truncated_images)
         return [multimodal.process_video(frames, self.image_cfg)]
       datas = [opener.data(r, "image") for r in refs]  # all present before decoding any

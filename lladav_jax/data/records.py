@@ -255,11 +255,14 @@ def sample_frame_indices(total: int, fps: float, *, video_fps: float = 1.0, fram
   return idx, times
 
 
-def uniform_subsample(n: int, frames_upbound: int):
-  """Frame lists (ShareGPTVideo-style folders): all frames, or frames_upbound uniformly."""
-  if frames_upbound > 0 and n > frames_upbound:
-    return np.linspace(0, n - 1, frames_upbound, dtype=int).tolist()
-  return list(range(n))
+FOLDER_FRAMES = 10  # the original's train.py: "Hard CODE ... uniformly sampling 10 frames" of a frame folder
+
+
+def folder_frame_indices(n: int, frames_upbound: int, force_sample: bool = False) -> list[int]:
+  """A folder of frames (ShareGPTVideo-style) as the original's train.py samples it: linspace(0, n - 1, k)
+  with k = 10, or frames_upbound with force_sample; fewer than k frames repeat."""
+  k = frames_upbound if force_sample else FOLDER_FRAMES
+  return np.linspace(0, n - 1, k, dtype=int).tolist() if n > 0 and k > 0 else []
 
 
 def _animated_frames(f: BinaryIO, ref: str, pick, max_pixels: int):
@@ -336,18 +339,31 @@ def decode_video(f: BinaryIO, ref: str, pick, *, max_pixels: int) -> list[Image.
 
 
 def load_video_frames(opener: Opener, ref, *, video_fps: float, frames_upbound: int, max_pixels: int,
-                      allow_truncated: bool = False) -> list[Image.Image]:
-  if isinstance(ref, list):  # a list of frame files
+                      allow_truncated: bool = False, force_sample: bool = False) -> list[Image.Image]:
+  """A video file (sample_frame_indices), or a folder of frame files / a list of them (folder_frame_indices:
+  every regular file of the folder, sorted by name, as the original). A frame that cannot be decoded is
+  left out, as the original does; none left is Skip(corrupt_video)."""
+  if isinstance(ref, list):  # a folder's frames, named one by one
     files = ref
-  elif ref not in opener.blobs and os.path.isdir(opener.path(ref, "video")):  # a folder of frames
+  elif ref not in opener.blobs and os.path.isdir(opener.path(ref, "video")):
     d = opener.path(ref, "video")
     files = sorted(os.path.join(d, f) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
   else:
     def pick(total, fps):
-      return sample_frame_indices(total, fps, video_fps=video_fps, frames_upbound=frames_upbound)[0]
+      return sample_frame_indices(total, fps, video_fps=video_fps, frames_upbound=frames_upbound,
+                                  force_sample=force_sample)[0]
     with opener.open(ref, "video") as f:
       return decode_video(f, ref, pick, max_pixels=max_pixels)
   if not files:
     raise Skip("missing_video", f"{ref}: no frames")
-  return [open_image(opener.data(files[i], "video"), files[i], max_pixels=max_pixels, allow_truncated=allow_truncated)
-          for i in uniform_subsample(len(files), frames_upbound)]
+  frames = []
+  for i in folder_frame_indices(len(files), frames_upbound, force_sample):
+    data = opener.data(files[i], "video")  # missing or outside the folder: the sample is skipped
+    try:
+      frames.append(open_image(data, files[i], max_pixels=max_pixels, allow_truncated=allow_truncated))
+    except Skip as e:
+      if e.reason != "corrupt_image":
+        raise
+  if not frames:
+    raise Skip("corrupt_video", f"{ref}: no frame could be decoded")
+  return frames

@@ -171,10 +171,14 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
   if kind == "demo":
     icfg = demo_data.demo_image_config(mc.vision.patch_size)
   else:
-    icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size,
-                                  aspect=cfg.image.aspect, multi_image=cfg.image.multi_image,
-                                  video_pool_stride=int(cfg.image.video_pool_stride),
-                                  video_newline=cfg.image.video_newline)
+    try:
+      icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size,
+                                    aspect=cfg.image.aspect, multi_image=cfg.image.multi_image,
+                                    video_pool_stride=int(cfg.image.video_pool_stride),
+                                    video_newline=cfg.image.video_newline, exif_transpose=cfg.image.exif_transpose)
+    except ValueError as e:  # the message names each bad image.* field
+      problems.append(str(e))
+      icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size)
   if icfg.image_size != mc.vision.image_size or icfg.patch_size != mc.vision.patch_size:
     problems.append(f"the images are {icfg.image_size}px tiles of {icfg.patch_size}px patches but the vision tower "
                     f"expects {mc.vision.image_size}/{mc.vision.patch_size}")

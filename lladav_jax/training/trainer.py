@@ -12,6 +12,7 @@ the step number, and the previous checkpoint is the last good one.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -127,8 +128,9 @@ class StopSignal:
 # ----------------------------------------------------------------------------- evaluation
 
 def lladav_model(setup, r: RunConfig, state):
+  """The model for evals: several images take the original's eval path (pad_flat), not the training one."""
   return LLaDAV(r.model, setup.graphdef, nnx.State(state_lib.full_params(state)), tokenizer=r.tokenizer,
-                image_cfg=r.image, mesh=setup.mesh)
+                image_cfg=dataclasses.replace(r.image, multi_image="pad_flat"), mesh=setup.mesh)
 
 
 def run_evals(setup, r: RunConfig, state, *, step: int = 0, workdir: str | None = None) -> dict:
