@@ -60,10 +60,11 @@ class Plan:
   files: SafetensorsDir
 
 
-def plan_hf(path: str, cfg: ModelConfig, *, strict: bool = False) -> Plan:
-  """Matches an HF directory against `cfg`; raises CheckpointMismatchError listing every missing,
-  unexpected and mis-shaped key (with the expected shape)."""
-  files = SafetensorsDir(path)
+def plan_hf(path: str, cfg: ModelConfig, *, strict: bool = False, files=None) -> Plan:
+  """Matches an HF directory (or `files`: its tensors, e.g. `assemble.AssembledTensors`) against `cfg`;
+  raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key (with the
+  expected shape)."""
+  files = files if files is not None else SafetensorsDir(path)
   present = set(files.names) | {k for ks in files.missing_files.values() for k in ks}
   scheme = "llada" if any(k.startswith("model.transformer.") for k in present) else "llada_v"
   shapes = {k: tuple(v.shape) for k, v in flat_params(abstract_model(cfg)[1]).items()}

@@ -1,0 +1,212 @@
+"""Stage 0: LLaDA-8B-Instruct (original `model.transformer.*` names, or LLaMA names) + a pretrained SigLIP
+(`SiglipModel` with both towers, or `SiglipVisionModel`, saved by transformers) assembled by
+`convert hf-to-orbax LLM DST --vision-tower SIGLIP` into the checkpoint that stage 1 starts from.
+
+Tiny widths at the released geometry (384 px tiles, 14 px patches, vocabulary 126464 with the real
+special ids); the LLM in bf16 as released, the tower in float32."""
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+from transformers import SiglipConfig, SiglipModel
+
+from configs import finetune
+from lladav_jax import LLaDAV, convert, sharding, weights
+from lladav_jax.model import abstract_model
+from lladav_jax.model.vision import normalize_pixels
+from lladav_jax.training import run_config, trainer
+from tests.released import VOCAB, demo_data_vocab
+from tests.test_parity_lladav import VISION, tiny_siglip
+from tests.test_parity_llm import tiny_llama
+
+KEEP = 2  # vision layers kept; the SigLIP checkpoints have one more
+SEED = 5
+
+
+def _llm_tensors(llama) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy().astype(ml_dtypes.bfloat16) for k, v in llama.state_dict().items()}
+
+
+def _write_llm(path, tensors, config_json):
+  os.makedirs(path)
+  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_json, f)
+  demo_data_vocab(path)  # tokenizer.json + tokenizer_config.json (chat template) + special_tokens_map.json
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump({"bos_token_id": 126080, "eos_token_id": 126081}, f)
+  return path
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+  root = tmp_path_factory.mktemp("stage0")
+  llama = tiny_llama(num_kv_heads=2, seed=3, vocab=VOCAB)
+  c = llama.config
+  llm = _llm_tensors(llama)
+  # LLaDA-8B-Instruct as published: OLMo-style names and config keys
+  to_orig = {e.name("llada_v", i): e.name("llada", i) for e in weights.MAPPING if e.group == "llm"
+             for i in range(c.num_hidden_layers if e.stacked else 1)}
+  olmo = _write_llm(str(root / "LLaDA-8B-Instruct"), {to_orig[k]: v for k, v in llm.items()}, dict(
+      architectures=["LLaDAModelLM"], d_model=c.hidden_size, n_heads=c.num_attention_heads,
+      n_kv_heads=c.num_key_value_heads, n_layers=c.num_hidden_layers, mlp_hidden_size=c.intermediate_size,
+      embedding_size=VOCAB, vocab_size=VOCAB, rope_theta=10000.0, rms_norm_eps=c.rms_norm_eps,
+      max_sequence_length=4096, mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
+      block_type="llama", weight_tying=False, torch_dtype="bfloat16"))
+  llama_cfg = {k: v for k, v in c.to_dict().items() if k != "mask_token_id"}
+  llama_dir = _write_llm(str(root / "LLaDA-8B-Instruct-HF"), llm, dict(llama_cfg, mask_token_id=126336))
+  # The same pretrained tower saved both ways: SiglipVisionModel, and inside a SiglipModel with a text tower.
+  vis = tiny_siglip(KEEP + 1, seed=4)
+  vis.save_pretrained(str(root / "siglip-vision"))
+  full = SiglipModel(SiglipConfig(
+      text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=16),
+      vision_config=dict(VISION, num_hidden_layers=KEEP + 1)))
+  full.vision_model.load_state_dict({k.removeprefix("vision_model."): v for k, v in vis.state_dict().items()})
+  full.save_pretrained(str(root / "siglip2-so400m-patch14-384"))
+  return dict(root=root, olmo=olmo, llama=llama_dir, vision=vis, siglip_vision=str(root / "siglip-vision"),
+              siglip=str(root / "siglip2-so400m-patch14-384"))
+
+
+@pytest.fixture(scope="module")
+def assembled(sources):
+  dst = str(sources["root"] / "stage0")
+  assert convert.main(["hf-to-orbax", sources["olmo"], dst, "--vision-tower", sources["siglip"],
+                       "--seed", str(SEED)]) == 0
+  return dst
+
+
+def _orbax_params(path):
+  return {p: weights.read_orbax_param(path, p) for p in weights.orbax_metadata(path)}
+
+
+def test_vision_tensors_are_the_siglips_bit_for_bit(sources, assembled):
+  cfg = weights.load_model_config(assembled)
+  v = cfg.vision
+  assert (v.num_layers, v.image_size, v.patch_size, v.hidden_size, v.tokens_per_tile) == (KEEP, 384, 14, 32, 729)
+  sd = {k.removeprefix("vision_model."): t.detach().numpy() for k, t in sources["vision"].state_dict().items()}
+  params = _orbax_params(assembled)
+  for e in weights.MAPPING:
+    if e.group != "vision":
+      continue
+    layers = range(KEEP) if e.stacked else [None]
+    for i in layers:
+      ours = weights.to_hf(e, params[e.param][i] if e.stacked else params[e.param])
+      want = sd[e.name("llada_v", i)[len(weights.VISION_PREFIX):]]
+      assert ours.dtype == want.dtype == np.float32 and ours.tobytes() == want.tobytes(), (e.param, i)
+  # what the original drops (last layer, head) or leaves unused (post_layernorm) is kept as extras, verbatim
+  extras = load_file(os.path.join(assembled, weights.EXTRAS_FILE))
+  vp = weights.VISION_PREFIX
+  assert {vp + "post_layernorm.weight", vp + f"encoder.layers.{KEEP}.mlp.fc1.weight", vp + "head.probe"} <= set(extras)
+  for k, x in extras.items():
+    assert x.tobytes() == sd[k[len(vp):]].tobytes(), k
+  man = weights.read_manifest(assembled)
+  assert not [t for t in man["tensors"] if "text_model" in t["name"] or "logit" in t["name"]]
+  assert man["vision_tower"] == os.path.abspath(sources["siglip"]) and man["seed"] == SEED
+  assert man["initialized_groups"] == ["image_newline", "projector"]
+
+  # LLaMA-named LLM + SiglipVisionModel: the same checkpoint, parameter for parameter
+  other = convert.hf_to_orbax(sources["llama"], str(sources["root"] / "stage0_llama"),
+                              vision_tower=sources["siglip_vision"], seed=SEED)
+  again = _orbax_params(other)
+  assert sorted(again) == sorted(params)
+  for p in params:
+    assert again[p].dtype == params[p].dtype and again[p].tobytes() == params[p].tobytes(), p
+  assert params["llm.layers.attn.q_proj"].dtype == ml_dtypes.bfloat16  # the LLM stays at its source dtype
+
+
+@pytest.fixture(scope="module")
+def model(assembled):
+  return LLaDAV.from_pretrained(assembled, dtype="float32")
+
+
+def test_vision_features_equal_transformers_hidden_states(sources, model):
+  tiles = np.random.default_rng(0).integers(0, 256, (2, 384, 384, 3), np.uint8)
+  px = normalize_pixels(tiles, model.cfg.vision)
+  mod = model.module
+  ours = np.asarray(jax.jit(lambda x: mod.vision(x))(px))
+  with torch.no_grad():
+    out = sources["vision"](pixel_values=torch.from_numpy(np.asarray(px)).permute(0, 3, 1, 2),
+                            output_hidden_states=True)
+  ref = out.hidden_states[-2].numpy()
+  assert ours.shape == ref.shape == (2, 729, 32) and ref.std() > 0.1
+  np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+  assert np.abs(ours - out.hidden_states[-1].numpy()).max() > 1e-2  # the last layer really is dropped
+
+
+def test_projector_and_newline_follow_the_originals_init(assembled):
+  p = _orbax_params(assembled)
+  for name, fan_in in (("fc1", 32), ("fc1_bias", 32), ("fc2", 64), ("fc2_bias", 64)):
+    x = p[f"projector.{name}"].astype(np.float64).ravel()
+    bound = fan_in ** -0.5  # nn.Linear's default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert np.abs(x).max() <= bound and np.abs(x).max() > 0.85 * bound, name
+    if x.size > 1000:  # the moments of U(-b, b): mean 0, variance b^2 / 3
+      assert abs(x.mean()) < 4 * bound / np.sqrt(3 * x.size), name
+      np.testing.assert_allclose(x.var(), bound ** 2 / 3, rtol=0.1, err_msg=name)
+  # image_newline = randn(D) / sqrt(D): 64 values here, and the same init at the released width
+  nl = p["image_newline"].astype(np.float64)
+  np.testing.assert_allclose(nl.std(), 64 ** -0.5, rtol=0.35)
+  cfg = weights.load_model_config(assembled)
+  np.testing.assert_array_equal(nl, weights.init_params(cfg, ["image_newline"], seed=SEED)["image_newline"])
+  wide = cfg.replace(llm=cfg.llm.__class__(**{**cfg.llm.__dict__, "hidden_size": 4096}))
+  x = weights.init_params(wide, ["image_newline"], seed=SEED)["image_newline"].astype(np.float64)
+  np.testing.assert_allclose(x.std(), 4096 ** -0.5, rtol=0.05)
+  assert abs(x.mean()) < 4 / 4096 and 2.7 < np.mean(x ** 4) / x.var() ** 2 < 3.3  # normal, not uniform
+
+
+def test_stage1_runlocal_trains_only_the_projector(assembled, tmp_path):
+  c = finetune.get_config(f"stage1,runlocal,model.preset=checkpoint,init.checkpoint={assembled},train.num_steps=2,"
+                          "data.seq_len=1472,train.global_batch_size=1,mesh.fsdp=1,mesh.tensor=8,checkpoint.enabled=false,log.tensorboard=false,log.progress=false")
+  r = run_config.resolve(c, num_devices=jax.device_count(), process_count=1)
+  assert r.optim.trainable == ("projector",) and r.tokenizer_dir == assembled
+  metrics = trainer.train(r, str(tmp_path / "wd"))
+  assert np.isfinite(metrics["loss"])
+  before, after = _orbax_params(assembled), _orbax_params(str(tmp_path / "wd" / "model"))
+  changed = {k for k in before if not np.array_equal(np.asarray(before[k], np.float32), after[k])}
+  assert changed == {"projector.fc1", "projector.fc1_bias", "projector.fc2", "projector.fc2_bias"}
+
+
+def test_export_is_the_released_layout_and_reloads_with_identical_logits(sources, assembled, model, tmp_path):
+  back = convert.orbax_to_hf(assembled, str(tmp_path / "LLaDA-V-stage0"))
+  with open(os.path.join(back, "config.json")) as f:
+    c = json.load(f)
+  assert c["model_type"] == "llava_llada" and c["mm_projector_type"] == "mlp2x_gelu" and "d_model" not in c
+  assert (c["mm_hidden_size"], c["mm_vision_select_layer"], c["vision_config"]["num_hidden_layers"]) == (32, -2, KEEP + 1)
+  names = set(weights.SafetensorsDir(back).names)
+  assert weights.expected_hf_shapes(model.cfg).keys() <= names and not [n for n in names if "transformer" in n]
+  with open(os.path.join(back, "tokenizer_config.json")) as f:
+    assert "<|start_header_id|>" in json.load(f)["chat_template"]
+  assert weights.load_model_config(back).replace(dtype="float32", param_dtype="float32") == model.cfg
+  reloaded = LLaDAV.from_pretrained(back, dtype="float32")
+  tok = model.tokenizer
+  ids = [tok.bos_id, -200] + tok.encode("What color is the shape?") + [tok.mask_id] * 4
+  img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 500, 3), np.uint8))
+  a, b = model.logits([ids], [[img]]), reloaded.logits([ids], [[img]])
+  assert a.shape[1] > 729 and np.isfinite(a).all()
+  np.testing.assert_array_equal(a, b)
+
+
+def test_llm_only_source_is_an_error_that_names_the_fix(sources, tmp_path):
+  dst = str(tmp_path / "out")
+  with pytest.raises(ValueError, match="--vision-tower SIGLIP_DIR") as e:
+    convert.hf_to_orbax(sources["olmo"], dst)
+  assert "--random-vision-tower" in str(e.value) and not os.path.exists(dst)
+  with pytest.raises(ValueError, match="already holds a vision tower"):
+    convert.hf_to_orbax(assembled_like(sources, tmp_path), dst, vision_tower=sources["siglip"])
+  assert not os.path.exists(dst)
+
+
+def assembled_like(sources, tmp_path):
+  """An LLM directory that already has a tower (a LLaDA-V checkpoint)."""
+  d = str(tmp_path / "with_tower")
+  t = weights.SafetensorsDir(sources["llama"])
+  x = {k: t.get(k) for k in t.names}
+  x[weights.VISION_PREFIX + "post_layernorm.weight"] = np.ones(32, np.float32)
+  with open(os.path.join(sources["llama"], "config.json")) as f:
+    return _write_llm(d, x, json.load(f))
