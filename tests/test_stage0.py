@@ -6,6 +6,7 @@ Tiny widths at the released geometry (384 px tiles, 14 px patches, vocabulary 12
 special ids); the LLM in bf16 as released, the tower in float32."""
 import json
 import os
+import shutil
 
 import jax
 import ml_dtypes
@@ -17,7 +18,6 @@ from transformers import SiglipConfig, SiglipModel
 
 from configs import finetune
 from lladav_jax import LLaDAV, convert, sharding, weights
-from lladav_jax.model import abstract_model
 from lladav_jax.model.vision import normalize_pixels
 from lladav_jax.training import run_config, state as state_lib, step as step_lib, synthetic
 from tests.released import VOCAB, demo_data_vocab
@@ -32,12 +32,16 @@ def _llm_tensors(llama) -> dict[str, np.ndarray]:
   return {k: v.detach().numpy().astype(ml_dtypes.bfloat16) for k, v in llama.state_dict().items()}
 
 
-def _write_llm(path, tensors, config_json):
+def _write_llm(path, tensors, config_json, tokenizer_from=None):
   os.makedirs(path)
   save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_json, f)
-  demo_data_vocab(path)  # tokenizer.json + tokenizer_config.json (chat template) + special_tokens_map.json
+  if tokenizer_from is None:
+    demo_data_vocab(path)  # tokenizer.json + tokenizer_config.json (chat template) + special_tokens_map.json
+  else:
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+      shutil.copy(os.path.join(tokenizer_from, f), path)
   with open(os.path.join(path, "generation_config.json"), "w") as f:
     json.dump({"bos_token_id": 126080, "eos_token_id": 126081}, f)
   return path
@@ -58,14 +62,15 @@ def sources(tmp_path_factory):
       embedding_size=VOCAB, vocab_size=VOCAB, rope_theta=10000.0, rms_norm_eps=c.rms_norm_eps,
       max_sequence_length=4096, mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
       block_type="llama", weight_tying=False, torch_dtype="bfloat16"))
-  llama_cfg = {k: v for k, v in c.to_dict().items() if k != "mask_token_id"}
-  llama_dir = _write_llm(str(root / "LLaDA-8B-Instruct-HF"), llm, dict(llama_cfg, mask_token_id=126336))
+  llama_dir = _write_llm(str(root / "LLaDA-8B-Instruct-HF"), llm, dict(c.to_dict(), mask_token_id=126336),
+                         tokenizer_from=olmo)
   # The same pretrained tower saved both ways: SiglipVisionModel, and inside a SiglipModel with a text tower.
   vis = tiny_siglip(KEEP + 1, seed=4)
   vis.save_pretrained(str(root / "siglip-vision"))
   full = SiglipModel(SiglipConfig(
       text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, max_position_embeddings=16),
+                       num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0),
       vision_config=dict(VISION, num_hidden_layers=KEEP + 1)))
   full.vision_model.load_state_dict({k.removeprefix("vision_model."): v for k, v in vis.state_dict().items()})
   full.save_pretrained(str(root / "siglip2-so400m-patch14-384"))
@@ -131,7 +136,7 @@ def test_vision_features_equal_transformers_hidden_states(sources, model):
   mod = model.module
   ours = np.asarray(jax.jit(lambda x: mod.vision(x))(px))
   with torch.no_grad():
-    out = sources["vision"](pixel_values=torch.from_numpy(np.asarray(px)).permute(0, 3, 1, 2),
+    out = sources["vision"](pixel_values=torch.from_numpy(np.array(px)).permute(0, 3, 1, 2),
                             output_hidden_states=True)
   ref = out.hidden_states[-2].numpy()
   assert ours.shape == ref.shape == (2, 729, 32) and ref.std() > 0.1
@@ -210,7 +215,7 @@ def test_export_is_the_released_layout_and_reloads_with_identical_logits(sources
   np.testing.assert_array_equal(la, lb)
 
 
-def test_llm_only_source_is_an_error_that_names_the_fix(sources, tmp_path):
+def test_bad_sources_are_errors_that_name_the_fix(sources, tmp_path):
   dst = str(tmp_path / "out")
   with pytest.raises(ValueError, match="--vision-tower SIGLIP_DIR") as e:
     convert.hf_to_orbax(sources["olmo"], dst)
@@ -218,6 +223,15 @@ def test_llm_only_source_is_an_error_that_names_the_fix(sources, tmp_path):
   with pytest.raises(ValueError, match="already holds a vision tower"):
     convert.hf_to_orbax(assembled_like(sources, tmp_path), dst, vision_tower=sources["siglip"])
   assert not os.path.exists(dst)
+  # a config.json written by transformers 4 leaves out the values equal to SiglipVisionConfig's defaults
+  old = tmp_path / "siglip_v4"
+  old.mkdir()
+  (old / "config.json").write_text(json.dumps({"model_type": "siglip", "vision_config": {"hidden_size": 1152}}))
+  v = weights.siglip_vision_config(str(old))
+  assert (v["hidden_size"], v["patch_size"], v["image_size"], v["num_hidden_layers"]) == (1152, 16, 224, 12)
+  (old / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+  with pytest.raises(ValueError, match="fixed-resolution SigLIP"):
+    weights.siglip_vision_config(str(old))
 
 
 def assembled_like(sources, tmp_path):
@@ -227,4 +241,4 @@ def assembled_like(sources, tmp_path):
   x = {k: t.get(k) for k in t.names}
   x[weights.VISION_PREFIX + "post_layernorm.weight"] = np.ones(32, np.float32)
   with open(os.path.join(sources["llama"], "config.json")) as f:
-    return _write_llm(d, x, json.load(f))
+    return _write_llm(d, x, json.load(f), tokenizer_from=sources["llama"])
