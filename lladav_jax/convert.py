@@ -10,13 +10,14 @@ A converted directory holds:
     lladav_config.json      our ModelConfig (ModelConfig.to_json)
     hf_manifest.json        every source tensor's HF name, dtype and shape, the naming scheme
     extras.safetensors      source tensors the model does not use, verbatim (if any)
-    config.json, tokenizer and other auxiliary files of the source, copied
+    config.json, tokenizer and other auxiliary files of the source, copied (an assembled
+                            checkpoint: the LLM's files, config.json rewritten in the LLaDA-V layout)
 
 hf -> orbax -> hf is bit-identical (names, dtypes, bytes) for a LLaDA-V source; an assembled one (stage 0:
-LLM + SigLIP + initialised projector and newline) is exported in the released LLaDA-V layout. Both directions stream: hf-to-orbax
-holds about one stacked parameter on the host, orbax-to-hf one stacked parameter plus one output
-shard. Output is written into `DST.tmp-XXXX` and renamed into place at the end; an existing DST is
-an error unless `overwrite`; a failure leaves no DST.
+LLM + SigLIP + initialised projector and newline) is exported in the released LLaDA-V layout. Both
+directions stream: hf-to-orbax holds about one stacked parameter on the host, orbax-to-hf one stacked
+parameter plus one output shard. Output is written into `DST.tmp-XXXX` and renamed into place at the
+end; an existing DST is an error unless `overwrite`; a failure leaves no DST.
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
       del arr
     if plan.initialized:
       log.log(logging.WARNING if "vision" in init_groups else logging.INFO,
-              "%s: %d parameters (%s) initialised as the original's stage 1 (seed %d) in %s", src,
+              "%s: %d parameters (%s) initialised from seed %d in %s", src,
               len(plan.initialized), ", ".join(init_groups), seed, dst)
       init = W.init_params(cfg, plan.initialized, seed=seed)  # one compile; ~1.6 GB for so400m in f32
       for param in list(init):

@@ -194,9 +194,12 @@ def test_export_is_the_released_layout_and_reloads_with_identical_logits(sources
   with open(os.path.join(back, "config.json")) as f:
     c = json.load(f)
   assert c["model_type"] == "llava_llada" and c["mm_projector_type"] == "mlp2x_gelu" and "d_model" not in c
-  assert (c["mm_hidden_size"], c["mm_vision_select_layer"], c["vision_config"]["num_hidden_layers"]) == (32, -2, KEEP + 1)
-  names = set(weights.SafetensorsDir(back).names)
-  assert weights.expected_hf_shapes(model.cfg).keys() <= names and not [n for n in names if "transformer" in n]
+  v = c["vision_config"]
+  assert (c["mm_hidden_size"], c["mm_vision_select_layer"], v["num_hidden_layers"]) == (32, -2, KEEP + 1)
+  files = weights.SafetensorsDir(back)
+  assert weights.expected_hf_shapes(model.cfg).keys() <= set(files.names)
+  assert not [n for n in files.names if "transformer" in n or "text_model" in n]
+  assert files.dtype("model.layers.0.self_attn.q_proj.weight") == ml_dtypes.bfloat16  # as LLaDA-8B-Instruct
   with open(os.path.join(back, "tokenizer_config.json")) as f:
     assert "<|start_header_id|>" in json.load(f)["chat_template"]
   assert weights.load_model_config(back).replace(dtype="float32", param_dtype="float32") == model.cfg
