@@ -20,7 +20,7 @@ from lladav_jax.weights.names import VISION_PREFIX
 
 SIGLIP_PREFIX = "vision_model."  # SiglipModel, and SiglipVisionModel saved by transformers 4
 _BARE = ("embeddings.", "encoder.", "post_layernorm.", "head.")  # SiglipVisionModel saved by transformers 5
-# transformers' SiglipVisionConfig defaults: save_pretrained writes only the values that differ from them.
+# transformers' SiglipVisionConfig defaults: transformers 4 saved only the values that differ from them.
 SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                               num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
                               layer_norm_eps=1e-6)
