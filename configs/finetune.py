@@ -22,7 +22,8 @@ decay 0, clip 1.0, warmup ratio 0.03, cosine, 1 epoch, gradient checkpointing):
               frozen at its random init), synthetic
               shapes-and-colours VQA generated on first use; CPU; prints test exact-match at the end.
   stage1      projector only, LR 1e-3, global batch 64, length 8192, square/flat images, llada_plain;
-              init: LLaDA-8B-Instruct + siglip2-so400m (converted), projector random.
+              init: the stage-0 checkpoint (`convert hf-to-orbax LLaDA-8B-Instruct DST --vision-tower
+              siglip2-so400m-patch14-384`: projector and newline initialised as the original's).
   stage2_si   everything, LR 1e-5 (vision tower 2e-6), batch 256, length 8192, anyres_max_4;
               init: the stage-1 output.
   stage2_ov   as stage2_si, length 16384, multi-image + video; init: the stage-2 SI output.
@@ -192,11 +193,12 @@ def _stage(c, *, lr, group_lr, batch, seq_len, init, per_device=1, trainable=("v
   c.checkpoint.every_steps = 1000
 
 
-# preset: (init checkpoint, global batch, sequence length, data, image folder)
+# preset: (init checkpoint, global batch, sequence length, data, image folder). Each stage starts from
+# the model the previous one writes (<workdir>/model; workdirs as in the README's walk-through).
 _FULL_STAGES = {
-    "stage2_si": ("exp/llada_v_stage1_orbax", 256, 8192, "data/MAmmoTH-VL/mammoth_si_10M.json", "data/MAmmoTH-VL/images"),
-    "stage2_ov": ("exp/llada_v_si10M", 256, 16384, "data/MAmmoTH-VL/mammoth_ov_2M.json", "data/MAmmoTH-VL/images"),
-    "stage3": ("exp/llada_v_ov2M", 256, 8192, "data/VisualWebInstruct/mixed_conversation.json",
+    "stage2_si": ("exp/llada_v_stage1/model", 256, 8192, "data/MAmmoTH-VL/mammoth_si_10M.json", "data/MAmmoTH-VL/images"),
+    "stage2_ov": ("exp/llada_v_si10M/model", 256, 16384, "data/MAmmoTH-VL/mammoth_ov_2M.json", "data/MAmmoTH-VL/images"),
+    "stage3": ("exp/llada_v_ov2M/model", 256, 8192, "data/VisualWebInstruct/mixed_conversation.json",
                "data/VisualWebInstruct/images"),
     "finetune": ("model/LLaDA-V-orbax", 64, 8192, "data/finetune.json", "data/images"),
 }

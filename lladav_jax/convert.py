@@ -1,6 +1,7 @@
 """Offline conversion between Hugging Face LLaDA-V / LLaDA safetensors and our Orbax layout.
 
     python -m lladav_jax.convert hf-to-orbax SRC DST [--overwrite] [--strict] [--vision-config F]
+    python -m lladav_jax.convert hf-to-orbax LLADA_8B_INSTRUCT DST --vision-tower SIGLIP_DIR [--seed N]   # stage 0
     python -m lladav_jax.convert orbax-to-hf SRC DST [--overwrite] [--shard-size 5GB]
 
 A converted directory holds:
@@ -9,12 +10,14 @@ A converted directory holds:
     lladav_config.json      our ModelConfig (ModelConfig.to_json)
     hf_manifest.json        every source tensor's HF name, dtype and shape, the naming scheme
     extras.safetensors      source tensors the model does not use, verbatim (if any)
-    config.json, tokenizer and other auxiliary files of the source, copied
+    config.json, tokenizer and other auxiliary files of the source, copied (an assembled
+                            checkpoint: the LLM's files, config.json rewritten in the LLaDA-V layout)
 
-hf -> orbax -> hf is bit-identical (names, dtypes, bytes). Both directions stream: hf-to-orbax
-holds about one stacked parameter on the host, orbax-to-hf one stacked parameter plus one output
-shard. Output is written into `DST.tmp-XXXX` and renamed into place at the end; an existing DST is
-an error unless `overwrite`; a failure leaves no DST.
+hf -> orbax -> hf is bit-identical (names, dtypes, bytes) for a LLaDA-V source; an assembled one (stage 0:
+LLM + SigLIP + initialised projector and newline) is exported in the released LLaDA-V layout. Both
+directions stream: hf-to-orbax holds about one stacked parameter on the host, orbax-to-hf one stacked
+parameter plus one output shard. Output is written into `DST.tmp-XXXX` and renamed into place at the
+end; an existing DST is an error unless `overwrite`; a failure leaves no DST.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from lladav_jax import weights as W
+from lladav_jax.model import abstract_model
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +83,25 @@ def _atomic_dir(dst: str, overwrite: bool) -> Iterator[str]:
     raise
 
 
-def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None, overwrite: bool = False,
-                strict: bool = False, seed: int = 0) -> str:
+NO_TOWER = ("{src} has no vision tower weights (an LLM-only checkpoint such as LLaDA-8B-Instruct). Bring the "
+            "pretrained tower in: `python -m lladav_jax.convert hf-to-orbax {src} DST --vision-tower SIGLIP_DIR` "
+            "(a SiglipModel or SiglipVisionModel directory, e.g. google/siglip2-so400m-patch14-384); a random "
+            "tower only with --random-vision-tower (tests, demos: stage 1 freezes the tower)")
+
+
+def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None, vision_tower: str | None = None,
+                random_vision_tower: bool = False, overwrite: bool = False, strict: bool = False,
+                seed: int = 0) -> str:
   """Converts an HF LLaDA-V (or original LLaDA) safetensors directory to our Orbax layout at `dst`.
 
-  `cfg`: the ModelConfig (default: from SRC/config.json, with `vision_json` for the tower). Groups
-  the source lacks (vision / projector / image_newline of an LLM-only checkpoint) are random-init
-  with `seed` and recorded in the manifest (or an error with `strict`). Returns `dst`.
+  `cfg`: the ModelConfig (default: from SRC/config.json, with `vision_json` for the tower).
+  `vision_tower`: a SigLIP directory whose `vision_model.*` tensors become the tower (stage 0: SRC is
+  an LLM-only checkpoint; the geometry comes from its config.json). Projector and image newline that
+  the source lacks are initialised as the original does for stage 1 (nn.Linear's default
+  U(+-1/sqrt(fan_in)); randn(D)/sqrt(D)) with `seed`, recorded in the manifest; a source without a
+  tower is an error unless `random_vision_tower` (or `strict`: anything absent is). An assembled
+  result (anything initialised or brought in) is exported by `orbax_to_hf` in the released LLaDA-V
+  layout: LLaMA names and a LLaDA-V config.json. Returns `dst`.
   """
   from orbax.checkpoint.experimental import v1 as ocp_v1
   from orbax.checkpoint.experimental.v1 import partial as ocp_partial
@@ -95,10 +111,23 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
     raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
   with open(os.path.join(src, "config.json")) as f:
     hf_config = json.load(f)
+  files = None
+  if vision_tower is not None:
+    if vision_json is not None:
+      raise ValueError("pass vision_tower or vision_json, not both: the tower's config.json gives its geometry")
+    if not os.path.exists(os.path.join(src, "tokenizer.json")):
+      raise FileNotFoundError(f"{src}: no tokenizer.json; the assembled checkpoint carries the LLM's tokenizer "
+                              f"and chat template (tokenizer_config.json) for every stage")
+    vision_json = W.siglip_vision_config(vision_tower)
+    files = W.AssembledTensors(src, vision_tower)
   if cfg is None:
     cfg = W.model_config_from_hf(hf_config, vision_json)
   cfg.validate()
-  plan = W.plan_hf(src, cfg, strict=strict)  # raises before anything is written
+  plan = W.plan_hf(src, cfg, strict=strict, files=files)  # raises before anything is written
+  init_groups = sorted({W.ENTRIES[p].group for p in plan.initialized})
+  if "vision" in init_groups and not random_vision_tower:
+    raise ValueError(NO_TOWER.format(src=src))
+  assembled = vision_tower is not None or bool(plan.initialized)
   with _atomic_dir(dst, overwrite) as tmp:
     params_dir = os.path.join(tmp, W.PARAMS_DIR)
     tensors, param_dtypes = [], {}
@@ -133,9 +162,9 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
       pending_bytes += arr.nbytes
       del arr
     if plan.initialized:
-      log.warning("%s: %d parameters (%s) are random-initialised (seed %d) in %s", src,
-                  len(plan.initialized), ", ".join(sorted({W.ENTRIES[p].group for p in plan.initialized})),
-                  seed, dst)
+      log.log(logging.WARNING if "vision" in init_groups else logging.INFO,
+              "%s: %d parameters (%s) initialised from seed %d in %s", src,
+              len(plan.initialized), ", ".join(init_groups), seed, dst)
       init = W.init_params(cfg, plan.initialized, seed=seed)  # one compile; ~1.6 GB for so400m in f32
       for param in list(init):
         arr = init.pop(param)
@@ -157,21 +186,47 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
         extras.append(dict(name=name, dtype=str(ex[name].dtype), shape=list(ex[name].shape)))
       save_file(ex, os.path.join(tmp, W.EXTRAS_FILE), metadata=plan.files.metadata)
       del ex
-    order = {n: i for i, n in enumerate(plan.files.names)}
+    extras = [dict(e, extra=True) for e in extras]
+    if assembled:  # exported as a LLaDA-V checkpoint: LLaMA names, the initialised parameters included
+      tensors = _llada_v_tensors(plan, cfg, param_dtypes) + extras
+    else:  # written back as the source was
+      order = {n: i for i, n in enumerate(plan.files.names)}
+      tensors = sorted(tensors + extras, key=lambda t: order[t["name"]])
     manifest = dict(
-        format=1, scheme=plan.scheme, source=os.path.abspath(src),
-        safetensors_metadata=plan.files.metadata,
-        tensors=sorted(tensors + [dict(e, extra=True) for e in extras], key=lambda t: order[t["name"]]),
-        param_dtypes=param_dtypes, initialized=plan.initialized,
-        initialized_groups=sorted({W.ENTRIES[p].group for p in plan.initialized}))
+        format=1, scheme="llada_v" if assembled else plan.scheme, source=os.path.abspath(src),
+        vision_tower=os.path.abspath(vision_tower) if vision_tower else None, seed=seed,
+        safetensors_metadata=plan.files.metadata, tensors=tensors, param_dtypes=param_dtypes,
+        initialized=plan.initialized, initialized_groups=init_groups)
     with open(os.path.join(tmp, W.MANIFEST_FILE), "w") as f:
       json.dump(manifest, f, indent=1)
     with open(os.path.join(tmp, W.CONFIG_FILE), "w") as f:
       f.write(cfg.to_json())
-    for fname in W.aux_files(src):
-      shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
+    for fname in W.aux_files(src):  # the LLM's tokenizer, chat template, generation config
+      if not (assembled and fname == "config.json"):
+        shutil.copy2(os.path.join(src, fname), os.path.join(tmp, fname))
+    if assembled:
+      hf = W.lladav_hf_config(cfg, torch_dtype=W.checkpoint_dtype(src) or "float32",
+                              vision_tower=vision_tower or "random",
+                              token_ids={k: hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
   log.info("converted %s -> %s (%d tensors, %d extras)", src, dst, len(tensors), len(extras))
   return dst
+
+
+def _llada_v_tensors(plan, cfg, param_dtypes: dict) -> list[dict]:
+  """Manifest entries of every model parameter under its LLaDA-V name: read ones at their source
+  dtype, initialised ones at the stored dtype."""
+  out = []
+  for param, v in W.flat_params(abstract_model(cfg)[1]).items():
+    e = W.ENTRIES[param]
+    src = plan.params.get(param)
+    for i in range(v.shape[0] if e.stacked else 1):
+      layer = i if e.stacked else None
+      dtype = str(plan.files.dtype(src.names[i])) if src else param_dtypes[param]
+      out.append(dict(name=e.name("llada_v", layer), param=param, layer=layer, dtype=dtype,
+                      shape=list(W.hf_shape(e, v.shape[1:] if e.stacked else v.shape))))
+  return out
 
 
 def orbax_to_hf(src: str, dst: str, *, shard_size: int | str = "5GB", overwrite: bool = False) -> str:
@@ -305,9 +360,14 @@ def main(argv=None) -> int:
   a.add_argument("src")
   a.add_argument("dst")
   a.add_argument("--overwrite", action="store_true")
+  a.add_argument("--vision-tower", metavar="SIGLIP_DIR",
+                 help="stage 0: a SigLIP checkpoint (SiglipModel or SiglipVisionModel) whose vision tower joins the "
+                      "LLM-only SRC (LLaDA-8B-Instruct); the projector and newline are initialised as the original's")
+  a.add_argument("--random-vision-tower", action="store_true",
+                 help="allow an LLM-only SRC without --vision-tower: the tower is random (tests, demos)")
   a.add_argument("--strict", action="store_true", help="error if vision/projector/newline weights are absent")
   a.add_argument("--vision-config", help="the vision tower's config.json, when SRC/config.json has none")
-  a.add_argument("--seed", type=int, default=0, help="init seed for absent groups")
+  a.add_argument("--seed", type=int, default=0, help="init seed of the parameters the sources lack (manifest)")
   b = sub.add_parser("orbax-to-hf", help="Orbax directory -> HF safetensors directory")
   b.add_argument("src")
   b.add_argument("dst")
@@ -323,7 +383,8 @@ def main(argv=None) -> int:
     if args.vision_config:
       with open(args.vision_config) as f:
         vision = json.load(f)
-    hf_to_orbax(args.src, args.dst, vision_json=vision, overwrite=args.overwrite, strict=args.strict,
+    hf_to_orbax(args.src, args.dst, vision_json=vision, vision_tower=args.vision_tower,
+                random_vision_tower=args.random_vision_tower, overwrite=args.overwrite, strict=args.strict,
                 seed=args.seed)
   else:
     orbax_to_hf(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)

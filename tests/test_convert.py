@@ -188,19 +188,26 @@ def test_existing_destination_and_overwrite(source, converted, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
-def test_llm_only_source_round_trips_and_strict_refuses(tmp_path):
+def test_llm_only_source_needs_a_tower_and_exports_as_llada_v(tmp_path):
+  """An LLM-only source is refused unless --random-vision-tower (stage 0 brings a pretrained one in:
+  tests/test_stage0.py); the result exports as a whole LLaDA-V checkpoint, the LLM tensors unchanged."""
   ref = build_torch_lladav(seed=8)
   t = {k: v for k, v in ref.tensors().items() if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))}
   src = write_hf_dir(str(tmp_path / "llm"), t, ref.config_json())
   with pytest.raises(weights.CheckpointMismatchError, match="model.image_newline .expected shape .64.."):
     convert.hf_to_orbax(src, str(tmp_path / "strict"), strict=True)
-  assert not os.path.exists(tmp_path / "strict")
-  dst = convert.hf_to_orbax(src, str(tmp_path / "ck"))
-  man = weights.read_manifest(dst)
-  assert man["initialized_groups"] == ["image_newline", "projector", "vision"]
-  assert "vision.layers.q_proj" in weights.orbax_metadata(dst)
-  convert.orbax_to_hf(dst, str(tmp_path / "back"))
-  assert_bit_identical(t, read_hf(str(tmp_path / "back")))
+  with pytest.raises(ValueError, match="--vision-tower SIGLIP_DIR"):
+    convert.hf_to_orbax(src, str(tmp_path / "ck"))
+  assert not os.path.exists(tmp_path / "strict") and not os.path.exists(tmp_path / "ck")
+  assert convert.main(["hf-to-orbax", src, str(tmp_path / "ck"), "--random-vision-tower", "--seed", "3"]) == 0
+  man = weights.read_manifest(str(tmp_path / "ck"))
+  assert man["initialized_groups"] == ["image_newline", "projector", "vision"] and man["seed"] == 3
+  convert.orbax_to_hf(str(tmp_path / "ck"), str(tmp_path / "back"))
+  back = read_hf(str(tmp_path / "back"))
+  assert set(weights.expected_hf_shapes(weights.load_model_config(str(tmp_path / "ck")))) == set(back)
+  assert_bit_identical(t, {k: back[k] for k in t})
+  with open(tmp_path / "back" / "config.json") as f:
+    assert json.load(f)["model_type"] == "llava_llada"
 
 
 def test_cli_module_runs():

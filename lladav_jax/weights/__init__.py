@@ -7,9 +7,11 @@
     orbax_io.py     converted Orbax directories: metadata, restore, one parameter
     write.py        save_model (a loadable model directory), our parameters as HF tensors
     load.py         load_state (either format onto the mesh), init_params
+    assemble.py     stage 0: an LLM directory + a SigLIP directory read as one LLaDA-V source
 """
-from lladav_jax.weights.hf_config import (DEFAULT_MASK_TOKEN_ID, checkpoint_dtype, load_model_config,
-                                          model_config_from_hf)
+from lladav_jax.weights.assemble import AssembledTensors, siglip_vision_config
+from lladav_jax.weights.hf_config import (DEFAULT_MASK_TOKEN_ID, checkpoint_dtype, lladav_hf_config,
+                                          load_model_config, model_config_from_hf)
 from lladav_jax.weights.hf_read import SafetensorsDir, common_dtype, read_param
 from lladav_jax.weights.load import init_params, load_state
 from lladav_jax.weights.names import (CONFIG_FILE, ENTRIES, EXTRAS_FILE, GROUPS, INDEX_FILE, MANIFEST_FILE, MAPPING,
@@ -25,5 +27,5 @@ __all__ = [
     "read_param", "is_extra", "is_orbax_dir", "orbax_metadata", "read_orbax_param", "read_manifest", "init_params",
     "expected_hf_shapes", "hf_shape", "to_ours", "to_hf", "flat_params", "nest", "common_dtype",
     "aux_files", "save_model", "CONFIG_FILE", "MANIFEST_FILE", "EXTRAS_FILE", "PARAMS_DIR", "INDEX_FILE",
-    "DEFAULT_MASK_TOKEN_ID",
+    "DEFAULT_MASK_TOKEN_ID", "AssembledTensors", "siglip_vision_config", "lladav_hf_config",
 ]

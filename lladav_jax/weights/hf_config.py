@@ -123,3 +123,29 @@ def checkpoint_dtype(path: str) -> str | None:
     if not isinstance(name, str):
       return None
   return "float32" if name == "float64" else name  # JAX runs without x64
+
+
+def lladav_hf_config(cfg: ModelConfig, *, torch_dtype: str, vision_tower: str,
+                     token_ids: Mapping[str, int | None]) -> dict[str, Any]:
+  """config.json of an assembled model in the released GSAI-ML/LLaDA-V layout (LLaMA-style LLM keys,
+  the original trainer's `mm_*` keys), plus the tower's `vision_config` (its full layer count: the
+  last is dropped on load) and `mask_token_id`, so that `model_config_from_hf` reads back `cfg`."""
+  l, v = cfg.llm, cfg.vision
+  pin = [[i * v.image_size, j * v.image_size] for i in range(1, 7) for j in range(1, 7)]
+  return dict(
+      architectures=["LlavaLLaDAModelLM"], model_type="llava_llada", torch_dtype=torch_dtype,
+      vocab_size=l.vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
+      num_hidden_layers=l.num_layers, num_attention_heads=l.num_heads, num_key_value_heads=l.num_kv_heads,
+      head_dim=l.head_dim, hidden_act="silu", rms_norm_eps=l.rms_norm_eps, rope_theta=l.rope_theta,
+      max_position_embeddings=l.max_position_embeddings, initializer_range=l.initializer_range,
+      attention_bias=False, mlp_bias=False, tie_word_embeddings=False, use_cache=False,
+      **{k: i for k, i in token_ids.items() if i is not None}, mask_token_id=cfg.mask_token_id,
+      image_aspect_ratio="anyres_max_4", image_grid_pinpoints=pin, mm_hidden_size=v.hidden_size,
+      mm_newline_position="grid", mm_patch_merge_type="spatial_unpad", mm_projector_type="mlp2x_gelu",
+      mm_spatial_pool_mode="bilinear", mm_spatial_pool_stride=2, mm_use_im_patch_token=False,
+      mm_use_im_start_end=False, mm_vision_select_feature="patch", mm_vision_select_layer=-2,
+      mm_vision_tower=vision_tower, tokenizer_padding_side="right",
+      vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size,
+                         intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers + 1,
+                         num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+                         layer_norm_eps=v.layer_norm_eps, hidden_act="gelu_pytorch_tanh", num_channels=3))

@@ -3,6 +3,7 @@ directory, placed on the mesh with the shardings of the parameters' logical axes
 random-init values of the groups a checkpoint lacks."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -13,9 +14,11 @@ from flax import nnx
 from lladav_jax.config import ModelConfig
 from lladav_jax.model import abstract_model, init_sharded
 from lladav_jax.weights.hf_read import place_hf
-from lladav_jax.weights.names import flat_params, nest
+from lladav_jax.weights.names import ENTRIES, flat_params, nest
 from lladav_jax.weights.orbax_io import is_orbax_dir, load_orbax
 from lladav_jax.weights.verify import plan_hf
+
+log = logging.getLogger(__name__)
 
 
 def init_params(cfg: ModelConfig, params: Iterable[str], mesh=None, seed: int = 0) -> dict:
@@ -55,6 +58,9 @@ def load_state(path: str, cfg: ModelConfig, mesh, dtype=None, *, strict: bool = 
     plan = plan_hf(path, cfg, strict=strict)
     values = place_hf(plan, shardings, dtype, host_stack_bytes)
     if plan.initialized:
+      log.warning("%s has no %s weights: those %d parameters come from random init (seed %d); pass strict=True "
+                  "to make this an error", path, "/".join(sorted({ENTRIES[p].group for p in plan.initialized})),
+                  len(plan.initialized), seed)
       init = init_params(cfg, plan.initialized, mesh, seed=seed)
       values.update({k: v if v.dtype == dtype else v.astype(dtype) for k, v in init.items()})
   return _replace_values(abstract, values)

@@ -2,14 +2,13 @@
 
 An HF directory gets a `Plan`: which tensor(s) feed each parameter, the extras, and the groups
 (vision / projector / image_newline) that come from init because the checkpoint has none of their
-tensors (an original LLaDA or plain LLaMA directory: a log line, an error with `strict=True`). Any
+tensors (an original LLaDA or plain LLaMA directory; an error with `strict=True`). Any
 other unexpected key, a missing key or a mis-shaped tensor fails with one `CheckpointMismatchError`
 that lists every such key with the expected shape; a converted Orbax directory is checked the same way.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Mapping
 
 import ml_dtypes
@@ -20,8 +19,6 @@ from lladav_jax.model import abstract_model
 from lladav_jax.weights.hf_read import SafetensorsDir
 from lladav_jax.weights.names import (ENTRIES, GROUPS, INDEX_FILE, VISION_PREFIX as _V, Entry, check_table_covers,
                                       beyond_config, flat_params, hf_shape, is_extra)
-
-log = logging.getLogger(__name__)
 
 
 class CheckpointMismatchError(ValueError):
@@ -60,10 +57,11 @@ class Plan:
   files: SafetensorsDir
 
 
-def plan_hf(path: str, cfg: ModelConfig, *, strict: bool = False) -> Plan:
-  """Matches an HF directory against `cfg`; raises CheckpointMismatchError listing every missing,
-  unexpected and mis-shaped key (with the expected shape)."""
-  files = SafetensorsDir(path)
+def plan_hf(path: str, cfg: ModelConfig, *, strict: bool = False, files=None) -> Plan:
+  """Matches an HF directory (or `files`: its tensors, e.g. `assemble.AssembledTensors`) against `cfg`;
+  raises CheckpointMismatchError listing every missing, unexpected and mis-shaped key (with the
+  expected shape)."""
+  files = files if files is not None else SafetensorsDir(path)
   present = set(files.names) | {k for ks in files.missing_files.values() for k in ks}
   scheme = "llada" if any(k.startswith("model.transformer.") for k in present) else "llada_v"
   shapes = {k: tuple(v.shape) for k, v in flat_params(abstract_model(cfg)[1]).items()}
@@ -126,10 +124,6 @@ def plan_hf(path: str, cfg: ModelConfig, *, strict: bool = False) -> Plan:
         problems.append(f"unexpected: {k} [its shard file {f} does not exist]")
   if problems:
     raise CheckpointMismatchError(path, problems)
-  if initialized:
-    groups = sorted({ENTRIES[p].group for p in initialized})
-    log.warning("%s has no %s weights: those %d parameters come from random init (seeded); "
-                "pass strict=True to make this an error", path, "/".join(groups), len(initialized))
   params = {p: s for p, s in sources.items() if p not in init_set}
   return Plan(path, scheme, params, initialized, extras, files)
 
