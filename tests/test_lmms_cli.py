@@ -11,19 +11,20 @@ import subprocess
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from lladav_jax import LLaDAV
-from lladav_jax.eval import answers as ans
-from lladav_jax.eval.tasks import EOT
-from tests.released import write_released_checkpoint
-from tests.train_helpers import PYTHON, REPO, subprocess_env
-
-if importlib.util.find_spec("lmms_eval") is None:
+if importlib.util.find_spec("lmms_eval") is None:  # before the heavy imports: a skip costs nothing
   if os.environ.get("LLADAV_REQUIRE_LMMS") == "1":
     raise ImportError("LLADAV_REQUIRE_LMMS=1 but lmms_eval is not importable: pip install -e .[lmms] "
                       "and lmms-eval with --no-deps (docs/EVAL.md)")
   pytest.skip("lmms_eval is not installed (docs/EVAL.md)", allow_module_level=True)
+
+from PIL import Image  # noqa: E402
+
+from lladav_jax import LLaDAV  # noqa: E402
+from lladav_jax.eval import answers as ans  # noqa: E402
+from lladav_jax.eval.tasks import EOT  # noqa: E402
+from tests.released import write_released_checkpoint  # noqa: E402
+from tests.train_helpers import PYTHON, subprocess_env  # noqa: E402
 
 GEN = dict(gen_length=8, block_length=8, steps=8)
 MC_NUM = 8
