@@ -1,4 +1,4 @@
-"""The lmms-eval plugin with a fake model and request-like objects (lmms-eval is not installed)."""
+"""The lmms-eval plugin with a fake model and request-like objects (the real harness: tests/test_lmms_cli.py)."""
 import re
 from types import SimpleNamespace
 
@@ -43,9 +43,11 @@ def make(**kw):
   return lm
 
 
-def test_minimal_base_in_use_without_lmms_eval():
-  assert P.HAVE_LMMS_EVAL is False
-  assert issubclass(P.LLaDAVJax, P._MinimalLMMs)
+def test_minimal_base_in_use_exactly_without_lmms_eval():
+  import importlib.util
+  installed = importlib.util.find_spec("lmms_eval") is not None
+  assert P.HAVE_LMMS_EVAL is installed  # CI installs it (the `lmms` extra); a broken install would fall back
+  assert issubclass(P.LLaDAVJax, P._MinimalLMMs) is not installed
 
 
 def test_generate_until_settings_stops_think_and_order():
@@ -60,10 +62,20 @@ def test_generate_until_settings_stops_think_and_order():
   assert first["images"] == [[IMG], []]
   kw = first["kw"]
   assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (12, 4, 12)  # 10 rounded up to the block
-  assert kw["stop_strings"] == ["\n\n", EOT] and kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"
+  assert kw["stop_strings"] == [EOT] and kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"
   kw2 = second["kw"]
   assert (kw2["gen_length"], kw2["block_length"], kw2["steps"]) == (16, 16, 8)  # original's gen_steps alias
-  assert kw2["stop_strings"] == ["ASSISTANT:", EOT]
+  assert kw2["stop_strings"] == [EOT]  # `until` ignored by default, as the original
+
+
+def test_until_honoured_only_when_asked():
+  gk = {"until": ["\n\n"], "stopping_criteria": ["\n"]}
+  assert make().generation_settings(gk)[0]["stop_strings"] == ["\n", EOT]
+  for flag in (True, "true"):
+    assert make(honor_until=flag).generation_settings(gk)[0]["stop_strings"] == ["\n\n", "\n", EOT]
+  assert make(honor_until=True).generation_settings({"until": "ASSISTANT:"})[0]["stop_strings"] == ["ASSISTANT:", EOT]
+  with pytest.raises(ValueError, match="honor_until"):
+    make(honor_until="yes")
 
 
 def test_generation_defaults_and_model_args_defaults():
@@ -78,13 +90,13 @@ def test_generation_defaults_and_model_args_defaults():
     lm.generation_settings({"gen_length": 32, "block_length": 8, "steps": 6})
 
 
-def test_loglikelihood_uses_elbo():
+def test_loglikelihood_returns_the_loss():
   model = FakeModel()
   lm = make(model=model, mc_num=16, batch_size=4)
   reqs = [SimpleNamespace(args=("Is it blue?", " yes", visual, 0, "chartqa", "test")),
           SimpleNamespace(args=("Name it.", lambda d: d["a"], visual, 2, "chartqa", "test"))]
   res = lm.loglikelihood(reqs)
-  assert res == [(-4.0, False), (-3.0, False)]
+  assert res == [(4.0, False), (3.0, False)]  # -ELBO: lmms-eval picks the argmin
   call = model.elbo_calls[0]
   assert call["answers"] == [" yes", "cat"] and call["num_samples"] == 16 and call["images"][0] == [IMG]
 
@@ -212,11 +224,11 @@ def test_generate_until_multi_round_rounds_context_and_order():
   res = lm.generate_until_multi_round(reqs)
   a1 = "A1 after [ans(A)]"
   a2 = f"A2 after [ans(A); ans({a1})]"
-  assert res == [("ans(A)", f"ans({a1})", f"ans({a2})"), ("ans(B)",), ("kept",)]  # request order
+  assert res == [["ans(A)", f"ans({a1})", f"ans({a2})"], ["ans(B)"], ["kept"]]  # lists, request order
   assert [c["prompts"] for c in model.gen_calls] == [["A", "B", "C"], [a1], [a2]]  # 3 rounds; live ones batched
   assert model.gen_calls[0]["images"] == [[], [], []] and model.gen_calls[1]["images"] == [[IMG]]
   kw = model.gen_calls[1]["kw"]  # generate_until's settings path every round
-  assert kw["gen_length"] == 8 and kw["stop_strings"] == ["\n\n", EOT]
+  assert kw["gen_length"] == 8 and kw["stop_strings"] == [EOT]
   assert ("A", 2, ["ans(A)", f"ans({a1})"], {"round": 1}) in calls  # previous answers and round info
   assert [c[:2] for c in calls if c[0] == "A"] == [("A", 1), ("A", 2), ("A", 3)]
 

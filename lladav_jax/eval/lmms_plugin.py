@@ -1,21 +1,23 @@
 """lmms-eval model plugin `lladav_jax`: runs lmms-eval tasks on the JAX LLaDA-V.
 
     lmms-eval --model lladav_jax --model_args pretrained=/ckpt,batch_size=8,think_mode=no_think \
-        --tasks chartqa --gen_kwargs '{"gen_length":16,"block_length":16,"steps":16}'
+        --tasks chartqa --gen_kwargs gen_length=16,block_length=16,steps=16
 
-lmms-eval (which pulls in torch) is optional: when it is importable the class subclasses
-`lmms_eval.api.model.lmms` and registers as "lladav_jax"; otherwise it stands on a minimal base
-with the same surface, so it can be tested and used with request-like objects (`.args` tuples).
+lmms-eval finds the class through the `lmms_eval.models` entry point in pyproject.toml (`lmms-eval models`
+does not list entry-point plugins); install it with the `lmms` extra (docs/EVAL.md: versions, recipe).
+Without lmms-eval the class stands on a minimal base with the same surface, so it can be tested and used
+with request-like objects (`.args` tuples).
 
-Request handling follows the original (`llava_onevision_llada.py`), with two deliberate changes:
-`until` is honoured as stop strings (the original dropped it and used only "stopping_criteria"),
-and `loglikelihood` returns the ELBO (higher is better) where the original returned the loss.
+Request handling follows the original (`llava_onevision_llada.py`): `loglikelihood` returns the loss
+(the negative ELBO: lmms-eval's multiple choice picks the argmin; `LLaDAV.elbo` gives the ELBO itself),
+and gen_kwargs `until` is ignored (only "stopping_criteria" and "<|eot_id|>" stop, which keeps
+MathVista's multi-paragraph answers; model_arg honor_until=true adds `until` to the stops).
 Video tasks (doc_to_visual gives a path) get `max_frames_num` uniformly sampled frames, passed to
 the model as one video: a per-prompt visual that is a list of frames (one placeholder, the frames
 pooled by `multimodal.process_video`, as the original). Multi-round tasks follow lmms-eval's
-`generate_until_multi_round` contract (the task's doc_to_text drives the rounds). A request's visuals are
-built (doc_to_visual called, its video read) only when its batch runs, so one batch's pixels are in
-memory at a time, never the benchmark's.
+`generate_until_multi_round` contract (the task's doc_to_text drives the rounds; the result is a list of
+round answers). A request's visuals are built (doc_to_visual called, its video read) only when its batch
+runs, so one batch's pixels are in memory at a time, never the benchmark's.
 """
 from __future__ import annotations
 
@@ -48,6 +50,15 @@ def _convert(v: str) -> Any:
     except ValueError:
       pass
   return v
+
+
+def _flag(name: str, v) -> bool:
+  """A boolean model_arg: a bool, or "true"/"false" as lmms-eval's arg string gives it."""
+  if isinstance(v, bool):
+    return v
+  if isinstance(v, str) and v.lower() in ("true", "false"):
+    return v.lower() == "true"
+  raise ValueError(f"lladav_jax model_arg {name} must be true or false, got {v!r}")
 
 
 def uniform_indices(n: int, num: int) -> list[int]:
@@ -120,7 +131,8 @@ class LLaDAVJax(_Base):
   Model args: pretrained (checkpoint dir), batch_size, think_mode ("think" | "no_think" | None),
   default gen_length / block_length / steps / threshold / cache (per-request gen_kwargs win),
   mc_num (ELBO Monte-Carlo samples), check_greedy, max_frames_num (frames per video, 32 as the
-  original), dtype (parameters and compute; default: the checkpoint's own parameter dtype), seed.
+  original), dtype (parameters and compute; default: the checkpoint's own parameter dtype), seed,
+  honor_until (stop at gen_kwargs `until` too; default False: ignored, as the original).
   `model=` injects a loaded model.
   """
 
@@ -128,14 +140,15 @@ class LLaDAVJax(_Base):
                gen_length: int | None = None, block_length: int | None = None, steps: int | None = None,
                threshold: float | None = None, cache: str | None = None, mc_num: int = 128,
                check_greedy: bool = False, max_frames_num: int = 32, dtype: str | None = None, seed: int = 0,
-               model=None, **kwargs) -> None:
+               honor_until: bool = False, model=None, **kwargs) -> None:
     super().__init__()
     unknown = set(kwargs) - {"device", "device_map", "conv_template", "model_name", "attn_implementation"}
     if unknown:  # torch-only args of the original are accepted and ignored; anything else is a typo
       raise TypeError(f"unexpected model_args for lladav_jax: {sorted(unknown)}")
     self.pretrained, self.batch_size_per_device = pretrained, int(batch_size)
-    self.think_mode, self.mc_num, self.check_greedy = think_mode, int(mc_num), bool(check_greedy)
-    self.max_frames_num = int(max_frames_num)
+    self.think_mode, self.mc_num = think_mode, int(mc_num)
+    self.check_greedy = _flag("check_greedy", check_greedy)
+    self.max_frames_num, self.honor_until = int(max_frames_num), _flag("honor_until", honor_until)
     if self.max_frames_num < 1:
       raise ValueError(f"max_frames_num must be >= 1, got {max_frames_num}")
     self.defaults = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
@@ -163,7 +176,8 @@ class LLaDAVJax(_Base):
     gen_length: "gen_length", else the model_args default, else max_new_tokens, else 2 (the
     original's default); rounded up to a multiple of block_length. block_length defaults to
     gen_length (one block, as every original setting). steps ("steps" or the original's
-    "gen_steps") defaults to gen_length. Stops: `until` + "stopping_criteria" + "<|eot_id|>".
+    "gen_steps") defaults to gen_length. Stops: "stopping_criteria" + "<|eot_id|>", and `until` only
+    with honor_until (lmms-eval fills it with "\n\n" when a task names none; the original ignores it).
     """
     gk = dict(gen_kwargs or {})
     d = self.defaults
@@ -175,7 +189,7 @@ class LLaDAVJax(_Base):
     steps = int(gk.get("steps") or gk.get("gen_steps") or d["steps"] or gen)
     validate_schedule(gen, block, steps)
     stops = []
-    for key in ("until", "stopping_criteria"):
+    for key in ("until", "stopping_criteria")[0 if self.honor_until else 1:]:
       v = gk.get(key)
       stops += [v] if isinstance(v, str) else list(v or [])
     stops = list(dict.fromkeys([s for s in stops if s] + [EOT]))
@@ -246,7 +260,11 @@ class LLaDAVJax(_Base):
     return self._generate(prepared)
 
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-    """args: (context, doc_to_target, doc_to_visual, doc_id, task, split) -> (ELBO, is_greedy)."""
+    """args: (context, doc_to_target, doc_to_visual, doc_id, task, split) -> (loss, is_greedy).
+
+    The loss is the negative ELBO (an upper bound of -log p(continuation | context)), as the original and
+    lmms-eval's own models return: multiple choice picks the argmin of it (every lmms-eval from 0.5 on).
+    """
     items = []
     for req in requests:
       context, target, doc_to_visual, doc_id, task, split = req.args[:6]
@@ -257,7 +275,7 @@ class LLaDAVJax(_Base):
       chunk = [(c, _built(v), t) for c, v, t in items[s:s + self.batch_size]]
       elbos = self.model.elbo([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk],
                               num_samples=self.mc_num)
-      out += [(float(e), self._is_greedy(c) if self.check_greedy else False) for e, c in zip(elbos, chunk)]
+      out += [(-float(e), self._is_greedy(c) if self.check_greedy else False) for e, c in zip(elbos, chunk)]
       del chunk  # its visuals are freed before the next batch is built, not after
     return out
 
@@ -280,9 +298,10 @@ class LLaDAVJax(_Base):
     text = out if isinstance(out, str) else out.text
     return text.strip() == cont.strip()
 
-  def generate_until_multi_round(self, requests) -> list[tuple]:
+  def generate_until_multi_round(self, requests) -> list[list[str]]:
     """args: (context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split) -> per request
-    the tuple of its round answers, in request order.
+    the list of its round answers, in request order (lmms-eval 0.7.2+ passes only a list of strings
+    through to the task's process_results; anything else becomes its str()).
 
     Signature and loop as lmms-eval v0.3.x (api/task.py construct_requests; models/llava_onevision.py,
     which the original LLaDA-V eval copies): round 0 uses the request's context and visuals; after
@@ -294,7 +313,7 @@ class LLaDAVJax(_Base):
     for req in requests:
       context, _, doc_to_visual, _, doc_id, task, split = req.args[:7]
       state.append([self._visuals(doc_to_visual, doc_id, task, split), context, [], None])
-    res: list[tuple | None] = [None] * len(requests)
+    res: list[list[str] | None] = [None] * len(requests)
     live, round_idx = list(range(len(requests))), 0
     while live:
       outs = self._generate([self._prepare(state[i][1], requests[i].args[1], state[i][0]) for i in live])
@@ -309,7 +328,7 @@ class LLaDAVJax(_Base):
             previous_round_info=state[i][3])
         answers = state[i][2] if round_res is None else list(round_res)
         if terminal:
-          res[i] = tuple(answers)
+          res[i] = list(answers)
         else:
           state[i] = [lambda vis=vis: self._model_visuals(vis), context, answers, info]
           still.append(i)
@@ -322,6 +341,6 @@ def _built(visuals) -> list:
 
 
 def lmms_eval_manifest():
-  """Entry point payload for lmms-eval >= 0.5's `lmms_eval.models` group (see ENTRY_POINT.txt)."""
+  """Entry point payload for lmms-eval >= 0.6's `lmms_eval.models` group (pyproject.toml registers it)."""
   from lmms_eval.models.registry_v2 import ModelManifest
   return ModelManifest(model_id="lladav_jax", simple_class_path="lladav_jax.eval.lmms_plugin.LLaDAVJax")
