@@ -67,6 +67,10 @@ class VisionConfig:
     return self.grid * self.grid
 
 
+# float16 is the original's inference dtype (its eval and demo load the model in fp16).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   llm: LLMConfig = LLMConfig()
@@ -116,6 +120,9 @@ class ModelConfig:
       # must hold at least one patch.
       errs.append(f"vision.patch_size={self.vision.patch_size} must be between 1 and vision.image_size="
                   f"{self.vision.image_size} (a tile holds at least one patch)")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        errs.append(f"{name}={getattr(self, name)!r} must be one of {DTYPES}")
     if self.attention_impl not in ("xla", "cudnn"):
       errs.append(f"attention_impl={self.attention_impl!r} must be 'xla' or 'cudnn'")
     if self.remat_policy not in REMAT_POLICIES:

@@ -73,6 +73,19 @@ def test_float32_stays_available_and_unchanged(bf16_dir):
     assert np.abs(x - y).max() <= 0.05 * np.abs(y).max()
 
 
+def test_float16_as_the_original_evaluates(bf16_dir):
+  """The original's eval loads the model in fp16: dtype="float16" gives float16 parameters and compute, float32
+  logits, close to float32 (bench/precision.py measures the gaps and the token agreement for docs/FIDELITY.md)."""
+  model = LLaDAV.from_pretrained(bf16_dir, dtype="float16")
+  assert (model.cfg.dtype, param_dtypes(model)) == ("float16", {"float16"})
+  f16, f32 = outputs(model), outputs(LLaDAV.from_pretrained(bf16_dir, dtype="float32"))
+  assert f16[0].dtype == np.float32 and all(np.isfinite(x).all() for x in f16)
+  for x, y in zip(f16, f32):
+    assert np.abs(x - y).max() <= 0.01 * np.abs(y).max()
+  with pytest.raises(ValueError, match="dtype='float64' must be one of"):
+    LLaDAV.from_pretrained(bf16_dir, dtype="float64")
+
+
 def test_orbax_and_config_only_dtypes(bf16_dir, tmp_path):
   orbax = convert.hf_to_orbax(bf16_dir, str(tmp_path / "orbax"))
   assert weights.checkpoint_dtype(orbax) == "bfloat16"  # from the Orbax metadata

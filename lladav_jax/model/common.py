@@ -88,3 +88,21 @@ def random_like(abstract, seed: int = 0, std: float = 0.02, scales: dict[str, fl
     return rng.normal(0.0, std * f, x.shape).astype(x.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def einsum_f32(eq: str, x, w):
+  """A float32 result (logits). From float16 operands the product is rounded to float16 first, as the
+  original's fp16 head does (XLA's CPU dot also has no f16 x f16 -> f32 form)."""
+  if x.dtype == jnp.float16:
+    return jnp.einsum(eq, x, w).astype(jnp.float32)
+  return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+
+
+def attention(q, k, v, mask=None, impl="xla"):
+  """Bidirectional attention (jax.nn.dot_product_attention: float32 scores and softmax). float16 operands
+  go in as float32: XLA's CPU dot has no f16 x f16 -> f32 form, and the upcast is exact (f16 products fit
+  f32), so this is the f32-accumulated fp16 attention of a GPU."""
+  dt = q.dtype
+  if dt == jnp.float16:
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=impl).astype(dt)

@@ -63,7 +63,7 @@ class Attention(nnx.Module):
       k = jnp.concatenate([cache_kv[0].astype(dt), k], axis=1)
       v = jnp.concatenate([cache_kv[1].astype(dt), v], axis=1)
     mask = None if mask_BTS is None else mask_BTS[:, None]  # [B, 1, T, S]
-    ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=self.impl)
+    ctx = common.attention(q, k, v, mask, self.impl)
     ctx = checkpoint_name(ctx, "context")
     out = shd.constrain(jnp.einsum("BLNH,NHD->BLD", ctx, self.o_proj[...].astype(dt)), shd.BLD)
     return checkpoint_name(out, "attn_out"), new_kv
@@ -143,5 +143,4 @@ class LLaDA(nnx.Module):
 
   def logits(self, h_BLD):
     """LM head with float32 logits."""
-    return shd.constrain(jnp.einsum("BLD,DV->BLV", h_BLD, self.lm_head[...].astype(self.dtype),
-                                    preferred_element_type=jnp.float32), shd.BLV)
+    return shd.constrain(common.einsum_f32("BLD,DV->BLV", h_BLD, self.lm_head[...].astype(self.dtype)), shd.BLV)

@@ -44,7 +44,7 @@ class VisionBlock(nnx.Module):
     y = common.layer_norm(x_BPD, self.ln1_scale[...], self.ln1_bias[...], self.eps)
     q, k, v = (shd.constrain(jnp.einsum("BPD,DNH->BPNH", y, w(p)) + w(b), shd.BLNH)
                for p, b in ((self.q_proj, self.q_bias), (self.k_proj, self.k_bias), (self.v_proj, self.v_bias)))
-    ctx = jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation=self.impl)
+    ctx = common.attention(q, k, v, None, self.impl)
     ctx = checkpoint_name(ctx, "context")
     x_BPD = x_BPD + jnp.einsum("BPNH,NHD->BPD", ctx, w(self.o_proj)) + w(self.o_bias)
     y = common.layer_norm(x_BPD, self.ln2_scale[...], self.ln2_bias[...], self.eps)

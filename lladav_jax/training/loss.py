@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from lladav_jax import sharding as shd
 from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from lladav_jax.model import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +83,7 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
 
   @jax.checkpoint
   def one(head, h_BCD, lab_BC, w_BC):
-    logits = shd.constrain(jnp.einsum("BCD,DV->BCV", h_BCD.astype(dtype), head.astype(dtype),
-                                      preferred_element_type=jnp.float32), shd.BLV)
+    logits = shd.constrain(common.einsum_f32("BCD,DV->BCV", h_BCD.astype(dtype), head.astype(dtype)), shd.BLV)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
     ce = lse - tgt
