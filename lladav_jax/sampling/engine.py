@@ -329,18 +329,13 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
     refresh = active & (st.i % st.rs.refresh == 0)
     pick = jnp.concatenate([refresh, refresh]) if cfg.cfg else refresh
 
-    def full_only(cache):
-      return fw.full(cache)
-
-    def window_only(cache):
-      return fw.window(cache), cache
-
-    def both(cache):  # the refreshed rows' cache is new; the others' is untouched, so the window sees theirs
-      h_full, cache = fw.full(cache, pick)
-      return jnp.where(pick[:, None, None], h_full, fw.window(cache)), cache
-
-    branch = jnp.where(jnp.all(refresh | ~active), 0, jnp.where(jnp.any(refresh), 2, 1))
-    h, cache = jax.lax.switch(branch, [full_only, window_only, both], st.cache)
+    # full passes for the refreshing rows (their cache rows replaced in place), then windows for the others
+    # (which see their own, untouched cache rows); each pass only when some row needs it
+    h_shape = jax.eval_shape(fw.window, st.cache)
+    zeros = jnp.zeros(h_shape.shape, h_shape.dtype)
+    h_full, cache = jax.lax.cond(jnp.any(refresh), lambda c: fw.full(c, pick), lambda c: (zeros, c), st.cache)
+    h_win = jax.lax.cond(jnp.any(active & ~refresh), lambda: fw.window(cache), lambda: zeros)
+    h = jnp.where(pick[:, None, None], h_full, h_win)
     q_len = jnp.where(refresh, full_len, fw.window_len)
   x0_q, conf_q = decode.decide(h, fw.llm.lm_head[...], keys, st.rs.temperature, st.rs.cfg_scale,
                                st.rs.random_remask, banned_ids=cfg.banned_ids,
