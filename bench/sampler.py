@@ -10,6 +10,7 @@
 (b) engine: `generation.generate_ids` on the same prompts with `--rows` rows (compile excluded).
 Both at temperature 0 with the same settings; the answers are compared token by token.
 (c) `--accel`: the engine with threshold / factor / prefix / dual cache.
+`--arrivals`: continuous batching, Poisson arrivals, against full fixed batches.
 `--memory`: `advance` of the 8B config at 64 rows x 256 answer x 1024 prompt, bf16, compiled ahead
 of time: bytes of weights, of the rest of the engine state (prompt embeddings, KV cache), temporaries;
 the passes over groups of `forward_rows` rows (all 64 at once: 71 GiB of temporaries, the attention
@@ -192,6 +193,66 @@ def memory(rows=64, answer=256, prompt=1024, block=32):
           f"other state {gb(rest)}, temporaries {gb(m['temp_size_in_bytes'])}", flush=True)
 
 
+# ----------------------------------------------------------------------------- continuous batching
+
+def bench_arrivals(args, n=24, rows=8):
+  """Requests of 32 or 64 answer positions arrive one by one (Poisson, at a rate that keeps the
+  engine busy): the engine (refilled as rows finish) vs the same requests as full fixed batches
+  (a batch starts once `rows` requests have arrived and ends with its slowest row)."""
+  cfg = config.tiny() if args.config == "tiny" else config.mid()
+  model = random_model(cfg)
+  rng = np.random.default_rng(0)
+  ids = [[int(i) for i in rng.integers(10, cfg.llm.vocab_size - 10, 24)] for _ in range(n)]
+  lens = [32 if k % 2 else 64 for k in range(n)]
+  base = SamplerSettings(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), gen_length=64, block_length=32, steps=32)
+  sts = [SamplerSettings(**{**base.__dict__, "gen_length": g, "steps": g // 2}) for g in lens]
+  inp = generation.prepare_inputs(model, ids, [[]] * n, seeds=list(range(n)), rows=n)
+  reqs = [generation.requests(inp, generation.row_settings(st, 64, 32), 0)[k] for k, st in enumerate(sts)]
+  ec = base.engine()
+  shapes = EngineShapes(rows=rows, prompt_len=inp.prompt.length, answer_len=64, stops=1, stop_len=1)
+
+  def fixed(arrive):
+    t0, now, done = time.perf_counter(), 0.0, {}
+    for b0 in range(0, n, rows):
+      now = max(now, arrive[b0 + rows - 1])
+      while time.perf_counter() - t0 < now:
+        time.sleep(0.001)
+      generation.run_engine(model, reqs[b0:b0 + rows], ec, shapes)
+      now = time.perf_counter() - t0
+      done.update({k: now for k in range(b0, b0 + rows)})
+    return now, done
+
+  def continuous(arrive):
+    t0, done, running = time.perf_counter(), {}, {}
+    st = engine.init(model.graphdef, ec, shapes, model.state)
+    nxt = 0
+    while len(done) < n:
+      now = time.perf_counter() - t0
+      while nxt < n and arrive[nxt] <= now and len(running) < rows:
+        row = min(set(range(rows)) - set(running))
+        st = engine.insert(model.graphdef, ec, model.state, st, np.int32(row), reqs[nxt])
+        running[row] = nxt
+        nxt += 1
+      if not running:
+        time.sleep(0.001)
+        continue
+      st = engine.advance(model.graphdef, ec, model.state, st, np.int32(4))
+      fin = np.asarray(st.live) & np.asarray(st.done)
+      for r in np.nonzero(fin)[0]:
+        done[running.pop(int(r))] = time.perf_counter() - t0
+    return time.perf_counter() - t0, done
+
+  fixed(np.zeros(n))  # compile
+  continuous(np.zeros(n))
+  t_batch, _ = fixed(np.zeros(n))
+  rate = n / t_batch  # arrivals at the fixed batches' own throughput keep both busy
+  arrive = np.cumsum(rng.exponential(1 / rate, n))
+  for name, fn in (("fixed batches", fixed), ("engine, refilled", continuous)):
+    total, done = fn(arrive)
+    lat = np.median([done[k] - arrive[k] for k in range(n)])
+    print(f"  {name:17s}: {n / total:6.2f} answers/s, median latency {lat:6.2f} s")
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--config", default="mid", choices=["tiny", "mid"])
@@ -203,10 +264,13 @@ def main():
   ap.add_argument("--torch_threads", type=int, default=1)
   ap.add_argument("--accel", action="store_true")
   ap.add_argument("--memory", action="store_true")
+  ap.add_argument("--arrivals", action="store_true")
   args = ap.parse_args()
   print(f"devices: {jax.devices()}")
   if args.memory:
     memory()
+  elif args.arrivals:
+    bench_arrivals(args)
   else:
     bench_vs_original(args)
 
