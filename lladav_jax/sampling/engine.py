@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from typing import Optional
 
 import jax
