@@ -1,22 +1,27 @@
-"""Sampler benchmark on the local devices: seconds per answer, tokens/s and NFE.
+"""Sampler benchmark: the original's loop vs the engine in one process, and the 8B memory plan.
 
-    PYTHONPATH=. python bench/sampler.py [--configs tiny,mid] [--quick]
+    PYTHONPATH=. python bench/sampler.py [--config mid] [--prompts 8] [--rows 8] [--accel]
+    PYTHONPATH=. python bench/sampler.py --memory     # AOT only, nothing allocated
 
-For each model config (random weights, LM head scaled to a logit spread of ~15 so that
-confidences are not flat; parallel-decoding NFE on random weights is only indicative), one prompt of
-64 text tokens + one image (a single 'square' tile: 16 tokens for tiny, 256 for mid), and:
-  (a) eager: the original's structure, a Python loop of per-step jitted forwards at batch 1 (the
-      prompt embedded once; the step logic, as the original's torch ops, on the host in NumPy);
-  (b) loop: the one-jit lax.while_loop sampler at batch 1 and batched;
-  (c) the accelerations: threshold, factor, prefix cache, dual cache, dual cache + factor, and the
-      shift schedule at half the steps.
-Compile time is excluded (each variant is compiled ahead of time); the best of REPS timed runs. Tokens/s counts
-answer tokens before the stop (EOS is banned by the sampler, so there is no EOS padding to exclude).
+(a) original: the original's `generate_with_embeds` structure in PyTorch eager at batch 1: the prompt
+    embedded once (our JAX embedding, vision tower included, handed over as a tensor), then per step
+    a full forward of the LLM over prompt + answer, float64 softmax confidence, top-k, stop search;
+    the LLM is a torch transcription of LLaDA's blocks run on our weights.
+(b) engine: `generation.generate_ids` on the same prompts with `--rows` rows (compile excluded).
+Both at temperature 0 with the same settings; the answers are compared token by token.
+(c) `--accel`: the engine with threshold / factor / prefix / dual cache.
+`--arrivals`: continuous batching, Poisson arrivals, against full fixed batches.
+`--memory`: `advance` of the 8B config at 64 rows x 256 answer x 1024 prompt, bf16, compiled ahead
+of time: bytes of weights, of the rest of the engine state (prompt embeddings, KV cache), temporaries;
+the passes over groups of `forward_rows` rows (all 64 at once: 71 GiB of temporaries, the attention
+scores of 64 x 1280 x 1280 positions). XLA:CPU has no bf16 matmul: it converts the bf16 weights to a
+float32 copy (32 GiB of temporaries that a GPU does not make), so the float32 plan, whose activations
+are twice bf16's, is the upper bound reported beside it.
+Random weights, the LM head scaled to a logit spread of ~15 so that confidences are not flat.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -24,8 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 from flax import nnx
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,15 +38,13 @@ from lladav_jax import config, generation, multimodal  # noqa: E402
 from lladav_jax.api import LLaDAV  # noqa: E402
 from lladav_jax.model import abstract_model  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
-from lladav_jax.sampling import SamplerSettings, core  # noqa: E402
-from lladav_jax.sampling.schedule import uniform_counts  # noqa: E402
+from lladav_jax.sampling import EngineConfig, EngineShapes, SamplerSettings, engine, uniform_counts  # noqa: E402
+from lladav_jax.training.step import memory_stats  # noqa: E402
 
-
-REPS = 1
+from PIL import Image  # noqa: E402
 
 
 def random_model(cfg, seed=0, logit_std=15.0):
-  """Random weights; the LM head scaled so that logits have about `logit_std` spread."""
   head_scale = logit_std / (0.02 * cfg.llm.hidden_size ** 0.5)
   graphdef, abstract = abstract_model(cfg)
   icfg = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size, aspect="square")
@@ -49,140 +52,227 @@ def random_model(cfg, seed=0, logit_std=15.0):
   return LLaDAV(cfg, graphdef, state, image_cfg=icfg)
 
 
-def prompt(cfg, n_text=64, seed=0):
-  rng = np.random.default_rng(seed)
-  ids = [int(i) for i in rng.integers(10, cfg.llm.vocab_size - 10, n_text)]
-  ids.insert(8, -200)
-  s = cfg.vision.image_size
-  img = Image.fromarray(rng.integers(0, 255, (s, s, 3), np.uint8))
-  return ids, [img]
+def prompts(cfg, n, n_text=48):
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(n):
+    ids = [int(i) for i in rng.integers(10, cfg.llm.vocab_size - 10, n_text)]
+    ids.insert(8, -200)
+    s = cfg.vision.image_size
+    out.append((ids, [Image.fromarray(rng.integers(0, 255, (s, s, 3), np.uint8))]))
+  return out
 
 
-# ----------------------------------------------------------------------------- (a) eager baseline
+# ----------------------------------------------------------------------------- (a) the original's loop
 
-def eager_generate(model, ids, imgs, st: SamplerSettings):
-  """The original's loop: one jitted forward per step, the step logic on the host."""
-  icfg = model.image_cfg
-  e = multimodal.expand(ids, multimodal.process_sample_images(imgs, icfg), icfg)
-  p, g = len(e.tokens), st.gen_length
+class TorchLLaDA:
+  """LLaDA's blocks in torch eager (float32): RMSNorm, rotate-half RoPE, bidirectional SDPA, SwiGLU."""
 
-  @jax.jit
-  def embed(params, tokens, pixels, idx, w):
-    return nnx.merge(model.graphdef, params).embed(tokens, pixels, idx, w)
+  def __init__(self, model: LLaDAV):
+    p = jax.tree.map(lambda x: torch.from_numpy(np.array(x, np.float32)), nnx.to_pure_dict(model.state)["llm"])
+    self.p, self.c = p, model.cfg.llm
 
-  @jax.jit
-  def forward(params, prompt_emb, ans):
-    m = nnx.merge(model.graphdef, params)
-    x = jnp.concatenate([prompt_emb, m.llm.embed_tokens(ans)], axis=1)
-    h = m.llm(x, jnp.arange(x.shape[1])[None])
-    return m.llm.logits(h[:, p:])[0]
+  def _norm(self, x, w):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.c.rms_norm_eps))
 
-  def run():
-    emb = embed(model.state, e.tokens[None], e.pixels[None], e.merge_idx[None], e.merge_w[None])
-    ans = np.full(g, st.mask_id, np.int64)
-    spb, nfe, stop = st.steps_per_block, 0, None
-    for blk in range(st.num_blocks):
-      s, en = blk * st.block_length, (blk + 1) * st.block_length
-      if stop is not None and stop <= s:
+  def __call__(self, x):  # [1, L, D] -> logits [L, V]
+    c, lay = self.c, self.p["layers"]
+    n = x.shape[1]
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+    f = torch.arange(n, dtype=torch.float32)[:, None] * inv
+    cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+
+    def rope(t):  # [1, H, L, Dh]
+      a, b = t.chunk(2, -1)
+      return t * cos + torch.cat([-b, a], -1) * sin
+    for i in range(c.num_layers):
+      h = self._norm(x, lay["attn_norm"][i])
+      q, k, v = ((h @ lay["attn"][nm][i].flatten(1)).unflatten(-1, lay["attn"][nm][i].shape[1:]).transpose(1, 2)
+                 for nm in ("q_proj", "k_proj", "v_proj"))
+      rep = c.num_heads // c.num_kv_heads
+      k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+      o = torch.nn.functional.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=False)
+      x = x + o.transpose(1, 2).flatten(2) @ lay["attn"]["o_proj"][i].flatten(0, 1)
+      h = self._norm(x, lay["mlp_norm"][i])
+      m = lay["mlp"]
+      x = x + (torch.nn.functional.silu(h @ m["gate_proj"][i]) * (h @ m["up_proj"][i])) @ m["down_proj"][i]
+    return self._norm(x, self.p["final_norm"])[0] @ self.p["lm_head"]
+
+
+def original_generate(tmodel, prompt_emb, st: SamplerSettings):
+  """generate_with_embeds for one prompt (temperature 0, low_confidence, uniform counts, eot stop)."""
+  g, bl = st.gen_length, st.block_length
+  x = torch.full((g,), st.mask_id, dtype=torch.long)
+  p = prompt_emb.shape[1]
+  stop = None
+  for blk in range(st.num_blocks):
+    s, e = blk * bl, (blk + 1) * bl
+    if stop is not None and stop <= s:
+      break
+    counts = uniform_counts(int((x[s:e] == st.mask_id).sum()), st.steps_per_block)
+    for i in range(st.steps_per_block):
+      masked = x == st.mask_id
+      if (stop is not None and not masked[:stop].any()) or not masked[s:e].any():
         break
-      counts = uniform_counts(int((ans[s:en] == st.mask_id).sum()), spb)
-      for i in range(spb):
-        masked = ans == st.mask_id
-        if (stop is not None and not masked[:stop].any()) or not masked[s:en].any():
-          break
-        logits = np.asarray(forward(model.state, emb, jnp.asarray(ans[None], jnp.int32))).astype(np.float64)
-        nfe += 1
-        logits[np.ix_(masked, list(st.banned_ids))] = -np.inf
-        x0 = logits.argmax(-1)
-        z = logits - logits.max(-1, keepdims=True)
-        conf = np.exp(z[np.arange(g), x0]) / np.exp(z).sum(-1)
-        eligible = masked & (np.arange(g) < (stop if stop is not None else en))
-        order = [q for q in np.argsort(-np.where(eligible, conf, -np.inf), kind="stable") if eligible[q]]
-        take = order[:counts[i]]
-        ans[take] = x0[take]
-        hits = np.nonzero(ans == st.eot_id)[0]
-        stop = int(hits[0]) if len(hits) else None
-    return ans[:stop if stop is not None else g], nfe
-
-  emb = embed(model.state, e.tokens[None], e.pixels[None], e.merge_idx[None], e.merge_w[None])  # compile both
-  forward(model.state, emb, jnp.zeros((1, g), jnp.int32)).block_until_ready()
-  best = float("inf")
-  for _ in range(REPS):
-    t = time.perf_counter()
-    toks, nfe = run()
-    best = min(best, time.perf_counter() - t)
-  return best, len(toks), nfe, toks
+      logits = tmodel(torch.cat([prompt_emb, tmodel.p["embed"][x][None]], 1))[p:].double()
+      logits[:, list(st.banned_ids)] = torch.where(masked[:, None], -torch.inf, logits[:, list(st.banned_ids)])
+      x0 = logits.argmax(-1)
+      conf = torch.gather(torch.softmax(logits, -1), -1, x0[:, None])[:, 0]
+      limit = stop if stop is not None else e
+      conf = torch.where(masked & (torch.arange(g) < limit), conf, -torch.inf)
+      take = torch.topk(conf, counts[i]).indices
+      take = take[torch.isfinite(conf[take])]
+      x[take] = x0[take]
+      hits = torch.nonzero(x == st.eot_id)
+      stop = int(hits[0]) if len(hits) else None
+  return x[:stop if stop is not None else g].tolist()
 
 
-# ----------------------------------------------------------------------------- (b, c) the jitted sampler
-
-def loop_generate(model, ids, imgs, st: SamplerSettings, batch: int):
-  inp = generation.prepare_inputs(model, [ids] * batch, [imgs] * batch, seeds=list(range(batch)), rows=batch)
-  inp = jax.tree.map(jnp.asarray, inp)
-  static = dataclasses.replace(st, refresh_interval=1)
-  r = jnp.int32(st.refresh_interval)
-  compiled = core._sample_jit.lower(model.graphdef, static, model.state, inp, r).compile()
-  dt = float("inf")
-  for _ in range(REPS):
-    t = time.perf_counter()
-    out = jax.block_until_ready(compiled(model.state, inp, r))
-    dt = min(dt, time.perf_counter() - t)
-  out = jax.tree.map(np.asarray, out)
-  toks = int(np.minimum(out.stop, st.gen_length).sum())
-  return dt, toks, int(out.nfe.sum()), out.tokens[0][:int(out.stop[0])]
-
-
-def bench(name, cfg, gen, block, steps, batch, quick):
+def bench_vs_original(args):
+  cfg = {"tiny": config.tiny(), "mid": config.mid()}[args.config]
   model = random_model(cfg)
-  ids, imgs = prompt(cfg)
-  base = dict(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), eot_id=5, gen_length=gen, block_length=block,
-              steps=steps)
-  st = SamplerSettings(**base)
-  rows = []
+  st = SamplerSettings(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), eot_id=5, gen_length=args.gen,
+                       block_length=args.block, steps=args.steps)
+  ps = prompts(cfg, args.prompts)
+  tmodel = TorchLLaDA(model)
+  embs = []
+  for ids, imgs in ps:
+    e = multimodal.expand(ids, multimodal.process_sample_images(imgs, model.image_cfg), model.image_cfg)
+    emb = model.module.embed(e.tokens[None], e.pixels[None], e.merge_idx[None], e.merge_w[None])
+    embs.append(torch.from_numpy(np.asarray(emb, np.float32)))
+  torch.set_num_threads(args.torch_threads)  # on this shared 2-core machine 2 threads ran 40x slower than 1
+  t = time.perf_counter()
+  ref = [original_generate(tmodel, emb, st) for emb in embs]
+  t_orig = time.perf_counter() - t
+  run = lambda **kw: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=st,  # noqa: E731
+                                             batch_size=args.rows, **kw)
+  run()  # compile
+  t = time.perf_counter()
+  outs = run()
+  t_eng = time.perf_counter() - t
+  same = sum(o.token_ids == r for o, r in zip(outs, ref))
+  n = len(ps)
+  print(f"{args.config}: {n} prompts, gen {args.gen}, block {args.block}, steps {args.steps}")
+  print(f"  (a) original loop, torch eager, batch 1: {n / t_orig:7.2f} answers/s")
+  print(f"  (b) engine, {args.rows} rows:               {n / t_eng:7.2f} answers/s   ratio {t_orig / t_eng:.2f}x, "
+        f"identical answers {same}/{n}")
+  if args.accel:
+    for label, kw in (("threshold 0.9", dict(threshold=0.9)), ("factor 1.0", dict(factor=1.0)),
+                      ("prefix cache", dict(cache="prefix")), ("dual cache", dict(cache="dual"))):
+      s2 = SamplerSettings(**{**st.__dict__, **kw})
+      go = lambda: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=s2,  # noqa: E731
+                                           batch_size=args.rows)
+      go()
+      t = time.perf_counter()
+      o2 = go()
+      dt = time.perf_counter() - t
+      agree = np.mean([np.mean(np.asarray(a.token_ids[:len(r)]) == np.asarray(r[:len(a.token_ids)]))
+                       if min(len(a.token_ids), len(r)) else 1.0 for a, r in zip(o2, ref)])
+      print(f"  (c) {label:14s}: {n / dt:7.2f} answers/s ({t_orig / dt:.2f}x), NFE/answer "
+            f"{np.mean([o.nfe for o in o2]):.1f}, token agreement with (a) {agree:.2f}")
 
-  def add(label, b, res):
-    dt, toks, nfe, _ = res
-    rows.append((name, label, b, dt / b, toks / dt, nfe / b))
-    print(f"  {name:5s} {label:32s} B={b:<3d} {dt / b:8.3f} s/answer {toks / dt:9.1f} tok/s  NFE {nfe / b:6.1f}",
-          flush=True)
-    return res
 
-  ea = add("(a) eager loop, per-step jit", 1, eager_generate(model, ids, imgs, st))
-  lo = add("(b) while_loop", 1, loop_generate(model, ids, imgs, st, 1))
-  same = np.array_equal(np.asarray(ea[3]), np.asarray(lo[3]))
-  print(f"  eager and while_loop answers identical: {same}", flush=True)
-  add("(b) while_loop", batch, loop_generate(model, ids, imgs, st, batch))
-  variants = [("(c) threshold 0.9", dict(threshold=0.9)), ("(c) factor 1.0", dict(factor=1.0)),
-              ("(c) prefix cache (refresh 32)", dict(cache="prefix")), ("(c) dual cache", dict(cache="dual")),
-              ("(c) dual cache + factor 1.0", dict(cache="dual", factor=1.0)),
-              ("(c) shift 1/3, steps/2", dict(schedule="shift", steps=steps // 2))]
-  for label, kw in variants[:2] if quick else variants:
-    add(label, 1, loop_generate(model, ids, imgs, SamplerSettings(**{**base, **kw}), 1))
-  return rows, same
+# ----------------------------------------------------------------------------- 8B memory plan
+
+def memory(rows=64, answer=256, prompt=1024, block=32):
+  print(f"8B advance, {rows} rows x {answer} answer x {prompt} prompt, block {block}")
+  for dtype, cache, groups in (("bfloat16", None, 2), ("float32", None, 2), ("float32", None, 4),
+                               ("float32", "dual", 2)):
+    cfg = config.llada_v_8b().replace(dtype=dtype, param_dtype=dtype)
+    graphdef, params = abstract_model(cfg)
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    ec = EngineConfig(mask_id=cfg.mask_token_id, banned_ids=(126081, 126080, 126346, 126347), block_length=block,
+                      cache=cache, forward_rows=groups)
+    shapes = EngineShapes(rows=rows, prompt_len=prompt, answer_len=answer)
+    state = jax.eval_shape(lambda p: engine._init(graphdef, ec, shapes, p), params)
+    kv = 0 if state.cache is None else 2 * state.cache.k.size * state.cache.k.dtype.itemsize
+    rest = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) - kv
+    m = memory_stats(engine.advance.lower(graphdef, ec, params, state, np.int32(1)).compile())
+    gb = lambda b: f"{b / 2**30:6.2f} GiB"  # noqa: E731
+    print(f"  {dtype} cache={cache}, forward_rows={groups}: weights {gb(weights)}, KV cache {gb(kv)}, "
+          f"other state {gb(rest)}, temporaries {gb(m['temp_size_in_bytes'])}", flush=True)
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+def bench_arrivals(args, n=24, rows=8):
+  """Requests of 32 or 64 answer positions arrive one by one (Poisson, at a rate that keeps the
+  engine busy): the engine (refilled as rows finish) vs the same requests as full fixed batches
+  (a batch starts once `rows` requests have arrived and ends with its slowest row)."""
+  cfg = config.tiny() if args.config == "tiny" else config.mid()
+  model = random_model(cfg)
+  rng = np.random.default_rng(0)
+  ids = [[int(i) for i in rng.integers(10, cfg.llm.vocab_size - 10, 24)] for _ in range(n)]
+  lens = [32 if k % 2 else 64 for k in range(n)]
+  base = SamplerSettings(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), gen_length=64, block_length=32, steps=32)
+  sts = [SamplerSettings(**{**base.__dict__, "gen_length": g, "steps": g // 2}) for g in lens]
+  inp = generation.prepare_inputs(model, ids, [[]] * n, seeds=list(range(n)), rows=n)
+  reqs = [generation.requests(inp, generation.row_settings(st, 64, 32), 0)[k] for k, st in enumerate(sts)]
+  ec = base.engine()
+  shapes = EngineShapes(rows=rows, prompt_len=inp.prompt.length, answer_len=64, stops=1, stop_len=1)
+
+  def fixed(arrive):
+    t0, now, done = time.perf_counter(), 0.0, {}
+    for b0 in range(0, n, rows):
+      now = max(now, arrive[b0 + rows - 1])
+      while time.perf_counter() - t0 < now:
+        time.sleep(0.001)
+      generation.run_engine(model, reqs[b0:b0 + rows], ec, shapes)
+      now = time.perf_counter() - t0
+      done.update({k: now for k in range(b0, b0 + rows)})
+    return now, done
+
+  def continuous(arrive):
+    t0, done, running = time.perf_counter(), {}, {}
+    st = engine.init(model.graphdef, ec, shapes, model.state)
+    nxt = 0
+    while len(done) < n:
+      now = time.perf_counter() - t0
+      while nxt < n and arrive[nxt] <= now and len(running) < rows:
+        row = min(set(range(rows)) - set(running))
+        st = engine.insert(model.graphdef, ec, model.state, st, np.int32(row), reqs[nxt])
+        running[row] = nxt
+        nxt += 1
+      if not running:
+        time.sleep(0.001)
+        continue
+      st = engine.advance(model.graphdef, ec, model.state, st, np.int32(4))
+      fin = np.asarray(st.live) & np.asarray(st.done)
+      for r in np.nonzero(fin)[0]:
+        done[running.pop(int(r))] = time.perf_counter() - t0
+    return time.perf_counter() - t0, done
+
+  fixed(np.zeros(n))  # compile
+  continuous(np.zeros(n))
+  t_batch, _ = fixed(np.zeros(n))
+  rate = n / t_batch  # arrivals at the fixed batches' own throughput keep both busy
+  arrive = np.cumsum(rng.exponential(1 / rate, n))
+  for name, fn in (("fixed batches", fixed), ("engine, refilled", continuous)):
+    total, done = fn(arrive)
+    lat = np.median([done[k] - arrive[k] for k in range(n)])
+    print(f"  {name:17s}: {n / total:6.2f} answers/s, median latency {lat:6.2f} s")
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--configs", default="tiny,mid")
-  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--config", default="mid", choices=["tiny", "mid"])
+  ap.add_argument("--prompts", type=int, default=8)
+  ap.add_argument("--rows", type=int, default=8)
+  ap.add_argument("--gen", type=int, default=64)
+  ap.add_argument("--block", type=int, default=32)
+  ap.add_argument("--steps", type=int, default=32)
+  ap.add_argument("--torch_threads", type=int, default=1)
+  ap.add_argument("--accel", action="store_true")
+  ap.add_argument("--memory", action="store_true")
+  ap.add_argument("--arrivals", action="store_true")
   args = ap.parse_args()
-  # name: (config, gen_length, block_length, steps, batch, timed repetitions (best counts))
-  setups = {"tiny": (config.tiny(), 64, 32, 64, 16, 3), "mid": (config.mid(), 64, 32, 32, 4, 1)}
-  all_rows = []
-  print(f"devices: {jax.devices()}", flush=True)
-  t0 = time.perf_counter()
-  for name in args.configs.split(","):
-    global REPS
-    cfg, gen, block, steps, batch, REPS = setups[name]
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_model(cfg)[1]))
-    print(f"{name}: {n / 1e6:.1f}M params, gen {gen}, block {block}, steps {steps}", flush=True)
-    rows, _ = bench(name, cfg, gen, block, steps, batch, args.quick)
-    all_rows += rows
-  print(f"\ntotal {time.perf_counter() - t0:.0f} s\n")
-  print("| config | sampler | batch | s / answer | tokens/s | NFE / answer |")
-  print("|---|---|---|---|---|---|")
-  for name, label, b, spa, tps, nfe in all_rows:
-    print(f"| {name} | {label} | {b} | {spa:.3f} | {tps:.1f} | {nfe:.1f} |")
+  print(f"devices: {jax.devices()}")
+  if args.memory:
+    memory()
+  elif args.arrivals:
+    bench_arrivals(args)
+  else:
+    bench_vs_original(args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
-"""Host side of generation: text -> chat template -> image expansion -> bucketed left-padded batch
--> the jitted sampler (lladav_jax.sampling) -> decoded answers; and the Monte-Carlo ELBO.
+"""Host side of generation: text -> chat template -> image expansion -> bucketed left-padded prompts
+-> requests run by the sampler engine (lladav_jax.sampling) -> decoded answers; and the Monte-Carlo ELBO.
 
 Shapes are bucketed so that a new prompt rarely recompiles: the expanded prompt length is rounded
 up to a multiple of `length_multiple` (64), the tile count to one of TILE_BUCKETS (every tile an
-image or video needs is run: none is dropped), the batch to `batch_size` (or the next power of two);
-padding rows are marked not `live` and finish at once.
-Sample i of a call gets the seed `seed + i`, so its answer does not depend on how the prompts are
-batched (`batch_size`).
+image or video needs is run: none is dropped), the engine's rows to `batch_size` (or the next power of
+two of the prompt count), the answer to `answer_bucket`. Every setting of a request is a value (no
+compile). Requests wait for a free row and go in as soon as one finishes (continuous batching). Prompt i
+of a call gets the seed `seed + i`, so its answer does not depend on how the prompts are batched.
 """
 from __future__ import annotations
 
@@ -20,10 +20,12 @@ import numpy as np
 from flax import nnx
 
 from lladav_jax import batch as batch_lib
-from lladav_jax import multimodal, sharding
+from lladav_jax import multimodal
 from lladav_jax.batch import ModelInputs
 from lladav_jax.data import template
-from lladav_jax.sampling import SamplerInputs, SamplerSettings, sample
+from lladav_jax.sampling import engine
+from lladav_jax.sampling.engine import EngineShapes, Request, SamplerInputs
+from lladav_jax.sampling.settings import EngineConfig, RowSettings, SamplerSettings, row_settings
 
 
 @dataclasses.dataclass
@@ -116,38 +118,76 @@ def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[
                        live=np.arange(rows) < n)
 
 
+def requests(inputs: SamplerInputs, settings: RowSettings, suffix_len: int) -> list[Request]:
+  """The engine's requests of a prepared batch: one a live row."""
+  out = []
+  for k in np.nonzero(np.asarray(inputs.live))[0]:
+    row = jax.tree.map(lambda a: np.asarray(a)[k], inputs)
+    out.append(Request(prompt=row.prompt, suffix=row.suffix, suffix_len=np.int32(suffix_len), stop_ids=row.stop_ids,
+                       stop_lens=row.stop_lens, seed=row.seeds, settings=settings))
+  return out
+
+
+def run_engine(model, reqs: Sequence[Request], cfg: EngineConfig, shapes: EngineShapes) -> list[dict]:
+  """Runs `reqs` through an engine of `shapes.rows` rows: each request goes into a free row as soon as
+  one is free (continuous batching); returns per request its answer row, stop and counters."""
+  out: list[Optional[dict]] = [None] * len(reqs)
+  pending = list(range(len(reqs)))[::-1]
+  free = list(range(shapes.rows))[::-1]
+  running: dict[int, int] = {}
+  with jax.set_mesh(model.mesh):  # rows sharded over (data, fsdp) like the activations
+    state = engine.init(model.graphdef, cfg, shapes, model.state)
+    while pending or running:
+      while free and pending:
+        row, k = free.pop(), pending.pop()
+        state = engine.insert(model.graphdef, cfg, model.state, state, np.int32(row), reqs[k])
+        running[row] = k
+      state = engine.advance(model.graphdef, cfg, model.state, state, np.int32(1 << 30))
+      got = jax.device_get({f: getattr(state, f) for f in ("live", "done", "gen", "stop", "commit_step", "nfe",
+                                                           "steps", "query_tokens")})  # small; no per-count gather
+      for row in np.nonzero(got["live"] & got["done"])[0]:
+        out[running.pop(int(row))] = {f: got[f][row] for f in ("gen", "stop", "commit_step", "nfe", "steps",
+                                                               "query_tokens")}
+        free.append(int(row))
+  return out
+
+
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Sequence[Sequence]] = None, *,
                  settings: SamplerSettings, stop_ids: Sequence[Sequence[int]] = (), suffix_ids: Sequence[int] = (),
                  seed: int = 0, batch_size: Optional[int] = None, length_multiple: int = 64,
-                 tiles: Optional[int] = None, return_trajectory: bool = False) -> list[GenerationResult]:
+                 tiles: Optional[int] = None, answer_bucket: Optional[int] = None, vocab_chunk: Optional[int] = None,
+                 return_trajectory: bool = False) -> list[GenerationResult]:
   """Token-level generation: prompt ids (IMAGE_TOKEN_INDEX where images go) -> results (no text).
-  `length_multiple` and `tiles` set the shape buckets (see prepare_inputs)."""
+  `length_multiple` and `tiles` set the prompt buckets (see prepare_inputs), `answer_bucket` the
+  answer positions compiled for (default gen_length; any gen_length up to it runs without a new
+  compile), `batch_size` the engine's rows (default: the next power of two of the prompt count).
+  Prompt i gets the seed `seed + i`, whatever the batching. The stops are `stop_ids` in order, then
+  `settings.eot_id` unless it is one of them."""
   prompt_ids = [list(p) for p in prompt_ids]
   images = [list(i) for i in images] if images is not None else [[] for _ in prompt_ids]
   if len(images) != len(prompt_ids):
     raise ValueError(f"{len(prompt_ids)} prompts but {len(images)} image lists")
   if not prompt_ids:
     return []
-  chunk = batch_size or len(prompt_ids)
-  rows = batch_size or bucket_pow2(len(prompt_ids))
+  n = len(prompt_ids)
   stop_ids = [list(s) for s in stop_ids if len(s)]
+  if settings.eot_id is not None and [settings.eot_id] not in stop_ids:
+    stop_ids.append([settings.eot_id])
+  bucket = answer_bucket or settings.gen_length
+  rs = row_settings(settings, bucket, settings.block_length)
+  inputs = prepare_inputs(model, prompt_ids, images, suffix_ids=suffix_ids, stop_ids=stop_ids,
+                          seeds=[seed + i for i in range(n)], rows=n, length_multiple=length_multiple, tiles=tiles)
+  shapes = EngineShapes(rows=batch_size or bucket_pow2(n), prompt_len=inputs.prompt.length, answer_len=bucket,
+                        suffix_len=len(suffix_ids), stops=inputs.stop_ids.shape[1], stop_len=inputs.stop_ids.shape[2])
+  res = run_engine(model, requests(inputs, rs, len(suffix_ids)), settings.engine(vocab_chunk), shapes)
   g = settings.gen_length
-  out: list[GenerationResult] = []
-  for start in range(0, len(prompt_ids), chunk):
-    sl = slice(start, start + chunk)
-    n = len(prompt_ids[sl])
-    inputs = prepare_inputs(model, prompt_ids[sl], images[sl], suffix_ids=suffix_ids, stop_ids=stop_ids,
-                            seeds=[seed + start + i for i in range(n)], rows=rows, length_multiple=length_multiple,
-                            tiles=tiles)
-    with jax.set_mesh(model.mesh):  # rows sharded over (data, fsdp) like the activations
-      res = sample(model.graphdef, model.state, sharding.put_rows(inputs, model.mesh), settings)
-    res = jax.tree.map(np.asarray, res)
-    for i in range(n):
-      stop = int(res.stop[i])
-      ans = res.tokens[i].tolist()
-      traj = (Trajectory(ans, res.commit_step[i].tolist(), stop, settings.mask_id) if return_trajectory else None)
-      out.append(GenerationResult(text="", token_ids=ans[:min(stop, g)] + list(suffix_ids), nfe=int(res.nfe[i]),
-                                  steps=int(res.steps[i]), query_tokens=int(res.query_tokens[i]), trajectory=traj))
+  out = []
+  for r in res:
+    stop, ans = int(r["stop"]), r["gen"][:g].tolist()
+    traj = (Trajectory(ans, r["commit_step"][:g].tolist(), min(stop, g), settings.mask_id) if return_trajectory
+            else None)
+    out.append(GenerationResult(text="", token_ids=ans[:min(stop, g)] + list(suffix_ids), nfe=int(r["nfe"]),
+                                steps=int(r["steps"]), query_tokens=int(r["query_tokens"]), trajectory=traj))
   return out
 
 
@@ -155,7 +195,8 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
              block_length: int = 128, steps: int = 128, temperature: float = 0.0,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, threshold: Optional[float] = None,
              factor: Optional[float] = None, cache: Optional[str] = None, refresh_interval: int = 32,
-             schedule: str = "uniform", shift: float = 1 / 3, stop_strings: Optional[Sequence[str]] = None,
+             schedule: str = "uniform", shift: float = 1 / 3, stop_rule: str = "earliest",
+             stop_strings: Optional[Sequence[str]] = None,
              suffix: Optional[str] = None, seed: int = 0, batch_size: Optional[int] = None,
              return_trajectory: bool = False, system: Optional[str] = "default",
              skip_special_tokens: bool = True, length_multiple: int = 64,
@@ -178,7 +219,7 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
   settings = sampler_settings(model, gen_length=gen_length, block_length=block_length, steps=steps,
                               temperature=float(temperature), remasking=remasking, cfg_scale=float(cfg_scale),
                               threshold=threshold, factor=factor, cache=cache, refresh_interval=refresh_interval,
-                              schedule=schedule, shift=float(shift))
+                              schedule=schedule, shift=float(shift), stop_rule=stop_rule)
   stop_ids = tok.encode_stop_strings(list(stop_strings or []))
   suffix_ids = tok.encode(suffix) if suffix else []
   outs = generate_ids(model, prompt_ids, images, settings=settings, stop_ids=stop_ids, suffix_ids=suffix_ids,

@@ -80,10 +80,10 @@ def test_chartqa_stop_newline_and_relaxed_accuracy():
   samples = [EvalSample(id="a", prompt_text="q1", images=[IMG], answers=["100"]),
              EvalSample(id="b", prompt_text="q2", images=[IMG], answers=["12%"]),
              EvalSample(id="c", prompt_text="q3", images=[IMG], answers=["Asia"])]
-  replies = {"q1 /no_think": "104\nbecause the bar", "q2 /no_think": "0.12", "q3 /no_think": "Europe"}
+  replies = {"q1 /no_think": "104", "q2 /no_think": "0.12", "q3 /no_think": "Europe"}
   gen = Recorder(lambda p: replies[p])
   res = R.evaluate("chartqa", samples, gen, batch_size=3)
-  assert "\n" in gen.calls[0]["kw"]["stop_strings"]
+  assert "\n" in gen.calls[0]["kw"]["stop_strings"] and gen.calls[0]["kw"]["stop_rule"] == "original"
   assert res["predictions"][0]["prediction"] == "104"
   assert res["metrics"]["relaxed_accuracy"] == pytest.approx(200 / 3)
 

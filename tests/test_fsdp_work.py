@@ -56,20 +56,15 @@ def test_no_buffer_holds_the_global_batch(compiled8):
 
 
 def compile_sampler(devices: int, per_device: int = 1):
-  """The jitted sampler for rows sharded over the mesh (prompt of 1536 positions, one tile a row)."""
-  from lladav_jax.sampling import core
+  """The engine's `advance` for rows sharded over the mesh (a prompt bucket of 1536 positions)."""
+  from lladav_jax.sampling import EngineConfig, EngineShapes, engine
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
   graphdef, params = abstract_model(CFG, mesh)
-  b, s, p = devices * per_device, CFG.vision.image_size, L
-  sds = jax.ShapeDtypeStruct
-  inputs = core.SamplerInputs(prompt=batch_lib.shapes(b, p, 1, s, labels=False), suffix=sds((b, 0), np.int32),
-                              stop_ids=sds((b, 1, 1), np.int32), stop_lens=sds((b, 1), np.int32),
-                              seeds=sds((b,), np.uint32), live=sds((b,), np.bool_))
-  inputs = stp.abstract_batch(mesh, inputs)
-  settings = core.SamplerSettings(gen_length=64, block_length=32, steps=8, mask_id=CFG.mask_token_id, eot_id=3,
-                                  banned_ids=(1, 2), refresh_interval=1)
+  cfg = EngineConfig(mask_id=CFG.mask_token_id, banned_ids=(1, 2), block_length=32)
+  shapes = EngineShapes(rows=devices * per_device, prompt_len=L, answer_len=64)
   with jax.set_mesh(mesh):
-    compiled = core._sample_jit.lower(graphdef, settings, params, inputs, np.int32(1)).compile()
+    state = stp.abstract_batch(mesh, jax.eval_shape(lambda p: engine._init(graphdef, cfg, shapes, p), params))
+    compiled = engine.advance.lower(graphdef, cfg, params, state, np.int32(1)).compile()
   return compiled, stp.memory_stats(compiled)
 
 

@@ -14,8 +14,8 @@ import torch
 from flax import nnx
 
 from lladav_jax import generation
-from lladav_jax.sampling import count_table, shift_counts
-from lladav_jax.sampling.core import Forward
+from lladav_jax.sampling import EngineShapes, count_table, engine, row_settings, shift_counts
+from lladav_jax.sampling.engine import Forward
 from tests.test_sampler import (BUCKETS, IMAGES, PROMPTS, SUFFIX, assert_same, model, run_reference,  # noqa: F401
                                 settings, stop_setup)
 
@@ -83,26 +83,39 @@ def test_parallel_decoding_matches_reference_and_cuts_nfe(model, kw):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _full_and_window(graphdef, st, params, inp, gen, s):
-  fw = Forward(nnx.merge(graphdef, params), st, inp)
-  full, kv = fw.full(gen)
-  return full, fw.window(gen, kv, s)
+def _full_and_window(graphdef, cfg, params, state):
+  fw = Forward(nnx.merge(graphdef, params), cfg, state)
+  full, kv = fw.full(state.cache)
+  return full, fw.window(kv)
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_window_pass_on_a_fresh_cache_equals_the_full_pass(model, mode):
-  """The cached passes' positions, RoPE offsets and key masks: with a cache of the same tokens,
-  the window's logits equal the full pass's (left padding, images, CFG and a suffix included)."""
+  """The cached passes' positions, RoPE offsets and key masks: with a cache of the same tokens, the
+  window's hidden states of each row's block equal the full pass's (left padding, images, CFG, a
+  suffix, rows at different blocks and of different answer lengths included)."""
   st = settings(cache=mode, cfg_scale=0.5, gen_length=24, block_length=8, steps=12)
   inp = generation.prepare_inputs(model, PROMPTS, IMAGES, suffix_ids=SUFFIX, seeds=[0, 1, 2], rows=3)
+  shapes = EngineShapes(rows=3, prompt_len=inp.prompt.length, answer_len=24, suffix_len=2)
+  cfg = st.engine()
+  state = engine.init(model.graphdef, cfg, shapes, model.state)
+  lengths = (24, 16, 24)
+  for k, r in enumerate(generation.requests(inp, row_settings(st, 24, 8), 2)):
+    r = r.replace(settings=r.settings.replace(answer_len=np.int32(lengths[k])))
+    state = engine.insert(model.graphdef, cfg, model.state, state, np.int32(k), r)
   rng = np.random.default_rng(0)
   gen = rng.integers(5, 400, (3, 26)).astype(np.int32)
   gen[:, 9:24] = 500  # committed first block + a bit, masked rest, then the suffix
-  gen[:, 24:] = [60, 61]
-  for s in (0, 8, 16):
-    full, win = _full_and_window(model.graphdef, st, model.state, jax.tree.map(jnp.asarray, inp), gen, s)
-    q = win.shape[1] if mode == "dual" else 24 - s
-    np.testing.assert_allclose(np.asarray(win)[:, :q], np.asarray(full)[:, s:s + q], rtol=2e-4, atol=2e-4)
+  gen[:, 24:] = SUFFIX
+  gen[1, 16:24] = 500  # row 1 has 16 answer positions
+  state = state.replace(gen=jnp.asarray(gen), block=jnp.asarray([0, 1, 2], jnp.int32))
+  full, win = _full_and_window(model.graphdef, cfg, model.state, state)
+  np.testing.assert_allclose(np.asarray(win), np.asarray(full), rtol=2e-4, atol=2e-4)
+  assert np.abs(np.asarray(full)[:3] - np.asarray(full)[3:]).max() > 1e-2  # the unconditional rows differ
+  # the passes over groups of rows (forward_rows) give the same hidden states
+  full_g, win_g = _full_and_window(model.graphdef, replace(cfg, forward_rows=2), model.state, state)
+  np.testing.assert_allclose(np.asarray(full_g), np.asarray(full), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(win_g), np.asarray(win), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])

@@ -138,7 +138,7 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
       if j in bad:
         continue
       raw, nfe, n_tok = _out_fields(out)
-      pred = ans.postprocess_output(ans.truncate_at_stop(raw, kw["stop_strings"]))
+      pred = ans.postprocess_output(raw)  # stops act on token ids in the sampler, as the original's; no text cut
       rec = {"id": s.id, "prompt": prompt, "raw_output": raw, "prediction": pred, "answers": s.answers,
              "nfe": nfe, "num_tokens": n_tok, "seconds": dt / max(1, len(batch)),
              "_order": (local, process_index)}

@@ -52,10 +52,11 @@ class Task:
 
   # ---------------------------------------------------------------- generation
   def gen_kwargs(self) -> dict:
-    """The original's settings, as keyword arguments of LLaDAV.generate."""
+    """The original's settings, as keyword arguments of LLaDAV.generate (its multi-stop rule
+    included: the stop strings are searched in order, see SamplerSettings.stop_rule)."""
     return dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
                 temperature=0.0, remasking="low_confidence", cfg_scale=0.0,
-                stop_strings=list(self.stop_strings))
+                stop_strings=list(self.stop_strings), stop_rule="original")
 
   def model_prompt(self, sample: EvalSample) -> str:
     """prompt_text plus the think suffix (see `with_think`)."""

@@ -1,0 +1,382 @@
+"""The masked-diffusion sampler as an engine of rows, each at its own place in its own request.
+
+    state = init(graphdef, cfg, params, shapes)          # empty rows
+    state = insert(graphdef, cfg, params, state, row, request)   # vision tower + prompt, row reset
+    state = advance(graphdef, cfg, params, state, max_steps)     # one jitted lax.while_loop
+
+`advance` runs denoising steps over every row until `max_steps` or until a row finishes (returns
+then, so that the host reads the row out and refills it: continuous batching). A row that finished
+stays readable until the next `advance`, which frees it. Only shapes (`EngineShapes`) and
+`EngineConfig` (token ids, block length, cache mode, CFG on/off) are static; each row carries its
+own prompt length, answer length, block index, step within the block, step counts, stop, RNG seed
+and settings (`RowSettings`), so a request's tokens do not depend on its batch neighbours or on
+when it arrived (its random stream is key(seed) folded with its own step count).
+
+Each row follows the original's `generate_with_embeds` (REFERENCE.md sections 6 and 13):
+  * blocks [s, s + block_length) in order; a block starts with the counts of its masked positions
+    (`RowSettings.table`); the row leaves it after `steps_per_block` steps (threshold / factor:
+    when it has no mask left), when it has no mask left, or when a stop was found and no mask is
+    left before it; the row is finished when its blocks are exhausted or a stop lies at or before
+    the next block's start;
+  * per step: the hidden states of the current block only (every eligible position lies in it:
+    before a stop the block limit holds, and a stop always lies in the current block), the lean
+    decision of `decode.decide` (CFG as un + (scale + 1)(cond - un), the unconditional pass seeing
+    the mask embedding at every prompt position, images included; banned ids at -inf), eligible =
+    masked, before the block end or, once a stop was found, before the stop; commit per
+    `decode.select`; then the stop sequences are searched (`decode.update_stop`).
+
+Documented deviations from the original:
+  * float32 instead of float64 for the Gumbel noise and the softmax (see decode.py); JAX's random
+    streams.
+  * where fewer positions are eligible than the step's count (only after a stop), only eligible
+    positions are committed; the original's top-k also commits masked positions beyond the stop
+    at -inf confidence (cut from the output, but visible to later forwards).
+  * ties in confidence are broken towards the lower position (torch's top-k order is unspecified).
+Not a deviation: x0 may be the mask id itself; that position then stays masked, as in the original.
+
+Caches (EngineConfig.cache; every row refreshes at the first step of each of its blocks and every
+`refresh` steps after; a step where only some rows refresh runs both passes and picks per row, so a
+row's tokens never depend on its neighbours' schedule):
+  * "prefix" (Fast-dLLM prefix cache): a full forward stores every position's rotated K/V; other
+    steps run a window of static length answer bucket + suffix from the row's block start against
+    the cached K/V of the positions before it.
+  * "dual" (Fast-dLLM DualCache): other steps run only the current block against the cached K/V
+    of every other position.
+  Neither is exact (attention is bidirectional) unless refresh = 1. With CFG both passes are cached.
+`nfe` counts forward passes per row (2 a step with CFG); `query_tokens` the positions run through
+the transformer.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from lladav_jax import sharding as shd
+from lladav_jax.batch import ModelInputs
+from lladav_jax.model.llm import KVCache
+from lladav_jax.sampling import decode
+from lladav_jax.sampling.settings import EngineConfig, RowSettings
+
+# Traces of the engine's jitted functions, by name and static config (tests count them).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineShapes:
+  """The buckets: rows, prompt positions, answer positions (a multiple of the block length), suffix
+  positions, stop sequences and their longest length."""
+  rows: int
+  prompt_len: int
+  answer_len: int
+  suffix_len: int = 0
+  stops: int = 1
+  stop_len: int = 1
+
+
+@struct.dataclass
+class SamplerInputs:
+  """A prepared batch of prompts (host side; `generation.requests` turns its live rows into
+  `Request`s). Prompts are left-padded (all end at column P)."""
+  prompt: ModelInputs  # [B, P]; positions 0 at each sample's first real token
+  suffix: jax.Array  # int32 [B, Ls]; fixed tokens after the answer (Ls may be 0)
+  stop_ids: jax.Array  # int32 [B, NS, LS]; stop sequences, in order
+  stop_lens: jax.Array  # int32 [B, NS]; 0 = unused slot
+  seeds: jax.Array  # uint32 [B]
+  live: jax.Array  # bool [B]; False = a padding row
+
+
+@struct.dataclass
+class Request:
+  """One row's request (no row axis): a left-padded prompt of the engine's prompt bucket (any tile
+  count), a suffix of the suffix bucket with its length, stop sequences, seed, settings."""
+  prompt: ModelInputs
+  suffix: jax.Array  # int32 [Ls]
+  suffix_len: jax.Array  # int32
+  stop_ids: jax.Array  # int32 [NS, LS]
+  stop_lens: jax.Array  # int32 [NS]; 0 = unused slot
+  seed: jax.Array  # uint32
+  settings: RowSettings
+
+
+@struct.dataclass
+class EngineState:
+  prompt_emb: jax.Array  # [B, P, D] prompt embeddings, image features spliced in
+  valid: jax.Array  # bool [B, P]
+  pos: jax.Array  # int32 [B, P]
+  plen: jax.Array  # int32 [B] real prompt positions
+  gen: jax.Array  # int32 [B, G + Ls]: answer bucket, then suffix bucket
+  suffix_len: jax.Array  # int32 [B]
+  stop_ids: jax.Array
+  stop_lens: jax.Array
+  seed: jax.Array  # uint32 [B]
+  rs: RowSettings  # [B] values
+  live: jax.Array  # bool [B]: holds a request
+  done: jax.Array  # bool [B]: finished
+  block: jax.Array  # int32 [B]
+  i: jax.Array  # int32 [B]: step within the block
+  counts: jax.Array  # int32 [B, bl]: this block's per-step counts
+  stop: jax.Array  # int32 [B]: earliest stop start in the answer, G if none
+  commit_step: jax.Array  # int32 [B, G]: the row's step that committed each position, -1 if none
+  nfe: jax.Array  # int32 [B]
+  steps: jax.Array  # int32 [B]
+  query_tokens: jax.Array  # int32 [B]
+  cache: Optional[KVCache]  # [layers, B (x2 with CFG), P + G + Ls, K, H]
+
+
+def _by_row(tree):
+  """Per-row state stays sharded by row, as the activations are (a no-op off a mesh)."""
+  return jax.tree.map(lambda x: shd.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1)) if x.ndim else x,
+                      tree)
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+class Forward:
+  """The model passes of one step over R rows (R = 2B with CFG, stacked [cond; uncond]). `full`: the
+  whole sequence (its K/V replace the cache's rows where `pick`); `window`: a window from each row's
+  block start against the cache. Both give the hidden states of each row's current block [R, bl, D].
+  With `EngineConfig.forward_rows` the passes run on groups of that many rows in turn (the cache
+  updated in place), so that the temporaries are those of one group."""
+
+  def __init__(self, model, cfg: EngineConfig, st: EngineState):
+    self.llm, self.cfg = model.llm, cfg
+    llm = self.llm
+    self.b, self.p = st.valid.shape
+    self.g = st.commit_step.shape[1]
+    self.lg = st.gen.shape[1]
+    self.bl = cfg.block_length
+    col = jnp.arange(self.lg)
+    glen = st.rs.answer_len[:, None]
+    # answer columns < the row's answer length, then the suffix right after them (RoPE positions)
+    col_valid = jnp.where(col < self.g, col < glen, (col - self.g) < st.suffix_len[:, None])
+    gen_pos = st.plen[:, None] + jnp.where(col < self.g, col, glen + col - self.g)
+    emb = st.prompt_emb
+    self.mult = 2 if cfg.cfg else 1
+    if cfg.cfg:  # unconditional pass: the mask embedding at every prompt position, images included
+      mask_emb = llm.embed_tokens(jnp.full((1, 1), cfg.mask_id, jnp.int32)).astype(emb.dtype)
+      emb = jnp.concatenate([emb, jnp.where(st.valid[..., None], mask_emb, emb)])
+    x = lambda a: jnp.concatenate([a, a]) if cfg.cfg else a  # noqa: E731
+    self.rows = dict(emb=emb, valid=x(st.valid), pos=x(st.pos), gen=x(st.gen), gen_pos=x(gen_pos),
+                     col_valid=x(col_valid), s=x(jnp.maximum(st.block, 0) * self.bl))
+
+  @property
+  def window_len(self) -> int:
+    return {None: 0, "prefix": self.lg, "dual": self.bl}[self.cfg.cache]
+
+  def _grouped(self, fn, cache, pick):
+    """fn(rows, cache rows) -> (h [r, bl, D], K/V or None) over groups of rows; the K/V go into the
+    cache's rows where `pick`."""
+    r = self.b * self.mult
+    k = self.cfg.forward_rows or r
+    if r % k:
+      raise ValueError(f"forward_rows={k} does not divide the {r} rows of a pass")
+
+    def one(i, cache):
+      take = lambda a, axis=0: jax.lax.dynamic_slice_in_dim(a, i * k, k, axis=axis)  # noqa: E731
+      rows = jax.tree.map(take, self.rows)
+      h, kv = fn(rows, None if cache is None else jax.tree.map(lambda a: take(a, 1), cache))
+      if kv is not None:
+        sel = take(pick).reshape((1, k, 1, 1, 1))
+        kv = jax.tree.map(lambda new, old: jnp.where(sel, new.astype(old.dtype), take(old, 1)), kv, cache)
+        cache = jax.tree.map(lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, a, i * k, axis=1), cache, kv)
+      return h, cache
+
+    if k == r:
+      return one(0, cache)
+    h0 = jax.eval_shape(lambda c: one(0, c)[0], cache)
+
+    def body(i, carry):
+      h_all, cache = carry
+      h, cache = one(i, cache)
+      return jax.lax.dynamic_update_slice_in_dim(h_all, h, i * k, axis=0), cache
+
+    h_all = jnp.zeros((r,) + h0.shape[1:], h0.dtype)
+    return jax.lax.fori_loop(0, r // k, body, (h_all, cache))
+
+  def full(self, cache=None, pick=None):
+    llm, p, bl = self.llm, self.p, self.bl
+    with_kv = self.cfg.cache is not None
+
+    def fn(rw, _):
+      x = jnp.concatenate([rw["emb"], llm.embed_tokens(rw["gen"])], axis=1)
+      keymask = jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
+      out = llm(x, jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1), keymask[:, None, :], None, return_kv=with_kv)
+      h, kv = out if with_kv else (out, None)
+      idx = p + rw["s"][:, None] + jnp.arange(bl)[None]
+      return jnp.take_along_axis(h, idx[..., None], axis=1), kv
+
+    pick = jnp.ones((self.b * self.mult,), bool) if pick is None else pick
+    return self._grouped(fn, cache, pick)
+
+  def window(self, cache: KVCache):
+    llm, lg, bl, mode, mask_id = self.llm, self.lg, self.bl, self.cfg.cache, self.cfg.mask_id
+
+    def fn(rw, cache):
+      s, col_valid = rw["s"][:, None], rw["col_valid"]
+      col = jnp.arange(lg)[None]
+      if mode == "prefix":  # columns [s, s + lg); past the end: key-masked padding
+        q_col = s + jnp.arange(lg)[None]
+        qc = jnp.minimum(q_col, lg - 1)
+        q_valid = (q_col < lg) & jnp.take_along_axis(col_valid, qc, axis=1)
+        cached = col_valid & (col < s)
+        q_pos = jnp.take_along_axis(rw["gen_pos"], qc, axis=1) + jnp.maximum(q_col - (lg - 1), 0)
+      else:  # dual: only the block [s, s + bl); every other position comes from the cache
+        qc = s + jnp.arange(bl)[None]
+        q_valid = jnp.ones(qc.shape, bool)
+        cached = col_valid & ((col < s) | (col >= s + bl))
+        q_pos = jnp.take_along_axis(rw["gen_pos"], qc, axis=1)
+      q_tok = jnp.where(q_valid, jnp.take_along_axis(rw["gen"], qc, axis=1), mask_id)
+      keymask = jnp.concatenate([rw["valid"], cached, q_valid], axis=1)
+      return llm(llm.embed_tokens(q_tok), q_pos, keymask[:, None, :], cache)[:, :bl], None
+
+    return self._grouped(fn, cache, None)[0]
+
+
+# ----------------------------------------------------------------------------- row bookkeeping
+
+def _normalize(st: EngineState, cfg: EngineConfig) -> EngineState:
+  """Moves each running row to the block its next step works on, or marks it done (idempotent)."""
+  bl, g = cfg.block_length, st.commit_step.shape[1]
+  j = jnp.arange(g)[None]
+  masked = (st.gen[:, :g] == cfg.mask_id) & (j < st.rs.answer_len[:, None])
+
+  def in_block(block):
+    s = (block * bl)[:, None]
+    return masked & (j >= s) & (j < s + bl)
+
+  running = st.live & ~st.done
+  found = st.stop < g
+  limit = jnp.where(st.rs.mode == 0, st.rs.steps_per_block, bl)
+  leave = ((st.i >= limit) | ~jnp.any(in_block(st.block), axis=-1)
+           | (found & ~jnp.any(masked & (j < st.stop[:, None]), axis=-1)))
+  leave = running & leave
+  block = st.block + leave
+  done = st.done | (running & ((block * bl >= st.rs.answer_len) | (found & (st.stop <= block * bl))))
+  n = jnp.sum(in_block(block), axis=-1)
+  counts = jnp.where(leave[:, None], jnp.take_along_axis(st.rs.table, n[:, None, None], axis=1)[:, 0], st.counts)
+  return st.replace(block=block, i=jnp.where(leave, 0, st.i), counts=counts, done=done)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+def _init(graphdef, cfg: EngineConfig, shapes: EngineShapes, params) -> EngineState:
+  TRACE_COUNTS["init", cfg] += 1
+  model = nnx.merge(graphdef, params)
+  c = model.llm.cfg
+  b, p, g, ls, bl = shapes.rows, shapes.prompt_len, shapes.answer_len, shapes.suffix_len, cfg.block_length
+  if g % bl:
+    raise ValueError(f"answer bucket {g} is not a multiple of block_length={bl}")
+  i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
+  f32 = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
+  rs = RowSettings(answer_len=i32(b), steps_per_block=i32(b), table=i32(b, bl + 1, bl), temperature=f32(b),
+                   cfg_scale=f32(b), random_remask=jnp.zeros((b,), bool), mode=i32(b), value=f32(b),
+                   refresh=jnp.ones((b,), jnp.int32), original_stops=jnp.zeros((b,), bool))
+  cache = None
+  if cfg.cache is not None:
+    z = jnp.zeros((c.num_layers, b * (2 if cfg.cfg else 1), p + g + ls, c.num_kv_heads, c.head_dim), model.llm.dtype)
+    cache = KVCache(z, z)
+  st = EngineState(prompt_emb=jnp.zeros((b, p, c.hidden_size), model.llm.dtype), valid=jnp.zeros((b, p), bool),
+                   pos=i32(b, p), plen=i32(b), gen=jnp.full((b, g + ls), cfg.mask_id, jnp.int32), suffix_len=i32(b),
+                   stop_ids=jnp.full((b, shapes.stops, shapes.stop_len), -1, jnp.int32), stop_lens=i32(b, shapes.stops),
+                   seed=jnp.zeros((b,), jnp.uint32), rs=rs, live=jnp.zeros((b,), bool), done=jnp.zeros((b,), bool),
+                   block=i32(b), i=i32(b), counts=i32(b, bl), stop=jnp.full((b,), g, jnp.int32),
+                   commit_step=jnp.full((b, g), -1, jnp.int32), nfe=i32(b), steps=i32(b), query_tokens=i32(b),
+                   cache=None)
+  return _by_row(st).replace(cache=cache)
+
+
+def _insert(graphdef, cfg: EngineConfig, params, st: EngineState, row, req: Request) -> EngineState:
+  TRACE_COUNTS["insert", cfg] += 1
+  model = nnx.merge(graphdef, params)
+  pr = req.prompt
+  if pr.tokens.shape[0] != st.valid.shape[1]:
+    raise ValueError(f"the request's prompt has {pr.tokens.shape[0]} positions but the engine's bucket is "
+                     f"{st.valid.shape[1]}")
+  emb = model.embed(pr.tokens[None], pr.pixels[None], pr.merge_idx[None], pr.merge_w[None])[0]
+  g = st.commit_step.shape[1]
+  gen = jnp.concatenate([jnp.full((g,), cfg.mask_id, jnp.int32), req.suffix.astype(jnp.int32)])
+  put = lambda a, v: a.at[row].set(jnp.asarray(v, a.dtype))  # noqa: E731
+  st = st.replace(
+      prompt_emb=put(st.prompt_emb, emb), valid=put(st.valid, pr.valid), pos=put(st.pos, pr.positions),
+      plen=put(st.plen, jnp.sum(pr.valid)), gen=put(st.gen, gen), suffix_len=put(st.suffix_len, req.suffix_len),
+      stop_ids=put(st.stop_ids, req.stop_ids), stop_lens=put(st.stop_lens, req.stop_lens),
+      seed=put(st.seed, req.seed), rs=jax.tree.map(put, st.rs, req.settings), live=put(st.live, True),
+      done=put(st.done, False), block=put(st.block, -1), i=put(st.i, 0), stop=put(st.stop, g),
+      commit_step=put(st.commit_step, -1), nfe=put(st.nfe, 0), steps=put(st.steps, 0),
+      query_tokens=put(st.query_tokens, 0))
+  return _normalize(st, cfg)
+
+
+def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
+  """One denoising step of every running row."""
+  st = _by_row(st)
+  fw = Forward(model, cfg, st)
+  b, g, bl = fw.b, fw.g, fw.bl
+  active = st.live & ~st.done
+  s = jnp.maximum(st.block, 0) * bl
+  keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(st.seed, st.steps)
+  full_len = fw.p + fw.lg
+  if cfg.cache is None:
+    h, cache = fw.full()
+    q_len = jnp.full((b,), full_len)
+  else:
+    refresh = active & (st.i % st.rs.refresh == 0)
+    pick = jnp.concatenate([refresh, refresh]) if cfg.cfg else refresh
+
+    # full passes for the refreshing rows (their cache rows replaced in place), then windows for the others
+    # (which see their own, untouched cache rows); each pass only when some row needs it
+    h_shape = jax.eval_shape(fw.window, st.cache)
+    zeros = jnp.zeros(h_shape.shape, h_shape.dtype)
+    h_full, cache = jax.lax.cond(jnp.any(refresh), lambda c: fw.full(c, pick), lambda c: (zeros, c), st.cache)
+    h_win = jax.lax.cond(jnp.any(active & ~refresh), lambda: fw.window(cache), lambda: zeros)
+    h = jnp.where(pick[:, None, None], h_full, h_win)
+    q_len = jnp.where(refresh, full_len, fw.window_len)
+  x0_q, conf_q = decode.decide(h, fw.llm.lm_head[...], keys, st.rs.temperature, st.rs.cfg_scale,
+                               st.rs.random_remask, banned_ids=cfg.banned_ids,
+                               chunk=cfg.vocab_chunk or decode.chunk_size(fw.llm.lm_head.shape[1]),
+                               cfg=cfg.cfg, dtype=fw.llm.dtype)
+  # the block [s, s + bl) of each row -> answer space [B, G]
+  j = jnp.arange(g)[None]
+  q = jnp.clip(j - s[:, None], 0, bl - 1)
+  in_blk = (j >= s[:, None]) & (j < s[:, None] + bl)
+  x0 = jnp.take_along_axis(x0_q, q, axis=1)
+  conf = jnp.take_along_axis(conf_q, q, axis=1)
+  ans = st.gen[:, :g]
+  masked = ans == cfg.mask_id
+  limit = jnp.minimum(st.stop, s + bl)  # before a stop: the block end; after: the stop (inside the block)
+  eligible = active[:, None] & masked & in_blk & (j < limit[:, None])
+  k = jnp.take_along_axis(st.counts, jnp.minimum(st.i, bl - 1)[:, None], axis=1)[:, 0]
+  k = jnp.where(st.i < bl, k, 0)
+  chosen = decode.select(conf, eligible, k, st.rs.mode, st.rs.value)
+  ans = jnp.where(chosen, x0, ans)
+  occ = decode.first_occurrences(ans, st.stop_ids, st.stop_lens)
+  stop = jnp.where(active, decode.update_stop(st.stop, occ, st.rs.original_stops, g), st.stop)
+  act = active.astype(jnp.int32)
+  passes = 1 + (st.rs.cfg_scale > 0).astype(jnp.int32) if cfg.cfg else 1
+  st = st.replace(gen=st.gen.at[:, :g].set(ans), commit_step=jnp.where(chosen, st.steps[:, None], st.commit_step),
+                  stop=stop, nfe=st.nfe + act * passes, steps=st.steps + act,
+                  query_tokens=st.query_tokens + act * passes * q_len, i=st.i + act, cache=cache)
+  return _normalize(st, cfg)
+
+
+def _advance(graphdef, cfg: EngineConfig, params, st: EngineState, max_steps) -> EngineState:
+  TRACE_COUNTS["advance", cfg] += 1
+  model = nnx.merge(graphdef, params)
+  st = _by_row(st.replace(live=st.live & ~st.done))  # rows finished before this call are free now
+
+  def cond(c):
+    n, st = c
+    return (n < max_steps) & jnp.any(st.live & ~st.done) & ~jnp.any(st.live & st.done)
+
+  _, st = jax.lax.while_loop(cond, lambda c: (c[0] + 1, _step(model, cfg, c[1])), (jnp.int32(0), st))
+  return st
+
+
+init = jax.jit(_init, static_argnums=(0, 1, 2))
+insert = jax.jit(_insert, static_argnums=(0, 1), donate_argnums=(3,))
+advance = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=(3,))
