@@ -63,13 +63,6 @@ def test_postprocess_output_matches_original():
   assert A.postprocess_output("  yes ") == "yes"
 
 
-def test_truncate_at_stop():
-  assert A.truncate_at_stop("42\nmore text", ["\n"]) == "42"
-  assert A.truncate_at_stop("ab<|eot_id|>cd\nx", ["\n", "<|eot_id|>"]) == "ab"
-  assert A.truncate_at_stop("no stop", ["\n"]) == "no stop"
-  assert A.truncate_at_stop("x", None) == "x"
-
-
 @pytest.mark.parametrize("out,label", [("Yes", "yes"), ("Yes.", "yes"), ("no, it is not", "no"), ("y", "yes"),
                                        ("N", "no"), ("maybe", "other"), ("The answer is yes", "other")])
 def test_parse_yes_no(out, label):

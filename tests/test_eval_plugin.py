@@ -70,7 +70,9 @@ def test_generate_until_settings_stops_think_and_order():
 
 def test_until_honoured_only_when_asked():
   gk = {"until": ["\n\n"], "stopping_criteria": ["\n"]}
-  assert make().generation_settings(gk)[0]["stop_strings"] == ["\n", EOT]
+  kw = make().generation_settings(gk)[0]
+  # the original's order (its stopping_criteria, then eot) and its stop search (token ids, no text cut)
+  assert kw["stop_strings"] == ["\n", EOT] and kw["stop_rule"] == "original"
   for flag in (True, "true"):
     assert make(honor_until=flag).generation_settings(gk)[0]["stop_strings"] == ["\n\n", "\n", EOT]
   assert make(honor_until=True).generation_settings({"until": "ASSISTANT:"})[0]["stop_strings"] == ["ASSISTANT:", EOT]

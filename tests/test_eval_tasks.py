@@ -7,7 +7,7 @@ from lladav_jax.eval.tasks import EOT, TASKS, get_task, with_think
 MCQ = ["mmmu_val", "mmmu_pro_standard", "mmstar", "ai2d", "seedbench", "mmbench_en_dev", "muirbench", "mme",
        "realworldqa"]
 EXPECTED = {**{t: (2, 2, 2, "no_think", (EOT,)) for t in MCQ},
-            "chartqa": (16, 16, 16, "no_think", (EOT, "\n")),
+            "chartqa": (16, 16, 16, "no_think", ("\n", EOT)),  # order matters under stop_rule="original"
             "docvqa_val": (32, 32, 16, "no_think", (EOT,)),
             "infovqa_val": (32, 32, 16, "no_think", (EOT,)),
             "mathvista_testmini": (96, 96, 48, "think", (EOT,)),

@@ -84,7 +84,7 @@ def write_jsonl(path, docs):
 def direct(model, prompts, images):
   """What the plugin must answer: LLaDAV.generate with the task's settings, stops `<|eot_id|>` only."""
   outs = model.generate(prompts, images, **GEN, temperature=0.0, stop_strings=[EOT])
-  return [ans.postprocess_output(ans.truncate_at_stop(o.text, [EOT])) for o in outs]
+  return [ans.postprocess_output(o.text) for o in outs]
 
 
 @pytest.fixture(scope="module")

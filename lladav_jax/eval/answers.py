@@ -25,18 +25,6 @@ def option_letters(n: int) -> list[str]:
 
 # ------------------------------------------------------------------------------ output clean-up
 
-def truncate_at_stop(text: str, stop_strings: Sequence[str] | None) -> str:
-  """Cut `text` before the earliest occurrence of any stop string (the sampler already does this
-  on tokens; doing it again on text is a cheap guard for back-ends that do not)."""
-  cut = len(text)
-  for s in stop_strings or ():
-    if s:
-      i = text.find(s)
-      if i != -1:
-        cut = min(cut, i)
-  return text[:cut]
-
-
 def postprocess_output(text: str) -> str:
   """The original's clean-up (llava_onevision_llada.generate_until): drop ONE trailing '.', then
   strip whitespace, in that order ("B. " keeps its period)."""

@@ -198,7 +198,7 @@ class LLaDAVJax(_Base):
               remasking=gk.get("remasking", "low_confidence"),
               cfg_scale=float(gk.get("cfg_scale", 0.0)),  # the original's "cfg" key never reached the sampler
               threshold=gk.get("threshold", d["threshold"]), cache=gk.get("cache", d["cache"]),
-              stop_strings=stops, seed=self.seed)
+              stop_strings=stops, stop_rule="original", seed=self.seed)  # token-id stops, searched as the original
     return kw, gk.get("think_mode", self.think_mode)
 
   def _visuals(self, doc_to_visual, doc_id, task, split):
@@ -246,7 +246,7 @@ class LLaDAVJax(_Base):
         del images  # freed before the next batch is built, not after
         for i, out in zip(chunk, outs):
           text = out if isinstance(out, str) else out.text
-          res[i] = ans.postprocess_output(ans.truncate_at_stop(text, kw["stop_strings"]))
+          res[i] = ans.postprocess_output(text)  # stops are token ids (no text cut), as the original
     return res
 
   # ---------------------------------------------------------------- lmms-eval API

@@ -273,7 +273,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
        prompt_style="mme", post_prompt="\n" + SINGLE_WORD_OR_PHRASE),
   Task("chartqa", kind="open", metric="relaxed_accuracy", gen_length=16, block_length=16, steps=16,
        think="no_think", prompt_style="plain", post_prompt="\nAnswer the question with a single word.",
-       stop_strings=(EOT, "\n"), open_metric="relaxed_accuracy"),
+       stop_strings=("\n", EOT), open_metric="relaxed_accuracy"),  # the original's order: its stopping_criteria, then eot
   Task("docvqa_val", kind="open", metric="anls", gen_length=32, block_length=32, steps=16, think="no_think",
        prompt_style="plain", post_prompt="\n" + SINGLE_WORD_OR_PHRASE, open_metric="anls"),
   Task("infovqa_val", kind="open", metric="anls", gen_length=32, block_length=32, steps=16, think="no_think",
