@@ -14,6 +14,7 @@ from PIL import Image
 from lladav_jax import LLaDAV, config, convert, sharding, weights
 from lladav_jax.eval import __main__ as eval_cli
 from lladav_jax.eval.lmms_plugin import LLaDAVJax
+from lladav_jax.eval.tasks import get_task
 from lladav_jax.model import abstract_model
 from tests.released import write_released_checkpoint
 
@@ -108,8 +109,11 @@ def test_float32_checkpoint_keeps_float32_params(tmp_path):
 
 
 def test_eval_cli_and_lmms_plugin_pass_the_dtype(bf16_dir):
-  args = eval_cli.build_parser().parse_args(["--checkpoint", bf16_dir, "--task", "ai2d", "--data", "x"])
-  assert param_dtypes(eval_cli._load_model(args)) == {"bfloat16"}
+  parse = lambda *a: eval_cli.build_parser().parse_args(["--checkpoint", bf16_dir, "--data", "x", *a])
+  # a paper task evaluates in float16, as the original; --dtype overrides it; the demo task keeps the checkpoint's
+  assert param_dtypes(eval_cli._load_model(parse("--task", "ai2d"), get_task("ai2d"))) == {"float16"}
+  assert param_dtypes(eval_cli._load_model(parse("--task", "ai2d", "--dtype", "bfloat16"), get_task("ai2d"))) == {"bfloat16"}
+  assert param_dtypes(eval_cli._load_model(parse("--task", "demo"), get_task("demo"))) == {"bfloat16"}
   assert param_dtypes(LLaDAVJax(pretrained=bf16_dir, dtype="float32").model) == {"float32"}
 
 

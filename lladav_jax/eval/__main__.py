@@ -8,6 +8,7 @@ import sys
 import jax
 
 from lladav_jax.api import LLaDAV
+from lladav_jax.config import DTYPES
 from lladav_jax.eval import run as R
 from lladav_jax.eval.plots import plot_sweep
 from lladav_jax.eval.readers import read_samples
@@ -28,16 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cache", default=None, help="sampler cache mode passed to LLaDAV.generate (none = off)")
   p.add_argument("--temperature", type=float, default=None)
   p.add_argument("--seed", type=int, default=None)
-  p.add_argument("--dtype", default=None,
-                 help="parameter and compute dtype, e.g. float32 (default: the checkpoint's own parameter dtype)")
+  p.add_argument("--dtype", default=None, choices=DTYPES,
+                 help="parameter and compute dtype (default: the task's, float16 as the original evaluates; "
+                      "the demo task: the checkpoint's own)")
   p.add_argument("--sweep", default=None, help="e.g. steps=4,8,16 or threshold=0.9,0.7")
   p.add_argument("--output", default=None, help="results JSON (default runs/eval/<task>.json)")
   return p
 
 
-def _load_model(args):
-  kw = {"dtype": args.dtype} if args.dtype else {}
-  return LLaDAV.from_pretrained(args.checkpoint, **kw)
+def _load_model(args, task):
+  dtype = args.dtype or task.dtype
+  return LLaDAV.from_pretrained(args.checkpoint, **({"dtype": dtype} if dtype else {}))
 
 
 def main(argv=None, generate_fn=None, process_index: int | None = None, process_count: int | None = None) -> dict | None:
@@ -46,7 +48,7 @@ def main(argv=None, generate_fn=None, process_index: int | None = None, process_
   args = build_parser().parse_args(argv)
   task = get_task(args.task)
   if generate_fn is None:
-    generate_fn = _load_model(args).generate
+    generate_fn = _load_model(args, task).generate
     process_index, process_count = jax.process_index(), jax.process_count()
   process_index, process_count = process_index or 0, process_count or 1
   output = args.output or os.path.join("runs", "eval", f"{task.name}.json")

@@ -131,7 +131,7 @@ class LLaDAVJax(_Base):
   Model args: pretrained (checkpoint dir), batch_size, think_mode ("think" | "no_think" | None),
   default gen_length / block_length / steps / threshold / cache (per-request gen_kwargs win),
   mc_num (ELBO Monte-Carlo samples), check_greedy, max_frames_num (frames per video, 32 as the
-  original), dtype (parameters and compute; default: the checkpoint's own parameter dtype), seed,
+  original), dtype (parameters and compute; default float16, as the original evaluates), seed,
   honor_until (stop at gen_kwargs `until` too; default False: ignored, as the original).
   `model=` injects a loaded model.
   """
@@ -139,7 +139,7 @@ class LLaDAVJax(_Base):
   def __init__(self, pretrained: str = "", batch_size: int = 1, think_mode: str | None = None,
                gen_length: int | None = None, block_length: int | None = None, steps: int | None = None,
                threshold: float | None = None, cache: str | None = None, mc_num: int = 128,
-               check_greedy: bool = False, max_frames_num: int = 32, dtype: str | None = None, seed: int = 0,
+               check_greedy: bool = False, max_frames_num: int = 32, dtype: str | None = "float16", seed: int = 0,
                honor_until: bool = False, model=None, **kwargs) -> None:
     super().__init__()
     unknown = set(kwargs) - {"device", "device_map", "conv_template", "model_name", "attn_implementation"}

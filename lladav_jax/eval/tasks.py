@@ -49,6 +49,9 @@ class Task:
   needs_choices: bool = False      # a row without options is a data error
   open_metric: str = "exact_match"  # for kind == open: exact_match | relaxed_accuracy | anls
   description: str = ""
+  # The model dtype the original evaluates in (its lmms-eval model loads float16); the eval CLI's
+  # --dtype overrides it. None: the checkpoint's own dtype.
+  dtype: str | None = "float16"
 
   # ---------------------------------------------------------------- generation
   def gen_kwargs(self) -> dict:
@@ -285,8 +288,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
        block_length=64, steps=32, think="think", prompt_style="mathverse",
        description="scored by rule-based matching, not the reference's GPT judge"),
   Task("demo", kind="open", metric="exact_match", gen_length=8, block_length=8, steps=8, think=None,
-       prompt_style="plain", description="test split of the built-in synthetic data (lladav_jax/data/demo_data.py); "
-       "answers are 1-3 words, so 8 positions suffice"),
+       prompt_style="plain", dtype=None, description="test split of the built-in synthetic data "
+       "(lladav_jax/data/demo_data.py); answers are 1-3 words, so 8 positions suffice"),
 ]}
 
 
