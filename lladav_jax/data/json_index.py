@@ -234,7 +234,12 @@ class IndexedJsonSource:
       return a
     got = self._arrays.get(a)
     if got is None:
-      got = self._arrays.setdefault(a, np.load(a, mmap_mode="r"))
+      # Once per array, under the lock: np.load parses the header with ast, which CPython 3.11.7 cannot run
+      # in two threads at once (SystemError: AST constructor recursion depth mismatch).
+      with self._lock:
+        got = self._arrays.get(a)
+        if got is None:
+          got = self._arrays[a] = np.load(a, mmap_mode="r")
     return got
 
   def _fd(self, k: int) -> int:
