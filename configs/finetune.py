@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.image = ml_collections.ConfigDict()
   c.image.aspect = "anyres_max_4"  # "anyres_max_N" | "pad" | "square"
   c.image.multi_image = "pad"
+  # several images at eval and in the saved model: the original's eval path (pad_flat: 729 each, no newline)
+  c.image.eval_multi_image = "pad_flat"
   c.image.video_pool_stride = 2
   c.image.video_newline = "grid"
   c.image.exif_transpose = False  # the original never rotates by EXIF orientation
@@ -214,6 +216,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
     c.data.kind = "demo"
+    c.image.eval_multi_image = "pad"  # our own model: evaluated on the path it is trained on
     c.data.seq_len = 80  # the longest demo sample has 75 tokens (28 px patches: 4 per tile)
     c.data.buckets = (80,)
     c.data.tile_budget = 2

@@ -132,7 +132,14 @@ def _maybe_tokenizer(path: str):
 
 def _image_config(path: str, cfg: ModelConfig) -> multimodal.ImageConfig:
   """Image settings from the checkpoint's config.json where present (aspect, pinpoints, video). Several
-  images take the original's inference path (its lmms-eval model): "pad_flat"."""
+  images take the original's inference path (its lmms-eval model): "pad_flat". A model the trainer saved
+  carries its own (image_config.json: the run's image settings with image.eval_multi_image)."""
+  own = os.path.join(path, weights.IMAGE_CONFIG_FILE)
+  if os.path.exists(own):
+    with open(own) as fh:
+      d = json.load(fh)
+    return multimodal.ImageConfig(**{k: tuple(map(tuple, v)) if k == "grid_pinpoints" else tuple(v) if k == "mean"
+                                     else v for k, v in d.items()})
   base = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
                                 multi_image="pad_flat")
   f = os.path.join(path, "config.json")

@@ -47,6 +47,16 @@ def test_validation_names_each_bad_field(tmp_path):
     assert field in msg, (field, msg)
 
 
+def test_eval_image_path():
+  """Evals and the saved model take the original's eval path for several images (pad_flat); the demo, our own
+  model, is evaluated on the path it is trained on."""
+  r = run_config.resolve(finetune.get_config("stage2_si,runlocal"), num_devices=8, process_count=1)
+  assert (r.image.multi_image, r.eval_image.multi_image) == ("pad", "pad_flat")
+  c = finetune.get_config("stage2_si,runlocal")
+  c.image.eval_multi_image = "flat"
+  assert "image.eval_multi_image='flat' must be one of" in _problems(c)
+
+
 def test_pad_group_must_divide_the_process_batch():
   c = finetune.get_config("stage1,runlocal")
   c.data.pad_group_size = 3

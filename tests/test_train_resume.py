@@ -101,6 +101,9 @@ def test_finished_run_exports_a_loadable_model(uninterrupted, monkeypatch):
   tmp, _, _ = uninterrupted
   monkeypatch.chdir(tmp)
   model = LLaDAV.from_pretrained("a/model")
+  # the image settings it was trained on (the demo's own eval path: several images padded + newline)
+  from lladav_jax.data.demo_data import demo_image_config
+  assert model.image_cfg == demo_image_config(model.cfg.vision.patch_size)
   got = weights.flat_params(model.state)
   ckpt = ocp.PyTreeCheckpointer().restore(str(tmp / "a" / "checkpoints" / str(STEPS) / "state"))
   want = {**weights.flat_params(ckpt["params"]), **weights.flat_params(ckpt.get("frozen") or {})}

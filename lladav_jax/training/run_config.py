@@ -179,6 +179,11 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
     except ValueError as e:  # the message names each bad image.* field
       problems.append(str(e))
       icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size)
+  try:
+    eval_icfg = dataclasses.replace(icfg, multi_image=cfg.image.get("eval_multi_image", "pad_flat"))
+  except ValueError as e:
+    problems.append(str(e).replace("image.multi_image", "image.eval_multi_image"))
+    eval_icfg = icfg
   if icfg.image_size != mc.vision.image_size or icfg.patch_size != mc.vision.patch_size:
     problems.append(f"the images are {icfg.image_size}px tiles of {icfg.patch_size}px patches but the vision tower "
                     f"expects {mc.vision.image_size}/{mc.vision.patch_size}")
@@ -253,7 +258,7 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
 
   c, lg = cfg.checkpoint, cfg.log
   return settings.RunConfig(
-      preset=cfg.preset, seed=int(cfg.seed), model=mc, image=icfg,
+      preset=cfg.preset, seed=int(cfg.seed), model=mc, image=icfg, eval_image=eval_icfg,
       data=settings.TrainData(kind=kind, pipeline=data, synthetic_tiles=syn_tiles,
                               synthetic_answer_frac=float(cfg.data.synthetic_answer_frac)),
       loss=loss, optim=optim, train=settings.TrainConfig(global_batch_size=gb, grad_accum_steps=acc, num_steps=num_steps),

@@ -98,6 +98,7 @@ class RunConfig:
   seed: int
   model: ModelConfig
   image: ImageConfig
+  eval_image: ImageConfig  # `image` with image.eval_multi_image: evals and the saved model
   data: TrainData
   loss: LossConfig
   optim: OptimConfig

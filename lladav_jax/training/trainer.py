@@ -12,7 +12,6 @@ the step number, and the previous checkpoint is the last good one.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -128,9 +127,9 @@ class StopSignal:
 # ----------------------------------------------------------------------------- evaluation
 
 def lladav_model(setup, r: RunConfig, state):
-  """The model for evals: several images take the original's eval path (pad_flat), not the training one."""
+  """The model for evals, on `r.eval_image` (several images: the original's eval path, pad_flat, by default)."""
   return LLaDAV(r.model, setup.graphdef, nnx.State(state_lib.full_params(state)), tokenizer=r.tokenizer,
-                image_cfg=dataclasses.replace(r.image, multi_image="pad_flat"), mesh=setup.mesh)
+                image_cfg=r.eval_image, mesh=setup.mesh)
 
 
 def run_evals(setup, r: RunConfig, state, *, step: int = 0, workdir: str | None = None) -> dict:
@@ -302,7 +301,8 @@ def train(r: RunConfig, workdir: str) -> dict:
   if ckpt is not None:
     ckpt.wait()
   if exit_reason == "done" and c.export_model:
-    out = weights.save_model(os.path.join(workdir, "model"), r.model, state_lib.full_params(state), r.tokenizer_dir)
+    out = weights.save_model(os.path.join(workdir, "model"), r.model, state_lib.full_params(state), r.tokenizer_dir,
+                            image_cfg=r.eval_image)
     if is_main:
       log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
 

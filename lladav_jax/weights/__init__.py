@@ -14,7 +14,7 @@ from lladav_jax.weights.hf_config import (DEFAULT_MASK_TOKEN_ID, checkpoint_dtyp
                                           load_model_config, model_config_from_hf)
 from lladav_jax.weights.hf_read import SafetensorsDir, common_dtype, read_param
 from lladav_jax.weights.load import init_params, load_state
-from lladav_jax.weights.names import (CONFIG_FILE, ENTRIES, EXTRAS_FILE, GROUPS, INDEX_FILE, MANIFEST_FILE, MAPPING,
+from lladav_jax.weights.names import (CONFIG_FILE, ENTRIES, IMAGE_CONFIG_FILE, EXTRAS_FILE, GROUPS, INDEX_FILE, MANIFEST_FILE, MAPPING,
                                       PARAMS_DIR, TRANSFORMS, VISION_PREFIX, Entry, aux_files, expected_hf_shapes,
                                       flat_params, hf_shape, is_extra, nest, to_hf, to_ours)
 from lladav_jax.weights.orbax_io import is_orbax_dir, orbax_metadata, read_manifest, read_orbax_param
@@ -26,6 +26,6 @@ __all__ = [
     "ParamSource", "SafetensorsDir", "model_config_from_hf", "load_model_config", "checkpoint_dtype", "load_state", "plan_hf",
     "read_param", "is_extra", "is_orbax_dir", "orbax_metadata", "read_orbax_param", "read_manifest", "init_params",
     "expected_hf_shapes", "hf_shape", "to_ours", "to_hf", "flat_params", "nest", "common_dtype",
-    "aux_files", "save_model", "CONFIG_FILE", "MANIFEST_FILE", "EXTRAS_FILE", "PARAMS_DIR", "INDEX_FILE",
+    "aux_files", "save_model", "CONFIG_FILE", "IMAGE_CONFIG_FILE", "MANIFEST_FILE", "EXTRAS_FILE", "PARAMS_DIR", "INDEX_FILE",
     "DEFAULT_MASK_TOKEN_ID", "AssembledTensors", "siglip_vision_config", "lladav_hf_config",
 ]

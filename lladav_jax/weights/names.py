@@ -33,6 +33,7 @@ from lladav_jax.config import ModelConfig
 from lladav_jax.model import abstract_model
 
 CONFIG_FILE = "lladav_config.json"  # our ModelConfig, in a converted Orbax directory
+IMAGE_CONFIG_FILE = "image_config.json"  # the image settings a trained model is used with (save_model)
 MANIFEST_FILE = "hf_manifest.json"  # HF names, shapes and dtypes of the source, for orbax -> hf
 EXTRAS_FILE = "extras.safetensors"  # unused source tensors, kept verbatim
 PARAMS_DIR = "params"  # the Orbax checkpoint inside a converted directory

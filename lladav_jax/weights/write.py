@@ -2,21 +2,24 @@
 tokenizer files). The HF export is `convert.orbax_to_hf`."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 
 import jax
 
 from lladav_jax.config import ModelConfig
-from lladav_jax.weights.names import CONFIG_FILE, PARAMS_DIR, aux_files, flat_params, nest
+from lladav_jax.weights.names import CONFIG_FILE, IMAGE_CONFIG_FILE, PARAMS_DIR, aux_files, flat_params, nest
 
 
-def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None) -> str:
+def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = None, image_cfg=None) -> str:
   """Writes `params` (an nnx.State or nested dict, sharded arrays fine) as a model directory that
   `LLaDAV.from_pretrained`, `lladav_jax.eval` and `lladav_jax.generate` load: Orbax params, our
   config, and the tokenizer (and HF config) files of `tokenizer_dir`. Every process calls it (Orbax saves sharded arrays collectively
   and commits atomically); process 0 writes the small files, the config last (through a rename),
-  so a directory without it is never taken for a model."""
+  so a directory without it is never taken for a model. `image_cfg` (a multimodal.ImageConfig): the image
+  settings inference uses with this model, saved as image_config.json."""
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
@@ -28,6 +31,9 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = 
   if jax.process_index() == 0:
     for f in aux_files(tokenizer_dir) if tokenizer_dir else ():
       shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(path, f))
+    if image_cfg is not None:
+      with open(os.path.join(path, IMAGE_CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(image_cfg), f, indent=1)
     with open(cfg_file + ".tmp", "w") as f:
       f.write(cfg.to_json())
     os.replace(cfg_file + ".tmp", cfg_file)
