@@ -137,9 +137,7 @@ def _image_config(path: str, cfg: ModelConfig) -> multimodal.ImageConfig:
   own = os.path.join(path, weights.IMAGE_CONFIG_FILE)
   if os.path.exists(own):
     with open(own) as fh:
-      d = json.load(fh)
-    return multimodal.ImageConfig(**{k: tuple(map(tuple, v)) if k == "grid_pinpoints" else tuple(v) if k == "mean"
-                                     else v for k, v in d.items()})
+      return multimodal.ImageConfig.from_dict(json.load(fh))
   base = multimodal.ImageConfig(image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
                                 multi_image="pad_flat")
   f = os.path.join(path, "config.json")

@@ -63,6 +63,15 @@ class ImageConfig:
     if errs:
       raise ValueError("; ".join(errs))
 
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ImageConfig":
+    """The inverse of to_dict after a JSON round trip (lists back to the tuples of the frozen fields)."""
+    tuples = {"grid_pinpoints": lambda v: tuple(map(tuple, v)), "mean": tuple}
+    return cls(**{k: tuples[k](v) if k in tuples else v for k, v in d.items()})
+
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size

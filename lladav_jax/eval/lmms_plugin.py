@@ -224,10 +224,6 @@ class LLaDAVJax(_Base):
     kw, think = self.generation_settings(gen_kwargs)
     return context, visuals, kw, think
 
-  @staticmethod
-  def _prompt(context: str, think, images: list) -> str:
-    return tasks.with_think(context, think, bool(images))
-
   def _generate(self, prepared: list) -> list[str]:
     """Prepared prompts -> cleaned answers in the same order; same-settings prompts are batched, and
     each batch's visuals are built just before its call."""
@@ -241,7 +237,7 @@ class LLaDAVJax(_Base):
       for s in range(0, len(idxs), self.batch_size):
         chunk = idxs[s:s + self.batch_size]
         images = [_built(prepared[i][1]) for i in chunk]
-        prompts = [self._prompt(prepared[i][0], prepared[i][3], im) for i, im in zip(chunk, images)]
+        prompts = [tasks.with_think(prepared[i][0], prepared[i][3], bool(im)) for i, im in zip(chunk, images)]
         outs = self.model.generate(prompts, images, **kw)
         del images  # freed before the next batch is built, not after
         for i, out in zip(chunk, outs):

@@ -180,7 +180,7 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
       problems.append(str(e))
       icfg = multimodal.ImageConfig(image_size=mc.vision.image_size, patch_size=mc.vision.patch_size)
   try:
-    eval_icfg = dataclasses.replace(icfg, multi_image=cfg.image.get("eval_multi_image", "pad_flat"))
+    eval_icfg = dataclasses.replace(icfg, multi_image=cfg.image.eval_multi_image)
   except ValueError as e:
     problems.append(str(e).replace("image.multi_image", "image.eval_multi_image"))
     eval_icfg = icfg

@@ -2,7 +2,6 @@
 tokenizer files). The HF export is `convert.orbax_to_hf`."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = 
       shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(path, f))
     if image_cfg is not None:
       with open(os.path.join(path, IMAGE_CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(image_cfg), f, indent=1)
+        json.dump(image_cfg.to_dict(), f, indent=1)
     with open(cfg_file + ".tmp", "w") as f:
       f.write(cfg.to_json())
     os.replace(cfg_file + ".tmp", cfg_file)
