@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from lladav_jax import multimodal
 from lladav_jax.config import LLMConfig, ModelConfig, VisionConfig
 from lladav_jax.weights.hf_read import SafetensorsDir
 from lladav_jax.weights.names import CONFIG_FILE, INDEX_FILE
@@ -131,7 +132,8 @@ def lladav_hf_config(cfg: ModelConfig, *, torch_dtype: str, vision_tower: str,
   the original trainer's `mm_*` keys), plus the tower's `vision_config` (its full layer count: the
   last is dropped on load) and `mask_token_id`, so that `model_config_from_hf` reads back `cfg`."""
   l, v = cfg.llm, cfg.vision
-  pin = [[i * v.image_size, j * v.image_size] for i in range(1, 7) for j in range(1, 7)]
+  im = multimodal.ImageConfig(image_size=v.image_size, patch_size=v.patch_size)  # the released image settings
+  pin = [[i * v.image_size, j * v.image_size] for i, j in im.grid_pinpoints]
   return dict(
       architectures=["LlavaLLaDAModelLM"], model_type="llava_llada", torch_dtype=torch_dtype,
       vocab_size=l.vocab_size, hidden_size=l.hidden_size, intermediate_size=l.intermediate_size,
@@ -140,9 +142,9 @@ def lladav_hf_config(cfg: ModelConfig, *, torch_dtype: str, vision_tower: str,
       max_position_embeddings=l.max_position_embeddings, initializer_range=l.initializer_range,
       attention_bias=False, mlp_bias=False, tie_word_embeddings=False, use_cache=False,
       **{k: i for k, i in token_ids.items() if i is not None}, mask_token_id=cfg.mask_token_id,
-      image_aspect_ratio="anyres_max_4", image_grid_pinpoints=pin, mm_hidden_size=v.hidden_size,
-      mm_newline_position="grid", mm_patch_merge_type="spatial_unpad", mm_projector_type="mlp2x_gelu",
-      mm_spatial_pool_mode="bilinear", mm_spatial_pool_stride=2, mm_use_im_patch_token=False,
+      image_aspect_ratio=im.aspect, image_grid_pinpoints=pin, mm_hidden_size=v.hidden_size,
+      mm_newline_position=im.video_newline, mm_patch_merge_type="spatial_unpad", mm_projector_type="mlp2x_gelu",
+      mm_spatial_pool_mode="bilinear", mm_spatial_pool_stride=im.video_pool_stride, mm_use_im_patch_token=False,
       mm_use_im_start_end=False, mm_vision_select_feature="patch", mm_vision_select_layer=-2,
       mm_vision_tower=vision_tower, tokenizer_padding_side="right",
       vision_config=dict(model_type="siglip_vision_model", hidden_size=v.hidden_size,
