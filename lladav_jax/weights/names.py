@@ -122,7 +122,7 @@ _EXTRA_PATTERNS = (
     re.compile(re.escape(_V) + r"embeddings\.position_ids$"),
     re.compile(r".*rotary_emb\.inv_freq$"),
 )
-# Every stacked family's per-layer name as a pattern: (family, the config field that counts its layers).
+# Every stacked per-layer name of either scheme as a pattern, with its group (llm or vision).
 _LAYER_PATTERNS = tuple(
     (re.compile(re.escape(t).replace(re.escape("{i}"), r"(\d+)") + "$"), e.group)
     for e in MAPPING if e.stacked for t in {e.hf, e.hf_llada or e.hf})
