@@ -83,6 +83,8 @@ def test_float16_as_the_original_evaluates(bf16_dir):
   assert f16[0].dtype == np.float32 and all(np.isfinite(x).all() for x in f16)
   for x, y in zip(f16, f32):
     assert np.abs(x - y).max() <= 0.01 * np.abs(y).max()
+  out = model.generate(["What color is the shape?"], gen_length=4, block_length=4, steps=4)[0]  # the sampler's head
+  assert out.nfe == 4 and 1 <= len(out.token_ids) <= 4
   with pytest.raises(ValueError, match="dtype='float64' must be one of"):
     LLaDAV.from_pretrained(bf16_dir, dtype="float64")
 

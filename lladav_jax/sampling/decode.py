@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lladav_jax.model import common
+
 NEG_INF = -jnp.inf
 
 
@@ -37,7 +39,7 @@ def decide(h_RQD, lm_head_DV, keys, temperature, cfg_scale, random_remask, *, ba
   def body(c, carry):
     best, best_idx, best_logit, m, s = carry
     w = jax.lax.dynamic_slice_in_dim(lm_head_DV, c * chunk, chunk, axis=1).astype(dtype)
-    logits = jnp.einsum("RQD,DC->RQC", h_RQD, w, preferred_element_type=jnp.float32)
+    logits = common.einsum_f32("RQD,DC->RQC", h_RQD, w)  # the model's head (float16: rounded as the original's)
     if cfg:  # un + (scale + 1) (cond - un) where the row asks for CFG, else the conditional logits
       cond, un = logits[:b], logits[b:]
       scale = cfg_scale[:, None, None]
