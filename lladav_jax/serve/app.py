@@ -49,6 +49,7 @@ class ServeConfig:
   max_num_seqs: int = 8  # engine rows (running answers in all)
   max_queue: int = 64  # answers waiting for a row; beyond: 429
   max_image_bytes: int = 20 << 20
+  max_body_bytes: int = 64 << 20  # a request with its data: URLs (beyond: 413)
   max_image_pixels: int = 89478485  # PIL's decompression-bomb limit, as the training data's default
   retry_after_s: int = 1
 
@@ -160,6 +161,8 @@ class Server:
     if req.model != self.cfg.served_model_name:
       raise FieldError("model", f"the model {req.model!r} does not exist; this server serves "
                        f"{self.cfg.served_model_name!r}", status=404)
+    if req.n > self.cfg.max_queue:
+      raise FieldError("n", f"n={req.n} is more than the queue holds ({self.cfg.max_queue})")
     ids, imgs = self.prompt_ids(req)
     try:
       settings = generation.sampler_settings(self.model, **req.sampler_kwargs())
@@ -219,7 +222,8 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     yield
     await anyio.to_thread.run_sync(srv.sched.stop)
 
-  app = FastAPI(title="LLaDA-V", lifespan=lifespan, docs_url=None, redoc_url=None)
+  app = FastAPI(title="LLaDA-V", lifespan=lifespan, docs_url=None, redoc_url=None,
+                max_body_size=max(cfg.max_body_bytes, 2 * cfg.max_image_bytes))
   app.state.server = srv
 
   def fail(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None, headers=None):

@@ -50,8 +50,14 @@ class Job:
 
 
 def asyncio_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: Any) -> Callable[[tuple], None]:
-  """An `emit` that puts (tag, event) on an asyncio queue from the scheduler thread."""
-  return lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (tag, ev))
+  """An `emit` that puts (tag, event) on an asyncio queue from the scheduler thread (nothing once the loop
+  is closed: the request is gone)."""
+  def emit(ev):
+    try:
+      loop.call_soon_threadsafe(queue.put_nowait, (tag, ev))
+    except RuntimeError:
+      pass
+  return emit
 
 
 class Scheduler:
@@ -65,6 +71,7 @@ class Scheduler:
     self.running: dict[tuple, Job] = {}  # (engine key, row) -> job
     self.runners: dict[tuple, generation.EngineRunner] = {}
     self.cv = threading.Condition()
+    self.admitting = 0  # jobs taken from the queue, not yet in a row
     self.stopping = False
     self.thread = threading.Thread(target=self._loop, name="lladav-engine", daemon=True)
 
@@ -98,7 +105,7 @@ class Scheduler:
   @property
   def idle(self) -> bool:
     with self.cv:
-      return not self.waiting and not self.running
+      return not (self.waiting or self.running or self.admitting)
 
   def stop(self):
     with self.cv:
@@ -108,30 +115,41 @@ class Scheduler:
 
   # ------------------------------------------------------------ the engine thread
   def _loop(self):
-    while True:
+    while not self.stopping or self.waiting or self.running:
+      try:
+        self._tick()
+      except Exception as e:  # a bug here must not stop the server: the running answers fail, it goes on
+        log.exception("engine loop failed")
+        with self.cv:
+          jobs, self.running, self.runners, self.admitting = list(self.running.values()), {}, {}, 0
+        for job in jobs:
+          job.emit(("error", f"{type(e).__name__}: {e}"))
+
+  def _tick(self):
+    with self.cv:
+      while not (self.waiting or self.running or self.stopping):
+        self.cv.wait()
+      admit = []
+      while self.waiting and len(self.running) + len(admit) < self.max_rows:
+        job = self.waiting.popleft()
+        if not job.cancelled:
+          admit.append(job)
+      self.admitting = len(admit)
+      dropped = [(k, j) for k, j in self.running.items() if j.cancelled]
+    for (key, row), job in dropped:
+      self.runners[key].release(row, running=True)
+      del self.running[key, row]
+      self.on_tokens(0, job.nfe)
+    for job in admit:
+      self._insert(job)
       with self.cv:
-        while not (self.waiting or self.running or self.stopping):
-          self.cv.wait()
-        if self.stopping and not (self.waiting or self.running):
-          return
-        admit = []
-        while self.waiting and len(self.running) + len(admit) < self.max_rows:
-          job = self.waiting.popleft()
-          if not job.cancelled:
-            admit.append(job)
-        dropped = [(k, j) for k, j in self.running.items() if j.cancelled]
-      for (key, row), job in dropped:
-        self.runners[key].release(row, running=True)
-        del self.running[key, row]
-        self.on_tokens(0, job.nfe)
-      for job in admit:
-        self._insert(job)
-      for key in list(self.runners):
-        runner = self.runners[key]
-        if runner.busy:
-          self._advance(key, runner)
-        if not runner.busy:  # an idle engine's state (its cache) is not kept; its compiled code is
-          del self.runners[key]
+        self.admitting -= 1
+    for key in list(self.runners):
+      runner = self.runners[key]
+      if runner.busy:
+        self._advance(key, runner)
+      if not runner.busy:  # an idle engine's state (its cache) is not kept; its compiled code is
+        del self.runners[key]
 
   def _insert(self, job: Job):
     try:
