@@ -93,22 +93,19 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
   webp, webp_url = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 90, 3), np.uint8)), "WEBP")
   jpeg, jpeg_url = encoded(Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 90, 3), np.uint8)), "JPEG")
   kw = dict(gen_length=16, block_length=8, steps=16)
-  want = {q: model.generate([q], [ims], **kw)[0] for q, ims in (("What color is the circle?", []),
-                                                                 ("How many shapes are there?", []),
-                                                                 ("What shape is it?", [webp, a]),
-                                                                 ("Is it red?", [jpeg, a]))}
-  words = want["How many shapes are there?"].text.split()
-  stop = " " + next(w for w in words if w != words[0])  # a later word of that answer ends it early
-  cases = [  # (question, their image URLs, extra settings); two prompt buckets: text, two images
-      ("What color is the circle?", [], {}),
-      ("How many shapes are there?", [], dict(stop=[stop])),
-      ("What shape is it?", [webp_url, "a.png"], {}),  # a path under --image-root
-      ("Is it red?", [jpeg_url, "file://" + str(images / "a.png")], {}),
+  plain = model.generate(["How many shapes are there?"], **kw)[0].text.split()
+  stop = " " + next(w for w in plain if w != plain[0])  # a later word of that answer ends it early
+  cases = [  # (question, images, their URLs, extra settings); two prompt buckets: text, two images
+      ("What color is the circle?", [], [], {}),
+      ("How many shapes are there?", [], [], dict(stop=[stop])),
+      ("What shape is it?", [webp, a], [webp_url, "a.png"], {}),  # a path under --image-root
+      ("Is it red?", [jpeg, a], [jpeg_url, "file://" + str(images / "a.png")], {}),
   ]
-  with cf.ThreadPoolExecutor(len(cases)) as ex:
-    futs = [ex.submit(chat, client, user(q, *urls), temperature=0, **SHORT, **extra) for q, urls, extra in cases]
+  with cf.ThreadPoolExecutor(len(cases)) as ex:  # the server works while this process runs generate
+    futs = [ex.submit(chat, client, user(q, *urls), temperature=0, **SHORT, **extra) for q, _, urls, extra in cases]
+    want = {q: model.generate([q], [ims], **kw)[0] for q, ims, _, _ in cases}
     got = [f.result() for f in futs]
-  for (q, _, extra), resp in zip(cases, got):
+  for (q, _, _, extra), resp in zip(cases, got):
     c, w = resp.choices[0], want[q]
     if extra:  # the stop word cuts generate's answer where it first occurs
       assert c.finish_reason == "stop" and c.message.content == w.text[:w.text.index(stop)], (c, w.text)
@@ -245,21 +242,26 @@ def test_metrics(setup):
 
 
 def test_sigterm_drains_then_exits_0(setup):
-  """Last: it ends the server."""
+  """Last: it ends the server. In flight: four answers of 128 steps in two rows (two running, two queued),
+  streamed with every step's positions (a few seconds)."""
   server = setup["server"]
-  body = {"model": NAME, "messages": user("One more, slowly."), "stream": True}
-  text, lines = "", []
+  body = {"model": NAME, "messages": user("One more, slowly."), "n": 4, "stream": True, "denoise": True}
   with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                     timeout=120) as r:
     it = r.iter_lines()
     first = next(ln for ln in it if ln.startswith("data: "))
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/health").status_code != 503:
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
     late = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"})
-    assert late.status_code == 503 and httpx.get(server.url + "/health").status_code == 503
+    assert late.status_code == 503 and late.json()["error"]["type"] == "service_unavailable"
     lines = [first] + [ln for ln in it if ln.startswith("data: ")]
-  assert lines[-1] == "data: [DONE]"  # the in-flight request finished
+  assert lines[-1] == "data: [DONE]"  # the in-flight request finished, its queued answers too
   chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
-  assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+  ends = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
+          if c["choices"] and c["choices"][0]["finish_reason"]}
+  assert sorted(ends) == [0, 1, 2, 3] and set(ends.values()) <= {"stop", "length"}
   assert server.proc.wait(60) == 0, server.output()
