@@ -3,7 +3,6 @@ question with an uploaded image is answered, the answer is drawn while it denois
 filled step by step) and ends as the API's text; a screenshot of the rendered answer is checked."""
 from __future__ import annotations
 
-import io
 import os
 import shutil
 

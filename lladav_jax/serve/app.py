@@ -20,7 +20,6 @@ import time
 import uuid
 from typing import Optional
 
-import anyio
 import numpy as np
 import pydantic
 from fastapi import FastAPI, Request
@@ -220,7 +219,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
     srv.sched.start()
     threading.Thread(target=srv.warm_up, name="lladav-warm-up", daemon=True).start()
     yield
-    await anyio.to_thread.run_sync(srv.sched.stop)
+    await asyncio.to_thread(srv.sched.stop)
 
   app = FastAPI(title="LLaDA-V", lifespan=lifespan, docs_url=None, redoc_url=None,
                 max_body_size=max(cfg.max_body_bytes, 2 * cfg.max_image_bytes))
@@ -278,8 +277,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
       return fail(400, msg + (f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""), param)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     try:
-      jobs, plen = await anyio.to_thread.run_sync(
-          lambda: srv.prepare(req, lambda i: asyncio_emitter(loop, events, i)))
+      jobs, plen = await asyncio.to_thread(srv.prepare, req, lambda i: asyncio_emitter(loop, events, i))
     except FieldError as e:
       return fail(e.status, e.message, e.param, "model_not_found" if e.status == 404 else None)
     if not srv.sched.submit(jobs):

@@ -16,8 +16,7 @@ import collections
 import dataclasses
 import logging
 import threading
-import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 
