@@ -246,7 +246,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
 
   @app.get("/", response_class=HTMLResponse)
   async def index():
-    return HTMLResponse(page.replace("__MODEL__", json.dumps(cfg.served_model_name)))
+    return HTMLResponse(page.replace("__MODEL__", json.dumps(cfg.served_model_name).replace("</", "<\\/")))
 
   @app.get("/v1/models")
   async def models(request: Request):
@@ -306,10 +306,11 @@ class _Run:
 
   def _delta(self, i: int, ids, final: bool) -> str:
     """New text of choice i: its final prefix (or whole answer) past what was sent. A prefix's trailing
-    replacement characters (a character split across tokens) wait for the next token."""
+    replacement characters (a character split across tokens) and whitespace (the decoder may fold it into
+    what follows) wait for the next token."""
     text = self.srv.text(ids)
     if not final:
-      text = text.rstrip("\ufffd")
+      text = text.rstrip("\ufffd").rstrip()
     if not text.startswith(self.sent[i]):
       log.warning("choice %d: the answer's text does not extend the streamed prefix", i)
       return ""
