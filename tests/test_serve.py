@@ -116,6 +116,12 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
     assert resp.usage.completion_tokens == len(w.token_ids)
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
   assert got[2].usage.prompt_tokens > 2 * 729 > got[0].usage.prompt_tokens  # image features are prompt tokens
+  # a system message of its own replaces the default one
+  own = chat(client, [{"role": "system", "content": "Answer in one word."}] + user("What color is the circle?"),
+             temperature=0, **SHORT)
+  mine = model.generate(["What color is the circle?"], system="Answer in one word.", **kw)[0]
+  assert own.choices[0].message.content == mine.text
+  assert own.usage.prompt_tokens < got[0].usage.prompt_tokens  # the default system prompt is longer
   # n choices at a temperature: choice i is generate's prompt i (seed + i)
   resp = chat(client, user("Where is the square?"), temperature=0.9, seed=7, n=2, **SHORT)
   want = model.generate(["Where is the square?"] * 2, gen_length=16, block_length=8, steps=16, temperature=0.9, seed=7)
