@@ -280,6 +280,9 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
       jobs, plen = await asyncio.to_thread(srv.prepare, req, lambda i: asyncio_emitter(loop, events, i))
     except FieldError as e:
       return fail(e.status, e.message, e.param, "model_not_found" if e.status == 404 else None)
+    except Exception as e:  # a preparation bug fails this request only
+      log.exception("preparing a request failed")
+      return fail(500, f"the request could not be prepared: {type(e).__name__}: {e}")
     if not srv.sched.submit(jobs):
       return fail(429, f"the queue is full ({cfg.max_queue} answers waiting); retry later",
                   headers={"Retry-After": str(cfg.retry_after_s)})
