@@ -224,22 +224,20 @@ def bench_arrivals(args, n=24, rows=8):
 
   def continuous(arrive):
     t0, done, running = time.perf_counter(), {}, {}
-    st = engine.init(model.graphdef, ec, shapes, model.state)
+    runner = generation.EngineRunner(model, ec, shapes)
     nxt = 0
     while len(done) < n:
       now = time.perf_counter() - t0
-      while nxt < n and arrive[nxt] <= now and len(running) < rows:
-        row = min(set(range(rows)) - set(running))
-        st = engine.insert(model.graphdef, ec, model.state, st, np.int32(row), reqs[nxt])
-        running[row] = nxt
+      while nxt < n and arrive[nxt] <= now and runner.free:
+        running[runner.insert(reqs[nxt])] = nxt
         nxt += 1
       if not running:
         time.sleep(0.001)
         continue
-      st = engine.advance(model.graphdef, ec, model.state, st, np.int32(4))
-      fin = np.asarray(st.live) & np.asarray(st.done)
-      for r in np.nonzero(fin)[0]:
+      got = runner.advance(4)
+      for r in np.nonzero(got["live"] & got["done"])[0]:
         done[running.pop(int(r))] = time.perf_counter() - t0
+        runner.release(int(r))
     return time.perf_counter() - t0, done
 
   fixed(np.zeros(n))  # compile

@@ -88,9 +88,10 @@ def sampler_settings(model, **kw) -> SamplerSettings:
 
 def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[Sequence], *, suffix_ids=(),
                    stop_ids: Sequence[Sequence[int]] = (), seeds: Sequence[int], rows: int,
-                   length_multiple: int = 64, tiles: Optional[int] = None) -> SamplerInputs:
+                   length_multiple: int = 64, tiles: Optional[int] = None, stop_shape=(1, 1)) -> SamplerInputs:
   """Expands, left-pads and buckets one batch into numpy SamplerInputs with `rows` rows and
-  `tiles` image tiles per row (default: the tile bucket of the batch's largest need)."""
+  `tiles` image tiles per row (default: the tile bucket of the batch's largest need); the stops padded to
+  at least `stop_shape` (sequences, longest length: an engine's fixed stop bucket)."""
   icfg = model.image_cfg
   exps = [multimodal.expand(ids, multimodal.process_sample_images(ims, icfg) if ims else [], icfg)
           for ids, ims in zip(prompt_ids, images)]
@@ -104,10 +105,10 @@ def prepare_inputs(model, prompt_ids: Sequence[Sequence[int]], images: Sequence[
     raise ValueError(f"a prompt's images need {need} tiles, more than tiles={tiles} (tiles=None buckets them)")
   tiles = bucket_tiles(need) if tiles is None else tiles
   prompt = batch_lib.collate(exps, icfg, length=length, tiles=tiles, left=True)
-  ns = len(stop_ids)
-  ls = max([len(s) for s in stop_ids] + [1])
-  stops = np.full((rows, max(ns, 1), ls), -1, np.int32)
-  lens = np.zeros((rows, max(ns, 1)), np.int32)
+  ns = max(len(stop_ids), stop_shape[0])
+  ls = max([len(s) for s in stop_ids] + [stop_shape[1]])
+  stops = np.full((rows, ns, ls), -1, np.int32)
+  lens = np.zeros((rows, ns), np.int32)
   for k, s in enumerate(stop_ids):
     stops[:, k, :len(s)] = s
     lens[:, k] = len(s)
@@ -128,28 +129,84 @@ def requests(inputs: SamplerInputs, settings: RowSettings, suffix_len: int) -> l
   return out
 
 
+# The per-row values a host reads after each `advance` (small; no per-count gather).
+READ_FIELDS = ("live", "done", "gen", "stop", "commit_step", "nfe", "steps", "query_tokens")
+
+
+class EngineRunner:
+  """The host side of one engine of `shapes.rows` rows: which rows are free, `insert` into one, `advance`
+  and read every row's progress back. `run_engine` runs a fixed list of requests with it; the server
+  (lladav_jax.serve) runs one a request group with a small `max_steps`, to stream and admit between calls."""
+
+  def __init__(self, model, cfg: EngineConfig, shapes: EngineShapes):
+    self.model, self.cfg, self.shapes = model, cfg, shapes
+    self.free = list(range(shapes.rows))[::-1]
+    with jax.set_mesh(model.mesh):  # rows sharded over (data, fsdp) like the activations
+      self.state = engine.init(model.graphdef, cfg, shapes, model.state)
+
+  @property
+  def busy(self) -> int:
+    return self.shapes.rows - len(self.free)
+
+  def insert(self, req: Request) -> int:
+    """Puts `req` into a free row (the vision tower runs here); returns the row."""
+    row = self.free.pop()
+    m = self.model
+    with jax.set_mesh(m.mesh):
+      self.state = engine.insert(m.graphdef, self.cfg, m.state, self.state, np.int32(row), req)
+    return row
+
+  def advance(self, max_steps: int = 1 << 30) -> dict:
+    """Runs until `max_steps` steps or a row finishes; returns READ_FIELDS as host arrays [rows, ...].
+    A row with live and done is finished: read it, then `release` it."""
+    m = self.model
+    with jax.set_mesh(m.mesh):
+      self.state = engine.advance(m.graphdef, self.cfg, m.state, self.state, np.int32(max_steps))
+      return jax.device_get({f: getattr(self.state, f) for f in READ_FIELDS})
+
+  def release(self, row: int, running: bool = False) -> None:
+    """Frees `row`; `running`: it has not finished (its client left), so the engine stops working on it."""
+    if running:
+      with jax.set_mesh(self.model.mesh):
+        self.state = engine.drop(self.state, np.int32(row))
+    self.free.append(row)
+
+
 def run_engine(model, reqs: Sequence[Request], cfg: EngineConfig, shapes: EngineShapes) -> list[dict]:
   """Runs `reqs` through an engine of `shapes.rows` rows: each request goes into a free row as soon as
   one is free (continuous batching); returns per request its answer row, stop and counters."""
   out: list[Optional[dict]] = [None] * len(reqs)
   pending = list(range(len(reqs)))[::-1]
-  free = list(range(shapes.rows))[::-1]
+  runner = EngineRunner(model, cfg, shapes)
   running: dict[int, int] = {}
-  with jax.set_mesh(model.mesh):  # rows sharded over (data, fsdp) like the activations
-    state = engine.init(model.graphdef, cfg, shapes, model.state)
-    while pending or running:
-      while free and pending:
-        row, k = free.pop(), pending.pop()
-        state = engine.insert(model.graphdef, cfg, model.state, state, np.int32(row), reqs[k])
-        running[row] = k
-      state = engine.advance(model.graphdef, cfg, model.state, state, np.int32(1 << 30))
-      got = jax.device_get({f: getattr(state, f) for f in ("live", "done", "gen", "stop", "commit_step", "nfe",
-                                                           "steps", "query_tokens")})  # small; no per-count gather
-      for row in np.nonzero(got["live"] & got["done"])[0]:
-        out[running.pop(int(row))] = {f: got[f][row] for f in ("gen", "stop", "commit_step", "nfe", "steps",
-                                                               "query_tokens")}
-        free.append(int(row))
+  while pending or running:
+    while runner.free and pending:
+      k = pending.pop()
+      running[runner.insert(reqs[k])] = k
+    got = runner.advance()
+    for row in np.nonzero(got["live"] & got["done"])[0]:
+      out[running.pop(int(row))] = {f: got[f][row] for f in READ_FIELDS[2:]}
+      runner.release(int(row))
   return out
+
+
+def stop_list(settings: SamplerSettings, stop_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+  """The stops of a request: `stop_ids` in order (empty ones dropped), then `settings.eot_id` unless it
+  is one of them."""
+  out = [list(s) for s in stop_ids if len(s)]
+  if settings.eot_id is not None and [settings.eot_id] not in out:
+    out.append([settings.eot_id])
+  return out
+
+
+def answer_ids(row: dict, gen_length: int, suffix_ids: Sequence[int] = ()) -> list[int]:
+  """A finished row's answer: the ids before the stop, then the suffix."""
+  return row["gen"][:gen_length].tolist()[:min(int(row["stop"]), gen_length)] + list(suffix_ids)
+
+
+def answer_text(tok, ids: Sequence[int], mask_id: int, skip_special_tokens: bool = True) -> str:
+  """The text of answer ids: masks (never committed) and ids past the tokenizer's vocabulary are not text."""
+  return tok.decode([i for i in ids if i != mask_id and 0 <= i < tok.vocab_size], skip_special=skip_special_tokens)
 
 
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Sequence[Sequence]] = None, *,
@@ -170,9 +227,7 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Se
   if not prompt_ids:
     return []
   n = len(prompt_ids)
-  stop_ids = [list(s) for s in stop_ids if len(s)]
-  if settings.eot_id is not None and [settings.eot_id] not in stop_ids:
-    stop_ids.append([settings.eot_id])
+  stop_ids = stop_list(settings, stop_ids)
   bucket = answer_bucket or settings.gen_length
   rs = row_settings(settings, bucket, settings.block_length)
   inputs = prepare_inputs(model, prompt_ids, images, suffix_ids=suffix_ids, stop_ids=stop_ids,
@@ -183,10 +238,9 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Se
   g = settings.gen_length
   out = []
   for r in res:
-    stop, ans = int(r["stop"]), r["gen"][:g].tolist()
-    traj = (Trajectory(ans, r["commit_step"][:g].tolist(), min(stop, g), settings.mask_id) if return_trajectory
-            else None)
-    out.append(GenerationResult(text="", token_ids=ans[:min(stop, g)] + list(suffix_ids), nfe=int(r["nfe"]),
+    traj = (Trajectory(r["gen"][:g].tolist(), r["commit_step"][:g].tolist(), min(int(r["stop"]), g), settings.mask_id)
+            if return_trajectory else None)
+    out.append(GenerationResult(text="", token_ids=answer_ids(r, g, suffix_ids), nfe=int(r["nfe"]),
                                 steps=int(r["steps"]), query_tokens=int(r["query_tokens"]), trajectory=traj))
   return out
 
@@ -225,9 +279,8 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
   outs = generate_ids(model, prompt_ids, images, settings=settings, stop_ids=stop_ids, suffix_ids=suffix_ids,
                       seed=seed, batch_size=batch_size, return_trajectory=return_trajectory,
                       length_multiple=length_multiple, tiles=tiles)
-  for o in outs:  # masks (never committed) and ids past the tokenizer's vocabulary are not text
-    o.text = tok.decode([i for i in o.token_ids if i != settings.mask_id and 0 <= i < tok.vocab_size],
-                        skip_special=skip_special_tokens)
+  for o in outs:
+    o.text = answer_text(tok, o.token_ids, settings.mask_id, skip_special_tokens)
   return outs
 
 

@@ -23,6 +23,7 @@ LAYERS = [
     ("eval",),
     ("training",),
     ("convert", "generate", "train"),  # the command lines
+    ("serve",),  # the server (its page reuses generate's token pieces)
 ]
 
 # Imported inside functions on purpose: optional, heavy or slow to import, used by one code path.

@@ -181,3 +181,14 @@ def test_stop_rules_against_the_original_search():
       assert earliest == min(all_occ + [g])
       differ += quirk != earliest
   assert differ > 5  # the rules do differ on these answers
+
+
+def test_stop_slots_longer_than_the_answer():
+  """An engine's stop bucket may be wider than a short answer (the server's fixed 16-token slots, 8 positions)."""
+  ans = jnp.asarray([[3, 5, 6, 9], [5, 6, 5, 6]], jnp.int32)
+  ids = np.full((2, 2, 6), -1, np.int32)
+  ids[:, 0, :2] = [5, 6]
+  ids[:, 1, :5] = [1, 2, 3, 4, 5]  # longer than the answer: never found
+  lens = np.asarray([[2, 5], [2, 5]], np.int32)
+  occ = first_occurrences(ans, jnp.asarray(ids), jnp.asarray(lens))
+  assert occ.tolist() == [[1, 4], [0, 4]]

@@ -94,8 +94,9 @@ def first_occurrences(ans_BG, stop_ids, stop_lens):
   ns, ls = stop_ids.shape[1:]
   pos = jnp.arange(g)
   match = jnp.broadcast_to(stop_lens[:, :, None] > 0, (b, ns, g))
+  padded = jnp.pad(ans_BG, ((0, 0), (0, ls)), constant_values=-1)  # stop slots may be longer than the answer
   for t in range(ls):
-    shifted = jnp.pad(ans_BG[:, t:], ((0, 0), (0, t)), constant_values=-1)[:, None, :]
+    shifted = padded[:, None, t:t + g]
     match = match & ((shifted == stop_ids[:, :, t, None]) | (t >= stop_lens[:, :, None]))
   return jnp.min(jnp.where(match, pos, g), axis=-1).astype(jnp.int32)
 

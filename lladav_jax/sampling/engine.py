@@ -3,6 +3,7 @@
     state = init(graphdef, cfg, params, shapes)          # empty rows
     state = insert(graphdef, cfg, params, state, row, request)   # vision tower + prompt, row reset
     state = advance(graphdef, cfg, params, state, max_steps)     # one jitted lax.while_loop
+    state = drop(state, row)                             # an abandoned row stops running
 
 `advance` runs denoising steps over every row until `max_steps` or until a row finishes (returns
 then, so that the host reads the row out and refills it: continuous batching). A row that finished
@@ -377,6 +378,12 @@ def _advance(graphdef, cfg: EngineConfig, params, st: EngineState, max_steps) ->
   return st
 
 
+def _drop(st: EngineState, row) -> EngineState:
+  """Frees a running row (its request was abandoned): `advance` no longer steps it."""
+  return st.replace(live=st.live.at[row].set(False))
+
+
 init = jax.jit(_init, static_argnums=(0, 1, 2))
+drop = jax.jit(_drop, donate_argnums=(0,))
 insert = jax.jit(_insert, static_argnums=(0, 1), donate_argnums=(3,))
 advance = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=(3,))

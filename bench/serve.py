@@ -1,0 +1,146 @@
+"""Server benchmark: a bounded load test of `python -m lladav_jax.serve` on 127.0.0.1 against the same
+requests through `LLaDAV.generate` in fixed batches.
+
+    PYTHONPATH=. python bench/serve.py [--rates 2,4,8] [--requests 24] [--max-num-seqs 4] [--max-tokens 32]
+
+The tiny test model (tests/serving.py: demo tokenizer, random weights, `config.tiny`) is written to a
+temporary folder and served in a subprocess (one CPU device). Per arrival rate: `--requests` streamed
+requests with Poisson arrivals (seeded), each a short text question at temperature 0; measured per request
+from its send time: time to first token (the first content delta) and latency (the last chunk).
+answers/s and tokens/s: answers and answer tokens over the span from the first send to the last answer.
+Fixed batches: the same questions and arrival times through `generate(batch_size=--max-num-seqs)` in
+this process (the server idle): a batch starts once its last request has arrived and the previous batch
+is done; every request of it gets its answer at the batch's end (latency = time to first token).
+Compiles are excluded on both sides (a warm-up request of the same shape). At most
+`--requests` x len(rates) requests are sent; each has a timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+
+from tests.serving import ServerProcess, write_tiny_model  # noqa: E402
+
+QUESTIONS = ["What color is the circle?", "How many shapes are there?", "What shape is the red object?",
+             "Where is the square?", "Is the triangle blue?", "What is in the image?"]
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict, t_send: float) -> dict:
+  ttft, tokens = None, 0
+  async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+    if r.status_code != 200:
+      return {"status": r.status_code}
+    async for line in r.aiter_lines():
+      if not line.startswith("data: ") or line == "data: [DONE]":
+        continue
+      c = json.loads(line[6:])
+      if ttft is None and any(ch["delta"].get("content") for ch in c["choices"]):
+        ttft = time.perf_counter() - t_send
+      if c.get("usage"):
+        tokens = c["usage"]["completion_tokens"]
+  end = time.perf_counter()
+  return {"status": 200, "ttft": ttft if ttft is not None else end - t_send, "latency": end - t_send,
+          "tokens": tokens, "end": end}
+
+
+async def load(url: str, bodies: list[dict], arrivals: np.ndarray) -> list[dict]:
+  async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(bodies))) as client:
+    t0 = time.perf_counter()
+
+    async def at(k):
+      await asyncio.sleep(max(0.0, t0 + arrivals[k] - time.perf_counter()))
+      t = time.perf_counter()
+      return {**await one(client, url, bodies[k], t), "send": t}
+
+    return list(await asyncio.gather(*(at(k) for k in range(len(bodies)))))
+
+
+def fixed_batches(model, questions: list[str], arrivals: np.ndarray, rows: int, kw: dict) -> list[dict]:
+  out = []
+  t0 = time.perf_counter()
+  free_at = 0.0
+  for s in range(0, len(questions), rows):
+    qs, arr = questions[s:s + rows], arrivals[s:s + rows]
+    start = max(free_at, arr[-1])
+    time.sleep(max(0.0, t0 + start - time.perf_counter()))
+    res = model.generate(qs, batch_size=rows, **kw)
+    end = time.perf_counter() - t0
+    free_at = end
+    out += [{"latency": end - a, "ttft": end - a, "tokens": len(r.token_ids), "send": t0 + a, "end": t0 + end}
+            for r, a in zip(res, arr)]
+  return out
+
+
+def summary(rows: list[dict]) -> dict:
+  ok = [r for r in rows if r["status"] == 200] if "status" in rows[0] else rows
+  span = max(r["end"] for r in ok) - min(r["send"] for r in ok)
+  lat, ttft = np.array([r["latency"] for r in ok]), np.array([r["ttft"] for r in ok])
+  return {"answers": len(ok), "answers_s": len(ok) / span, "tokens_s": sum(r["tokens"] for r in ok) / span,
+          "p50_latency": float(np.percentile(lat, 50)), "p99_latency": float(np.percentile(lat, 99)),
+          "p50_ttft": float(np.percentile(ttft, 50)), "p99_ttft": float(np.percentile(ttft, 99))}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--rates", default="2,4,8", help="arrival rates, requests a second")
+  p.add_argument("--requests", type=int, default=24, help="requests a rate")
+  p.add_argument("--max-num-seqs", type=int, default=4)
+  p.add_argument("--max-tokens", type=int, default=32)
+  p.add_argument("--block-length", type=int, default=8)
+  p.add_argument("--steps", type=int, default=32)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args()
+  kw = dict(gen_length=args.max_tokens, block_length=args.block_length, steps=args.steps)
+  with tempfile.TemporaryDirectory() as root:
+    model_dir, _ = write_tiny_model(root)
+    srv = ServerProcess(model_dir, "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.requests),
+                        log_path=os.path.join(root, "server.log"))
+    try:
+      def body(q):
+        return {"model": "tiny-lladav", "messages": [{"role": "user", "content": q}], "temperature": 0,
+                "max_tokens": args.max_tokens, "block_length": args.block_length, "steps": args.steps,
+                "stream": True, "stream_options": {"include_usage": True}}
+
+      asyncio.run(load(srv.url, [body(QUESTIONS[0])], np.zeros(1)))  # compile
+      from lladav_jax.api import LLaDAV
+      model = LLaDAV.from_pretrained(model_dir)
+      model.generate(QUESTIONS[:args.max_num_seqs], batch_size=args.max_num_seqs, **kw)  # compile
+      rng = np.random.default_rng(args.seed)
+      print(f"tiny model, {args.max_tokens}-token answers ({args.block_length}-token blocks, {args.steps} steps), "
+            f"{args.max_num_seqs} rows, {args.requests} requests a rate, {jax_device()}")
+      print("| arrivals /s | how | answers/s | tokens/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s |")
+      print("|---|---|---|---|---|---|---|---|")
+      for rate in [float(r) for r in args.rates.split(",")]:
+        arrivals = np.cumsum(rng.exponential(1 / rate, args.requests))
+        arrivals -= arrivals[0]
+        qs = [QUESTIONS[k % len(QUESTIONS)] for k in range(args.requests)]
+        served = asyncio.run(load(srv.url, [body(q) for q in qs], arrivals))
+        refused = sum(r["status"] != 200 for r in served)
+        fixed = fixed_batches(model, qs, arrivals, args.max_num_seqs, kw)
+        for how, s in (("server", summary(served)), ("generate, fixed batches", summary(fixed))):
+          print(f"| {rate:g} | {how} | {s['answers_s']:.2f} | {s['tokens_s']:.1f} | {s['p50_latency']:.2f} | "
+                f"{s['p99_latency']:.2f} | {s['p50_ttft']:.2f} | {s['p99_ttft']:.2f} |")
+        if refused:
+          print(f"({refused} requests refused at rate {rate:g})")
+    finally:
+      srv.stop()
+
+
+def jax_device() -> str:
+  import jax
+  return f"{jax.devices()[0].platform} ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,81 @@
+"""python -m lladav_jax.serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--dtype D] [--api-key KEY]
+[--served-model-name NAME] [--image-root DIR] [--max-num-seqs N] [--max-queue N]
+
+Flags are vLLM's where it has one. The key may also come from $LLADAV_API_KEY. SIGTERM: new requests get
+503, the running and queued ones finish, then the process exits 0."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Sequence
+
+import uvicorn
+
+from lladav_jax.api import LLaDAV
+from lladav_jax.serve.app import ServeConfig, create_app
+
+API_KEY_ENV = "LLADAV_API_KEY"
+log = logging.getLogger("lladav_jax.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m lladav_jax.serve", description=__doc__.split("\n\n")[0])
+  p.add_argument("model", metavar="MODEL_DIR", help="what LLaDAV.from_pretrained takes (HF, Orbax or a trained model/)")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--dtype", default=None, help="parameter and compute dtype (default: the checkpoint's)")
+  p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                 help=f"required as 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}; none: open)")
+  p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+  p.add_argument("--image-root", default=None,
+                 help="file:// URLs and paths are read only under this folder (default: refused)")
+  p.add_argument("--max-num-seqs", type=int, default=8, help="engine rows: answers generated at once")
+  p.add_argument("--max-queue", type=int, default=64, help="answers waiting for a row; beyond: 429")
+  p.add_argument("--max-image-bytes", type=int, default=20 << 20)
+  p.add_argument("--log-level", default="info")
+  return p
+
+
+class DrainingServer(uvicorn.Server):
+  """uvicorn, except that SIGTERM drains: the app answers 503 to new requests while the listening socket
+  stays open, and the server exits (0) once the engine is idle and the streams are closed."""
+
+  def __init__(self, config, srv):
+    super().__init__(config)
+    self.srv = srv
+
+  def handle_exit(self, sig, frame):
+    if sig != signal.SIGTERM or self.srv.draining:
+      return super().handle_exit(sig, frame)
+    self.srv.draining = True  # not recorded as a captured signal: uvicorn would re-raise it after shutdown
+    threading.Thread(target=self._drain, daemon=True).start()
+
+  def _drain(self):
+    while not (self.srv.sched.idle and self.srv.open_streams == 0):
+      time.sleep(0.05)
+    self.should_exit = True
+
+
+def main(argv: Sequence[str] | None = None):
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  for name, v in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
+    if v < 1:
+      raise SystemExit(f"{name} must be >= 1")
+  if args.image_root and not os.path.isdir(args.image_root):
+    raise SystemExit(f"--image-root {args.image_root} is not a directory")
+  model = LLaDAV.from_pretrained(args.model, dtype=args.dtype)
+  name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+  app = create_app(model, ServeConfig(served_model_name=name, api_key=args.api_key or None,
+                                      image_root=args.image_root, max_num_seqs=args.max_num_seqs,
+                                      max_queue=args.max_queue, max_image_bytes=args.max_image_bytes))
+  config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
+  DrainingServer(config, app.state.server).run()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible server (`python -m lladav_jax.serve`) in a subprocess on a tiny model, driven with the
+real `openai` client and httpx: concurrent answers equal `LLaDAV.generate` alone, streams equal the
+non-streamed text, every bad input gets its status (and the server keeps serving), a full queue answers 429,
+a client that leaves frees its row, the API key is enforced, SIGTERM drains and exits 0 (last: it ends the
+module's one server)."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import re
+import signal
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.serving import ServerProcess, write_tiny_model
+
+KEY = "test-key-123"
+NAME = "tiny-lladav"
+MAX_IMAGE_BYTES = 200_000
+# short answers: 2 blocks of 8 positions
+SHORT = dict(max_tokens=16, block_length=8, steps=16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("serve")
+  model_dir, model = write_tiny_model(str(root))
+  images = root / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (56, 72, 3), np.uint8)).save(images / "a.png")
+  (root / "secret.png").write_bytes((images / "a.png").read_bytes())  # outside the image root
+  server = ServerProcess(model_dir, "--max-num-seqs", "2", "--max-queue", "4", "--image-root", str(images),
+                         "--max-image-bytes", str(MAX_IMAGE_BYTES), env={"LLADAV_API_KEY": KEY},
+                         log_path=str(root / "server.log"))
+  yield dict(server=server, model=model, images=images, root=root)
+  server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(setup):
+  return openai.OpenAI(base_url=setup["server"].url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def user(text: str, *urls: str) -> list[dict]:
+  parts = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+  return [{"role": "user", "content": parts if urls else text}]
+
+
+def chat(client, messages, **kw):
+  extra = {k: kw.pop(k) for k in ("steps", "block_length", "cfg_scale", "threshold", "factor", "remasking", "cache")
+           if k in kw}
+  return client.chat.completions.create(model=NAME, messages=messages, extra_body=extra, **kw)
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+  text = httpx.get(url + "/metrics").text
+  m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+  return float(m.group(1)) if m else 0.0
+
+
+def test_models_health_and_the_api_key(setup, client):
+  url = setup["server"].url
+  assert httpx.get(url + "/health").status_code == 200
+  assert [m.id for m in client.models.list().data] == [NAME]
+  for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    r = httpx.post(url + "/v1/chat/completions", headers=headers,
+                   json={"model": NAME, "messages": user("hi"), **SHORT})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+    assert httpx.get(url + "/v1/models", headers=headers).status_code == 401
+  with pytest.raises(openai.AuthenticationError):
+    openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def encoded(img: Image.Image, fmt: str) -> tuple[Image.Image, str]:
+  """The image as the server decodes it from its data: URL, and the URL."""
+  buf = io.BytesIO()
+  img.save(buf, format=fmt)
+  return Image.open(io.BytesIO(buf.getvalue())), f"data:image/{fmt.lower()};base64," + base64.b64encode(
+      buf.getvalue()).decode()
+
+
+def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client):
+  model, images = setup["model"], setup["images"]
+  a = Image.open(images / "a.png")
+  webp, webp_url = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 90, 3), np.uint8)), "WEBP")
+  jpeg, jpeg_url = encoded(Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 90, 3), np.uint8)), "JPEG")
+  kw = dict(gen_length=16, block_length=8, steps=16)
+  plain = model.generate(["How many shapes are there?"], **kw)[0].text.split()
+  stop = " " + next(w for w in plain if w != plain[0])  # a later word of that answer ends it early
+  cases = [  # (question, images, their URLs, extra settings); two prompt buckets: text, two images
+      ("What color is the circle?", [], [], {}),
+      ("How many shapes are there?", [], [], dict(stop=[stop])),
+      ("What shape is it?", [webp, a], [webp_url, "a.png"], {}),  # a path under --image-root
+      ("Is it red?", [jpeg, a], [jpeg_url, "file://" + str(images / "a.png")], {}),
+  ]
+  with cf.ThreadPoolExecutor(len(cases)) as ex:  # the server works while this process runs generate
+    futs = [ex.submit(chat, client, user(q, *urls), temperature=0, **SHORT, **extra) for q, _, urls, extra in cases]
+    want = {q: model.generate([q], [ims], **kw)[0] for q, ims, _, _ in cases}
+    got = [f.result() for f in futs]
+  for (q, _, _, extra), resp in zip(cases, got):
+    c, w = resp.choices[0], want[q]
+    if extra:  # the stop word cuts generate's answer where it first occurs
+      assert c.finish_reason == "stop" and c.message.content == w.text[:w.text.index(stop)], (c, w.text)
+      assert c.message.content
+      continue
+    assert c.message.content == w.text and c.message.content, q
+    assert resp.model_extra["nfe"] == w.nfe and c.finish_reason == "length"
+    assert resp.usage.completion_tokens == len(w.token_ids)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+  assert got[2].usage.prompt_tokens > 2 * 729 > got[0].usage.prompt_tokens  # image features are prompt tokens
+  # a system message of its own replaces the default one
+  own = chat(client, [{"role": "system", "content": "Answer in one word."}] + user("What color is the circle?"),
+             temperature=0, **SHORT)
+  mine = model.generate(["What color is the circle?"], system="Answer in one word.", **kw)[0]
+  assert own.choices[0].message.content == mine.text
+  assert own.usage.prompt_tokens < got[0].usage.prompt_tokens  # the default system prompt is longer
+  # n choices at a temperature: choice i is generate's prompt i (seed + i)
+  resp = chat(client, user("Where is the square?"), temperature=0.9, seed=7, n=2, **SHORT)
+  want = model.generate(["Where is the square?"] * 2, gen_length=16, block_length=8, steps=16, temperature=0.9, seed=7)
+  assert [c.message.content for c in resp.choices] == [w.text for w in want]
+  assert want[0].text != want[1].text
+
+
+def _stream(url: str, body: dict) -> tuple[list[dict], list[str]]:
+  """The chunks of a streamed request and its raw `data:` lines."""
+  lines = []
+  with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True},
+                    headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+  return [json.loads(ln[6:]) for ln in lines if ln != "data: [DONE]"], lines
+
+
+def test_streamed_text_equals_non_streamed(setup, client):
+  q = user("What shape is the red object?")
+  kw = SHORT
+  whole = chat(client, q, temperature=0, **kw).choices[0].message.content
+  stream = chat(client, q, temperature=0, stream=True, stream_options={"include_usage": True}, **kw)
+  chunks = list(stream)
+  deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+  assert "".join(deltas) == whole and len(deltas) >= 2  # more than the whole answer at the end
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+  assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].model_extra["nfe"] > 0
+  # the raw stream: SSE lines ending with [DONE]; the page's denoising frames fill masks step by step
+  parsed, lines = _stream(setup["server"].url, {"model": NAME, "messages": q, "temperature": 0, "denoise": True, **kw})
+  assert lines[-1] == "data: [DONE]"
+  frames = [c["denoise"] for c in parsed if "denoise" in c]
+  assert len(frames) == parsed[-1]["steps"]  # one a step
+  masks = [sum(t is None for t in f["tokens"]) for f in frames]
+  assert masks == sorted(masks, reverse=True) and masks[0] > masks[-1]
+  assert "".join(c["choices"][0]["delta"].get("content", "") for c in parsed if c["choices"]) == whole
+
+
+def _bomb() -> str:
+  """A PNG a few kilobytes long of 12000 x 8000 pixels (over PIL's decompression-bomb limit)."""
+  buf = io.BytesIO()
+  Image.new("1", (12000, 8000)).save(buf, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_bad_inputs_get_their_status_and_the_server_keeps_serving(setup, client):
+  url, root = setup["server"].url, setup["root"]
+  auth = {"Authorization": f"Bearer {KEY}"}
+  noise = Image.fromarray(np.random.default_rng(2).integers(0, 255, (400, 400, 3), np.uint8))
+  good = {"model": NAME, "messages": user("hi"), **SHORT}
+  img = lambda u: {**good, "messages": user("look", u)}  # noqa: E731
+  where = "messages.0.content.1.image_url.url"
+  cases = [  # (body, status, the field the error names)
+      (b"{not json", 400, None),
+      ({"model": NAME, **SHORT}, 400, "messages"),
+      ({**good, "max_tokens": "many"}, 400, "max_tokens"),
+      ({**good, "temperature": -0.5}, 400, "temperature"),
+      ({**good, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+      ({**good, "block_length": 5}, 400, "block_length"),
+      ({**good, "stepz": 4}, 400, "stepz"),
+      ({**good, "model": "gpt-4"}, 404, "model"),
+      (img("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()), 400, where),
+      (img("data:image/png;base64,@@@"), 400, where),
+      (img(encoded(noise, "PNG")[1]), 400, where),  # over --max-image-bytes
+      (img(_bomb()), 400, where),
+      (img("data:image/gif;base64,R0lGODlhAQABAAAAACw="), 400, where),
+      (img("file://" + str(root / "secret.png")), 400, where),
+      (img("../secret.png"), 400, where),
+      (img("/etc/passwd"), 400, where),
+      (img("https://example.com/cat.png"), 400, where),
+      (img("http://127.0.0.1:1/cat.png"), 400, where),
+      ({**good, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+      ({**good, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+  ]
+  for body, status, param in cases:
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(url + "/v1/chat/completions", headers={**auth, "Content-Type": "application/json"}, timeout=60, **kw)
+    assert r.status_code == status, (body if isinstance(body, bytes) else str(body)[:200], r.text)
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"], (str(body)[:200], err)
+  assert httpx.get(url + "/health").status_code == 200
+  assert chat(client, user("still there?"), **SHORT).choices[0].message.content
+  assert metric(url, "lladav_requests_total", '{status="400"}') >= len(cases) - 1
+
+
+def test_a_full_queue_answers_429_with_retry_after(setup):
+  url = setup["server"].url
+  body = {"model": NAME, "messages": user("Tell me about the shapes.")}  # the defaults: 128 steps
+  with cf.ThreadPoolExecutor(9) as ex:  # 2 rows + 4 waiting: at least three of nine are refused
+    rs = list(ex.map(lambda _: httpx.post(url + "/v1/chat/completions", json=body, timeout=120,
+                                          headers={"Authorization": f"Bearer {KEY}"}), range(9)))
+  codes = sorted(r.status_code for r in rs)
+  assert codes.count(429) >= 3 and set(codes) == {200, 429}, codes
+  refused = next(r for r in rs if r.status_code == 429)
+  assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["type"] == "rate_limit_error"
+  done = [r.json()["choices"][0]["message"]["content"] for r in rs if r.status_code == 200]
+  assert len(set(done)) == 1  # the same request, whatever its neighbours
+
+
+def test_a_client_that_leaves_frees_its_row(setup, client):
+  url = setup["server"].url
+  nfe0, left0 = metric(url, "lladav_forward_evaluations_total"), metric(url, "lladav_requests_total", '{status="499"}')
+  body = {"model": NAME, "messages": user("Describe everything."), "stream": True, "denoise": True}  # 128 steps
+  with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                    timeout=60) as r:
+    for line in r.iter_lines():
+      if '"denoise"' in line:  # running in its row: leave
+        break
+  deadline = time.monotonic() + 30
+  while metric(url, "lladav_requests_total", '{status="499"}') < left0 + 1 or metric(url, "lladav_busy_rows") > 0:
+    assert time.monotonic() < deadline, "the row was not freed"
+    time.sleep(0.1)
+  assert metric(url, "lladav_forward_evaluations_total") - nfe0 < 128  # stopped before its 128 steps
+  assert chat(client, user("next"), **SHORT).choices[0].message.content
+
+
+def test_metrics(setup):
+  text = httpx.get(setup["server"].url + "/metrics").text
+  for name in ("lladav_requests_total{status=\"200\"}", "lladav_queue_depth", "lladav_busy_rows",
+               "lladav_tokens_per_second", "lladav_forward_evaluations_per_second",
+               "lladav_request_latency_seconds_bucket", "lladav_time_to_first_token_seconds_bucket",
+               "lladav_generated_tokens_total"):
+    assert name in text, name
+  assert metric(setup["server"].url, "lladav_time_to_first_token_seconds_count") > 0
+
+
+def test_sigterm_drains_then_exits_0(setup):
+  """Last: it ends the server. In flight: four answers of 128 steps in two rows (two running, two queued),
+  streamed with every step's positions (a few seconds)."""
+  server = setup["server"]
+  body = {"model": NAME, "messages": user("One more, slowly."), "n": 4, "stream": True, "denoise": True}
+  with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                    timeout=120) as r:
+    it = r.iter_lines()
+    first = next(ln for ln in it if ln.startswith("data: "))
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/health").status_code != 503:
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    late = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert late.status_code == 503 and late.json()["error"]["type"] == "service_unavailable"
+    lines = [first] + [ln for ln in it if ln.startswith("data: ")]
+  assert lines[-1] == "data: [DONE]"  # the in-flight request finished, its queued answers too
+  chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+  ends = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
+          if c["choices"] and c["choices"][0]["finish_reason"]}
+  assert sorted(ends) == [0, 1, 2, 3] and set(ends.values()) <= {"stop", "length"}
+  assert server.proc.wait(60) == 0, server.output()
