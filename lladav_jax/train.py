@@ -11,6 +11,9 @@ and data-iterator position) and continues with exactly the losses of an uninterr
 Presets and every field: configs/finetune.py. Multi-host: run the same command on every host
 (launch/tpu_pod.sh, launch/slurm_gpu.sbatch); jax.distributed is initialised automatically.
 
+Exit status: 0 done (or stopped by SIGTERM after a save), 2 a bad config, 3 a non-finite loss, 4 too many
+bad samples (data.max_skip_fraction), 130 Ctrl-C, 1 any other failure; each prints one `error:` message.
+
 This is the edge: the ConfigDict is resolved here into `training.settings.RunConfig` (validated
 once, every bad field named) and nothing below reads the ConfigDict.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 
 import jax
 from absl import app, flags
@@ -53,9 +57,11 @@ def main(argv):
   except run_config.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except trainer.NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(trainer.EXIT_NONFINITE)
+  except trainer.TrainingStopped as e:  # the checkpoint in flight is already committed or removed
+    if e.unexpected:  # a bug or a device failure: where it happened matters
+      traceback.print_exception(e.__cause__, file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
