@@ -24,11 +24,16 @@ import logging
 import sys
 import traceback
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from lladav_jax.training import host_memory
 
-from lladav_jax.training import run_config, trainer
+# Before JAX starts its threads (each binds to a malloc arena on its first allocation): see host_memory.
+_MALLOC_TUNED = host_memory.reuse_freed_memory()
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lladav_jax.training import run_config, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
@@ -44,6 +49,9 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("absl", "orbax", "jax._src", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if _MALLOC_TUNED:
+    logging.info("CPU run: malloc keeps freed memory (one arena, no mmap, no trim): XLA's per-step temporaries are "
+                 "reused, not faulted in again (lladav_jax/training/host_memory.py)")
   cfg = _CONFIG.value
   try:
     if not _PRINT.value:  # before resolve: the device count of a multi-process run needs it
