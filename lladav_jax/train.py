@@ -11,6 +11,9 @@ and data-iterator position) and continues with exactly the losses of an uninterr
 Presets and every field: configs/finetune.py. Multi-host: run the same command on every host
 (launch/tpu_pod.sh, launch/slurm_gpu.sbatch); jax.distributed is initialised automatically.
 
+Exit status: 0 done (or stopped by SIGTERM after a save), 2 a bad config, 3 a non-finite loss, 4 too many
+bad samples (data.max_skip_fraction), 130 Ctrl-C, 1 any other failure; each prints one `error:` message.
+
 This is the edge: the ConfigDict is resolved here into `training.settings.RunConfig` (validated
 once, every bad field named) and nothing below reads the ConfigDict.
 """
@@ -19,12 +22,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from lladav_jax.training import host_memory
 
-from lladav_jax.training import run_config, trainer
+# Before JAX starts its threads (each binds to a malloc arena on its first allocation): see host_memory.
+_MALLOC_TUNED = host_memory.reuse_freed_memory()
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lladav_jax.training import run_config, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
@@ -40,6 +49,9 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("absl", "orbax", "jax._src", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if _MALLOC_TUNED:
+    logging.info("CPU run: malloc keeps freed memory (one arena, no mmap, no trim): XLA's per-step temporaries are "
+                 "reused, not faulted in again (lladav_jax/training/host_memory.py)")
   cfg = _CONFIG.value
   try:
     if not _PRINT.value:  # before resolve: the device count of a multi-process run needs it
@@ -53,9 +65,11 @@ def main(argv):
   except run_config.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  except trainer.NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(trainer.EXIT_NONFINITE)
+  except trainer.TrainingStopped as e:  # the checkpoint in flight is already committed or removed
+    if e.unexpected:  # a bug or a device failure: where it happened matters
+      traceback.print_exception(e.__cause__, file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -183,9 +183,9 @@ def test_frame_folders_are_sampled_as_the_original(tmp_path):
   assert _frame_indices(load("ShareGPTVideo/long", frames_upbound=4, force_sample=True)) == [0, 8, 16, 24]
   # linspace(0, 11, 10) = 0 1 2 3 4 6 7 8 9 11: frames 0 and 6 are junk
   assert _frame_indices(load("ShareGPTVideo/broken")) == [1, 2, 3, 4, 7, 8, 9, 11]
-  with pytest.raises(records.Skip, match="outside_root"):
+  with pytest.raises(records.Skip, match="outside_video_folder"):
     load("../images/../../x")
   (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
   _frame_folder(tmp_path / "elsewhere", 3)
-  with pytest.raises(records.Skip, match="outside_root"):
+  with pytest.raises(records.Skip, match="outside_video_folder"):
     load("link")

@@ -155,8 +155,8 @@ def test_bad_videos_are_named_skips(tok, tmp_path):
   outside.write_bytes(data)
   proc = processor(tok, tmp_path)
   expect = {"random.mp4": "corrupt_video", "truncated.mp4": "corrupt_video", "empty.mp4": "zero_size_video",
-            "audio_only.mp4": "corrupt_video", "missing.mp4": "missing_video", "../outside.mp4": "outside_root",
-            str(outside): "outside_root"}
+            "audio_only.mp4": "corrupt_video", "missing.mp4": "missing_video", "../outside.mp4": "outside_video_folder",
+            str(outside): "outside_video_folder"}
   for ref, reason in expect.items():
     out = proc(rec(ref))
     assert out.get("skip") == reason and os.path.basename(ref) in out["detail"], (ref, out)

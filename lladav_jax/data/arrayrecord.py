@@ -82,7 +82,11 @@ def embed(rec: dict, image_folder: str, video_folder: str | None = None) -> tupl
   opener = records.Opener({}, image_folder, video_folder)
   blobs, missing = {}, 0
   for ref, kind in _refs(rec):
-    p = opener.path(ref, kind)
+    try:
+      p = opener.path(ref, kind)
+    except records.Skip:  # outside the folder: not embedded (training skips the record, naming why)
+      missing += 1
+      continue
     if os.path.isfile(p):
       with open(p, "rb") as f:
         blobs[ref] = base64.b64encode(f.read()).decode("ascii")

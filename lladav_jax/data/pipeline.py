@@ -43,8 +43,9 @@ class DataConfig:
   # .json / .jsonl / .yaml (LLaVA `datasets:` list) / {a,b}.json; an ArrayRecord file, glob or
   # directory (see data/arrayrecord.py); or "tfds:NAME[:SPLIT]" (see data/tfds_source.py).
   path: str = ""
-  image_folder: str = ""
+  image_folder: str = ""  # "" = the working directory; no record's path leaves it (links resolved)
   video_folder: str = ""  # default: image_folder
+  allow_absolute_paths: bool = False  # True: a record's absolute image / video path is opened where it points
   tfds_data_dir: str = ""
   format: str = "llava"  # "llava" (preprocess_llada) | "plain" (stage 1, llada_plain)
   seq_len: int = 8192  # model_max_length: truncation before and after image expansion
@@ -97,6 +98,8 @@ def config_problems(cfg: DataConfig) -> list[str]:
     errs.append("data.pad_group_size must be >= 0")
   if not 0 <= cfg.max_skip_fraction <= 1:
     errs.append("data.max_skip_fraction must be in [0, 1]")
+  if not isinstance(cfg.allow_absolute_paths, bool):
+    errs.append(f"data.allow_absolute_paths={cfg.allow_absolute_paths!r} must be true or false")
   try:
     _buckets(cfg)
   except ValueError as e:
@@ -135,6 +138,7 @@ class SampleSettings:
   truncate: bool
   image_folder: str
   video_folder: str
+  allow_absolute_paths: bool
   frames_upbound: int
   video_fps: float
   force_sample: bool
@@ -146,6 +150,7 @@ class SampleSettings:
   def from_config(cls, cfg: DataConfig) -> "SampleSettings":
     return cls(fmt=cfg.format, seq_len=cfg.seq_len, tile_budget=cfg.tile_budget, truncate=cfg.truncate,
                image_folder=cfg.image_folder, video_folder=cfg.video_folder or cfg.image_folder,
+               allow_absolute_paths=cfg.allow_absolute_paths,
                frames_upbound=cfg.frames_upbound, video_fps=cfg.video_fps, force_sample=cfg.force_sample,
                max_image_pixels=cfg.max_image_pixels,
                allow_truncated_images=cfg.allow_truncated_images, labels=cfg.labels)
@@ -200,7 +205,7 @@ class SampleProcessor:
     s = self.s
     if kind == "text":
       return []
-    opener = records.Opener(rec, s.image_folder, s.video_folder)
+    opener = records.Opener(rec, s.image_folder, s.video_folder, allow_absolute_paths=s.allow_absolute_paths)
     try:
       if kind == "video":
         frames = records.load_video_frames(opener, refs[0], video_fps=s.video_fps, frames_upbound=s.frames_upbound,
@@ -325,8 +330,9 @@ class BatchIterator(grain.DatasetIterator):
     if self._seen >= self.min_samples and skipped > self.max_skip_fraction * self._seen:
       raise DataError(
           f"{skipped} of {self._seen} samples ({skipped / self._seen:.1%}) were skipped, more than "
-          f"max_skip_fraction={self.max_skip_fraction}. By reason: {dict(self._skipped)}. "
-          f"Sample ids: {dict(self._ids)}")
+          f"data.max_skip_fraction={self.max_skip_fraction}. By reason: {dict(self._skipped)}. "
+          f"Sample ids (the first {self.MAX_IDS} of each reason): {dict(self._ids)}. Fix or remove these records, "
+          f"or raise data.max_skip_fraction if losing them is acceptable")
 
   def __next__(self):
     self._assert_not_closed()

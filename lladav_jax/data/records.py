@@ -9,7 +9,8 @@ Record fields (the original's `LazySupervisedDataset`): `id`; `conversations`: a
 `{"from": "human"|"gpt"|..., "value": str}` or `{"role", "content"}`; `image`: a path or a list
 of paths (relative to image_folder); `video`: a file (animated GIF/WebP/PNG through PIL; mp4, webm etc. through
 PyAV, a dependency) or a list of frame files or a directory of frames; neither: text only. A path that resolves
-outside its configured folder is never opened (skip reason `outside_root`).
+(`..` and symbolic links followed) outside its folder is never opened: skip reason `outside_image_folder` /
+`outside_video_folder`; absolute paths only with `allow_absolute_paths`.
 Embedded bytes (ArrayRecord shards) live in `_blobs` {path: base64}; decoded arrays (TFDS) in
 `_arrays` {path: uint8 HWC array}.
 """
@@ -148,29 +149,34 @@ def media_refs(rec: dict) -> tuple[str, list]:
 # ----------------------------------------------------------------------------- images
 
 class Opener:
-  """Reads a referenced file from the record's embedded blobs/arrays or from disk."""
+  """Reads a referenced file from the record's embedded blobs/arrays or from disk, never outside its folder.
 
-  def __init__(self, rec: dict, image_folder: str | None, video_folder: str | None = None):
+  A reference is joined to its folder (image_folder; video_folder, default image_folder; "" = the working
+  directory) and resolved with every symbolic link; a file whose real path is not inside the folder's real
+  path is Skip(outside_<kind>_folder) before anything opens it. `allow_absolute_paths`: an absolute
+  reference is opened where it points (data the user trusts, written with absolute paths)."""
+
+  def __init__(self, rec: dict, image_folder: str | None, video_folder: str | None = None, *,
+               allow_absolute_paths: bool = False):
     self.blobs = rec.get("_blobs") or {}
     self.arrays = rec.get("_arrays") or {}
-    self.folders = {"image": image_folder, "video": video_folder or image_folder}
+    self.folders = {"image": image_folder or "", "video": video_folder or image_folder or ""}
+    self.allow_absolute_paths = allow_absolute_paths
 
   def path(self, ref: str, kind: str = "image") -> str:
-    """The file `ref` names, relative to the kind's folder. With a folder configured, a reference that
-    resolves outside it (an absolute path elsewhere, `..`, a symbolic link out) is Skip(outside_root):
-    no file outside the configured root is ever opened."""
-    folder = self.folders[kind]
-    if not folder:
-      return ref
-    p = os.path.join(folder, ref)
-    root = os.path.realpath(folder)
-    if os.path.commonpath([root, os.path.realpath(p)]) != root:
-      raise Skip("outside_root", f"{ref} resolves outside the {kind} folder {folder}")
-    return p
+    """The real path of the file `ref` names (symbolic links resolved): the one `open` reads."""
+    if self.allow_absolute_paths and os.path.isabs(ref):
+      return os.path.realpath(ref)
+    root = os.path.realpath(self.folders[kind] or os.curdir)
+    real = os.path.realpath(os.path.join(root, ref))
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+      hint = " (an absolute path: data.allow_absolute_paths=True opens those)" if os.path.isabs(ref) else ""
+      raise Skip(f"outside_{kind}_folder", f"{ref}{hint} resolves to {real}, outside the {kind} folder {root}")
+    return real
 
   def open(self, ref: str, kind: str = "image") -> BinaryIO:
     """A binary file object of the referenced file (an embedded blob, or the file on disk: videos are
-    decoded from the file, not from a copy in memory). Raises Skip(missing_*/zero_size_*/outside_root)."""
+    decoded from the file, not from a copy in memory). Raises Skip(missing_*/zero_size_*/outside_*_folder)."""
     if ref in self.blobs:
       b = self.blobs[ref]
       data = base64.b64decode(b) if isinstance(b, str) else bytes(b)
@@ -347,7 +353,8 @@ def load_video_frames(opener: Opener, ref, *, video_fps: float, frames_upbound: 
     files = ref
   elif ref not in opener.blobs and os.path.isdir(opener.path(ref, "video")):
     d = opener.path(ref, "video")
-    files = sorted(os.path.join(d, f) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
+    # references like the record's (each frame is checked against the folder again: a link out is refused)
+    files = sorted(os.path.join(ref, f) for f in os.listdir(d) if os.path.isfile(os.path.join(d, f)))
   else:
     def pick(total, fps):
       return sample_frame_indices(total, fps, video_fps=video_fps, frames_upbound=frames_upbound,

@@ -72,7 +72,9 @@ def read_video(path: str, max_frames_num: int = 32) -> list[Image.Image]:
   def pick(total, fps):
     return uniform_indices(total, max_frames_num)
 
-  opener = records.Opener({}, None)  # reads absolute or cwd-relative paths; empty files are a Skip
+  # the harness's own files: absolute paths allowed (relative ones made absolute); empty files are a Skip
+  opener = records.Opener({}, None, allow_absolute_paths=True)
+  path = os.path.abspath(path)
   try:
     if os.path.isdir(path):
       exts = Image.registered_extensions()

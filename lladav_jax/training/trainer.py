@@ -7,8 +7,11 @@
 
 Metrics of step s are fetched after step s+1 is dispatched (the host prepares the next batch while
 the device computes). Before every save all earlier steps' metrics are checked, so a checkpoint
-never follows a non-finite step; a non-finite loss or gradient stops the run (exit status 3) with
-the step number, and the previous checkpoint is the last good one.
+never follows a non-finite step.
+
+A fatal error (too many bad samples: DataError; a non-finite loss or gradient; any exception in the
+loop; Ctrl-C) finishes or removes the checkpoint in flight and raises `TrainingStopped`: one message
+with the reason, what to change and the step re-running the command resumes from, and the exit status.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from lladav_jax import sharding as shd
 from lladav_jax import weights
 from lladav_jax.api import LLaDAV
 from lladav_jax.data import pipeline
+from lladav_jax.data.records import DataError
 from lladav_jax.eval import evaluate_during_training
 from lladav_jax.training import checkpointing, flops as flops_lib, metrics as metrics_lib
 from lladav_jax.training import state as state_lib, step as step_lib, synthetic
@@ -33,11 +37,40 @@ from lladav_jax.training.settings import DistributedConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
-EXIT_NONFINITE = 3
+# exit statuses of `python -m lladav_jax.train` (ConfigError: 2)
+EXIT_FAILED, EXIT_NONFINITE, EXIT_DATA, EXIT_INTERRUPTED = 1, 3, 4, 130
 
 
 class NonFiniteError(RuntimeError):
   pass
+
+
+class TrainingStopped(RuntimeError):
+  """A fatal error stopped the run. str(): the reason, what to change, where the run resumes.
+  `unexpected`: not one of the errors above (a bug or a device failure: its traceback is worth printing)."""
+
+  def __init__(self, message: str, exit_code: int, unexpected: bool):
+    super().__init__(message)
+    self.exit_code = exit_code
+    self.unexpected = unexpected
+
+
+def stopped(e: BaseException, step: int | None, last_checkpoint: int | None, workdir: str) -> TrainingStopped:
+  """The one message for a run stopped by `e` at `step` (the number of steps done)."""
+  if last_checkpoint is not None:
+    resume = f"the last checkpoint is step {last_checkpoint} in {workdir}: re-running the same command resumes from it"
+  else:
+    resume = "no checkpoint was written"
+  where = "before the first step" if step is None else f"after {step} steps"
+  if isinstance(e, DataError):
+    return TrainingStopped(f"{e}\nTraining stopped {where}; {resume}.", EXIT_DATA, False)
+  if isinstance(e, NonFiniteError):
+    return TrainingStopped(f"{e}. Lower optim.lr (or raise optim.warmup_ratio, lower optim.clip_norm), or look for "
+                           f"bad samples in that batch.\nTraining stopped; {resume}.", EXIT_NONFINITE, False)
+  if isinstance(e, KeyboardInterrupt):
+    return TrainingStopped(f"interrupted {where}; {resume}.", EXIT_INTERRUPTED, False)
+  return TrainingStopped(f"training failed {where}: {type(e).__name__}: {e}\n{resume[0].upper()}{resume[1:]}.",
+                         EXIT_FAILED, True)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -146,10 +179,28 @@ def run_evals(setup, r: RunConfig, state, *, step: int = 0, workdir: str | None 
 
 # ----------------------------------------------------------------------------- main loop
 
+class _Where:
+  """What an error handler needs from the loop: the steps done and the open checkpointer."""
+  step: int | None = None
+  ckpt: checkpointing.Checkpointer | None = None
+
+
 def train(r: RunConfig, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir` (jax.distributed already initialised, `r` resolved
-  against its devices). Returns the last logged metrics (process 0)."""
+  against its devices). Returns the last logged metrics (process 0). Raises TrainingStopped."""
   workdir = os.path.abspath(workdir)  # orbax refuses relative checkpoint paths
+  at = _Where()
+  try:
+    return _train(r, workdir, at)
+  except BaseException as e:  # KeyboardInterrupt included: the checkpoint in flight is settled either way
+    if isinstance(e, SystemExit):
+      raise
+    last = at.ckpt.abort() if at.ckpt is not None else checkpointing.latest_committed(
+        checkpointing.checkpoint_dir(workdir))
+    raise stopped(e, at.step, last, workdir) from e
+
+
+def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
   pi, pc = jax.process_index(), jax.process_count()
   is_main = pi == 0
   mesh = shd.make_mesh(*r.mesh.shape, preset=r.mesh.preset)
@@ -162,8 +213,8 @@ def train(r: RunConfig, workdir: str) -> dict:
   ckpt = None
   c = r.checkpoint
   if c.enabled:
-    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), every_steps=c.every_steps, keep=c.keep,
-                                      async_save=c.async_save)
+    ckpt = at.ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), every_steps=c.every_steps,
+                                                keep=c.keep, async_save=c.async_save)
   latest = ckpt.latest_step() if ckpt else None
   t0 = time.perf_counter()
   if latest is not None:
@@ -173,6 +224,7 @@ def train(r: RunConfig, workdir: str) -> dict:
   else:
     state = state_lib.init_state(setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
     start = 0
+  at.step = start
   n_tr, n_fr = state_lib.num_params(state["params"]), state_lib.num_params(state["frozen"])
   log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
            (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - t0)
@@ -224,7 +276,7 @@ def train(r: RunConfig, workdir: str) -> dict:
       if m["finite"] < 1:
         pending.clear()
         raise NonFiniteError(f"non-finite loss or gradient at step {stp} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-                             f"the update was not applied; the last good checkpoint is step {good_step} in {workdir}")
+                             "the update was not applied")
       fl = info["flops"]
       m.update(step_time=dt, tokens_per_s_per_device=info["tokens"] / dt / n_dev,
                tflops_per_device=fl / dt / n_dev / 1e12)
@@ -256,7 +308,7 @@ def train(r: RunConfig, workdir: str) -> dict:
       fn = get_compiled(global_shapes(host, pc))
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         state, m = fn(state, batch)
-      step += 1
+      step = at.step = step + 1
       b, l = batch.inputs.tokens.shape
       info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model, batch=b, seq_len=l, tiles=batch.inputs.tiles,
                                                              trainable=setup.trainable)["total"]}
@@ -286,38 +338,33 @@ def train(r: RunConfig, workdir: str) -> dict:
     if ckpt is not None and exit_reason == "done" and good_step != step:
       ckpt.save(step, state, data_iter, force=True)
       good_step = step
-  except NonFiniteError as e:
     progress.close()
-    log.error("%s", e)
+    if ckpt is not None:
+      ckpt.wait()
+    if exit_reason == "done" and c.export_model:
+      out = weights.save_model(os.path.join(workdir, "model"), r.model, state_lib.full_params(state), r.tokenizer_dir,
+                               image_cfg=r.eval_image)
+      if is_main:
+        log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
+
+    if exit_reason == "done" and r.eval.at_end and r.eval.tasks:
+      te = time.perf_counter()
+      evals = run_evals(setup, r, state, step=step, workdir=workdir)
+      writer.write(step, evals)
+      if is_main:
+        for k, v in evals.items():
+          print(f"final eval {k}: {v:.4g}", flush=True)
+        if "eval/demo/exact_match" in evals:
+          print(f"demo test exact-match: {evals['eval/demo/exact_match']:.1f}% "
+                f"(eval {time.perf_counter() - te:.0f}s, total {time.perf_counter() - t0:.0f}s)", flush=True)
+      last.update(evals)
     if ckpt is not None:
       ckpt.close()
-    writer.close()
-    raise
+      at.ckpt = None
   finally:
     stop.restore()
     if profiling:
       jax.profiler.stop_trace()
-  progress.close()
-  if ckpt is not None:
-    ckpt.wait()
-  if exit_reason == "done" and c.export_model:
-    out = weights.save_model(os.path.join(workdir, "model"), r.model, state_lib.full_params(state), r.tokenizer_dir,
-                            image_cfg=r.eval_image)
-    if is_main:
-      log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
-
-  if exit_reason == "done" and r.eval.at_end and r.eval.tasks:
-    te = time.perf_counter()
-    evals = run_evals(setup, r, state, step=step, workdir=workdir)
-    writer.write(step, evals)
-    if is_main:
-      for k, v in evals.items():
-        print(f"final eval {k}: {v:.4g}", flush=True)
-      if "eval/demo/exact_match" in evals:
-        print(f"demo test exact-match: {evals['eval/demo/exact_match']:.1f}% "
-              f"(eval {time.perf_counter() - te:.0f}s, total {time.perf_counter() - t0:.0f}s)", flush=True)
-    last.update(evals)
-  if ckpt is not None:
-    ckpt.close()
-  writer.close()
+    progress.close()
+    writer.close()
   return last

@@ -1,0 +1,61 @@
+"""The README's demo command for a few steps: steps/s, minor page faults, user/kernel CPU time, peak RSS.
+
+    python bench/demo_steps.py                        # 100 steps of the demo preset, this checkout
+    python bench/demo_steps.py --before /work/main    # the same run from another checkout first (back to back)
+
+Each run is `python -m lladav_jax.train --config=configs/finetune.py:demo,train.num_steps=N` (no final eval, no
+model export) in a subprocess; the figures are that subprocess's rusage, steps/s the median over the steps after
+the tenth (metrics.jsonl step_time). On a shared machine compare runs of one invocation only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(repo: str, steps: int, demo_root: str) -> dict:
+  from lladav_jax.training.metrics import read_metrics
+  with tempfile.TemporaryDirectory() as work:
+    args = [sys.executable, "-m", "lladav_jax.train",
+            f"--config=configs/finetune.py:demo,train.num_steps={steps},eval.at_end=False,checkpoint.export_model=False",
+            f"--workdir={work}", f"--config.data.demo_root={demo_root}", "--config.log.progress=False",
+            "--config.log.tensorboard=False"]
+    env = dict(os.environ, PYTHONPATH=repo)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode:
+      raise SystemExit(f"{repo}: the run failed:\n{r.stderr[-3000:]}")
+    m = read_metrics(os.path.join(work, "metrics.jsonl"))
+  times = [m[s]["step_time"] for s in sorted(m) if s > 10]
+  return {"last loss": m[max(m)]["loss"], "steps/s": 1 / statistics.median(times), "minor faults": after.ru_minflt - before.ru_minflt,
+          "user s": after.ru_utime - before.ru_utime, "sys s": after.ru_stime - before.ru_stime, "wall s": wall,
+          "max RSS MiB": after.ru_maxrss / 1024}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--steps", type=int, default=100)
+  ap.add_argument("--before", default="", help="another checkout, run first")
+  ap.add_argument("--demo_root", default="~/.cache/lladav_jax/demo")
+  a = ap.parse_args()
+  root = os.path.expanduser(a.demo_root)
+  runs = ([("before", a.before)] if a.before else []) + [("this checkout", HERE)]
+  for name, repo in runs:
+    res = run(os.path.abspath(repo), a.steps, root)
+    print(f"{name} ({repo}), {a.steps} steps: last loss {res.pop('last loss')!r}, " + ", ".join(
+        f"{k} {v:.2f}" if isinstance(v, float) and v < 100 else f"{k} {v:.0f}" for k, v in res.items()), flush=True)
+
+
+if __name__ == "__main__":
+  main()
