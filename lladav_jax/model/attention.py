@@ -20,6 +20,7 @@ Implementations (`IMPLS`):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -28,12 +29,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from lladav_jax import sharding as shd
+from lladav_jax.config import ATTENTION_IMPLS
 
-IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu")
+IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "xla")
 ALIASES = {"xla": "dense"}  # the name configs written before the blockwise kernel use
 # `auto` keeps dense below this many bytes of float32 scores a call (all rows and heads): faster on CPU.
 DENSE_LIMIT_BYTES = 1 << 30
 _NEG = -1e30  # a finite "minus infinity": masked scores never make a NaN (exp(-inf - -inf))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static attention choice a module holds (from ModelConfig): implementation and block sizes."""
+  impl: str = "auto"
+  block_q: int = 512
+  block_kv: int = 512
+  interpret: bool = False  # Pallas kernels in interpret mode (CPU tests of splash / pallas_gpu)
+
+  @classmethod
+  def from_config(cls, cfg) -> "Settings":
+    return cls(canonical(cfg.attention_impl), cfg.attention_block_q, cfg.attention_block_kv)
+
+  def __call__(self, q, k, v, q_segments, kv_segments, cached=None):
+    return attention(q, k, v, q_segments, kv_segments, impl=self.impl, cached=cached, block_q=self.block_q,
+                     block_kv=self.block_kv, interpret=self.interpret)
 
 
 def canonical(impl: str) -> str:
