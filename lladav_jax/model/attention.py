@@ -331,9 +331,13 @@ def pallas_gpu(q, k, v, segments, *, block_q: int = 128, block_kv: int = 128, in
   b, t, n, h = q.shape
   rep = n // k.shape[2]
   k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-  sizes = gpu_attention.BlockSizes(block_q=min(block_q, 128), block_k=min(block_kv, 128))
-  out = gpu_attention.mha(q, k, v, segments, sm_scale=1.0 / math.sqrt(h), causal=False, block_sizes=sizes,
-                          interpret=interpret)
+  blk = min(block_q, block_kv, 128)
+  blk = min(blk, -(-t // 16) * 16)  # Triton blocks are multiples of 16; short sequences pad to one
+  q, k, v, seg = (_pad_to(x, blk, 1) for x in (q, k, v, segments))  # padding: id 0, zeroed below
+  sizes = gpu_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=blk, block_kv_dkv=blk, block_q_dq=blk,
+                                   block_kv_dq=blk)
+  out = gpu_attention.mha(q, k, v, seg, sm_scale=1.0 / math.sqrt(h), causal=False, block_sizes=sizes,
+                          interpret=interpret)[:, :t]
   return jnp.where((segments > 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
