@@ -183,7 +183,7 @@ def test_select():
 
 # ----------------------------------------------------------------------------- the model with blockwise
 
-BLOCKWISE = dict(attention_impl="blockwise", attention_block_q=32, attention_block_kv=32)
+BLOCKWISE = dict(attention_impl="blockwise", attention_block_q=64, attention_block_kv=64)  # several blocks a row
 
 
 def _loss_and_grad(cfg, batch, params):
@@ -221,7 +221,7 @@ def _model(impl):
   return random_model(config.tiny(**kw), 0, SCALES)
 
 
-@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("cache", [None, "dual"])
 def test_sampler_tokens_blockwise_equal_dense(cache):
   from tests.test_sampler import settings
   prompts = [[7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39], [40, 41, 42, 43]]
