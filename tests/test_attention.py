@@ -81,6 +81,24 @@ def test_forward_and_gradients_match(impl, s0):
   assert np.abs(np.asarray(out2[0, 15:30] - out[0, 15:30])).max() > 1e-3
 
 
+def test_splash_inside_shard_map_on_a_mesh():
+  """On a (data 2, fsdp 2, tensor 2) mesh: rows over data x fsdp, KV heads over tensor, one kernel a shard."""
+  rng = np.random.default_rng(7)
+  q = jnp.asarray(rng.normal(size=(4, 40, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(4, 40, 2, 16)), jnp.float32) for _ in range(2))
+  seg = np.ones((4, 40), np.int32)
+  seg[1, 30:], seg[2, 10:] = 0, 2
+  seg = jnp.asarray(seg)
+  mesh = sharding.make_mesh(2, 2, 2)
+  fn = jax.jit(lambda q, k, v, s: A.attention(q, k, v, s, s, impl="splash", block_q=128, block_kv=128,
+                                              interpret=True))
+  with jax.set_mesh(mesh):
+    text = fn.lower(q, k, v, seg).as_text()
+    out = fn(q, k, v, seg)
+  assert "shard_map" in text or "sdy.manual_computation" in text
+  np.testing.assert_allclose(np.asarray(out), A.numpy_reference(q, k, v, seg, seg), atol=1e-5)
+
+
 def test_dense_gradients_match_numpy_finite_differences():
   """The dense reference's own gradient (which the others are compared to) against central differences
   of the float64 NumPy attention, on a few entries of dq, dk and dv."""
