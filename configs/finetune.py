@@ -110,7 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = config_dict.placeholder(str)  # master weights
   c.model.scan_layers = config_dict.placeholder(bool)
   c.model.remat_policy = config_dict.placeholder(str)
-  c.model.attention_impl = config_dict.placeholder(str)
+  c.model.attention_impl = config_dict.placeholder(str)  # auto | dense | blockwise | splash | cudnn | pallas_gpu
+  c.model.attention_block_q = config_dict.placeholder(int)
+  c.model.attention_block_kv = config_dict.placeholder(int)
 
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = ""  # converted Orbax dir (or HF dir) with the initial weights; "" = random init

@@ -121,7 +121,7 @@ class LLaDAV:
 
 def _forward_logits(graphdef, state, x: ModelInputs):
   model = nnx.merge(graphdef, state)
-  return model(x.tokens, x.positions, x.valid[:, None, :], x.pixels, x.merge_idx, x.merge_w)
+  return model(x.tokens, x.positions, x.segments, x.pixels, x.merge_idx, x.merge_w)
 
 
 def _maybe_tokenizer(path: str):

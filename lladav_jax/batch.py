@@ -8,13 +8,15 @@ S x S pixels, TAPS merge taps.
   tokens    int32 [B, L]        ids; IMAGE_TOKEN_INDEX (-200) at image-feature positions
   positions int32 [B, L]        RoPE positions: 0 at each sample's first token (counting on through right
                                 padding, 0 on left padding; padding is never attended)
-  valid     bool  [B, L]        False only at padding: keys never attended
+  segments  int32 [B, L]        segment ids: 0 at padding (never attended, attends nothing), 1.. per
+                                sample (conversation); attention only within equal ids
   pixels    uint8 [B, T, S, S, 3]  RGB tiles (normalised on device); zeros where unused
   merge_idx int32 [B, L, TAPS]  the merge plan into each row's [T*P tile features | newline | zero]
   merge_w   float32 [B, L, TAPS]
   labels    int32 [B, L]        training only: IGNORE_INDEX (-100) = not trained on
 
-Sequence packing adds one field here (segment ids), not a new layout.
+Sequence packing writes several samples into one row with ids 1, 2, ... in `segments` (positions restart at
+each); `collate` writes one sample a row (id 1).
 """
 from __future__ import annotations
 
@@ -32,10 +34,15 @@ from lladav_jax.multimodal import Expanded, ImageConfig
 class ModelInputs:
   tokens: Any
   positions: Any
-  valid: Any
+  segments: Any
   pixels: Any
   merge_idx: Any
   merge_w: Any
+
+  @property
+  def valid(self):
+    """bool [B, L]: False only at padding."""
+    return self.segments > 0
 
   @property
   def rows(self) -> int:
@@ -60,7 +67,7 @@ def shapes(rows: int, length: int, tiles: int, image_size: int, *, labels: bool 
   """A batch of `jax.ShapeDtypeStruct`s (ahead-of-time compiles, memory plans); no allocation."""
   s = jax.ShapeDtypeStruct
   inputs = ModelInputs(tokens=s((rows, length), np.int32), positions=s((rows, length), np.int32),
-                       valid=s((rows, length), np.bool_), pixels=s((rows, tiles, image_size, image_size, 3), np.uint8),
+                       segments=s((rows, length), np.int32), pixels=s((rows, tiles, image_size, image_size, 3), np.uint8),
                        merge_idx=s((rows, length, TAPS), np.int32), merge_w=s((rows, length, TAPS), np.float32))
   return TrainBatch(inputs, s((rows, length), np.int32)) if labels else inputs
 
@@ -79,7 +86,7 @@ def collate(samples: Sequence[Expanded], image_cfg: ImageConfig, *, length: int 
   p, s = image_cfg.tokens_per_tile, image_cfg.image_size
   zero = tiles * p + 1
   out = ModelInputs(tokens=np.full((rows, length), pad_id, np.int32), positions=np.zeros((rows, length), np.int32),
-                    valid=np.zeros((rows, length), bool), pixels=np.zeros((rows, tiles, s, s, 3), np.uint8),
+                    segments=np.zeros((rows, length), np.int32), pixels=np.zeros((rows, tiles, s, s, 3), np.uint8),
                     merge_idx=np.full((rows, length, TAPS), zero, np.int32),
                     merge_w=np.zeros((rows, length, TAPS), np.float32))
   for i, e in enumerate(samples):
@@ -89,7 +96,7 @@ def collate(samples: Sequence[Expanded], image_cfg: ImageConfig, *, length: int 
     if t > tiles:
       raise ValueError(f"sample {i} needs {t} tiles, more than {tiles}")
     sl = slice(length - n, length) if left else slice(0, n)
-    out.tokens[i, sl], out.valid[i, sl] = e.tokens, True
+    out.tokens[i, sl], out.segments[i, sl] = e.tokens, 1
     out.positions[i] = np.maximum(np.arange(length) - sl.start, 0)
     out.pixels[i, :t] = e.pixels
     idx = e.merge_idx
@@ -108,7 +115,7 @@ def collate_train(samples: Sequence[Expanded], image_cfg: ImageConfig, **kw) -> 
 
 
 def pad_length(batch: TrainBatch, length: int, tokens_per_tile: int) -> TrainBatch:
-  """Right-pads a host batch to `length` positions (not valid, unlabelled): one compiled shape."""
+  """Right-pads a host batch to `length` positions (segment 0, unlabelled): one compiled shape."""
   x = batch.inputs
   n = length - x.length
   if n < 0:
@@ -117,7 +124,7 @@ def pad_length(batch: TrainBatch, length: int, tokens_per_tile: int) -> TrainBat
     return batch
   pad = lambda a, value=0: np.pad(a, ((0, 0), (0, n)) + ((0, 0),) * (a.ndim - 2), constant_values=value)
   positions = np.concatenate([x.positions, x.positions[:, -1:] + 1 + np.arange(n)], axis=1)
-  inputs = ModelInputs(tokens=pad(x.tokens), positions=positions, valid=pad(x.valid), pixels=x.pixels,
+  inputs = ModelInputs(tokens=pad(x.tokens), positions=positions, segments=pad(x.segments), pixels=x.pixels,
                        merge_idx=pad(x.merge_idx, x.tiles * tokens_per_tile + 1), merge_w=pad(x.merge_w))
   return TrainBatch(inputs, pad(batch.labels, IGNORE_INDEX))
 

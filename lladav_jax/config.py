@@ -67,6 +67,10 @@ class VisionConfig:
     return self.grid * self.grid
 
 
+# Attention implementations (lladav_jax/model/attention.py): "auto" picks per backend and size; "xla" is
+# the name configs written before the blockwise kernel use for "dense".
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu", "xla")
+
 # float16 is the original's inference dtype (its eval and demo load the model in fp16).
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -79,8 +83,12 @@ class ModelConfig:
   # Compute (activation) dtype and master-weight dtype.
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
-  # Attention kernel for jax.nn.dot_product_attention: "xla" or "cudnn".
-  attention_impl: str = "xla"
+  # Attention kernel (ATTENTION_IMPLS): "auto" = splash on TPU, cuDNN / Pallas on GPU, else dense while the
+  # scores fit and blockwise (flash, O(L) memory) beyond.
+  attention_impl: str = "auto"
+  # Query / key block of the blockwise and splash kernels (splash rounds up to 128).
+  attention_block_q: int = 512
+  attention_block_kv: int = 512
   # lax.scan over the stacked layers (True) or an unrolled Python loop (False).
   scan_layers: bool = True
   # Rematerialisation policy name (see model/common.py REMAT_POLICIES).
@@ -123,8 +131,11 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         errs.append(f"{name}={getattr(self, name)!r} must be one of {DTYPES}")
-    if self.attention_impl not in ("xla", "cudnn"):
-      errs.append(f"attention_impl={self.attention_impl!r} must be 'xla' or 'cudnn'")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      errs.append(f"attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}")
+    for name in ("attention_block_q", "attention_block_kv"):
+      if getattr(self, name) < 1:
+        errs.append(f"{name}={getattr(self, name)} must be positive")
     if self.remat_policy not in REMAT_POLICIES:
       errs.append(f"remat_policy={self.remat_policy!r} must be one of {sorted(REMAT_POLICIES)}")
     if errs:

@@ -316,8 +316,10 @@ def _elbo_terms(graphdef, params, prompt: ModelInputs, answer, ans_valid, ans_ma
   x = jnp.concatenate([jnp.broadcast_to(emb, (n,) + emb.shape[1:]), llm.embed_tokens(noisy)], axis=1)
   ans_pos = jnp.sum(prompt.valid) + jnp.arange(t)
   pos = jnp.concatenate([jnp.broadcast_to(prompt.positions, (n, prompt.length)), jnp.broadcast_to(ans_pos, (n, t))], 1)
-  keymask = jnp.concatenate([jnp.broadcast_to(prompt.valid, (n, prompt.length)), jnp.broadcast_to(ans_valid, (n, t))], 1)
-  h = llm(x, pos, keymask[:, None, :])
+  # the answer joins the prompt's segment (collate writes one sample a row); its bucket padding is id 0
+  ans_seg = jnp.where(ans_valid, jnp.max(prompt.segments), 0)
+  seg = jnp.concatenate([jnp.broadcast_to(prompt.segments, (n, prompt.length)), jnp.broadcast_to(ans_seg, (n, t))], 1)
+  h = llm(x, pos, seg)
   logp = jax.nn.log_softmax(llm.logits(h[:, prompt.length:]), axis=-1)
   ce = -jnp.take_along_axis(logp, jnp.broadcast_to(answer[None, :, None], (n, t, 1)), axis=-1)[..., 0]
   return jnp.sum(jnp.where(ans_mask, ce, 0.0), axis=-1) / p_mask

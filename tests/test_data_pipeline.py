@@ -41,7 +41,7 @@ def test_batch_format(demo, tok):
   cfg = demo_data_config(demo)
   b = flat(next(train_it(cfg, tok)))
   L, T, S = cfg.seq_len, cfg.tile_budget, 56
-  spec = {"tokens": ((B, L), np.int32), "labels": ((B, L), np.int32), "valid": ((B, L), np.bool_),
+  spec = {"tokens": ((B, L), np.int32), "labels": ((B, L), np.int32), "segments": ((B, L), np.int32),
           "positions": ((B, L), np.int32), "pixels": ((B, T, S, S, 3), np.uint8),
           "merge_idx": ((B, L, 4), np.int32), "merge_w": ((B, L, 4), np.float32)}
   assert set(b) == set(spec)
@@ -52,12 +52,12 @@ def test_batch_format(demo, tok):
   assert ((b["merge_idx"] >= 0) & (b["merge_idx"] <= T * 16 + 1)).all()
   assert (b["labels"][b["tokens"] == -200] == -100).all()
   assert (b["tokens"][:, 0] == tok.bos_id).all() and (b["labels"][:, 0] == tok.bos_id).all()
-  assert (b["valid"][:, :2].all()) and not b["valid"][:, -1].any()
+  assert ((b["segments"] > 0)[:, :2].all()) and not (b["segments"] > 0)[:, -1].any()
 
 
 def test_eos_padding_and_buckets(tok, tmp_path, demo):
   """Rows are EOS-padded (labels EOS) to the longest *pre-expansion* row, as the collator, then
-  bucket-padded (pad id, label -100, valid False); the bucket is the smallest that fits."""
+  bucket-padded (pad id, label -100, segment 0); the bucket is the smallest that fits."""
   def r(i, q, a):
     return {"id": f"r{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
   recs = [r(0, "Is there a red circle?", "yes"), r(1, "How many shapes are there in the two images?", "two")]
@@ -66,14 +66,14 @@ def test_eos_padding_and_buckets(tok, tmp_path, demo):
   b = flat(next(eval_it(cfg, tok, bs=2)))
   lens = [len(tok.encode(x)) for x in ("Is there a red circle?", "How many shapes are there in the two images?")]
   n0 = (b["labels"][0] != -100).sum()
-  full1 = int(b["valid"][1].sum())  # the longest row: no EOS padding
+  full1 = int((b["segments"] > 0)[1].sum())  # the longest row: no EOS padding
   extra = lens[1] - lens[0]
   assert b["tokens"].shape[1] == 64 and full1 <= 64
-  assert b["valid"][0].sum() == full1  # row 0 padded with EOS up to row 1
+  assert (b["segments"] > 0)[0].sum() == full1  # row 0 padded with EOS up to row 1
   k0 = full1 - extra
   assert (b["tokens"][0, k0:full1] == tok.eos_id).all() and (b["labels"][0, k0:full1] == tok.eos_id).all()
   assert b["tokens"][0, k0 - 1] == tok.eot_id
-  assert (b["labels"][:, full1:] == -100).all() and not b["valid"][:, full1:].any()
+  assert (b["labels"][:, full1:] == -100).all() and not (b["segments"] > 0)[:, full1:].any()
   assert (b["tokens"][:, full1:] == tok.pad_id).all()
   # switches
   cfg = cfg.replace(labels=dataclasses.replace(cfg.labels, label_eos_padding=False))
@@ -82,11 +82,11 @@ def test_eos_padding_and_buckets(tok, tmp_path, demo):
   assert (b2["labels"][0] != -100).sum() == n0 - extra
   cfg = cfg.replace(labels=dataclasses.replace(cfg.labels, pad_with_eos=False))
   b3 = flat(next(eval_it(cfg, tok, bs=2)))
-  assert b3["valid"][0].sum() == k0
+  assert (b3["segments"] > 0)[0].sum() == k0
   # per-device collation with 1 row per device
   cfg = cfg.replace(labels=dataclasses.replace(cfg.labels, pad_with_eos=True), pad_group_size=1)
   b4 = flat(next(eval_it(cfg, tok, bs=2)))
-  assert b4["valid"][0].sum() == k0 and b4["valid"][1].sum() == full1
+  assert (b4["segments"] > 0)[0].sum() == k0 and (b4["segments"] > 0)[1].sum() == full1
 
 
 def test_determinism_and_seed(demo, tok):
@@ -155,7 +155,7 @@ def test_eval_equal_batches_every_sample_once(demo, tok, tmp_path):
     n = 0
     for b in map(flat, it):
       n += 1
-      real = b["valid"].any(1)
+      real = (b["segments"] > 0).any(1)
       assert real.sum() == len(it.last_ids)
       assert (b["labels"][~real] == -100).all()
       seen += it.last_ids
@@ -229,7 +229,7 @@ def test_plain_format_batches(demo, tok, tmp_path):
   cfg = demo_data_config(demo).replace(path=str(tmp_path / "p.json"), format="plain")
   img_cfg = demo_image_config().__class__(image_size=56, patch_size=14, aspect="square")
   b = flat(next(pipeline.build_eval_iterator(cfg, tok, img_cfg, batch_size_per_process=1, process_index=0, process_count=1)))
-  n = int(b["valid"][0].sum())
+  n = int((b["segments"] > 0)[0].sum())
   assert n == 16 + 3 and (b["tokens"][0, :16] == -200).all()
   assert tok.decode(b["labels"][0, 16:n]) == "red circle\n" and (b["labels"][0, :16] == -100).all()
 

@@ -53,16 +53,16 @@ def hf_logits(m, ids: np.ndarray, valid: np.ndarray | None = None, inputs_embeds
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _llm_forward(graphdef, state, ids, mask):
+def _llm_forward(graphdef, state, ids, segments):
   model = nnx.merge(graphdef, state)
   pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-  return model.llm.logits(model.llm(model.llm.embed_tokens(ids), pos, mask))
+  return model.llm.logits(model.llm(model.llm.embed_tokens(ids), pos, segments))
 
 
 def our_llm_logits(cfg, state, ids, valid=None):
   graphdef, _ = abstract_model(cfg)
-  mask = None if valid is None else jnp.asarray(valid)[:, None, :]
-  return np.asarray(_llm_forward(graphdef, state, jnp.asarray(ids), mask))
+  segments = None if valid is None else jnp.asarray(valid, jnp.int32)
+  return np.asarray(_llm_forward(graphdef, state, jnp.asarray(ids), segments))
 
 
 def to_original_llada(src: str, dst: str, cfg) -> None:

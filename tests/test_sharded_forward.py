@@ -42,7 +42,7 @@ def batch():
 @functools.partial(jax.jit, static_argnums=0)
 def forward(graphdef, state, b):
   model = nnx.merge(graphdef, state)
-  return model(b.tokens, b.positions, b.valid[:, None, :], b.pixels, b.merge_idx, b.merge_w)
+  return model(b.tokens, b.positions, b.segments, b.pixels, b.merge_idx, b.merge_w)
 
 
 def run(cfg, state, b, mesh):

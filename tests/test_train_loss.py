@@ -40,12 +40,12 @@ def numpy_loss(logits, tokens, labels, valid, t, u, eps=1e-3):
 def test_corrupt_masks_only_labelled_text():
   bt = flat(_batch())
   t, u = L.draw_noise(jax.random.key(0), 4, 48)
-  noisy, masked, p, w = jax.jit(L.corrupt, static_argnums=(5, 6))(jnp.asarray(bt["tokens"]), jnp.asarray(bt["labels"]), jnp.asarray(bt["valid"]),
+  noisy, masked, p, w = jax.jit(L.corrupt, static_argnums=(5, 6))(jnp.asarray(bt["tokens"]), jnp.asarray(bt["labels"]), jnp.asarray(bt["segments"] > 0),
                                   t, u, 500, 1e-3)
   masked = np.asarray(masked)
   assert masked.any()
   assert not (masked & (bt["labels"] == IGNORE_INDEX)).any()
-  assert not (masked & ~bt["valid"]).any()
+  assert not (masked & (bt["segments"] == 0)).any()
   assert not (masked & (bt["tokens"] == IMAGE_TOKEN_INDEX)).any()
   noisy = np.asarray(noisy)
   np.testing.assert_array_equal(noisy[masked], 500)
@@ -75,15 +75,15 @@ def test_loss_matches_numpy_formula():
     loss, aux = L.diffusion_loss(model, batch, t, u, mask_token_id=cfg.mask_token_id, cfg=L.LossConfig(logits_chunk=16),
                                  global_batch=4)
     # the reference: replace masked embeddings *after* splicing the images, full float32 logits
-    _, masked, _, _ = L.corrupt(jb["tokens"], jb["labels"], jb["valid"], t, u, cfg.mask_token_id, 1e-3)
+    _, masked, _, _ = L.corrupt(jb["tokens"], jb["labels"], jb["segments"] > 0, t, u, cfg.mask_token_id, 1e-3)
     x = model.embed(jb["tokens"], jb["pixels"], jb["merge_idx"], jb["merge_w"])
     mask_emb = model.llm.embed_tokens(jnp.full((1, 1), cfg.mask_token_id))[0, 0]
     x = jnp.where(masked[..., None], mask_emb, x)
-    logits = model.llm.logits(model.llm(x, jb["positions"], jb["valid"][:, None, :]))
+    logits = model.llm.logits(model.llm(x, jb["positions"], jb["segments"]))
     return loss, aux, masked, logits
 
   loss, aux, masked, logits = both(params, batch, jb, t, u)
-  want = numpy_loss(np.asarray(logits), bt["tokens"], bt["labels"], bt["valid"], np.asarray(t), np.asarray(u))
+  want = numpy_loss(np.asarray(logits), bt["tokens"], bt["labels"], bt["segments"] > 0, np.asarray(t), np.asarray(u))
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   assert float(aux["masked_tokens"]) == float(np.asarray(masked).sum())
 

@@ -9,7 +9,7 @@ The trainer calls `build_train_iterator(...)` and passes each batch to
 layout, see lladav_jax/batch.py), B = per-process batch, L = bucket length, T = tile budget. Each
 row is first padded with EOS up to the original's padded length (labels = EOS: the original pads
 input_ids *and* labels with EOS before image expansion; those positions are valid), then with the
-pad id (not valid).
+pad id (segment 0: padding).
 
 Skipped samples (bad files, too long, ...) travel as small sentinel records through the workers
 and are dropped and counted by reason in the main process (`iterator_stats(it)`); the counters
@@ -262,7 +262,7 @@ class BatchSpec:
 
 
 def collate(rows: list[dict], spec: BatchSpec) -> batch_lib.TrainBatch:
-  """Samples -> one static-shape batch (missing rows: all padding, no labels, no valid keys)."""
+  """Samples -> one static-shape batch (missing rows: all padding, no labels, segment 0 throughout)."""
   pre = [int(r["pre_len"]) for r in rows]
   # The original pads input_ids and labels with EOS to the longest *pre-expansion* sample of its
   # (per-device) batch, then expands images and truncates to model_max_length.
@@ -299,7 +299,7 @@ class BatchIterator(grain.DatasetIterator):
   """Drops and counts skip sentinels, enforces max_skip_fraction, collates static batches.
 
   `num_batches` (eval): exactly this many batches, the last ones filled with padding rows
-  (labels all -100, valid all False) so every process yields the same number of batches.
+  (labels all -100, segments all 0) so every process yields the same number of batches.
   """
   MAX_IDS = 8
 
@@ -438,7 +438,7 @@ def build_train_iterator(data_cfg: DataConfig, tokenizer, image_cfg: multimodal.
 def build_eval_iterator(data_cfg: DataConfig, tokenizer, image_cfg: multimodal.ImageConfig, *,
                         batch_size_per_process: int, process_index: int, process_count: int, seed: int = 0):
   """One pass, no repeat; every process yields the same number of batches. With
-  drop_remainder=False the last batches carry padding rows (labels all -100, valid all False):
+  drop_remainder=False the last batches carry padding rows (labels all -100, segments all 0):
   weight rows by whether they have labels."""
   return _build(data_cfg, tokenizer, image_cfg, batch_size_per_process=batch_size_per_process,
                 process_index=process_index, process_count=process_count, seed=seed, train=False)

@@ -96,13 +96,3 @@ def einsum_f32(eq: str, x, w):
   if x.dtype == jnp.float16:
     return jnp.einsum(eq, x, w).astype(jnp.float32)
   return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
-
-
-def attention(q, k, v, mask=None, impl="xla"):
-  """Bidirectional attention (jax.nn.dot_product_attention: float32 scores and softmax). float16 operands
-  go in as float32: XLA's CPU dot has no f16 x f16 -> f32 form, and the upcast is exact (f16 products fit
-  f32), so this is the f32-accumulated fp16 attention of a GPU."""
-  dt = q.dtype
-  if dt == jnp.float16:
-    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=False, implementation=impl).astype(dt)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from lladav_jax import sharding as shd
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
+from lladav_jax.model import attention as attn
 from lladav_jax.model import common
 from lladav_jax.model.llm import KVCache, LLaDA
 from lladav_jax.model.vision import SigLIPVision, normalize_pixels
@@ -45,13 +46,14 @@ class LLaDAVModel(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.vision = SigLIPVision(cfg.vision, dtype=dtype, param_dtype=pdtype, attention_impl=cfg.attention_impl,
+    attention = attn.Settings.from_config(cfg)
+    self.vision = SigLIPVision(cfg.vision, dtype=dtype, param_dtype=pdtype, attention=attention,
                                scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
     self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=dtype, param_dtype=pdtype,
                                rngs=rngs)
     self.image_newline = common.param(rngs, jax.nn.initializers.normal(cfg.llm.hidden_size ** -0.5),
                                       (cfg.llm.hidden_size,), ("replicated",), pdtype)
-    self.llm = LLaDA(cfg.llm, dtype=dtype, param_dtype=pdtype, attention_impl=cfg.attention_impl,
+    self.llm = LLaDA(cfg.llm, dtype=dtype, param_dtype=pdtype, attention=attention,
                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
 
   def image_table(self, pixels_BTHWC):
@@ -78,11 +80,11 @@ class LLaDAVModel(nnx.Module):
     image = jnp.einsum("BLKD,BLK->BLD", gathered, merge_w_BLK.astype(gathered.dtype))
     return shd.constrain(jnp.where(is_image[..., None], image.astype(text.dtype), text), shd.BLD)
 
-  def __call__(self, tokens_BL, positions_BL, mask_BTS=None, pixels_BTHWC=None, merge_idx_BLK=None,
+  def __call__(self, tokens_BL, positions_BL, segments_BL=None, pixels_BTHWC=None, merge_idx_BLK=None,
                merge_w_BLK=None):
-    """Full forward to float32 logits [B, L, V]."""
+    """Full forward to float32 logits [B, L, V]; `segments_BL`: segment ids (0 = padding), None = one."""
     x = self.embed(tokens_BL, pixels_BTHWC, merge_idx_BLK, merge_w_BLK)
-    return self.llm.logits(self.llm(x, positions_BL, mask_BTS))
+    return self.llm.logits(self.llm(x, positions_BL, segments_BL))
 
 
 __all__ = ["LLaDAVModel", "Projector", "KVCache"]

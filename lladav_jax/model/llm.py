@@ -1,7 +1,7 @@
 """The LLaDA language model: a LLaMA-shaped transformer with fully bidirectional attention.
 
 Pre-norm blocks (RMSNorm in float32), RoPE in the rotate-half layout, SwiGLU MLP, no biases,
-untied LM head; multi-head or grouped-query attention through jax.nn.dot_product_attention.
+untied LM head; multi-head or grouped-query attention with segment ids through `model.attention`.
 Layers are stacked on a leading axis and run by `common.run_stacked` (scan or unrolled).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lladav_jax import sharding as shd
 from lladav_jax.config import LLMConfig
+from lladav_jax.model import attention as attn
 from lladav_jax.model import common
 
 
@@ -35,7 +36,7 @@ def rope(x_BLNH, positions_BL, theta: float):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: LLMConfig, attention_impl: str, dtype, param_dtype, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: LLMConfig, attention: attn.Settings, dtype, param_dtype, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init_normal = jax.nn.initializers.normal(cfg.initializer_range)
     self.q_proj = common.param(rngs, init_normal, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
@@ -43,13 +44,14 @@ class Attention(nnx.Module):
     self.v_proj = common.param(rngs, init_normal, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
     self.o_proj = common.param(rngs, init_normal, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
     self.theta = cfg.rope_theta
-    self.impl = attention_impl
+    self.attention = attention
     self.dtype = dtype
 
-  def __call__(self, x_BLD, positions_BL, mask_BTS, cache_kv=None):
-    """`mask_BTS`: bool, True where a query may attend a key (broadcastable to [B, T, S]) or None.
-    `cache_kv`: optional (k, v) of earlier positions [B, S0, K, H], already rotated; the new
-    keys follow them. Returns the output and this call's rotated (k, v) for caching."""
+  def __call__(self, x_BLD, positions_BL, q_segments_BL, kv_segments_BS, cache_kv=None):
+    """Segment ids (int, 0 = padding; see model/attention.py): `q_segments_BL` of these positions,
+    `kv_segments_BS` of the keys, the cached ones first. `cache_kv`: optional (k, v) of earlier positions
+    [B, S0, K, H], already rotated; the new keys follow them. Returns the output and this call's rotated
+    (k, v) for caching."""
     dt = self.dtype
     q = jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dt))
     k = jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dt))
@@ -59,11 +61,12 @@ class Attention(nnx.Module):
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     q, k = rope(q, positions_BL, self.theta), rope(k, positions_BL, self.theta)
     new_kv = (k, v)
+    cached = None
     if cache_kv is not None:
-      k = jnp.concatenate([cache_kv[0].astype(dt), k], axis=1)
-      v = jnp.concatenate([cache_kv[1].astype(dt), v], axis=1)
-    mask = None if mask_BTS is None else mask_BTS[:, None]  # [B, 1, T, S]
-    ctx = common.attention(q, k, v, mask, self.impl)
+      s0 = cache_kv[0].shape[1]
+      cached = (cache_kv[0], cache_kv[1], kv_segments_BS[:, :s0])
+      kv_segments_BS = kv_segments_BS[:, s0:]
+    ctx = self.attention(q, k, v, q_segments_BL, kv_segments_BS, cached)
     ctx = checkpoint_name(ctx, "context")
     out = shd.constrain(jnp.einsum("BLNH,NHD->BLD", ctx, self.o_proj[...].astype(dt)), shd.BLD)
     return checkpoint_name(out, "attn_out"), new_kv
@@ -90,17 +93,18 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: LLMConfig, attention_impl: str, dtype, param_dtype, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: LLMConfig, attention: attn.Settings, dtype, param_dtype, *, rngs: nnx.Rngs):
     ones = jax.nn.initializers.ones
     self.attn_norm = common.param(rngs, ones, (cfg.hidden_size,), ("replicated",), param_dtype)
-    self.attn = Attention(cfg, attention_impl, dtype, param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, attention, dtype, param_dtype, rngs=rngs)
     self.mlp_norm = common.param(rngs, ones, (cfg.hidden_size,), ("replicated",), param_dtype)
     self.mlp = MLP(cfg, dtype, param_dtype, rngs=rngs)
     self.eps = cfg.rms_norm_eps
 
-  def __call__(self, x, positions, mask, cache_kv=None):
+  def __call__(self, x, positions, q_segments, kv_segments, cache_kv=None):
     x = shd.constrain(x, shd.BLD)
-    h, kv = self.attn(common.rms_norm(x, self.attn_norm[...], self.eps), positions, mask, cache_kv)
+    h, kv = self.attn(common.rms_norm(x, self.attn_norm[...], self.eps), positions, q_segments, kv_segments,
+                      cache_kv)
     x = x + h
     x = x + self.mlp(common.rms_norm(x, self.mlp_norm[...], self.eps))
     return x, kv
@@ -108,7 +112,7 @@ class Block(nnx.Module):
 
 class LLaDA(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str = "xla", scan_layers: bool = True, remat_policy: str = "none",
+               attention: attn.Settings = attn.Settings(), scan_layers: bool = True, remat_policy: str = "none",
                rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
@@ -117,7 +121,7 @@ class LLaDA(nnx.Module):
     init_normal = jax.nn.initializers.normal(cfg.initializer_range)
     self.embed = common.param(rngs, init_normal, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                               param_dtype)
-    self.layers = common.stacked(lambda r: Block(cfg, attention_impl, dtype, param_dtype, rngs=r),
+    self.layers = common.stacked(lambda r: Block(cfg, attention, dtype, param_dtype, rngs=r),
                                  cfg.num_layers, rngs)
     self.final_norm = common.param(rngs, jax.nn.initializers.ones, (cfg.hidden_size,), ("replicated",),
                                    param_dtype)
@@ -127,12 +131,25 @@ class LLaDA(nnx.Module):
   def embed_tokens(self, tokens_BL):
     return shd.constrain(jnp.take(self.embed[...], tokens_BL, axis=0).astype(self.dtype), shd.BLD)
 
-  def __call__(self, x_BLD, positions_BL, mask_BTS=None, cache: KVCache | None = None,
+  def __call__(self, x_BLD, positions_BL, q_segments_BL=None, kv_segments_BS=None, cache: KVCache | None = None,
                return_kv: bool = False):
     """Runs the blocks over input embeddings; returns final-normed hidden states [B, L, D]
-    (and, with `return_kv`, this call's rotated K/V per layer as a KVCache)."""
+    (and, with `return_kv`, this call's rotated K/V per layer as a KVCache).
+
+    Segment ids (int, 0 = padding, attention only within equal ids): `q_segments_BL` of these positions
+    (None: one segment), `kv_segments_BS` of the keys, the cache's first (None: the queries' own)."""
+    if q_segments_BL is None:
+      q_segments_BL = jnp.ones(x_BLD.shape[:2], jnp.int32)
+    if kv_segments_BS is None:
+      if cache is not None:
+        raise ValueError("kv_segments_BS is required with a cache (the cached keys' ids come first)")
+      kv_segments_BS = q_segments_BL
+    want = x_BLD.shape[1] + (0 if cache is None else cache.k.shape[2])
+    if kv_segments_BS.shape[1] != want:
+      raise ValueError(f"kv_segments_BS has {kv_segments_BS.shape[1]} positions, expected {want} (cache + new)")
+
     def body(block, x, layer_cache):
-      x, kv = block(x, positions_BL, mask_BTS, layer_cache)
+      x, kv = block(x, positions_BL, q_segments_BL, kv_segments_BS, layer_cache)
       return x, (kv if return_kv else None)
 
     xs = None if cache is None else (cache.k, cache.v)

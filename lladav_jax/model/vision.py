@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lladav_jax import sharding as shd
 from lladav_jax.config import VisionConfig
+from lladav_jax.model import attention as attn
 from lladav_jax.model import common
 
 init_normal = jax.nn.initializers.normal(0.02)
@@ -20,7 +21,8 @@ zeros, ones = jax.nn.initializers.zeros, jax.nn.initializers.ones
 
 
 class VisionBlock(nnx.Module):
-  def __init__(self, cfg: VisionConfig, dtype, param_dtype, *, attention_impl: str = "xla", rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, dtype, param_dtype, *, attention: attn.Settings = attn.Settings(),
+               rngs: nnx.Rngs):
     d, n, f = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
     h = d // n
     p = lambda init, shape, axes: common.param(rngs, init, shape, axes, param_dtype)
@@ -34,7 +36,7 @@ class VisionBlock(nnx.Module):
     self.fc2, self.fc2_bias = p(init_normal, (f, d), ("vit_mlp", "vit_embed")), p(zeros, (d,), ("replicated",))
     self.eps = cfg.layer_norm_eps
     self.dtype = dtype
-    self.impl = attention_impl
+    self.attention = attention
 
   def __call__(self, x_BPD):
     # B here counts tiles (samples x tiles, batch-major): sharded as the batch.
@@ -44,7 +46,8 @@ class VisionBlock(nnx.Module):
     y = common.layer_norm(x_BPD, self.ln1_scale[...], self.ln1_bias[...], self.eps)
     q, k, v = (shd.constrain(jnp.einsum("BPD,DNH->BPNH", y, w(p)) + w(b), shd.BLNH)
                for p, b in ((self.q_proj, self.q_bias), (self.k_proj, self.k_bias), (self.v_proj, self.v_bias)))
-    ctx = common.attention(q, k, v, None, self.impl)
+    one = jnp.ones(x_BPD.shape[:2], jnp.int32)  # a tile attends all its own patches
+    ctx = self.attention(q, k, v, one, one)
     ctx = checkpoint_name(ctx, "context")
     x_BPD = x_BPD + jnp.einsum("BPNH,NHD->BPD", ctx, w(self.o_proj)) + w(self.o_bias)
     y = common.layer_norm(x_BPD, self.ln2_scale[...], self.ln2_bias[...], self.eps)
@@ -64,7 +67,8 @@ def normalize_pixels(pixels, cfg: VisionConfig):
 
 
 class SigLIPVision(nnx.Module):
-  def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "xla",
+  def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention: attn.Settings = attn.Settings(),
                scan_layers: bool = True, remat_policy: str = "none", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
@@ -76,7 +80,7 @@ class SigLIPVision(nnx.Module):
     self.patch_bias = common.param(rngs, zeros, (cfg.hidden_size,), ("replicated",), param_dtype)
     self.pos_embed = common.param(rngs, init_normal, (cfg.tokens_per_tile, cfg.hidden_size), (None, "vit_embed"),
                                   param_dtype)
-    self.layers = common.stacked(lambda r: VisionBlock(cfg, dtype, param_dtype, attention_impl=attention_impl, rngs=r),
+    self.layers = common.stacked(lambda r: VisionBlock(cfg, dtype, param_dtype, attention=attention, rngs=r),
                                  cfg.num_layers, rngs)
 
   def __call__(self, pixels_NHWC):

@@ -137,6 +137,12 @@ def _by_row(tree):
 
 # ----------------------------------------------------------------------------- forward passes
 
+def _segments(keymask, q_len):
+  """Segment ids of a pass: every query attends the row's attendable keys (one segment, id 1); keys
+  outside `keymask` (padding, positions not yet valid) are id 0."""
+  return jnp.ones((keymask.shape[0], q_len), jnp.int32), keymask.astype(jnp.int32)
+
+
 class Forward:
   """The model passes of one step over R rows (R = 2B with CFG, stacked [cond; uncond]). `full`: the
   whole sequence (its K/V replace the cache's rows where `pick`); `window`: a window from each row's
@@ -206,7 +212,8 @@ class Forward:
     def fn(rw, _):
       x = jnp.concatenate([rw["emb"], llm.embed_tokens(rw["gen"])], axis=1)
       keymask = jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
-      out = llm(x, jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1), keymask[:, None, :], None, return_kv=with_kv)
+      out = llm(x, jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1), *_segments(keymask, x.shape[1]),
+                return_kv=with_kv)
       h, kv = out if with_kv else (out, None)
       idx = p + rw["s"][:, None] + jnp.arange(bl)[None]
       return jnp.take_along_axis(h, idx[..., None], axis=1), kv
@@ -232,8 +239,8 @@ class Forward:
         cached = col_valid & ((col < s) | (col >= s + bl))
         q_pos = jnp.take_along_axis(rw["gen_pos"], qc, axis=1)
       q_tok = jnp.where(q_valid, jnp.take_along_axis(rw["gen"], qc, axis=1), mask_id)
-      keymask = jnp.concatenate([rw["valid"], cached, q_valid], axis=1)
-      return llm(llm.embed_tokens(q_tok), q_pos, keymask[:, None, :], cache)[:, :bl], None
+      keymask = jnp.concatenate([rw["valid"], cached, q_valid], axis=1)  # the cache's keys, then the window's
+      return llm(llm.embed_tokens(q_tok), q_pos, *_segments(keymask, q_tok.shape[1]), cache)[:, :bl], None
 
     return self._grouped(fn, cache, None)[0]
 

@@ -112,7 +112,7 @@ def diffusion_loss(model, batch, t_B, u_BL, *, mask_token_id: int, cfg: LossConf
   x, labels = batch.inputs, batch.labels
   noisy, masked, p_B, w_BL = corrupt(x.tokens, labels, x.valid, t_B, u_BL, mask_token_id, cfg.eps)
   emb = model.embed(noisy, x.pixels, x.merge_idx, x.merge_w)
-  h = model.llm(emb, x.positions, x.valid[:, None, :])
+  h = model.llm(emb, x.positions, x.segments)
   wsum, ce_sum, correct = weighted_ce(h, model.llm.lm_head[...], labels, w_BL,
                                       chunk=cfg.logits_chunk, dtype=model.llm.dtype)
   answer = ((labels != IGNORE_INDEX) & x.valid).sum()

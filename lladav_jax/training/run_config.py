@@ -96,7 +96,8 @@ def _model_config(cfg, tokenizer, problems) -> model_config.ModelConfig | None:
     llm_over["vocab_size"] = int(m.vocab_size)
   if llm_over:
     mc = mc.replace(llm=dataclasses.replace(mc.llm, **llm_over))
-  top = {k: m[k] for k in ("mask_token_id", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+  top = {k: m[k] for k in ("mask_token_id", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+                                     "attention_block_q", "attention_block_kv")
          if m[k] is not None}
   return mc.replace(**top) if top else mc
 

@@ -2,7 +2,7 @@
 
 `make_batch` builds one host batch: per sample, an image placeholder run (-200, with a merge plan
 into the tile table), prompt text (label -100), then an answer span (labelled), EOS padding and
-bucket padding (valid False). `SyntheticIterator` is a checkpointable grain DatasetIterator of such
+bucket padding (segment 0). `SyntheticIterator` is a checkpointable grain DatasetIterator of such
 batches: batch i of process p depends only on (seed, i, p), so it resumes exactly.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def make_batch(rng: np.random.Generator, *, batch: int, seq_len: int, vocab_size
   out = {
       "tokens": np.zeros((batch, seq_len), np.int32),
       "labels": np.full((batch, seq_len), IGNORE_INDEX, np.int32),
-      "valid": np.zeros((batch, seq_len), bool),
+      "segments": np.zeros((batch, seq_len), np.int32),
       "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
       "pixels": rng.integers(0, 256, (batch, tiles, image_size, image_size, 3), dtype=np.uint8),
       "merge_idx": np.full((batch, seq_len, TAPS), zero, np.int32),
@@ -48,7 +48,7 @@ def make_batch(rng: np.random.Generator, *, batch: int, seq_len: int, vocab_size
     if n_eos:
       out["tokens"][b, n_valid - n_eos:n_valid] = eos
       out["labels"][b, n_valid - n_eos:n_valid] = eos
-    out["valid"][b, :n_valid] = True
+    out["segments"][b, :n_valid] = 1
     out["tokens"][b, n_valid:] = eos
   labels = out.pop("labels")
   return TrainBatch(ModelInputs(**out), labels)
