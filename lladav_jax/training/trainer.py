@@ -167,7 +167,8 @@ def train(r: RunConfig, workdir: str) -> dict:
   latest = ckpt.latest_step() if ckpt else None
   t0 = time.perf_counter()
   if latest is not None:
-    state, data_iter = ckpt.restore(latest, setup.abstract, data_iter)
+    saved, data_iter = ckpt.restore(latest, state_lib.checkpoint_abstract(setup), data_iter)
+    state = state_lib.from_checkpoint(setup, saved, seed=r.seed, init_checkpoint=r.init_checkpoint)
     start = int(jax.device_get(state["step"]))
     log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
@@ -272,7 +273,7 @@ def train(r: RunConfig, workdir: str) -> dict:
       if want_save or want_eval or preempted:
         flush()  # every step up to here is finite before anything is saved
       if want_save or (preempted and ckpt is not None):
-        ckpt.save(step, state, data_iter, force=preempted)
+        ckpt.save(step, state_lib.checkpoint_tree(setup, state), data_iter, force=preempted)
         good_step = step
       if want_eval:
         evals = run_evals(setup, r, state, step=step, workdir=workdir)
@@ -284,7 +285,7 @@ def train(r: RunConfig, workdir: str) -> dict:
         break
     flush()
     if ckpt is not None and exit_reason == "done" and good_step != step:
-      ckpt.save(step, state, data_iter, force=True)
+      ckpt.save(step, state_lib.checkpoint_tree(setup, state), data_iter, force=True)
       good_step = step
   except NonFiniteError as e:
     progress.close()
