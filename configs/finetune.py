@@ -200,7 +200,9 @@ def _stage(c, *, lr, group_lr, batch, seq_len, init, per_device=1, trainable=("v
   # the original EOS-pads each GPU's micro-batch of per_device_train_batch_size rows on its own
   c.data.pad_group_size = per_device
   c.data.seq_len = seq_len
-  c.data.tile_budget = 16
+  # 6 x 6 anyres grid + base (anyres_max_4's largest) = 37 tiles; a 32-frame video: 32. Each batch's pixels take
+  # the smallest tile bucket (data.tile_buckets) that holds its largest sample.
+  c.data.tile_budget = 37
   c.data.num_workers = 8
   c.checkpoint.every_steps = 1000
 

@@ -178,7 +178,7 @@ def train(r: RunConfig, workdir: str) -> dict:
   log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
            (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - t0)
 
-  # ---- ahead-of-time compile for the largest bucket
+  # ---- ahead-of-time compile for the largest bucket (length x tiles); the others compile on first use
   lengths = batch_lengths(r)
   tiles = r.data.synthetic_tiles if r.data.kind == "synthetic" else r.data.pipeline.tile_budget
   shapes = batch_lib.shapes(gb, lengths[-1], tiles, r.model.vision.image_size)
@@ -247,12 +247,12 @@ def train(r: RunConfig, workdir: str) -> dict:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
       host = next(data_iter)
-      if len(lengths) > 1:
-        l_need = host.inputs.length
-        if pc > 1:
-          from jax.experimental import multihost_utils
-          l_need = int(np.max(multihost_utils.process_allgather(np.int32(l_need))))
+      if pc > 1:  # every process's rows go into one global array: the largest length and tile bucket
+        from jax.experimental import multihost_utils
+        need = multihost_utils.process_allgather(np.array([host.inputs.length, host.inputs.tiles], np.int32))
+        l_need, t_need = (int(v) for v in np.max(np.asarray(need).reshape(-1, 2), axis=0))
         host = batch_lib.pad_length(host, l_need, r.image.tokens_per_tile)
+        host = batch_lib.pad_tiles(host, t_need, r.image.tokens_per_tile)
       batch = to_global(host, mesh, pc)
       fn = get_compiled(global_shapes(host, pc))
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
