@@ -31,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from typing import Sequence
 
 import jax
@@ -96,10 +97,11 @@ _VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\): (\S+)
 _FROM = re.compile(r"^ from instruction: %(\S+) = .*?op_name=\"([^\"]*)\"")
 
 
-def largest_buffers(dump_dir: str, num_layers: Sequence[int], top: int = 10):
+def largest_buffers(dump_dir: str, num_layers: Sequence[int], positions: Sequence[int], top: int = 10):
   """From XLA's buffer-assignment dump of the train step: ([(bytes, shape, op_name)] of the largest distinct
-  temporary values, bytes of the layer-stacked forward values (leading dim a layer count, made in the forward
-  pass: what the remat policy saves for the backward))."""
+  temporary values, bytes of the layer-stacked activations: a leading dim that is a layer count and a dim that
+  is a sequence length (`positions`: tokens, tokens a tile, tiles x tokens a tile), i.e. what the remat policy
+  keeps for the backward pass, in whatever dtype the compiler holds it)."""
   files = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations-buffer-assignment.txt")))
   if not files:
     return [], 0
@@ -122,11 +124,11 @@ def largest_buffers(dump_dir: str, num_layers: Sequence[int], top: int = 10):
   for name, (size, shape) in sorted(values.items(), key=lambda kv: -kv[1][0]):
     op = ops.get(name, name)
     key = (shape, op)
-    if key in seen:
+    if key in seen:  # one value per (shape, op): the loop bodies' copies of a buffer count once
       continue
     seen.add(key)
     dims = [int(d) for d in re.findall(r"\d+", shape.split("[", 1)[-1])] if "[" in shape else []
-    if dims and dims[0] in num_layers and "transpose(" not in op and "jvp(" in op:
+    if len(dims) > 1 and dims[0] in num_layers and any(d in positions for d in dims[1:]) and "transpose(" not in op:
       saved += size
     if len(out) < top:
       out.append((size, shape, _short(op)))
@@ -153,7 +155,9 @@ def plan_one(cfg, preset: str, shape: Sequence[int], dump_dir: str | None = None
   compiled, mem = step_lib.compile_train_step(setup, r.loss, global_batch=gb, accum=accum, batch_shapes=shapes)
   abs_batch = step_lib.abstract_batch(mesh, shapes)
   micro = _shard_bytes(abs_batch) // accum
-  largest, saved = largest_buffers(dump_dir, (r.model.llm.num_layers, r.model.vision.num_layers)) if dump_dir else ([], 0)
+  p_tile = r.model.vision.tokens_per_tile
+  largest, saved = largest_buffers(dump_dir, (r.model.llm.num_layers, r.model.vision.num_layers),
+                                   (length, p_tile, tiles * p_tile)) if dump_dir else ([], 0)
   params = _shard_bytes(setup.abstract["params"]) + _shard_bytes(setup.abstract["frozen"])
   opt_b = _shard_bytes(setup.abstract["opt_state"])
   temp = mem["temp_size_in_bytes"] if mem else 0
@@ -173,7 +177,7 @@ def run_plans(argv: Sequence[str], meshes: Sequence[str], *, timeout: int = 3600
   for spec in meshes:
     preset, shape = parse_mesh(spec)
     n = math.prod(shape)
-    with _tmpdir() as dump:
+    with tempfile.TemporaryDirectory(prefix="lladav_plan_") as dump:
       env = dict(os.environ, JAX_PLATFORMS="cpu",
                  XLA_FLAGS=f"--xla_force_host_platform_device_count={n} --xla_dump_to={dump} "
                            "--xla_dump_hlo_module_re=.*train_step.*")
@@ -186,17 +190,6 @@ def run_plans(argv: Sequence[str], meshes: Sequence[str], *, timeout: int = 3600
     else:
       out.append(json.loads(lines[-1]))
   return out
-
-
-class _tmpdir:
-  def __enter__(self):
-    import tempfile
-    self.path = tempfile.mkdtemp(prefix="lladav_plan_")
-    return self.path
-
-  def __exit__(self, *exc):
-    import shutil
-    shutil.rmtree(self.path, ignore_errors=True)
 
 
 def table(plans: Sequence[dict], limit_gib: float = 16.0) -> str:
