@@ -3,6 +3,7 @@ import json
 import subprocess
 
 from configs import finetune
+from lladav_jax import config
 from lladav_jax.training import plan
 from tests.train_helpers import PYTHON, REPO, subprocess_env
 
@@ -20,6 +21,13 @@ def test_plan_one_mesh_per_device_bytes():
   lora = plan.plan_one(finetune.get_config("lora,runlocal,model.lora.rank=2"), "fsdp_tp", (1, 8, 1))
   assert lora["lora_rank"] == 2 and lora["trainable"] == ["lora", "projector"]
   assert lora["optimizer"] < 0.2 * full["optimizer"]
+  # what a remat policy keeps: every layer's input plus its tagged tensors (tiny: D 64, F 128, 4 + 2 + 2 heads of
+  # 16; the tower: 32 wide, 729 patches a tile), in float32, heads and mlp split over tensor
+  cfg = config.tiny(remat_policy="full")
+  assert plan.saved_activation_bytes(cfg, 1, 1536, 1, 1) == 4 * (2 * 1536 * 64 + 2 * 729 * 32)
+  assert plan.saved_activation_bytes(cfg.replace(remat_policy="minimal"), 1, 1536, 1, 2) == \
+      4 * (2 * 1536 * (64 + 8 * 16 / 2 + 64 + 2 * 128 / 2 + 64) + 2 * 729 * (32 + 32))
+  assert plan.saved_activation_bytes(cfg.replace(remat_policy="none"), 1, 1536, 1, 1) is None
   text = plan.table([full, tp, {"mesh": "fsdp:1,3,1", "error": "x"}])
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 | 1536, 1 |" in text and "failed: x" in text
 
@@ -35,5 +43,5 @@ def test_dry_run_cli_names_the_largest_buffers(tmp_path):
   assert p["devices"] == 8 and p["mesh"] == [1, 4, 2] and p["accum"] == 2
   assert p["largest"] and p["largest"][0][0] >= p["largest"][-1][0]
   assert any("1536,1536]" in shape for _, shape, _ in p["largest"])  # scores [.., 1536 queries, 1536 keys]
-  assert 0 < p["saved_activations"] <= p["temporaries"]
+  assert p["saved_activations"] is None  # runlocal: remat "none" (XLA keeps what it needs)
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 |" in out.stdout

@@ -13,7 +13,8 @@ config's largest batch shape and reports per device:
     optimizer    the sharded optimizer state (exact)
     batch        the micro-batch inputs (exact)
     temporaries  compiled.memory_analysis().temp_size (activations, gradients, collectives' buffers ...)
-    saved        of which: layer-stacked forward values that live into the backward (the remat policy's)
+    saved        the activations the remat policy keeps for the backward pass (analytic: the layer inputs and the
+                 tagged tensors at the compute dtype; part of the temporaries)
     largest      the largest temporary buffers, with the JAX op that makes them (buffer assignment + HLO metadata)
 
 The plan keeps the preset's model, optimizer, sequence length and tile budget; it swaps the data for
@@ -39,6 +40,7 @@ import numpy as np
 
 from lladav_jax import batch as batch_lib
 from lladav_jax import sharding as shd
+from lladav_jax.config import REMAT_POLICIES
 from lladav_jax.training import run_config, state as state_lib, step as step_lib
 
 # 8, 64 and 256 devices, pure FSDP and FSDP + 2-way TP (256-way FSDP needs the factored axis: the tower's 1152)
@@ -97,11 +99,9 @@ _VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\): (\S+)
 _FROM = re.compile(r"^ from instruction: %(\S+) = .*?op_name=\"([^\"]*)\"")
 
 
-def largest_buffers(dump_dir: str, num_layers: Sequence[int], positions: Sequence[int], top: int = 10):
-  """From XLA's buffer-assignment dump of the train step: ([(bytes, shape, op_name)] of the largest distinct
-  temporary values, bytes of the layer-stacked activations: a leading dim that is a layer count and a dim that
-  is a sequence length (`positions`: tokens, tokens a tile, tiles x tokens a tile), i.e. what the remat policy
-  keeps for the backward pass, in whatever dtype the compiler holds it)."""
+def largest_buffers(dump_dir: str, top: int = 10):
+  """[(bytes, shape, op_name)] of the largest distinct temporary values in XLA's buffer-assignment dump of the
+  train step (op_name from the HLO metadata; a fusion's own name where the compiler kept none)."""
   files = sorted(glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations-buffer-assignment.txt")))
   if not files:
     return [], 0
@@ -120,19 +120,35 @@ def largest_buffers(dump_dir: str, num_layers: Sequence[int], positions: Sequenc
       m = _FROM.match(line)
       if m:
         ops[m.group(1)] = m.group(2)
-  seen, out, saved = set(), [], 0
+  seen, out = set(), []
   for name, (size, shape) in sorted(values.items(), key=lambda kv: -kv[1][0]):
     op = ops.get(name, name)
     key = (shape, op)
     if key in seen:  # one value per (shape, op): the loop bodies' copies of a buffer count once
       continue
     seen.add(key)
-    dims = [int(d) for d in re.findall(r"\d+", shape.split("[", 1)[-1])] if "[" in shape else []
-    if len(dims) > 1 and dims[0] in num_layers and any(d in positions for d in dims[1:]) and "transpose(" not in op:
-      saved += size
-    if len(out) < top:
-      out.append((size, shape, _short(op)))
-  return out, saved
+    out.append((size, shape, _short(op)))
+    if len(out) == top:
+      break
+  return out
+
+
+def saved_activation_bytes(cfg, rows: int, length: int, tiles: int, tensor: int) -> int | None:
+  """Bytes a device keeps for the backward pass under the remat policy (config.REMAT_POLICIES): each layer's
+  input (the scan carry) plus the tensors the policy names, at the compute dtype, for `rows` rows of `length`
+  tokens and `tiles` tiles each (heads / mlp split over `tensor`). None without remat (XLA keeps what it needs)."""
+  names = REMAT_POLICIES[cfg.remat_policy]
+  if names is None:
+    return None
+  itemsize = np.dtype(cfg.dtype).itemsize
+  m, v = cfg.llm, cfg.vision
+  llm = {"qkv": (m.num_heads + 2 * m.num_kv_heads) * m.head_dim / tensor, "context": m.num_heads * m.head_dim / tensor,
+         "attn_out": m.hidden_size, "mlp_wi": 2 * m.intermediate_size / tensor, "mlp_out": m.hidden_size}
+  vis = {"context": v.hidden_size / tensor, "mlp_out": v.hidden_size}  # the tags the tower has
+  per_token = m.hidden_size + sum(llm[n] for n in names if n in llm)
+  per_patch = v.hidden_size + sum(vis[n] for n in names if n in vis)
+  total = m.num_layers * rows * length * per_token + v.num_layers * rows * tiles * v.tokens_per_tile * per_patch
+  return int(total * itemsize)
 
 
 def _short(op: str) -> str:
@@ -155,9 +171,10 @@ def plan_one(cfg, preset: str, shape: Sequence[int], dump_dir: str | None = None
   compiled, mem = step_lib.compile_train_step(setup, r.loss, global_batch=gb, accum=accum, batch_shapes=shapes)
   abs_batch = step_lib.abstract_batch(mesh, shapes)
   micro = _shard_bytes(abs_batch) // accum
-  p_tile = r.model.vision.tokens_per_tile
-  largest, saved = largest_buffers(dump_dir, (r.model.llm.num_layers, r.model.vision.num_layers),
-                                   (length, p_tile, tiles * p_tile)) if dump_dir else ([], 0)
+  largest = largest_buffers(dump_dir) if dump_dir else []
+  tensor = r.mesh.shape[2] if r.mesh.preset == "fsdp_tp" else 1
+  rows_dev = max(1, gb // accum // (math.prod(r.mesh.shape) // tensor))
+  saved = saved_activation_bytes(r.model, rows_dev, length, tiles, tensor)
   params = _shard_bytes(setup.abstract["params"]) + _shard_bytes(setup.abstract["frozen"])
   opt_b = _shard_bytes(setup.abstract["opt_state"])
   temp = mem["temp_size_in_bytes"] if mem else 0
@@ -202,10 +219,11 @@ def table(plans: Sequence[dict], limit_gib: float = 16.0) -> str:
       rows.append(f"| {p['mesh']} | failed: {p['error']} |" + " |" * 9)
       continue
     g = lambda k: p[k] / GIB
+    saved = "-" if p["saved_activations"] is None else f"{g('saved_activations'):.2f}"
     mesh = f"{p['preset']} {'x'.join(map(str, p['mesh']))}"
     rows.append(f"| {mesh} | {p['devices']} | {p['global_batch'] // p['accum']} x {p['accum']} | {p['tokens']}, "
                 f"{p['tiles']} | {p['remat']} | {g('parameters'):.2f} | {g('optimizer'):.2f} | {g('batch'):.3f} | "
-                f"{g('temporaries'):.2f} ({g('saved_activations'):.2f}) | {g('peak'):.2f} | "
+                f"{g('temporaries'):.2f} ({saved}) | {g('peak'):.2f} | "
                 f"{'yes' if p['peak'] <= limit_gib * GIB else 'no'} |")
     if p["largest"]:
       detail.append(f"{mesh}: " + "; ".join(f"{s / GIB:.2f} GiB {shape} ({op})" for s, shape, op in p["largest"][:5]))
