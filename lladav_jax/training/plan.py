@@ -165,6 +165,10 @@ def plan_one(cfg, preset: str, shape: Sequence[int], dump_dir: str | None = None
   setup = state_lib.make_setup(r.model, mesh, r.optim, r.train.num_steps)
   d = r.data.pipeline
   length = max(set(d.buckets) | {d.seq_len})
+  need = run_config.max_image_tokens(r.image)
+  if need > d.seq_len:  # resolve checks this only for real data; the plan still says it
+    notes.append(f"image.aspect={r.image.aspect!r} gives up to {need} tokens for one image: more than "
+                 f"data.seq_len={d.seq_len} (the trainer would refuse this config)")
   tiles = d.tile_budget
   gb, accum = r.train.global_batch_size, r.train.grad_accum_steps
   shapes = batch_lib.shapes(gb, length, tiles, r.model.vision.image_size)
