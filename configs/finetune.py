@@ -30,6 +30,11 @@ decay 0, clip 1.0, warmup ratio 0.03, cosine, 1 epoch, gradient checkpointing):
   stage3      as stage2_si (VisualWebInstruct / mix), length 8192 (16384 for the mix: override
               data.seq_len); init: the stage-2 OV output.
   finetune    everything, LR 1e-5 / 2e-6, batch 64, length 8192; init: GSAI-ML/LLaDA-V converted.
+  lora        finetune with LoRA on the LLM (q/k/v/o/gate/up/down; the original's `--lora_enable`: rank 64,
+              alpha 16, dropout 0.05, every LLM Linear but lm_head) and the projector trained in full
+              (its `mm_tunable_parts=mm_mlp_adapter`); vision tower and LLM base frozen. LR 2e-4 for the
+              adapters, 2e-5 for the projector (LLaVA's finetune_lora.sh: `--learning_rate 2e-4
+              --mm_projector_lr 2e-5`). Checkpoints hold the adapters + projector; the export is merged.
 """
 import dataclasses
 
@@ -38,7 +43,9 @@ from absl import flags
 from ml_collections import config_dict
 from ml_collections.config_flags import tuple_parser
 
-PRESETS = ("demo", "stage1", "stage2_si", "stage2_ov", "stage3", "finetune")
+# lladav_jax.config.LORA_TARGETS (this file imports no JAX; tests/test_lora.py checks they agree)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRESETS = ("demo", "stage1", "stage2_si", "stage2_ov", "stage3", "finetune", "lora")
 
 
 def _split(arg: str) -> list[str]:
@@ -113,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = config_dict.placeholder(str)  # auto | dense | blockwise | splash | cudnn | pallas_gpu
   c.model.attention_block_q = config_dict.placeholder(int)
   c.model.attention_block_kv = config_dict.placeholder(int)
+  # LoRA on the LLM's projections (rank 0: none); trained as the optim group "lora".
+  c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.05, targets=LORA_TARGETS))
 
   c.init = ml_collections.ConfigDict()
   c.init.checkpoint = ""  # converted Orbax dir (or HF dir) with the initial weights; "" = random init
@@ -144,7 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.trainable = ("vision", "projector", "llm")
   c.optim.lr = 1e-5
   # per-group peak LR (None: optim.lr); the original's mm_vision_tower_lr = 2e-6
-  c.optim.group_lr = ml_collections.ConfigDict({g: config_dict.placeholder(float) for g in ("vision", "projector", "llm")})
+  c.optim.group_lr = ml_collections.ConfigDict({g: config_dict.placeholder(float)
+                                                for g in ("vision", "projector", "llm", "lora")})
   c.optim.group_lr.vision = 2e-6
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
@@ -185,14 +195,16 @@ def _stage(c, *, lr, group_lr, batch, seq_len, init, per_device=1, trainable=("v
   c.model.scan_layers = True
   c.init.checkpoint = init
   c.optim.lr = lr
-  for g in ("vision", "projector", "llm"):
+  for g in ("vision", "projector", "llm", "lora"):
     c.optim.group_lr[g] = group_lr.get(g)
   c.optim.trainable = tuple(trainable)
   c.train.global_batch_size = batch
   # the original EOS-pads each GPU's micro-batch of per_device_train_batch_size rows on its own
   c.data.pad_group_size = per_device
   c.data.seq_len = seq_len
-  c.data.tile_budget = 16
+  # 6 x 6 anyres grid + base (anyres_max_4's largest) = 37 tiles; a 32-frame video: 32. Each batch's pixels take
+  # the smallest tile bucket (data.tile_buckets) that holds its largest sample.
+  c.data.tile_budget = 37
   c.data.num_workers = 8
   c.checkpoint.every_steps = 1000
 
@@ -254,6 +266,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   elif preset in _FULL_STAGES:  # everything trained, LR 1e-5 with the vision tower at 2e-6
     init, batch, seq_len, path, folder = _FULL_STAGES[preset]
     _stage(c, lr=1e-5, group_lr={"vision": 2e-6}, batch=batch, seq_len=seq_len, init=init)
+    c.data.path, c.data.image_folder = path, folder
+  elif preset == "lora":
+    init, batch, seq_len, path, folder = _FULL_STAGES["finetune"]
+    _stage(c, lr=2e-4, group_lr={"projector": 2e-5}, batch=batch, seq_len=seq_len, init=init,
+           trainable=("lora", "projector"))
+    c.model.lora.rank = 64
     c.data.path, c.data.image_folder = path, folder
 
   if runlocal:  # a tiny CPU run of the same code path: a few steps, no init checkpoint

@@ -17,6 +17,9 @@ S x S pixels, TAPS merge taps.
 
 Sequence packing writes several samples into one row with ids 1, 2, ... in `segments` (positions restart at
 each); `collate` writes one sample a row (id 1).
+
+T comes from a small set (`TILE_BUCKETS`): training and inference both pick the smallest bucket that holds
+the batch's largest sample, so compiled shapes stay few and no sample the original trains on is dropped.
 """
 from __future__ import annotations
 
@@ -28,6 +31,19 @@ from flax import struct
 
 from lladav_jax.config import IGNORE_INDEX, TAPS
 from lladav_jax.multimodal import Expanded, ImageConfig
+
+
+# Tiles a row, the compiled sizes: base + k x k anyres grids (k = 1..6; 37 = anyres_max_4's largest, a 6x6
+# grid) and 32 (the original's video frames); past 37, multiples of 37.
+TILE_BUCKETS = (1, 2, 5, 10, 17, 26, 32, 37)
+
+
+def bucket_tiles(n: int, buckets: Sequence[int] = TILE_BUCKETS) -> int:
+  """The smallest of `buckets` that holds `n` tiles (0 for none); past the last, multiples of it."""
+  if n <= 0:
+    return 0
+  top = buckets[-1]
+  return next((b for b in buckets if n <= b), -(-n // top) * top)
 
 
 @struct.dataclass
@@ -127,6 +143,21 @@ def pad_length(batch: TrainBatch, length: int, tokens_per_tile: int) -> TrainBat
   inputs = ModelInputs(tokens=pad(x.tokens), positions=positions, segments=pad(x.segments), pixels=x.pixels,
                        merge_idx=pad(x.merge_idx, x.tiles * tokens_per_tile + 1), merge_w=pad(x.merge_w))
   return TrainBatch(inputs, pad(batch.labels, IGNORE_INDEX))
+
+
+def pad_tiles(batch: TrainBatch, tiles: int, tokens_per_tile: int) -> TrainBatch:
+  """A host batch with `tiles` tiles a row (zero tiles appended; each row's newline / zero entries of the
+  merge plan move past the new tiles): several processes agree on one compiled shape."""
+  x = batch.inputs
+  n = tiles - x.tiles
+  if n < 0:
+    raise ValueError(f"batch of {x.tiles} tiles a row has more than {tiles}")
+  if n == 0:
+    return batch
+  pixels = np.pad(x.pixels, ((0, 0), (0, n)) + ((0, 0),) * (x.pixels.ndim - 2))
+  first_tail = x.tiles * tokens_per_tile  # the newline entry; the zero entry follows it
+  merge_idx = np.where(x.merge_idx >= first_tail, x.merge_idx + n * tokens_per_tile, x.merge_idx).astype(np.int32)
+  return TrainBatch(x.replace(pixels=pixels, merge_idx=merge_idx), batch.labels)
 
 
 def extend(e: Expanded, n: int, token: int, label: int, tokens_per_tile: int) -> Expanded:

@@ -71,6 +71,43 @@ class VisionConfig:
 # the name configs written before the blockwise kernel use for "dense".
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu", "xla")
 
+# The language model's projections LoRA can adapt (LLaVA's find_all_linear_names: every LLM Linear but lm_head).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the LLM's projections: W x + (alpha / rank) * B(A(dropout(x))), B zero at init.
+  rank 0: none. Defaults: the original's train.py (`lora_r 64, lora_alpha 16, lora_dropout 0.05`)."""
+  rank: int = 0
+  alpha: float = 16.0
+  dropout: float = 0.05
+  targets: tuple[str, ...] = LORA_TARGETS
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def problems(self) -> list[str]:
+    """Every bad field, named as in the training config (model.lora.*)."""
+    out = []
+    if self.rank < 0:
+      out.append(f"model.lora.rank={self.rank} must be >= 0 (0: no adapters)")
+    if self.enabled:
+      if not self.alpha > 0:
+        out.append(f"model.lora.alpha={self.alpha} must be positive")
+      if not 0 <= self.dropout < 1:
+        out.append(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+      bad = [t for t in self.targets if t not in LORA_TARGETS]
+      if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+        out.append(f"model.lora.targets={list(self.targets)} must be distinct names from {list(LORA_TARGETS)}")
+    return out
+
+
 # float16 is the original's inference dtype (its eval and demo load the model in fp16).
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -93,6 +130,8 @@ class ModelConfig:
   scan_layers: bool = True
   # Rematerialisation policy name (see model/common.py REMAT_POLICIES).
   remat_policy: str = "none"
+  # Low-rank adapters on the LLM (training); exported models have them merged (rank 0).
+  lora: LoraConfig = LoraConfig()
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -106,11 +145,13 @@ class ModelConfig:
     llm = LLMConfig(**d.pop("llm", {}))
     vision = d.pop("vision", {})
     vision = VisionConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()})
+    lora = d.pop("lora", {})
+    lora = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
       raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-    return cls(llm=llm, vision=vision, **d)
+    return cls(llm=llm, vision=vision, lora=lora, **d)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2)
@@ -138,6 +179,7 @@ class ModelConfig:
         errs.append(f"{name}={getattr(self, name)} must be positive")
     if self.remat_policy not in REMAT_POLICIES:
       errs.append(f"remat_policy={self.remat_policy!r} must be one of {sorted(REMAT_POLICIES)}")
+    errs += self.lora.problems()
     if errs:
       raise ValueError("invalid model config:\n  " + "\n  ".join(errs))
 

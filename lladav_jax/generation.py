@@ -55,17 +55,8 @@ def bucket_pow2(n: int) -> int:
   return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
-# Tiles a row, the compiled sizes: base + k x k anyres grids (k = 1..6; 37 = anyres_max_4's largest, a 6x6
-# grid) and 32 (the original's video frames); past 37, multiples of 37.
-TILE_BUCKETS = (1, 2, 5, 10, 17, 26, 32, 37)
-
-
-def bucket_tiles(n: int) -> int:
-  """The smallest tile bucket that holds `n` tiles (0 for none)."""
-  if n <= 0:
-    return 0
-  top = TILE_BUCKETS[-1]
-  return next((b for b in TILE_BUCKETS if n <= b), -(-n // top) * top)
+TILE_BUCKETS = batch_lib.TILE_BUCKETS  # one set for training and inference (batch.py)
+bucket_tiles = batch_lib.bucket_tiles
 
 
 def sampler_settings(model, **kw) -> SamplerSettings:

@@ -42,6 +42,7 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": ("tensor", "fsdp_b"),
     "replicated": None,  # norms, biases: small, every device holds them whole
+    "lora_rank": None,  # LoRA's rank axis (A [.., r], B [r, ..]): small; the weight-side axes shard
     "vit_embed": "fsdp",
     "vit_heads": ("tensor", "fsdp_b"),
     "vit_mlp": ("tensor", "fsdp_b"),

@@ -5,6 +5,7 @@ r"""Train LLaDA-V: `python -m lladav_jax.train --config=configs/finetune.py[:PRE
         --config.init.checkpoint=model/LLaDA-V-orbax --config.data.path=my_data.json \
         --config.data.image_folder=my_images --config.train.global_batch_size=64
     python -m lladav_jax.train --config=configs/finetune.py:stage1 --print_config     # the resolved settings
+    python -m lladav_jax.train --config=configs/finetune.py:stage2_si --dry_run       # per-device memory plan
 
 Re-running with the same --workdir resumes from its latest checkpoint (model, optimizer, step, RNG
 and data-iterator position) and continues with exactly the losses of an uninterrupted run.
@@ -33,15 +34,24 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lladav_jax.training import run_config, trainer  # noqa: E402
+from lladav_jax.training import plan, run_config, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard logs go here.")
 _PRINT = flags.DEFINE_bool("print_config", False, "Resolve and validate the config, print it as JSON and exit "
                            "(no training; --workdir not needed).")
+_DRY = flags.DEFINE_bool("dry_run", False, "Compile the train step ahead of time on fake meshes (one subprocess "
+                         "each) and print per-device memory: parameters, optimizer, batch, temporaries, the largest "
+                         "buffers (lladav_jax/training/plan.py). No data, no weights, no training.")
+_DRY_MESHES = flags.DEFINE_multi_string("dry_run_meshes", list(plan.DEFAULT_MESHES),
+                                        "Meshes for --dry_run, each PRESET:DATA,FSDP,TENSOR.")
+_DRY_MESH = flags.DEFINE_string("dry_run_mesh", None, "(internal) plan one mesh on this process's devices.")
+_DRY_DUMP = flags.DEFINE_string("dry_run_dump", None, "(internal) XLA dump folder of --dry_run_mesh.")
 flags.mark_flag_as_required("config")
-flags.register_multi_flags_validator(["workdir", "print_config"], lambda f: bool(f["workdir"]) or f["print_config"],
-                                     message="--workdir must be set (unless --print_config)")
+flags.register_multi_flags_validator(
+    ["workdir", "print_config", "dry_run", "dry_run_mesh"],
+    lambda f: bool(f["workdir"]) or f["print_config"] or f["dry_run"] or bool(f["dry_run_mesh"]),
+    message="--workdir must be set (unless --print_config or --dry_run)")
 
 
 def main(argv):
@@ -54,6 +64,15 @@ def main(argv):
                  "reused, not faulted in again (lladav_jax/training/host_memory.py)")
   cfg = _CONFIG.value
   try:
+    if _DRY_MESH.value:  # a --dry_run child: one mesh on this process's fake devices, one JSON line
+      print(json.dumps(plan.plan_one(cfg, *plan.parse_mesh(_DRY_MESH.value), dump_dir=_DRY_DUMP.value)), flush=True)
+      return
+    if _DRY.value:
+      plans = plan.run_plans(sys.argv[1:], _DRY_MESHES.value)
+      print(plan.table(plans))
+      for p in plans:
+        print(json.dumps(p))
+      sys.exit(1 if any("error" in p for p in plans) else 0)
     if not _PRINT.value:  # before resolve: the device count of a multi-process run needs it
       trainer.maybe_initialize_distributed(run_config.distributed_config(cfg))
     run = run_config.resolve(cfg, num_devices=jax.device_count(), process_count=jax.process_count())

@@ -25,6 +25,10 @@ def test_presets_carry_the_original_hyperparameters(preset):
     assert c.optim.lr == 1e-3 and tuple(c.optim.trainable) == ("projector",) and c.train.global_batch_size == 64
     assert c.image.aspect == "square" and c.data.format == "plain"
     assert c.data.pad_group_size == 16  # llada_v_pretrain.sh: per_device_train_batch_size 16
+  elif preset == "lora":  # the original's --lora_enable defaults; LLaVA's finetune_lora.sh learning rates
+    assert (c.model.lora.rank, c.model.lora.alpha, c.model.lora.dropout) == (64, 16.0, 0.05)
+    assert tuple(c.optim.trainable) == ("lora", "projector") and c.optim.lr == 2e-4 and c.optim.group_lr.projector == 2e-5
+    assert c.init.checkpoint == finetune.get_config("finetune").init.checkpoint
   elif preset != "demo":
     assert c.optim.lr == 1e-5 and c.optim.group_lr.vision == 2e-6 and len(c.optim.trainable) == 3
     assert c.train.global_batch_size == (64 if preset == "finetune" else 256)

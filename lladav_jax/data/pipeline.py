@@ -50,7 +50,10 @@ class DataConfig:
   format: str = "llava"  # "llava" (preprocess_llada) | "plain" (stage 1, llada_plain)
   seq_len: int = 8192  # model_max_length: truncation before and after image expansion
   buckets: tuple[int, ...] = ()  # sequence-length buckets (each <= seq_len); () = (seq_len,)
-  tile_budget: int = 16  # image tiles per sample (pixels [B, T, S, S, 3]); more -> skipped
+  # The most image tiles one sample may have (more -> skipped). A batch's pixels [B, T, S, S, 3] take the
+  # smallest of `tile_buckets` that holds its largest sample: T varies by batch within a few compiled sizes.
+  tile_budget: int = 16
+  tile_buckets: tuple[int, ...] = ()  # () = batch.TILE_BUCKETS below tile_budget, then tile_budget itself
   # Rows that share one EOS padding length (consecutive rows of a process batch). The original collates
   # and EOS-pads each GPU's micro-batch on its own (per_device_train_batch_size: 16 in stage 1, 1 in
   # stages 2-3, so no padding there); the stage presets set it so. 0 = the whole process batch.
@@ -85,6 +88,15 @@ def _buckets(cfg) -> list[int]:
   return b
 
 
+def tile_buckets(cfg) -> list[int]:
+  """The batch tile counts: data.tile_buckets (or batch.TILE_BUCKETS) up to data.tile_budget, which is the last."""
+  given = [int(x) for x in (cfg.tile_buckets or batch_lib.TILE_BUCKETS)]
+  if any(b <= 0 for b in given) or any(b > cfg.tile_budget for b in cfg.tile_buckets):
+    raise ValueError(f"data.tile_buckets {list(cfg.tile_buckets)} must be positive and <= data.tile_budget="
+                     f"{cfg.tile_budget}")
+  return sorted({b for b in given if b < cfg.tile_budget} | {int(cfg.tile_budget)}) if cfg.tile_budget else [0]
+
+
 def config_problems(cfg: DataConfig) -> list[str]:
   """Every bad field of `cfg` but an empty path, each named as in the training config."""
   errs = []
@@ -100,10 +112,11 @@ def config_problems(cfg: DataConfig) -> list[str]:
     errs.append("data.max_skip_fraction must be in [0, 1]")
   if not isinstance(cfg.allow_absolute_paths, bool):
     errs.append(f"data.allow_absolute_paths={cfg.allow_absolute_paths!r} must be true or false")
-  try:
-    _buckets(cfg)
-  except ValueError as e:
-    errs.append(str(e))
+  for check in (_buckets, tile_buckets):
+    try:
+      check(cfg)
+    except ValueError as e:
+      errs.append(str(e))
   return errs
 
 
@@ -259,6 +272,7 @@ class BatchSpec:
   pad_with_eos: bool
   label_eos_padding: bool
   pad_group_size: int = 0
+  tile_buckets: tuple = ()  # the batch tile counts (tile_buckets(cfg)); the last is tile_budget
 
 
 def collate(rows: list[dict], spec: BatchSpec) -> batch_lib.TrainBatch:
@@ -276,7 +290,10 @@ def collate(rows: list[dict], spec: BatchSpec) -> batch_lib.TrainBatch:
     samples.append(batch_lib.extend(e, n, spec.eos_id, label, spec.image_cfg.tokens_per_tile))
   need = max([len(e.tokens) for e in samples], default=1)
   length = next(x for x in spec.buckets if x >= need)
-  return batch_lib.collate_train(samples, spec.image_cfg, rows=spec.batch_size, length=length, tiles=spec.tile_budget,
+  # a text-only batch takes the smallest bucket too: one compiled shape fewer than a tile-less batch
+  tiles_need = max([e.pixels.shape[0] for e in samples] + [1])
+  tiles = next(t for t in spec.tile_buckets or (spec.tile_budget,) if t >= tiles_need) if spec.tile_budget else 0
+  return batch_lib.collate_train(samples, spec.image_cfg, rows=spec.batch_size, length=length, tiles=tiles,
                                  pad_id=spec.pad_id)
 
 
@@ -422,7 +439,7 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
                    image_cfg=image_cfg,
                    pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, pad_with_eos=settings.labels.pad_with_eos,
                    label_eos_padding=settings.labels.label_eos_padding,
-                   pad_group_size=data_cfg.pad_group_size)
+                   pad_group_size=data_cfg.pad_group_size, tile_buckets=tuple(tile_buckets(data_cfg)))
   return iter(_BatchDataset(it, spec, max_skip_fraction=float(data_cfg.max_skip_fraction),
                             min_samples=int(data_cfg.skip_check_min_samples),
                             drop_remainder=bool(data_cfg.drop_remainder), num_batches=num_batches))

@@ -54,7 +54,8 @@ class LLaDAVModel(nnx.Module):
     self.image_newline = common.param(rngs, jax.nn.initializers.normal(cfg.llm.hidden_size ** -0.5),
                                       (cfg.llm.hidden_size,), ("replicated",), pdtype)
     self.llm = LLaDA(cfg.llm, dtype=dtype, param_dtype=pdtype, attention=attention,
-                     scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
+                     scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, lora=cfg.lora,
+                     rngs=rngs)
 
   def image_table(self, pixels_BTHWC):
     """Projected features of every uint8 tile plus the newline and a zero row: [B, T*P + 2, D]."""

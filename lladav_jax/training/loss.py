@@ -105,14 +105,15 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
   return acc
 
 
-def diffusion_loss(model, batch, t_B, u_BL, *, mask_token_id: int, cfg: LossConfig, global_batch: int):
+def diffusion_loss(model, batch, t_B, u_BL, *, mask_token_id: int, cfg: LossConfig, global_batch: int,
+                   dropout_key=None):
   """Sum over this (micro-)batch's sequences of the per-sequence term, divided by the *global*
   batch size, so micro-batch losses (and their gradients) add up to the formula on the global batch.
-  Returns (loss, aux dict of sums for logging)."""
+  `dropout_key`: the LoRA dropout's (None: none). Returns (loss, aux dict of sums for logging)."""
   x, labels = batch.inputs, batch.labels
   noisy, masked, p_B, w_BL = corrupt(x.tokens, labels, x.valid, t_B, u_BL, mask_token_id, cfg.eps)
   emb = model.embed(noisy, x.pixels, x.merge_idx, x.merge_w)
-  h = model.llm(emb, x.positions, x.segments)
+  h = model.llm(emb, x.positions, x.segments, dropout_key=dropout_key)
   wsum, ce_sum, correct = weighted_ce(h, model.llm.lm_head[...], labels, w_BL,
                                       chunk=cfg.logits_chunk, dtype=model.llm.dtype)
   answer = ((labels != IGNORE_INDEX) & x.valid).sum()

@@ -12,6 +12,8 @@ Parameter groups follow LLaVA-OneVision's `mm_tunable_parts` (train.py) and LLaV
                                                  `model.image_newline` trains with the LLM)
 Stage 1 (`mm_tunable_parts=mm_mlp_adapter`) trains the projector only; image_newline stays at its
 init (it is unused there anyway: stage 1 is `square` / `flat`, no newline).
+  lora       `llm/layers/*/<target>_lora/{a,b}`  the low-rank adapters (model.lora); the LLM's base
+                                                 weights stay frozen under them
 
 Frozen parameters are split off before the optimizer sees anything: gradients are taken only with
 respect to the trainable tree and the optimizer state covers only it.
@@ -27,14 +29,15 @@ import jax
 import optax
 from flax import traverse_util
 
-GROUPS = ("vision", "projector", "llm")
+GROUPS = ("vision", "projector", "llm", "lora")
+FULL = ("vision", "projector", "llm")  # every base parameter: the stages' default
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """The `optim` section of the training config; the defaults are the HF Trainer settings above."""
-  trainable: tuple[str, ...] = GROUPS
+  trainable: tuple[str, ...] = FULL
   lr: float = 1e-5
   group_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)  # peak LR by group (others: lr)
   b1: float = 0.9
@@ -60,6 +63,8 @@ def config_problems(ocfg: OptimConfig) -> list[str]:
 
 
 def group_of(path: Sequence[str]) -> str:
+  if any(str(p).endswith("_lora") for p in path):
+    return "lora"
   head = str(path[0])
   if head == "vision":
     return "vision"
@@ -119,13 +124,13 @@ def make(ocfg: OptimConfig, total_steps: int, trainable_params: Mapping):
   """(optax transform over the trainable tree, {group: schedule}) from the `optim` config.
 
   Groups sharing a learning rate share one AdamW (one label); the schedules dict has one entry per
-  distinct learning rate, keyed by the first such group in (llm, projector, vision) order."""
+  distinct learning rate, keyed by the first such group in (llm, lora, projector, vision) order."""
   problems = config_problems(ocfg)
   if problems:
     raise ValueError("; ".join(problems))
   lrs = group_lrs(ocfg)
   flat = traverse_util.flatten_dict(dict(trainable_params))
-  present = [g for g in ("llm", "projector", "vision") if any(group_of(k) == g for k in flat)]
+  present = [g for g in ("llm", "lora", "projector", "vision") if any(group_of(k) == g for k in flat)]
   canon = {}
   for g in present:
     canon[g] = next(h for h in present if lrs[h] == lrs[g])

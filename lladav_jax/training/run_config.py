@@ -60,6 +60,19 @@ def distributed_config(cfg) -> settings.DistributedConfig:
                                     process_id=int(d.process_id))
 
 
+def lora_problems(lora: model_config.LoraConfig, optim: optimizer.OptimConfig) -> list[str]:
+  """The adapters and the trainable groups must agree (model.lora.* itself: ModelConfig.validate)."""
+  if lora.enabled and "lora" not in optim.trainable:
+    return [f"model.lora.rank={lora.rank} adds adapters but optim.trainable={list(optim.trainable)} does not "
+            "train them (add 'lora')"]
+  if lora.enabled and "llm" in optim.trainable:
+    return [f"optim.trainable={list(optim.trainable)} trains the LLM's base weights under its adapters "
+            f"(model.lora.rank={lora.rank}): drop 'llm' (LoRA keeps the base frozen) or set model.lora.rank=0"]
+  if not lora.enabled and "lora" in optim.trainable:
+    return [f"optim.trainable={list(optim.trainable)} has 'lora' but model.lora.rank=0 (no adapters)"]
+  return []
+
+
 def max_image_tokens(icfg: multimodal.ImageConfig) -> int:
   """Upper bound of one image's tokens under `icfg.aspect` (REFERENCE.md sections 2 and 12)."""
   p, g = icfg.tokens_per_tile, icfg.grid
@@ -99,6 +112,8 @@ def _model_config(cfg, tokenizer, problems) -> model_config.ModelConfig | None:
   top = {k: m[k] for k in ("mask_token_id", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
                                      "attention_block_q", "attention_block_kv")
          if m[k] is not None}
+  top["lora"] = model_config.LoraConfig(rank=int(m.lora.rank), alpha=float(m.lora.alpha), dropout=float(m.lora.dropout),
+                                        targets=tuple(m.lora.targets))
   return mc.replace(**top) if top else mc
 
 
@@ -232,6 +247,7 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
     problems.append(f"loss.eps={loss.eps} must be in (0, 1)")
   optim = optim_config(cfg.optim)
   problems += optimizer.config_problems(optim)
+  problems += lora_problems(mc.lora, optim)
   e = cfg.eval
   if e.tasks:
     for t in e.tasks:

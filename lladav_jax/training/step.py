@@ -43,6 +43,7 @@ def _to_micro(x, accum: int):
   return jnp.moveaxis(x.reshape((b // accum, accum) + x.shape[1:]), 1, 0)
 
 
+DROPOUT_STREAM = 0x4C6F5241  # fold_in constant of the LoRA dropout key ("LoRA")
 AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens")
 
 
@@ -55,9 +56,13 @@ def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_ba
   def constrain(tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim)), tree)
 
-  def loss_fn(params, frozen, mb, t, u):
+  lora = setup.model_cfg.lora
+  dropout = lora.enabled and lora.dropout > 0
+
+  def loss_fn(params, frozen, mb, t, u, drop_key):
     model = nnx.merge(graphdef, nnx.State(opt.merge_params(params, frozen)))
-    return loss_lib.diffusion_loss(model, mb, t, u, mask_token_id=mask_id, cfg=loss_cfg, global_batch=global_batch)
+    return loss_lib.diffusion_loss(model, mb, t, u, mask_token_id=mask_id, cfg=loss_cfg, global_batch=global_batch,
+                                   dropout_key=drop_key)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -65,20 +70,23 @@ def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_ba
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     b, l = batch.inputs.tokens.shape
     t, u = loss_lib.draw_noise(key, b, l, loss_cfg.antithetic)
+    # LoRA dropout: its own stream of the step's key (the noise draws stay those of a run without it)
+    drop = jax.random.fold_in(key, DROPOUT_STREAM) if dropout else None
     params, frozen = state["params"], state["frozen"]
     if accum == 1:
-      (loss, aux), grads = grad_fn(params, frozen, batch, t, u)
+      (loss, aux), grads = grad_fn(params, frozen, batch, t, u, drop)
       return loss, aux, grads
     micro = jax.tree.map(lambda x: _to_micro(x, accum), (batch, t, u))
 
     def body(carry, xs):
-      mb, tt, uu = constrain(xs)
-      (l_, a_), g_ = grad_fn(params, frozen, mb, tt, uu)
+      (mb, tt, uu), i = constrain(xs[0]), xs[1]
+      (l_, a_), g_ = grad_fn(params, frozen, mb, tt, uu, None if drop is None else jax.random.fold_in(drop, i))
       return jax.tree.map(jnp.add, carry, (l_, a_, g_)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     aux0 = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
-    (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), aux0, zeros), micro)
+    (loss, aux, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), aux0, zeros),
+                                         (micro, jnp.arange(accum)))
     return loss, aux, grads
 
   return fn

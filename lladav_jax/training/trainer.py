@@ -218,7 +218,8 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
   latest = ckpt.latest_step() if ckpt else None
   t0 = time.perf_counter()
   if latest is not None:
-    state, data_iter = ckpt.restore(latest, setup.abstract, data_iter)
+    saved, data_iter = ckpt.restore(latest, state_lib.checkpoint_abstract(setup), data_iter)
+    state = state_lib.from_checkpoint(setup, saved, seed=r.seed, init_checkpoint=r.init_checkpoint)
     start = int(jax.device_get(state["step"]))
     log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
@@ -229,7 +230,7 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
   log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
            (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - t0)
 
-  # ---- ahead-of-time compile for the largest bucket
+  # ---- ahead-of-time compile for the largest bucket (length x tiles); the others compile on first use
   lengths = batch_lengths(r)
   tiles = r.data.synthetic_tiles if r.data.kind == "synthetic" else r.data.pipeline.tile_budget
   shapes = batch_lib.shapes(gb, lengths[-1], tiles, r.model.vision.image_size)
@@ -298,12 +299,12 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
       host = next(data_iter)
-      if len(lengths) > 1:
-        l_need = host.inputs.length
-        if pc > 1:
-          from jax.experimental import multihost_utils
-          l_need = int(np.max(multihost_utils.process_allgather(np.int32(l_need))))
+      if pc > 1:  # every process's rows go into one global array: the largest length and tile bucket
+        from jax.experimental import multihost_utils
+        need = multihost_utils.process_allgather(np.array([host.inputs.length, host.inputs.tiles], np.int32))
+        l_need, t_need = (int(v) for v in np.max(np.asarray(need).reshape(-1, 2), axis=0))
         host = batch_lib.pad_length(host, l_need, r.image.tokens_per_tile)
+        host = batch_lib.pad_tiles(host, t_need, r.image.tokens_per_tile)
       batch = to_global(host, mesh, pc)
       fn = get_compiled(global_shapes(host, pc))
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
@@ -324,7 +325,7 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
       if want_save or want_eval or preempted:
         flush()  # every step up to here is finite before anything is saved
       if want_save or (preempted and ckpt is not None):
-        ckpt.save(step, state, data_iter, force=preempted)
+        ckpt.save(step, state_lib.checkpoint_tree(setup, state), data_iter, force=preempted)
         good_step = step
       if want_eval:
         evals = run_evals(setup, r, state, step=step, workdir=workdir)
@@ -336,7 +337,7 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
         break
     flush()
     if ckpt is not None and exit_reason == "done" and good_step != step:
-      ckpt.save(step, state, data_iter, force=True)
+      ckpt.save(step, state_lib.checkpoint_tree(setup, state), data_iter, force=True)
       good_step = step
     progress.close()
     if ckpt is not None:

@@ -9,6 +9,7 @@ import shutil
 import jax
 
 from lladav_jax.config import ModelConfig
+from lladav_jax.weights.merge import merge_lora
 from lladav_jax.weights.names import CONFIG_FILE, IMAGE_CONFIG_FILE, PARAMS_DIR, aux_files, flat_params, nest
 
 
@@ -18,7 +19,9 @@ def save_model(path: str, cfg: ModelConfig, params, tokenizer_dir: str | None = 
   config, and the tokenizer (and HF config) files of `tokenizer_dir`. Every process calls it (Orbax saves sharded arrays collectively
   and commits atomically); process 0 writes the small files, the config last (through a rename),
   so a directory without it is never taken for a model. `image_cfg` (a multimodal.ImageConfig): the image
-  settings inference uses with this model, saved as image_config.json."""
+  settings inference uses with this model, saved as image_config.json. LoRA adapters (cfg.lora) are merged
+  into their weights (weights.merge_lora): the directory holds a plain model."""
+  cfg, params = merge_lora(cfg, params)
   import orbax.checkpoint as ocp
   path = os.path.abspath(path)
   cfg_file = os.path.join(path, CONFIG_FILE)

@@ -1,0 +1,47 @@
+"""The memory plan (`train --dry_run`): the real step compiled ahead of time on fake meshes, per-device bytes."""
+import json
+import subprocess
+
+from configs import finetune
+from lladav_jax import config
+from lladav_jax.training import plan
+from tests.train_helpers import PYTHON, REPO, subprocess_env
+
+
+def test_plan_one_mesh_per_device_bytes():
+  """On the conftest's 8 devices: one row a device a micro-batch (accum follows the batch shards), parameters and
+  Adam's moments split over every weight axis, and LoRA's optimizer state a small fraction of the full one."""
+  full = plan.plan_one(finetune.get_config("stage2_si,runlocal"), "fsdp_tp", (1, 8, 1))
+  tp = plan.plan_one(finetune.get_config("stage2_si,runlocal"), "fsdp_tp", (1, 4, 2))
+  assert (full["global_batch"], full["accum"], tp["accum"]) == (8, 1, 2)
+  assert full["micro_batch"] == tp["micro_batch"]  # one row a device either way
+  assert 0 <= full["optimizer"] - 2 * full["parameters"] <= 64  # f32 mu and nu of f32 weights (+ step counts)
+  assert abs(tp["parameters"] - full["parameters"]) < 0.05 * full["parameters"]  # 8 weight shards both ways
+  assert full["temporaries"] > 0 and full["peak"] >= full["temporaries"]
+  lora = plan.plan_one(finetune.get_config("lora,runlocal,model.lora.rank=2"), "fsdp_tp", (1, 8, 1))
+  assert lora["lora_rank"] == 2 and lora["trainable"] == ["lora", "projector"]
+  assert lora["optimizer"] < 0.2 * full["optimizer"]
+  # what a remat policy keeps: every layer's input plus its tagged tensors (tiny: D 64, F 128, 4 + 2 + 2 heads of
+  # 16; the tower: 32 wide, 729 patches a tile), in float32, heads and mlp split over tensor
+  cfg = config.tiny(remat_policy="full")
+  assert plan.saved_activation_bytes(cfg, 1, 1536, 1, 1) == 4 * (2 * 1536 * 64 + 2 * 729 * 32)
+  assert plan.saved_activation_bytes(cfg.replace(remat_policy="minimal"), 1, 1536, 1, 2) == \
+      4 * (2 * 1536 * (64 + 8 * 16 / 2 + 64 + 2 * 128 / 2 + 64) + 2 * 729 * (32 + 32))
+  assert plan.saved_activation_bytes(cfg.replace(remat_policy="none"), 1, 1536, 1, 1) is None
+  text = plan.table([full, tp, {"mesh": "fsdp:1,3,1", "error": "x"}])
+  assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 | 1536, 1 |" in text and "failed: x" in text
+
+
+def test_dry_run_cli_names_the_largest_buffers(tmp_path):
+  """`train --dry_run` runs each mesh in a subprocess with its own device count and reads XLA's buffer assignment:
+  the largest temporaries with the op that makes them (the dense attention scores of the tiny model: [.., L, L])."""
+  out = subprocess.run([PYTHON, "-m", "lladav_jax.train", "--config=configs/finetune.py:stage2_si,runlocal", "--dry_run",
+                        "--dry_run_meshes=fsdp_tp:1,4,2"], cwd=REPO, env=subprocess_env(tmp_path / "cache"),
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-2000:]
+  p = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])
+  assert p["devices"] == 8 and p["mesh"] == [1, 4, 2] and p["accum"] == 2
+  assert p["largest"] and p["largest"][0][0] >= p["largest"][-1][0]
+  assert any("1536,1536]" in shape for _, shape, _ in p["largest"])  # scores [.., 1536 queries, 1536 keys]
+  assert p["saved_activations"] is None  # runlocal: remat "none" (XLA keeps what it needs)
+  assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 |" in out.stdout
