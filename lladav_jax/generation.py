@@ -131,6 +131,11 @@ def requests(inputs: SamplerInputs, settings: RowSettings, suffix_len: int) -> l
 def run_engine(model, reqs: Sequence[Request], cfg: EngineConfig, shapes: EngineShapes) -> list[dict]:
   """Runs `reqs` through an engine of `shapes.rows` rows: each request goes into a free row as soon as
   one is free (continuous batching); returns per request its answer row, stop and counters."""
+  if cfg.cache == "dllm":
+    for r in reqs:
+      if float(r.settings.transfer_ratio) > cfg.max_transfer_ratio:
+        raise ValueError(f"transfer_ratio={float(r.settings.transfer_ratio)} is above the engine's "
+                         f"max_transfer_ratio={cfg.max_transfer_ratio}")
   out: list[Optional[dict]] = [None] * len(reqs)
   pending = list(range(len(reqs)))[::-1]
   free = list(range(shapes.rows))[::-1]

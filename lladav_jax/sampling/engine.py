@@ -43,6 +43,16 @@ row's tokens never depend on its neighbours' schedule):
   * "dual" (Fast-dLLM DualCache): other steps run only the current block against the cached K/V
     of every other position.
   Neither is exact (attention is bidirectional) unless refresh = 1. With CFG both passes are cached.
+  * "dllm" (dLLM-Cache, the LLaDA-V demo's; `dllm_cache.py`): per layer K, V, attention and FFN
+    outputs of every position; with the row's step counted from 1 over its whole request (as the
+    original's counter), the prompt's features are refreshed when (step - 1) % prompt_interval == 0,
+    the response's when (step - 1) % gen_interval == 0; at other steps the row's
+    int(transfer_ratio * len(response)) response positions whose V moved most are recomputed. The
+    four forms (both / response / prompt / neither refreshed) run as separate passes, each only when
+    some row takes it. Exact (the no-cache tokens) when prompt_interval = 1 and transfer_ratio = 1
+    or gen_interval = 1; a cached prompt's attention output saw the response of its refresh step,
+    so gen_interval = 1 or transfer_ratio = 1 alone is not. With CFG the unconditional rows are cached
+    alongside (one step of the counter, as the original's batched [cond; uncond] forward).
 `nfe` counts forward passes per row (2 a step with CFG); `query_tokens` the positions run through
 the transformer.
 """
@@ -59,7 +69,9 @@ from flax import nnx, struct
 from lladav_jax import sharding as shd
 from lladav_jax.batch import ModelInputs
 from lladav_jax.model.llm import KVCache
+from lladav_jax.model import common
 from lladav_jax.sampling import decode
+from lladav_jax.sampling.dllm_cache import FeatureCache, layer as dllm_layer
 from lladav_jax.sampling.settings import EngineConfig, RowSettings
 
 # Traces of the engine's jitted functions, by name and static config (tests count them).
@@ -125,7 +137,7 @@ class EngineState:
   nfe: jax.Array  # int32 [B]
   steps: jax.Array  # int32 [B]
   query_tokens: jax.Array  # int32 [B]
-  cache: Optional[KVCache]  # [layers, B (x2 with CFG), P + G + Ls, K, H]
+  cache: Optional[KVCache | FeatureCache]  # [layers, B (x2 with CFG), P + G + Ls, ...]
 
 
 def _by_row(tree):
@@ -161,8 +173,12 @@ class Forward:
       mask_emb = llm.embed_tokens(jnp.full((1, 1), cfg.mask_id, jnp.int32)).astype(emb.dtype)
       emb = jnp.concatenate([emb, jnp.where(st.valid[..., None], mask_emb, emb)])
     x = lambda a: jnp.concatenate([a, a]) if cfg.cfg else a  # noqa: E731
+    # dllm: recompute slots (static) and the ones each row uses: int(len(response) * ratio), as the original
+    self.slots = max(1, int(cfg.max_transfer_ratio * self.lg))
+    n_use = jnp.floor(st.rs.transfer_ratio * (glen[:, 0] + st.suffix_len)).astype(jnp.int32)
     self.rows = dict(emb=emb, valid=x(st.valid), pos=x(st.pos), gen=x(st.gen), gen_pos=x(gen_pos),
-                     col_valid=x(col_valid), s=x(jnp.maximum(st.block, 0) * self.bl))
+                     col_valid=x(col_valid), s=x(jnp.maximum(st.block, 0) * self.bl),
+                     n_use=x(jnp.minimum(n_use, self.slots)))
 
   @property
   def window_len(self) -> int:
@@ -181,8 +197,9 @@ class Forward:
       rows = jax.tree.map(take, self.rows)
       h, kv = fn(rows, None if cache is None else jax.tree.map(lambda a: take(a, 1), cache))
       if kv is not None:
-        sel = take(pick).reshape((1, k, 1, 1, 1))
-        kv = jax.tree.map(lambda new, old: jnp.where(sel, new.astype(old.dtype), take(old, 1)), kv, cache)
+        sel = take(pick)
+        kv = jax.tree.map(lambda new, old: jnp.where(sel.reshape((1, k) + (1,) * (old.ndim - 2)),
+                                                     new.astype(old.dtype), take(old, 1)), kv, cache)
         cache = jax.tree.map(lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, a, i * k, axis=1), cache, kv)
       return h, cache
 
@@ -211,6 +228,28 @@ class Forward:
       return jnp.take_along_axis(h, idx[..., None], axis=1), kv
 
     pick = jnp.ones((self.b * self.mult,), bool) if pick is None else pick
+    return self._grouped(fn, cache, pick)
+
+  def dllm(self, cache: FeatureCache, pick, prompt_q: bool, gen_all: bool):
+    """dLLM-Cache: one of its four layer forms (dllm_cache.layer) over every layer; the cache rows
+    where `pick` take the new features."""
+    llm, p, bl = self.llm, self.p, self.bl
+
+    def fn(rw, c):
+      h = jnp.concatenate([rw["emb"], llm.embed_tokens(rw["gen"])], axis=1)
+      pos = jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1)
+      keymask = jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
+
+      def body(block, h, c_l):
+        return dllm_layer(block, h, c_l, p=p, pos_RS=pos, keymask_RS=keymask, n_use_R=rw["n_use"],
+                          prompt_q=prompt_q, slots=None if gen_all else self.slots)
+
+      h, new = common.run_stacked(llm.layers, body, h.astype(llm.dtype), c, scan=llm.scan_layers,
+                                  remat_policy=llm.remat_policy)
+      h = common.rms_norm(h, llm.final_norm[...], llm.cfg.rms_norm_eps)
+      idx = p + rw["s"][:, None] + jnp.arange(bl)[None]
+      return jnp.take_along_axis(h, idx[..., None], axis=1), new
+
     return self._grouped(fn, cache, pick)
 
   def window(self, cache: KVCache):
@@ -275,11 +314,16 @@ def _init(graphdef, cfg: EngineConfig, shapes: EngineShapes, params) -> EngineSt
   f32 = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
   rs = RowSettings(answer_len=i32(b), steps_per_block=i32(b), table=i32(b, bl + 1, bl), temperature=f32(b),
                    cfg_scale=f32(b), random_remask=jnp.zeros((b,), bool), mode=i32(b), value=f32(b),
-                   refresh=jnp.ones((b,), jnp.int32), original_stops=jnp.zeros((b,), bool))
+                   refresh=jnp.ones((b,), jnp.int32), prompt_interval=jnp.ones((b,), jnp.int32),
+                   gen_interval=jnp.ones((b,), jnp.int32), transfer_ratio=f32(b), original_stops=jnp.zeros((b,), bool))
   cache = None
   if cfg.cache is not None:
-    z = jnp.zeros((c.num_layers, b * (2 if cfg.cfg else 1), p + g + ls, c.num_kv_heads, c.head_dim), model.llm.dtype)
+    r, s = b * (2 if cfg.cfg else 1), p + g + ls
+    z = jnp.zeros((c.num_layers, r, s, c.num_kv_heads, c.head_dim), model.llm.dtype)
     cache = KVCache(z, z)
+    if cfg.cache == "dllm":
+      zd = jnp.zeros((c.num_layers, r, s, c.hidden_size), model.llm.dtype)
+      cache = FeatureCache(z, z, zd, zd)
   st = EngineState(prompt_emb=jnp.zeros((b, p, c.hidden_size), model.llm.dtype), valid=jnp.zeros((b, p), bool),
                    pos=i32(b, p), plen=i32(b), gen=jnp.full((b, g + ls), cfg.mask_id, jnp.int32), suffix_len=i32(b),
                    stop_ids=jnp.full((b, shapes.stops, shapes.stop_len), -1, jnp.int32), stop_lens=i32(b, shapes.stops),
@@ -321,12 +365,27 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
   s = jnp.maximum(st.block, 0) * bl
   keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(st.seed, st.steps)
   full_len = fw.p + fw.lg
+  dup = (lambda a: jnp.concatenate([a, a])) if cfg.cfg else (lambda a: a)  # noqa: E731
   if cfg.cache is None:
     h, cache = fw.full()
     q_len = jnp.full((b,), full_len)
+  elif cfg.cache == "dllm":
+    # the original's step counter: forwards since the request started, from 1 (st.steps is that - 1)
+    rp = active & (st.steps % st.rs.prompt_interval == 0)
+    rg = active & (st.steps % st.rs.gen_interval == 0)
+    forms = ((rp & rg, True, True, full_len), (rg & ~rp, False, True, fw.lg),
+             (rp & ~rg, True, False, fw.p + fw.slots), (active & ~rp & ~rg, False, False, fw.slots))
+    h = jnp.zeros((fw.b * fw.mult, bl, fw.llm.cfg.hidden_size), fw.llm.dtype)
+    cache, q_len = st.cache, jnp.zeros((b,), jnp.int32)
+    for rows, prompt_q, gen_all, n in forms:  # each form only when some row takes it; rows pick their own
+      pick = dup(rows)
+      h_f, cache = jax.lax.cond(jnp.any(rows), lambda c: fw.dllm(c, pick, prompt_q, gen_all),
+                                lambda c: (jnp.zeros_like(h), c), cache)
+      h = jnp.where(pick[:, None, None], h_f, h)
+      q_len = jnp.where(rows, n, q_len)
   else:
     refresh = active & (st.i % st.rs.refresh == 0)
-    pick = jnp.concatenate([refresh, refresh]) if cfg.cfg else refresh
+    pick = dup(refresh)
 
     # full passes for the refreshing rows (their cache rows replaced in place), then windows for the others
     # (which see their own, untouched cache rows); each pass only when some row needs it
