@@ -200,6 +200,7 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
              block_length: int = 128, steps: int = 128, temperature: float = 0.0,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, threshold: Optional[float] = None,
              factor: Optional[float] = None, cache: Optional[str] = None, refresh_interval: int = 32,
+             prompt_interval: int = 25, gen_interval: int = 7, transfer_ratio: float = 0.25,
              schedule: str = "uniform", shift: float = 1 / 3, stop_rule: str = "earliest",
              stop_strings: Optional[Sequence[str]] = None,
              suffix: Optional[str] = None, seed: int = 0, batch_size: Optional[int] = None,
@@ -224,6 +225,8 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
   settings = sampler_settings(model, gen_length=gen_length, block_length=block_length, steps=steps,
                               temperature=float(temperature), remasking=remasking, cfg_scale=float(cfg_scale),
                               threshold=threshold, factor=factor, cache=cache, refresh_interval=refresh_interval,
+                              prompt_interval=prompt_interval, gen_interval=gen_interval,
+                              transfer_ratio=float(transfer_ratio),
                               schedule=schedule, shift=float(shift), stop_rule=stop_rule)
   stop_ids = tok.encode_stop_strings(list(stop_strings or []))
   suffix_ids = tok.encode(suffix) if suffix else []
