@@ -14,7 +14,7 @@ from flax import nnx
 
 from lladav_jax import generation
 from lladav_jax.sampling import EngineShapes, engine, row_settings
-from tests.test_sampler import BUCKETS, MASK, model, reference_generate, settings  # noqa: F401
+from tests.test_sampler import BUCKETS, model, reference_generate, settings  # noqa: F401
 from tests.test_sampler_engine import COMPILES, PROMPTS
 
 SUFFIX = [60, 61]

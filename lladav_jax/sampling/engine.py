@@ -185,23 +185,17 @@ class Forward:
     return {None: 0, "prefix": self.lg, "dual": self.bl}[self.cfg.cache]
 
   def _grouped(self, fn, cache, pick):
-    """fn(rows, cache rows) -> (h [r, bl, D], K/V or None) over groups of rows; the K/V go into the
-    cache's rows where `pick`."""
+    """fn(rows, cache, row0, sel) -> (h [r, bl, D], cache) over groups of r rows in turn, row0 the group's
+    first cache row, sel [r] the rows whose cache rows take the new values (fn writes them in place)."""
     r = self.b * self.mult
     k = self.cfg.forward_rows or r
     if r % k:
       raise ValueError(f"forward_rows={k} does not divide the {r} rows of a pass")
+    pick = jnp.ones((r,), bool) if pick is None else pick
 
     def one(i, cache):
-      take = lambda a, axis=0: jax.lax.dynamic_slice_in_dim(a, i * k, k, axis=axis)  # noqa: E731
-      rows = jax.tree.map(take, self.rows)
-      h, kv = fn(rows, None if cache is None else jax.tree.map(lambda a: take(a, 1), cache))
-      if kv is not None:
-        sel = take(pick)
-        kv = jax.tree.map(lambda new, old: jnp.where(sel.reshape((1, k) + (1,) * (old.ndim - 2)),
-                                                     new.astype(old.dtype), take(old, 1)), kv, cache)
-        cache = jax.tree.map(lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, a, i * k, axis=1), cache, kv)
-      return h, cache
+      take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * k, k)  # noqa: E731
+      return fn(jax.tree.map(take, self.rows), cache, i * k, take(pick))
 
     if k == r:
       return one(0, cache)
@@ -215,47 +209,81 @@ class Forward:
     h_all = jnp.zeros((r,) + h0.shape[1:], h0.dtype)
     return jax.lax.fori_loop(0, r // k, body, (h_all, cache))
 
+  def _layers(self, body, x, cache, row0, sel):
+    """body(block, x, read, write) over the stacked layers, the cache carried through them: `read(a)`
+    is this layer's cache rows [r, ...] of the group, `write(a, new)` puts `new` into them where `sel`
+    (in place: no per-layer outputs stacked beside the cache). Returns the final-normed x and the cache."""
+    llm = self.llm
+    r = sel.shape[0]
+
+    def step(block, carry, l):
+      x, cache = carry
+
+      def read(a):
+        return jax.lax.dynamic_slice(a, (l, row0) + (0,) * (a.ndim - 2), (1, r) + a.shape[2:])[0]
+
+      def write(a, new):
+        new = jnp.where(sel.reshape((r,) + (1,) * (a.ndim - 2)), new.astype(a.dtype), read(a))
+        return jax.lax.dynamic_update_slice(a, new[None], (l, row0) + (0,) * (a.ndim - 2))
+
+      return body(block, x, read, write, cache), None
+
+    (x, cache), _ = common.run_stacked(llm.layers, step, (x.astype(llm.dtype), cache), jnp.arange(llm.cfg.num_layers),
+                                       scan=llm.scan_layers, remat_policy=llm.remat_policy)
+    return common.rms_norm(x, llm.final_norm[...], llm.cfg.rms_norm_eps), cache
+
+  def _block_rows(self, h, rw):
+    """The hidden states of each row's current block [r, bl, D] of h over [prompt | response]."""
+    idx = self.p + rw["s"][:, None] + jnp.arange(self.bl)[None]
+    return jnp.take_along_axis(h, idx[..., None], axis=1)
+
+  def _sequence(self, rw):
+    """Embeddings, RoPE positions and key mask of [prompt | response]."""
+    x = jnp.concatenate([rw["emb"], self.llm.embed_tokens(rw["gen"])], axis=1)
+    pos = jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1)
+    return x, pos, jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
+
   def full(self, cache=None, pick=None):
-    llm, p, bl = self.llm, self.p, self.bl
-    with_kv = self.cfg.cache is not None
+    """Every position; with a cache, its rotated K/V go into the cache rows where `pick`."""
+    llm = self.llm
 
-    def fn(rw, _):
-      x = jnp.concatenate([rw["emb"], llm.embed_tokens(rw["gen"])], axis=1)
-      keymask = jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
-      out = llm(x, jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1), keymask[:, None, :], None, return_kv=with_kv)
-      h, kv = out if with_kv else (out, None)
-      idx = p + rw["s"][:, None] + jnp.arange(bl)[None]
-      return jnp.take_along_axis(h, idx[..., None], axis=1), kv
+    def fn(rw, cache, row0, sel):
+      x, pos, keymask = self._sequence(rw)
+      if cache is None:
+        return self._block_rows(llm(x, pos, keymask[:, None, :]), rw), None
 
-    pick = jnp.ones((self.b * self.mult,), bool) if pick is None else pick
+      def body(block, x, read, write, cache):
+        x, (k, v) = block(x, pos, keymask[:, None, :])
+        return x, KVCache(write(cache.k, k), write(cache.v, v))
+
+      h, cache = self._layers(body, x, cache, row0, sel)
+      return self._block_rows(h, rw), cache
+
     return self._grouped(fn, cache, pick)
 
   def dllm(self, cache: FeatureCache, pick, prompt_q: bool, gen_all: bool):
     """dLLM-Cache: one of its four layer forms (dllm_cache.layer) over every layer; the cache rows
     where `pick` take the new features."""
-    llm, p, bl = self.llm, self.p, self.bl
+    p = self.p
 
-    def fn(rw, c):
-      h = jnp.concatenate([rw["emb"], llm.embed_tokens(rw["gen"])], axis=1)
-      pos = jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1)
-      keymask = jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
+    def fn(rw, cache, row0, sel):
+      x, pos, keymask = self._sequence(rw)
 
-      def body(block, h, c_l):
-        return dllm_layer(block, h, c_l, p=p, pos_RS=pos, keymask_RS=keymask, n_use_R=rw["n_use"],
-                          prompt_q=prompt_q, slots=None if gen_all else self.slots)
+      def body(block, x, read, write, cache):
+        x, new = dllm_layer(block, x, jax.tree.map(read, cache), p=p, pos_RS=pos, keymask_RS=keymask,
+                            n_use_R=rw["n_use"], prompt_q=prompt_q, slots=None if gen_all else self.slots)
+        return x, jax.tree.map(write, cache, new)
 
-      h, new = common.run_stacked(llm.layers, body, h.astype(llm.dtype), c, scan=llm.scan_layers,
-                                  remat_policy=llm.remat_policy)
-      h = common.rms_norm(h, llm.final_norm[...], llm.cfg.rms_norm_eps)
-      idx = p + rw["s"][:, None] + jnp.arange(bl)[None]
-      return jnp.take_along_axis(h, idx[..., None], axis=1), new
+      h, cache = self._layers(body, x, cache, row0, sel)
+      return self._block_rows(h, rw), cache
 
     return self._grouped(fn, cache, pick)
 
   def window(self, cache: KVCache):
+    """The query window of each row against its cached K/V (read only)."""
     llm, lg, bl, mode, mask_id = self.llm, self.lg, self.bl, self.cfg.cache, self.cfg.mask_id
 
-    def fn(rw, cache):
+    def fn(rw, cache, row0, sel):
       s, col_valid = rw["s"][:, None], rw["col_valid"]
       col = jnp.arange(lg)[None]
       if mode == "prefix":  # columns [s, s + lg); past the end: key-masked padding
@@ -271,7 +299,12 @@ class Forward:
         q_pos = jnp.take_along_axis(rw["gen_pos"], qc, axis=1)
       q_tok = jnp.where(q_valid, jnp.take_along_axis(rw["gen"], qc, axis=1), mask_id)
       keymask = jnp.concatenate([rw["valid"], cached, q_valid], axis=1)
-      return llm(llm.embed_tokens(q_tok), q_pos, keymask[:, None, :], cache)[:, :bl], None
+
+      def body(block, x, read, write, cache):
+        return block(x, q_pos, keymask[:, None, :], (read(cache.k), read(cache.v)))[0], cache
+
+      h, _ = self._layers(body, llm.embed_tokens(q_tok), cache, row0, sel)
+      return h[:, :bl], cache
 
     return self._grouped(fn, cache, None)[0]
 
