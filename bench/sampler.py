@@ -23,6 +23,7 @@ Random weights, the LM head scaled to a logit spread of ~15 so that confidences 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -185,6 +186,8 @@ def bench_demo(args):
   from lladav_jax.eval.readers import read_samples
   from lladav_jax.eval.tasks import get_task
   model = LLaDAV.from_pretrained(args.demo)
+  if not os.path.exists(os.path.join(args.demo, "image_config.json")):  # saved before models carried it
+    model.image_cfg = dataclasses.replace(model.image_cfg, multi_image="pad")  # the demo preset's eval path
   task = get_task("demo")
   paths = ensure_demo_data(os.path.expanduser("~/.cache/lladav_jax/demo"))
   samples = read_samples(paths["test"], task).samples
