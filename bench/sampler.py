@@ -180,7 +180,7 @@ def bench_vs_original(args):
 def bench_demo(args):
   """The trained demo model (`python -m lladav_jax.train --config=configs/finetune.py:demo`) on the demo
   test split with the task's settings, per cache mode: exact match and answers/s (a warm-up batch
-  compiles first; the timed pass is the whole split)."""
+  compiles first; the timed pass is the whole split, the best of `--repeat`)."""
   from lladav_jax.data.demo_data import ensure_demo_data
   from lladav_jax.eval import run as R
   from lladav_jax.eval.readers import read_samples
@@ -196,8 +196,10 @@ def bench_demo(args):
         f"{kw['steps']}, batch {args.rows}")
   for cache in (None, "prefix", "dual", "dllm"):
     R.evaluate(task, samples[:args.rows], model.generate, gen_kwargs={"cache": cache}, batch_size=args.rows)
-    res = R.evaluate(task, samples, model.generate, gen_kwargs={"cache": cache}, batch_size=args.rows)
-    t = res["seconds"]["generate_total"]
+    res = [R.evaluate(task, samples, model.generate, gen_kwargs={"cache": cache}, batch_size=args.rows)
+           for _ in range(args.repeat)]
+    t = min(r["seconds"]["generate_total"] for r in res)  # the best pass: the CPU is shared
+    res = res[0]
     print(f"  cache={str(cache):6s}: exact match {res['metrics']['exact_match']:5.1f}%, "
           f"{len(samples) / t:7.1f} answers/s, NFE/answer {res['nfe']['mean']:.2f}", flush=True)
 
@@ -299,6 +301,7 @@ def main():
   ap.add_argument("--caches", default="none,prefix,dual,dllm", help="--memory: the cache modes planned (float32)")
   ap.add_argument("--arrivals", action="store_true")
   ap.add_argument("--demo", default=None, help="a trained demo model directory: the demo task per cache mode")
+  ap.add_argument("--repeat", type=int, default=3, help="--demo: timed passes per mode (the best counts)")
   args = ap.parse_args()
   print(f"devices: {jax.devices()}")
   if args.memory:

@@ -124,12 +124,14 @@ def test_dllm_cache_follows_the_numpy_transcription_of_the_hook(model):
   ids, nfe, taken = reference_generate(ref.fwd, gen_length=16, block_length=8, steps=8, banned=st.banned_ids,
                                        stops=[], suffix=SUFFIX)
   assert taken == nfe == 8 == len(ref.snapshots)
-  # engine columns of the reference's [prompt | answer | suffix]
+  # engine columns of the reference's [prompt | answer | suffix]: the prompt segment's, then the response's
   cols = np.concatenate([np.arange(p - plen, p), p + np.arange(16), p + 24 + np.arange(len(SUFFIX))])
   for n in range(8):
     state = engine.advance(model.graphdef, cfg, model.state, state, np.int32(1))
     assert int(state.steps[0]) == n + 1
-    got = jax.tree.map(lambda a: np.asarray(a[:, 0][:, cols], np.float32), state.cache)
+    c = state.cache
+    got = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=2)[:, 0][:, cols].astype(np.float32),
+                       c.prompt, c.response)
     for f in ("k", "v", "attn", "ffn"):
       want = np.stack([snap[f] for snap in ref.snapshots[n]])
       scale = np.abs(want).max()

@@ -38,12 +38,20 @@ from lladav_jax.model.llm import rope
 
 @struct.dataclass
 class FeatureCache:
-  """Per layer, every position: rotated K and V [layers, R, S, K, H]; attention and FFN outputs as
-  added to the residual stream [layers, R, S, D]."""
+  """One segment's features, per layer: rotated K and V [layers, R, positions, K, H]; attention and FFN
+  outputs as added to the residual stream [layers, R, positions, D]."""
   k: jax.Array
   v: jax.Array
   attn: jax.Array
   ffn: jax.Array
+
+
+@struct.dataclass
+class DllmCache:
+  """The two segments apart, as the original keeps them: a pass that refreshes only the response reads the
+  prompt's arrays and writes the response's (one array for both would be copied by XLA in such a pass)."""
+  prompt: FeatureCache  # [layers, R, P, ...]
+  response: FeatureCache  # [layers, R, G + Ls, ...]
 
 
 def cosine(a_RLKH, b_RLKH):
@@ -54,51 +62,57 @@ def cosine(a_RLKH, b_RLKH):
   return jnp.sum(a * b, -1) / jnp.maximum(norm, 1e-8)
 
 
-def layer(block, h_RSD, c: FeatureCache, *, p: int, pos_RS, keymask_RS, n_use_R, prompt_q: bool,
+def layer(block, h, cp: FeatureCache, cr: FeatureCache, *, pos_RS, keymask_RS, n_use_R, prompt_q: bool,
           slots: Optional[int]):
-  """One layer under dLLM-Cache. `h_RSD`: the residual stream entering the layer (S = p prompt
-  positions, then the response); `c`: this layer's cache rows; `prompt_q`: the prompt is refreshed;
-  `slots`: None = the whole response is refreshed, else the static number of recompute slots, of
-  which row r uses `n_use_R[r]`. Returns the stream leaving the layer and the updated cache."""
+  """One layer under dLLM-Cache. `h`: the residual stream entering the layer of the positions this form
+  updates: every position [R, S, D] (p prompt positions, then the response) when the prompt is
+  refreshed (`prompt_q`), else the response's only [R, S - p, D] (the prompt's stream is then read by
+  nothing); `cp` / `cr`: this layer's prompt / response cache rows; `slots`: None = the whole response
+  is refreshed, else the static number of recompute slots, of which row r uses `n_use_R[r]`. Returns
+  the stream leaving the layer and the new cache rows: (prompt, response) with `prompt_q`, else the
+  response's."""
   a, dt = block.attn, block.attn.dtype
   eps = block.eps
-  h_RSD = shd.constrain(h_RSD, shd.BLD)
-  xn = common.rms_norm(h_RSD, block.attn_norm[...], eps)
+  p = cp.k.shape[1]
+  h = shd.constrain(h, shd.BLD)
+  xn = common.rms_norm(h, block.attn_norm[...], eps)
+  resp = (lambda x: x[:, p:]) if prompt_q else (lambda x: x)  # noqa: E731  the response part of h-shaped x
   # V of the response from the same-shaped product in every form: an unchanged input gives the cached bits
-  v_resp = jnp.einsum("BLD,DKH->BLKH", xn[:, p:], a.v_proj[...].astype(dt))
+  v_resp = jnp.einsum("BLD,DKH->BLKH", resp(xn), a.v_proj[...].astype(dt))
   idx = ok = None
   if slots is not None:  # the response positions whose V moved most (lowest cosine) get recomputed
-    same = jnp.all(v_resp == c.v[:, p:].astype(dt), axis=(2, 3))
-    cos = jnp.where(same, 1.0, cosine(v_resp, c.v[:, p:]))  # unchanged: exactly 1, not 1 +- rounding
+    same = jnp.all(v_resp == cr.v.astype(dt), axis=(2, 3))
+    cos = jnp.where(same, 1.0, cosine(v_resp, cr.v))  # unchanged: exactly 1, not 1 +- rounding
     cos = jnp.where(keymask_RS[:, p:], cos, jnp.inf)  # padding is never picked
     idx = jax.lax.top_k(-cos, slots)[1]
     ok = jnp.arange(slots)[None] < n_use_R[:, None]
 
-  def queries(prompt, resp):  # the queries' rows: the prompt (if refreshed), then the response slots
+  def queries(prompt, response):  # the queries' rows: the prompt (if refreshed), then the response slots
     if idx is not None:
-      resp = jnp.take_along_axis(resp, idx.reshape(idx.shape + (1,) * (resp.ndim - 2)), axis=1)
-    return jnp.concatenate([prompt, resp], axis=1) if prompt_q else resp
+      response = jnp.take_along_axis(response, idx.reshape(idx.shape + (1,) * (response.ndim - 2)), axis=1)
+    return jnp.concatenate([prompt, response], axis=1) if prompt_q else response
 
-  gather = lambda x: queries(x[:, :p], x[:, p:])  # noqa: E731
-
-  def put(x, new):  # the queries' new values into x [R, S, ...]; unused slots keep the cached values
-    new = new.astype(x.dtype)
-    prompt = new[:, :p] if prompt_q else x[:, :p]
+  def put(old_prompt, old_resp, new):  # the queries' new values: (prompt, response) rows of the cache
+    new = new.astype(old_resp.dtype)
     g = new[:, p:] if prompt_q else new
-    if idx is not None:
+    if idx is not None:  # scattered into the response; unused slots keep the cached values
       col = idx.reshape(idx.shape + (1,) * (g.ndim - 2))
-      g = jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - 2)), g, jnp.take_along_axis(x[:, p:], col, axis=1))
-      g = jax.vmap(lambda row, i, u: row.at[i].set(u))(x[:, p:], idx, g)
-    return jnp.concatenate([prompt, g], axis=1)
+      g = jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - 2)), g, jnp.take_along_axis(old_resp, col, axis=1))
+      g = jax.vmap(lambda row, i, u: row.at[i].set(u))(old_resp, idx, g)
+    return (new[:, :p] if prompt_q else old_prompt), g
 
-  xq, qpos = gather(xn), gather(pos_RS)
+  xq, qpos = queries(xn[:, :p], resp(xn)), queries(pos_RS[:, :p], pos_RS[:, p:])
   q = jnp.einsum("BLD,DNH->BLNH", xq, a.q_proj[...].astype(dt))
   k = jnp.einsum("BLD,DKH->BLKH", xq, a.k_proj[...].astype(dt))
   v = queries(jnp.einsum("BLD,DKH->BLKH", xn[:, :p], a.v_proj[...].astype(dt)) if prompt_q else None, v_resp)
   q, k = rope(q, qpos, a.theta), rope(k, qpos, a.theta)
-  k_all, v_all = put(c.k, k), put(c.v, v)
-  ctx = common.attention(q, k_all.astype(dt), v_all.astype(dt), keymask_RS[:, None, None, :], a.impl)
-  attn_all = put(c.attn, jnp.einsum("BLNH,NHD->BLD", ctx, a.o_proj[...].astype(dt)))
-  h_RSD = h_RSD + attn_all.astype(h_RSD.dtype)
-  ffn_all = put(c.ffn, block.mlp(common.rms_norm(gather(h_RSD), block.mlp_norm[...], eps)))
-  return h_RSD + ffn_all.astype(h_RSD.dtype), FeatureCache(k_all, v_all, attn_all, ffn_all)
+  k_p, k_r = put(cp.k, cr.k, k)
+  v_p, v_r = put(cp.v, cr.v, v)
+  both = lambda x, y: jnp.concatenate([x, y], axis=1).astype(dt)  # noqa: E731
+  ctx = common.attention(q, both(k_p, k_r), both(v_p, v_r), keymask_RS[:, None, None, :], a.impl)
+  a_p, a_r = put(cp.attn, cr.attn, jnp.einsum("BLNH,NHD->BLD", ctx, a.o_proj[...].astype(dt)))
+  h = h + (jnp.concatenate([a_p, a_r], axis=1) if prompt_q else a_r).astype(h.dtype)
+  f_p, f_r = put(cp.ffn, cr.ffn, block.mlp(common.rms_norm(queries(h[:, :p], resp(h)), block.mlp_norm[...], eps)))
+  h = h + (jnp.concatenate([f_p, f_r], axis=1) if prompt_q else f_r).astype(h.dtype)
+  new_r = FeatureCache(k_r, v_r, a_r, f_r)
+  return h, ((FeatureCache(k_p, v_p, a_p, f_p), new_r) if prompt_q else new_r)

@@ -71,7 +71,7 @@ from lladav_jax.batch import ModelInputs
 from lladav_jax.model.llm import KVCache
 from lladav_jax.model import common
 from lladav_jax.sampling import decode
-from lladav_jax.sampling.dllm_cache import FeatureCache, layer as dllm_layer
+from lladav_jax.sampling.dllm_cache import DllmCache, FeatureCache, layer as dllm_layer
 from lladav_jax.sampling.settings import EngineConfig, RowSettings
 
 # Traces of the engine's jitted functions, by name and static config (tests count them).
@@ -137,7 +137,7 @@ class EngineState:
   nfe: jax.Array  # int32 [B]
   steps: jax.Array  # int32 [B]
   query_tokens: jax.Array  # int32 [B]
-  cache: Optional[KVCache | FeatureCache]  # [layers, B (x2 with CFG), P + G + Ls, ...]
+  cache: Optional[KVCache | DllmCache]  # [layers, B (x2 with CFG), P + G + Ls (dllm: P and G + Ls), ...]
 
 
 def _by_row(tree):
@@ -209,32 +209,37 @@ class Forward:
     h_all = jnp.zeros((r,) + h0.shape[1:], h0.dtype)
     return jax.lax.fori_loop(0, r // k, body, (h_all, cache))
 
-  def _layers(self, body, x, cache, row0, sel):
-    """body(block, x, read, write) over the stacked layers, the cache carried through them: `read(a)`
-    is this layer's cache rows [r, ...] of the group, `write(a, new)` puts `new` into them where `sel`
-    (in place: no per-layer outputs stacked beside the cache). Returns the final-normed x and the cache."""
+  def _layers(self, body, x, cache, row0, sel, const=None):
+    """body(block, x, rows, const rows) -> (x, new rows or None) over the stacked layers, `cache` carried
+    through them: `rows` are this layer's rows of the group [r, ...] of `cache` (new rows go back where
+    `sel`, in place: no per-layer outputs stacked beside the cache) and of `const` (read only).
+    Returns the final-normed x and the cache."""
     llm = self.llm
     r = sel.shape[0]
 
     def step(block, carry, l):
       x, cache = carry
-
-      def read(a):
-        return jax.lax.dynamic_slice(a, (l, row0) + (0,) * (a.ndim - 2), (1, r) + a.shape[2:])[0]
-
-      def write(a, new):
-        new = jnp.where(sel.reshape((r,) + (1,) * (a.ndim - 2)), new.astype(a.dtype), read(a))
-        return jax.lax.dynamic_update_slice(a, new[None], (l, row0) + (0,) * (a.ndim - 2))
-
-      return body(block, x, read, write, cache), None
+      at = lambda a: (l, row0) + (0,) * (a.ndim - 2)  # noqa: E731
+      read = lambda t: jax.tree.map(lambda a: jax.lax.dynamic_slice(a, at(a), (1, r) + a.shape[2:])[0], t)  # noqa
+      rows = read(cache)
+      x, new = body(block, x, rows, read(const))
+      if new is not None:
+        # the writes wait for the layer's output: every read of the cache is then done before them, so the
+        # cache is updated in place (without this order XLA copies the cache arrays in each pass)
+        x, new = jax.lax.optimization_barrier((x, new))
+        cache = jax.tree.map(lambda a, n, o: jax.lax.dynamic_update_slice(
+            a, jnp.where(sel.reshape((r,) + (1,) * (a.ndim - 2)), n.astype(a.dtype), o)[None], at(a)),
+            cache, new, rows)
+      return (x, cache), None
 
     (x, cache), _ = common.run_stacked(llm.layers, step, (x.astype(llm.dtype), cache), jnp.arange(llm.cfg.num_layers),
                                        scan=llm.scan_layers, remat_policy=llm.remat_policy)
     return common.rms_norm(x, llm.final_norm[...], llm.cfg.rms_norm_eps), cache
 
-  def _block_rows(self, h, rw):
-    """The hidden states of each row's current block [r, bl, D] of h over [prompt | response]."""
-    idx = self.p + rw["s"][:, None] + jnp.arange(self.bl)[None]
+  def _block_rows(self, h, rw, start: Optional[int] = None):
+    """The hidden states of each row's current block [r, bl, D] of h over [prompt | response] (h over
+    the response only: `start` = 0)."""
+    idx = (self.p if start is None else start) + rw["s"][:, None] + jnp.arange(self.bl)[None]
     return jnp.take_along_axis(h, idx[..., None], axis=1)
 
   def _sequence(self, rw):
@@ -252,30 +257,37 @@ class Forward:
       if cache is None:
         return self._block_rows(llm(x, pos, keymask[:, None, :]), rw), None
 
-      def body(block, x, read, write, cache):
-        x, (k, v) = block(x, pos, keymask[:, None, :])
-        return x, KVCache(write(cache.k, k), write(cache.v, v))
+      def body(block, x, rows, _):
+        x, kv = block(x, pos, keymask[:, None, :])
+        return x, KVCache(*kv)
 
       h, cache = self._layers(body, x, cache, row0, sel)
       return self._block_rows(h, rw), cache
 
     return self._grouped(fn, cache, pick)
 
-  def dllm(self, cache: FeatureCache, pick, prompt_q: bool, gen_all: bool):
+  def dllm(self, cache: DllmCache, pick, prompt_q: bool, gen_all: bool):
     """dLLM-Cache: one of its four layer forms (dllm_cache.layer) over every layer; the cache rows
-    where `pick` take the new features."""
-    p = self.p
+    where `pick` take the new features. Without a prompt refresh only the response's stream and
+    features move (the prompt's arrays are read only)."""
+    slots = None if gen_all else self.slots
 
     def fn(rw, cache, row0, sel):
       x, pos, keymask = self._sequence(rw)
+      kw = dict(pos_RS=pos, keymask_RS=keymask, n_use_R=rw["n_use"], prompt_q=prompt_q, slots=slots)
+      if prompt_q:
+        def body(block, x, rows, _):
+          x, (new_p, new_r) = dllm_layer(block, x, rows.prompt, rows.response, **kw)
+          return x, DllmCache(new_p, new_r)
 
-      def body(block, x, read, write, cache):
-        x, new = dllm_layer(block, x, jax.tree.map(read, cache), p=p, pos_RS=pos, keymask_RS=keymask,
-                            n_use_R=rw["n_use"], prompt_q=prompt_q, slots=None if gen_all else self.slots)
-        return x, jax.tree.map(write, cache, new)
+        h, cache = self._layers(body, x, cache, row0, sel)
+        return self._block_rows(h, rw), cache
 
-      h, cache = self._layers(body, x, cache, row0, sel)
-      return self._block_rows(h, rw), cache
+      def body_r(block, x, rows, prompt_rows):
+        return dllm_layer(block, x, prompt_rows, rows, **kw)
+
+      h, resp = self._layers(body_r, x[:, self.p:], cache.response, row0, sel, const=cache.prompt)
+      return self._block_rows(h, rw, 0), cache.replace(response=resp)
 
     return self._grouped(fn, cache, pick)
 
@@ -300,8 +312,8 @@ class Forward:
       q_tok = jnp.where(q_valid, jnp.take_along_axis(rw["gen"], qc, axis=1), mask_id)
       keymask = jnp.concatenate([rw["valid"], cached, q_valid], axis=1)
 
-      def body(block, x, read, write, cache):
-        return block(x, q_pos, keymask[:, None, :], (read(cache.k), read(cache.v)))[0], cache
+      def body(block, x, rows, _):
+        return block(x, q_pos, keymask[:, None, :], (rows.k, rows.v))[0], None
 
       h, _ = self._layers(body, llm.embed_tokens(q_tok), cache, row0, sel)
       return h[:, :bl], cache
@@ -355,8 +367,9 @@ def _init(graphdef, cfg: EngineConfig, shapes: EngineShapes, params) -> EngineSt
     z = jnp.zeros((c.num_layers, r, s, c.num_kv_heads, c.head_dim), model.llm.dtype)
     cache = KVCache(z, z)
     if cfg.cache == "dllm":
-      zd = jnp.zeros((c.num_layers, r, s, c.hidden_size), model.llm.dtype)
-      cache = FeatureCache(z, z, zd, zd)
+      seg = lambda n: FeatureCache(*(jnp.zeros((c.num_layers, r, n) + tail, model.llm.dtype)  # noqa: E731
+                                     for tail in [(c.num_kv_heads, c.head_dim)] * 2 + [(c.hidden_size,)] * 2))
+      cache = DllmCache(seg(p), seg(g + ls))
   st = EngineState(prompt_emb=jnp.zeros((b, p, c.hidden_size), model.llm.dtype), valid=jnp.zeros((b, p), bool),
                    pos=i32(b, p), plen=i32(b), gen=jnp.full((b, g + ls), cfg.mask_id, jnp.int32), suffix_len=i32(b),
                    stop_ids=jnp.full((b, shapes.stops, shapes.stop_len), -1, jnp.int32), stop_lens=i32(b, shapes.stops),
