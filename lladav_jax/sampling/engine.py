@@ -224,9 +224,6 @@ class Forward:
       rows = read(cache)
       x, new = body(block, x, rows, read(const))
       if new is not None:
-        # the writes wait for the layer's output: every read of the cache is then done before them, so the
-        # cache is updated in place (without this order XLA copies the cache arrays in each pass)
-        x, new = jax.lax.optimization_barrier((x, new))
         cache = jax.tree.map(lambda a, n, o: jax.lax.dynamic_update_slice(
             a, jnp.where(sel.reshape((r,) + (1,) * (a.ndim - 2)), n.astype(a.dtype), o)[None], at(a)),
             cache, new, rows)
