@@ -44,7 +44,7 @@ row's tokens never depend on its neighbours' schedule):
     of every other position.
   Neither is exact (attention is bidirectional) unless refresh = 1. With CFG both passes are cached.
   * "dllm" (dLLM-Cache, the LLaDA-V demo's; `dllm_cache.py`): per layer K, V, attention and FFN
-    outputs of every position; with the row's step counted from 1 over its whole request (as the
+    outputs of every position, the prompt's and the response's (answer + suffix) apart; with the row's step counted from 1 over its whole request (as the
     original's counter), the prompt's features are refreshed when (step - 1) % prompt_interval == 0,
     the response's when (step - 1) % gen_interval == 0; at other steps the row's
     int(transfer_ratio * len(response)) response positions whose V moved most are recomputed. The
@@ -53,8 +53,15 @@ row's tokens never depend on its neighbours' schedule):
     or gen_interval = 1; a cached prompt's attention output saw the response of its refresh step,
     so gen_interval = 1 or transfer_ratio = 1 alone is not. With CFG the unconditional rows are cached
     alongside (one step of the counter, as the original's batched [cond; uncond] forward).
+Every cache is carried through the layer scan and each layer's rows are written in place where the row
+refreshes, so a pass holds no second copy of the cache.
 `nfe` counts forward passes per row (2 a step with CFG); `query_tokens` the positions run through
-the transformer.
+the transformer (dllm: the queries of its form).
+
+The decision runs the LM head over the current block (static length block_length), not only over
+its still-masked positions: at a block's first step every position of it is masked, so the block
+is the static bound; a smaller second bound (e.g. half the block, under a cond on the rows' largest
+masked count) would save about a third of the head's work at a uniform schedule, not done.
 """
 from __future__ import annotations
 
