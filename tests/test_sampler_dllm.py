@@ -167,6 +167,10 @@ def test_dllm_cache_is_exact_when_prompt_and_response_refresh_and_its_settings_a
   assert len(COMPILES) == before, COMPILES[before:]  # Kp, Kr and rho under the engine's bound are values
   assert runs["exact_ratio"] == want and runs["exact_gen"] == want
   assert runs["demo"] != want and runs["other"] != runs["demo"]  # the cache is in use and the values reach it
+  # the passes over groups of rows (each group's cache rows written in place at its offset): the same tokens
+  reqs, cfg, shapes = _requests(model, dl, 1.0)
+  grouped = generation.run_engine(model, reqs, dataclasses.replace(cfg, forward_rows=2), shapes)
+  assert [r["gen"].tolist() for r in grouped] == runs["demo"]
 
 
 def test_transfer_ratio_above_the_engines_bound_is_refused(model):
