@@ -11,8 +11,9 @@
 Both at temperature 0 with the same settings; the answers are compared token by token.
 (c) `--accel`: the engine with threshold / factor / prefix / dual cache.
 `--arrivals`: continuous batching, Poisson arrivals, against full fixed batches.
-`--memory`: `advance` of the 8B config at 64 rows x 256 answer x 1024 prompt, bf16, compiled ahead
-of time: bytes of weights, of the rest of the engine state (prompt embeddings, KV cache), temporaries;
+`--memory`: `advance` of the 8B config at 64 rows x 256 answer x 1024 prompt, compiled ahead of time,
+bf16 without a cache and float32 per cache mode (`--caches`): bytes of weights, of the cache, of the
+rest of the engine state, temporaries;
 the passes over groups of `forward_rows` rows (all 64 at once: 71 GiB of temporaries, the attention
 scores of 64 x 1280 x 1280 positions). XLA:CPU has no bf16 matmul: it converts the bf16 weights to a
 float32 copy (32 GiB of temporaries that a GPU does not make), so the float32 plan, whose activations
@@ -22,6 +23,7 @@ Random weights, the LM head scaled to a logit spread of ~15 so that confidences 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -158,7 +160,8 @@ def bench_vs_original(args):
         f"identical answers {same}/{n}")
   if args.accel:
     for label, kw in (("threshold 0.9", dict(threshold=0.9)), ("factor 1.0", dict(factor=1.0)),
-                      ("prefix cache", dict(cache="prefix")), ("dual cache", dict(cache="dual"))):
+                      ("prefix cache", dict(cache="prefix")), ("dual cache", dict(cache="dual")),
+                      ("dLLM-Cache", dict(cache="dllm"))):
       s2 = SamplerSettings(**{**st.__dict__, **kw})
       go = lambda: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=s2,  # noqa: E731
                                            batch_size=args.rows)
@@ -172,25 +175,56 @@ def bench_vs_original(args):
             f"{np.mean([o.nfe for o in o2]):.1f}, token agreement with (a) {agree:.2f}")
 
 
+# ----------------------------------------------------------------------------- the demo task
+
+def bench_demo(args):
+  """The trained demo model (`python -m lladav_jax.train --config=configs/finetune.py:demo`) on the demo
+  test split with the task's settings, per cache mode: exact match and answers/s (a warm-up batch
+  compiles first; the timed pass is the whole split, the best of `--repeat`)."""
+  from lladav_jax.data.demo_data import ensure_demo_data
+  from lladav_jax.eval import run as R
+  from lladav_jax.eval.readers import read_samples
+  from lladav_jax.eval.tasks import get_task
+  model = LLaDAV.from_pretrained(args.demo)
+  if not os.path.exists(os.path.join(args.demo, "image_config.json")):  # saved before models carried it
+    model.image_cfg = dataclasses.replace(model.image_cfg, multi_image="pad")  # the demo preset's eval path
+  task = get_task("demo")
+  paths = ensure_demo_data(os.path.expanduser("~/.cache/lladav_jax/demo"))
+  samples = read_samples(paths["test"], task).samples
+  kw = R.resolve_gen_kwargs(task)
+  print(f"demo test: {len(samples)} samples, gen {kw['gen_length']}, block {kw['block_length']}, steps "
+        f"{kw['steps']}, batch {args.rows}")
+  for cache in (None, "prefix", "dual", "dllm"):
+    R.evaluate(task, samples[:args.rows], model.generate, gen_kwargs={"cache": cache}, batch_size=args.rows)
+    res = [R.evaluate(task, samples, model.generate, gen_kwargs={"cache": cache}, batch_size=args.rows)
+           for _ in range(args.repeat)]
+    t = min(r["seconds"]["generate_total"] for r in res)  # the best pass: the CPU is shared
+    res = res[0]
+    print(f"  cache={str(cache):6s}: exact match {res['metrics']['exact_match']:5.1f}%, "
+          f"{len(samples) / t:7.1f} answers/s, NFE/answer {res['nfe']['mean']:.2f}", flush=True)
+
+
 # ----------------------------------------------------------------------------- 8B memory plan
 
-def memory(rows=64, answer=256, prompt=1024, block=32):
+def memory(rows=64, answer=256, prompt=1024, block=32, caches=(None, "prefix", "dual", "dllm")):
   print(f"8B advance, {rows} rows x {answer} answer x {prompt} prompt, block {block}")
-  for dtype, cache, groups in (("bfloat16", None, 2), ("float32", None, 2), ("float32", None, 4),
-                               ("float32", "dual", 2)):
+  runs = [("bfloat16", None, 2)] + [("float32", c, 2) for c in caches]
+  for dtype, cache, groups in runs:
     cfg = config.llada_v_8b().replace(dtype=dtype, param_dtype=dtype)
     graphdef, params = abstract_model(cfg)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     ec = EngineConfig(mask_id=cfg.mask_token_id, banned_ids=(126081, 126080, 126346, 126347), block_length=block,
-                      cache=cache, forward_rows=groups)
+                      cache=cache, forward_rows=groups, max_transfer_ratio=0.25 if cache == "dllm" else 0.0)
     shapes = EngineShapes(rows=rows, prompt_len=prompt, answer_len=answer)
     state = jax.eval_shape(lambda p: engine._init(graphdef, ec, shapes, p), params)
-    kv = 0 if state.cache is None else 2 * state.cache.k.size * state.cache.k.dtype.itemsize
+    kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
     rest = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) - kv
+    t = time.perf_counter()
     m = memory_stats(engine.advance.lower(graphdef, ec, params, state, np.int32(1)).compile())
     gb = lambda b: f"{b / 2**30:6.2f} GiB"  # noqa: E731
-    print(f"  {dtype} cache={cache}, forward_rows={groups}: weights {gb(weights)}, KV cache {gb(kv)}, "
-          f"other state {gb(rest)}, temporaries {gb(m['temp_size_in_bytes'])}", flush=True)
+    print(f"  {dtype} cache={cache}, forward_rows={groups}: weights {gb(weights)}, cache {gb(kv)}, "
+          f"other state {gb(rest)}, temporaries {gb(m['temp_size_in_bytes'])} "
+          f"(compiled in {time.perf_counter() - t:.0f} s)", flush=True)
 
 
 # ----------------------------------------------------------------------------- continuous batching
@@ -262,11 +296,16 @@ def main():
   ap.add_argument("--torch_threads", type=int, default=1)
   ap.add_argument("--accel", action="store_true")
   ap.add_argument("--memory", action="store_true")
+  ap.add_argument("--caches", default="none,prefix,dual,dllm", help="--memory: the cache modes planned (float32)")
   ap.add_argument("--arrivals", action="store_true")
+  ap.add_argument("--demo", default=None, help="a trained demo model directory: the demo task per cache mode")
+  ap.add_argument("--repeat", type=int, default=3, help="--demo: timed passes per mode (the best counts)")
   args = ap.parse_args()
   print(f"devices: {jax.devices()}")
   if args.memory:
-    memory()
+    memory(caches=tuple(None if c == "none" else c for c in args.caches.split(",")))
+  elif args.demo:
+    bench_demo(args)
   elif args.arrivals:
     bench_arrivals(args)
   else:

@@ -2,7 +2,8 @@
 
     python -m lladav_jax.generate --checkpoint DIR --image cat.jpg --prompt "What is in the image?" \\
         [--gen_length 128 --block_length 32 --steps 128 --temperature 0 --remasking low_confidence \\
-         --cfg_scale 0 --threshold T | --factor F --cache prefix|dual --refresh_interval 32 \\
+         --cfg_scale 0 --threshold T | --factor F --cache prefix|dual|dllm --refresh_interval 32 \\
+         --prompt_interval 25 --gen_interval 7 --transfer_ratio 0.25 \\
          --schedule uniform|shift --shift 0.333 --stop STR ... --suffix STR --seed 0] [--json] \\
         [--trace trace.html] [--no_live]
 
@@ -46,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cfg_scale", type=float, default=0.0)
   p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM: commit every token with conf >= T")
   p.add_argument("--factor", type=float, default=None, help="Fast-dLLM: the factor rule (LLaDA-V's hook uses 1)")
-  p.add_argument("--cache", default=None, choices=["prefix", "dual"])
-  p.add_argument("--refresh_interval", type=int, default=32)
+  p.add_argument("--cache", default=None, choices=["prefix", "dual", "dllm"])
+  p.add_argument("--refresh_interval", type=int, default=32, help="prefix / dual: full forwards every N steps")
+  p.add_argument("--prompt_interval", type=int, default=25, help="dllm: prompt features refreshed every N steps")
+  p.add_argument("--gen_interval", type=int, default=7, help="dllm: response features refreshed every N steps")
+  p.add_argument("--transfer_ratio", type=float, default=0.25, help="dllm: response share recomputed at other steps")
   p.add_argument("--schedule", default="uniform", choices=["uniform", "shift"])
   p.add_argument("--shift", type=float, default=1 / 3)
   p.add_argument("--stop", action="append", default=[], help="extra stop string (<|eot_id|> always stops)")
@@ -180,7 +184,9 @@ def main(argv: Sequence[str] | None = None, model=None, out=None):
   res = generation.generate(
       model, [args.prompt], [imgs], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
       temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale, threshold=args.threshold,
-      factor=args.factor, cache=args.cache, refresh_interval=args.refresh_interval, schedule=args.schedule,
+      factor=args.factor, cache=args.cache, refresh_interval=args.refresh_interval,
+      prompt_interval=args.prompt_interval, gen_interval=args.gen_interval, transfer_ratio=args.transfer_ratio,
+      schedule=args.schedule,
       shift=args.shift, stop_strings=args.stop, suffix=args.suffix, seed=args.seed, return_trajectory=True)[0]
   if args.trace:
     with open(args.trace, "w", encoding="utf-8") as f:

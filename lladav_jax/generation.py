@@ -166,6 +166,11 @@ class EngineRunner:
 def run_engine(model, reqs: Sequence[Request], cfg: EngineConfig, shapes: EngineShapes) -> list[dict]:
   """Runs `reqs` through an engine of `shapes.rows` rows: each request goes into a free row as soon as
   one is free (continuous batching); returns per request its answer row, stop and counters."""
+  if cfg.cache == "dllm":
+    for r in reqs:
+      if float(r.settings.transfer_ratio) > cfg.max_transfer_ratio:
+        raise ValueError(f"transfer_ratio={float(r.settings.transfer_ratio)} is above the engine's "
+                         f"max_transfer_ratio={cfg.max_transfer_ratio}")
   out: list[Optional[dict]] = [None] * len(reqs)
   pending = list(range(len(reqs)))[::-1]
   runner = EngineRunner(model, cfg, shapes)
@@ -240,6 +245,7 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
              block_length: int = 128, steps: int = 128, temperature: float = 0.0,
              remasking: str = "low_confidence", cfg_scale: float = 0.0, threshold: Optional[float] = None,
              factor: Optional[float] = None, cache: Optional[str] = None, refresh_interval: int = 32,
+             prompt_interval: int = 25, gen_interval: int = 7, transfer_ratio: float = 0.25,
              schedule: str = "uniform", shift: float = 1 / 3, stop_rule: str = "earliest",
              stop_strings: Optional[Sequence[str]] = None,
              suffix: Optional[str] = None, seed: int = 0, batch_size: Optional[int] = None,
@@ -264,6 +270,8 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
   settings = sampler_settings(model, gen_length=gen_length, block_length=block_length, steps=steps,
                               temperature=float(temperature), remasking=remasking, cfg_scale=float(cfg_scale),
                               threshold=threshold, factor=factor, cache=cache, refresh_interval=refresh_interval,
+                              prompt_interval=prompt_interval, gen_interval=gen_interval,
+                              transfer_ratio=float(transfer_ratio),
                               schedule=schedule, shift=float(shift), stop_rule=stop_rule)
   stop_ids = tok.encode_stop_strings(list(stop_strings or []))
   suffix_ids = tok.encode(suffix) if suffix else []

@@ -44,8 +44,25 @@ row's tokens never depend on its neighbours' schedule):
   * "dual" (Fast-dLLM DualCache): other steps run only the current block against the cached K/V
     of every other position.
   Neither is exact (attention is bidirectional) unless refresh = 1. With CFG both passes are cached.
+  * "dllm" (dLLM-Cache, the LLaDA-V demo's; `dllm_cache.py`): per layer K, V, attention and FFN
+    outputs of every position, the prompt's and the response's (answer + suffix) apart; with the row's step counted from 1 over its whole request (as the
+    original's counter), the prompt's features are refreshed when (step - 1) % prompt_interval == 0,
+    the response's when (step - 1) % gen_interval == 0; at other steps the row's
+    int(transfer_ratio * len(response)) response positions whose V moved most are recomputed. The
+    four forms (both / response / prompt / neither refreshed) run as separate passes, each only when
+    some row takes it. Exact (the no-cache tokens) when prompt_interval = 1 and transfer_ratio = 1
+    or gen_interval = 1; a cached prompt's attention output saw the response of its refresh step,
+    so gen_interval = 1 or transfer_ratio = 1 alone is not. With CFG the unconditional rows are cached
+    alongside (one step of the counter, as the original's batched [cond; uncond] forward).
+Every cache is carried through the layer scan and each layer's rows are written in place where the row
+refreshes, so a pass holds no second copy of the cache.
 `nfe` counts forward passes per row (2 a step with CFG); `query_tokens` the positions run through
-the transformer.
+the transformer (dllm: the queries of its form).
+
+The decision runs the LM head over the current block (static length block_length), not only over
+its still-masked positions: at a block's first step every position of it is masked, so the block
+is the static bound; a smaller second bound (e.g. half the block, under a cond on the rows' largest
+masked count) would save about a third of the head's work at a uniform schedule, not done.
 """
 from __future__ import annotations
 
@@ -60,7 +77,9 @@ from flax import nnx, struct
 from lladav_jax import sharding as shd
 from lladav_jax.batch import ModelInputs
 from lladav_jax.model.llm import KVCache
+from lladav_jax.model import common
 from lladav_jax.sampling import decode
+from lladav_jax.sampling.dllm_cache import DllmCache, FeatureCache, layer as dllm_layer
 from lladav_jax.sampling.settings import EngineConfig, RowSettings
 
 # Traces of the engine's jitted functions, by name and static config (tests count them).
@@ -126,7 +145,7 @@ class EngineState:
   nfe: jax.Array  # int32 [B]
   steps: jax.Array  # int32 [B]
   query_tokens: jax.Array  # int32 [B]
-  cache: Optional[KVCache]  # [layers, B (x2 with CFG), P + G + Ls, K, H]
+  cache: Optional[KVCache | DllmCache]  # [layers, B (x2 with CFG), P + G + Ls (dllm: P and G + Ls), ...]
 
 
 def _by_row(tree):
@@ -168,30 +187,29 @@ class Forward:
       mask_emb = llm.embed_tokens(jnp.full((1, 1), cfg.mask_id, jnp.int32)).astype(emb.dtype)
       emb = jnp.concatenate([emb, jnp.where(st.valid[..., None], mask_emb, emb)])
     x = lambda a: jnp.concatenate([a, a]) if cfg.cfg else a  # noqa: E731
+    # dllm: recompute slots (static) and the ones each row uses: int(len(response) * ratio), as the original
+    self.slots = max(1, int(cfg.max_transfer_ratio * self.lg))
+    n_use = jnp.floor(st.rs.transfer_ratio * (glen[:, 0] + st.suffix_len)).astype(jnp.int32)
     self.rows = dict(emb=emb, valid=x(st.valid), pos=x(st.pos), gen=x(st.gen), gen_pos=x(gen_pos),
-                     col_valid=x(col_valid), s=x(jnp.maximum(st.block, 0) * self.bl))
+                     col_valid=x(col_valid), s=x(jnp.maximum(st.block, 0) * self.bl),
+                     n_use=x(jnp.minimum(n_use, self.slots)))
 
   @property
   def window_len(self) -> int:
     return {None: 0, "prefix": self.lg, "dual": self.bl}[self.cfg.cache]
 
   def _grouped(self, fn, cache, pick):
-    """fn(rows, cache rows) -> (h [r, bl, D], K/V or None) over groups of rows; the K/V go into the
-    cache's rows where `pick`."""
+    """fn(rows, cache, row0, sel) -> (h [r, bl, D], cache) over groups of r rows in turn, row0 the group's
+    first cache row, sel [r] the rows whose cache rows take the new values (fn writes them in place)."""
     r = self.b * self.mult
     k = self.cfg.forward_rows or r
     if r % k:
       raise ValueError(f"forward_rows={k} does not divide the {r} rows of a pass")
+    pick = jnp.ones((r,), bool) if pick is None else pick
 
     def one(i, cache):
-      take = lambda a, axis=0: jax.lax.dynamic_slice_in_dim(a, i * k, k, axis=axis)  # noqa: E731
-      rows = jax.tree.map(take, self.rows)
-      h, kv = fn(rows, None if cache is None else jax.tree.map(lambda a: take(a, 1), cache))
-      if kv is not None:
-        sel = take(pick).reshape((1, k, 1, 1, 1))
-        kv = jax.tree.map(lambda new, old: jnp.where(sel, new.astype(old.dtype), take(old, 1)), kv, cache)
-        cache = jax.tree.map(lambda c, a: jax.lax.dynamic_update_slice_in_dim(c, a, i * k, axis=1), cache, kv)
-      return h, cache
+      take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * k, k)  # noqa: E731
+      return fn(jax.tree.map(take, self.rows), cache, i * k, take(pick))
 
     if k == r:
       return one(0, cache)
@@ -205,26 +223,90 @@ class Forward:
     h_all = jnp.zeros((r,) + h0.shape[1:], h0.dtype)
     return jax.lax.fori_loop(0, r // k, body, (h_all, cache))
 
+  def _layers(self, body, x, cache, row0, sel, const=None):
+    """body(block, x, rows, const rows) -> (x, new rows or None) over the stacked layers, `cache` carried
+    through them: `rows` are this layer's rows of the group [r, ...] of `cache` (new rows go back where
+    `sel`, in place: no per-layer outputs stacked beside the cache) and of `const` (read only).
+    Returns the final-normed x and the cache."""
+    llm = self.llm
+    r = sel.shape[0]
+
+    def step(block, carry, l):
+      x, cache = carry
+      at = lambda a: (l, row0) + (0,) * (a.ndim - 2)  # noqa: E731
+      read = lambda t: jax.tree.map(lambda a: jax.lax.dynamic_slice(a, at(a), (1, r) + a.shape[2:])[0], t)  # noqa
+      rows = read(cache)
+      x, new = body(block, x, rows, read(const))
+      if new is not None:
+        cache = jax.tree.map(lambda a, n, o: jax.lax.dynamic_update_slice(
+            a, jnp.where(sel.reshape((r,) + (1,) * (a.ndim - 2)), n.astype(a.dtype), o)[None], at(a)),
+            cache, new, rows)
+      return (x, cache), None
+
+    (x, cache), _ = common.run_stacked(llm.layers, step, (x.astype(llm.dtype), cache), jnp.arange(llm.cfg.num_layers),
+                                       scan=llm.scan_layers, remat_policy=llm.remat_policy)
+    return common.rms_norm(x, llm.final_norm[...], llm.cfg.rms_norm_eps), cache
+
+  def _block_rows(self, h, rw, start: Optional[int] = None):
+    """The hidden states of each row's current block [r, bl, D] of h over [prompt | response] (h over
+    the response only: `start` = 0)."""
+    idx = (self.p if start is None else start) + rw["s"][:, None] + jnp.arange(self.bl)[None]
+    return jnp.take_along_axis(h, idx[..., None], axis=1)
+
+  def _sequence(self, rw):
+    """Embeddings, RoPE positions and key mask of [prompt | response]."""
+    x = jnp.concatenate([rw["emb"], self.llm.embed_tokens(rw["gen"])], axis=1)
+    pos = jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1)
+    return x, pos, jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
+
   def full(self, cache=None, pick=None):
-    llm, p, bl = self.llm, self.p, self.bl
-    with_kv = self.cfg.cache is not None
+    """Every position; with a cache, its rotated K/V go into the cache rows where `pick`."""
+    llm = self.llm
 
-    def fn(rw, _):
-      x = jnp.concatenate([rw["emb"], llm.embed_tokens(rw["gen"])], axis=1)
-      keymask = jnp.concatenate([rw["valid"], rw["col_valid"]], axis=1)
-      out = llm(x, jnp.concatenate([rw["pos"], rw["gen_pos"]], axis=1), *_segments(keymask, x.shape[1]),
-                return_kv=with_kv)
-      h, kv = out if with_kv else (out, None)
-      idx = p + rw["s"][:, None] + jnp.arange(bl)[None]
-      return jnp.take_along_axis(h, idx[..., None], axis=1), kv
+    def fn(rw, cache, row0, sel):
+      x, pos, keymask = self._sequence(rw)
+      if cache is None:
+        return self._block_rows(llm(x, pos, *_segments(keymask, x.shape[1])), rw), None
 
-    pick = jnp.ones((self.b * self.mult,), bool) if pick is None else pick
+      def body(block, x, rows, _):
+        x, kv = block(x, pos, *_segments(keymask, x.shape[1]))
+        return x, KVCache(*kv)
+
+      h, cache = self._layers(body, x, cache, row0, sel)
+      return self._block_rows(h, rw), cache
+
+    return self._grouped(fn, cache, pick)
+
+  def dllm(self, cache: DllmCache, pick, prompt_q: bool, gen_all: bool):
+    """dLLM-Cache: one of its four layer forms (dllm_cache.layer) over every layer; the cache rows
+    where `pick` take the new features. Without a prompt refresh only the response's stream and
+    features move (the prompt's arrays are read only)."""
+    slots = None if gen_all else self.slots
+
+    def fn(rw, cache, row0, sel):
+      x, pos, keymask = self._sequence(rw)
+      kw = dict(pos_RS=pos, keymask_RS=keymask, n_use_R=rw["n_use"], prompt_q=prompt_q, slots=slots)
+      if prompt_q:
+        def body(block, x, rows, _):
+          x, (new_p, new_r) = dllm_layer(block, x, rows.prompt, rows.response, **kw)
+          return x, DllmCache(new_p, new_r)
+
+        h, cache = self._layers(body, x, cache, row0, sel)
+        return self._block_rows(h, rw), cache
+
+      def body_r(block, x, rows, prompt_rows):
+        return dllm_layer(block, x, prompt_rows, rows, **kw)
+
+      h, resp = self._layers(body_r, x[:, self.p:], cache.response, row0, sel, const=cache.prompt)
+      return self._block_rows(h, rw, 0), cache.replace(response=resp)
+
     return self._grouped(fn, cache, pick)
 
   def window(self, cache: KVCache):
+    """The query window of each row against its cached K/V (read only)."""
     llm, lg, bl, mode, mask_id = self.llm, self.lg, self.bl, self.cfg.cache, self.cfg.mask_id
 
-    def fn(rw, cache):
+    def fn(rw, cache, row0, sel):
       s, col_valid = rw["s"][:, None], rw["col_valid"]
       col = jnp.arange(lg)[None]
       if mode == "prefix":  # columns [s, s + lg); past the end: key-masked padding
@@ -240,7 +322,12 @@ class Forward:
         q_pos = jnp.take_along_axis(rw["gen_pos"], qc, axis=1)
       q_tok = jnp.where(q_valid, jnp.take_along_axis(rw["gen"], qc, axis=1), mask_id)
       keymask = jnp.concatenate([rw["valid"], cached, q_valid], axis=1)  # the cache's keys, then the window's
-      return llm(llm.embed_tokens(q_tok), q_pos, *_segments(keymask, q_tok.shape[1]), cache)[:, :bl], None
+
+      def body(block, x, rows, _):
+        return block(x, q_pos, *_segments(keymask, x.shape[1]), (rows.k, rows.v))[0], None
+
+      h, _ = self._layers(body, llm.embed_tokens(q_tok), cache, row0, sel)
+      return h[:, :bl], cache
 
     return self._grouped(fn, cache, None)[0]
 
@@ -283,11 +370,17 @@ def _init(graphdef, cfg: EngineConfig, shapes: EngineShapes, params) -> EngineSt
   f32 = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
   rs = RowSettings(answer_len=i32(b), steps_per_block=i32(b), table=i32(b, bl + 1, bl), temperature=f32(b),
                    cfg_scale=f32(b), random_remask=jnp.zeros((b,), bool), mode=i32(b), value=f32(b),
-                   refresh=jnp.ones((b,), jnp.int32), original_stops=jnp.zeros((b,), bool))
+                   refresh=jnp.ones((b,), jnp.int32), prompt_interval=jnp.ones((b,), jnp.int32),
+                   gen_interval=jnp.ones((b,), jnp.int32), transfer_ratio=f32(b), original_stops=jnp.zeros((b,), bool))
   cache = None
   if cfg.cache is not None:
-    z = jnp.zeros((c.num_layers, b * (2 if cfg.cfg else 1), p + g + ls, c.num_kv_heads, c.head_dim), model.llm.dtype)
+    r, s = b * (2 if cfg.cfg else 1), p + g + ls
+    z = jnp.zeros((c.num_layers, r, s, c.num_kv_heads, c.head_dim), model.llm.dtype)
     cache = KVCache(z, z)
+    if cfg.cache == "dllm":
+      seg = lambda n: FeatureCache(*(jnp.zeros((c.num_layers, r, n) + tail, model.llm.dtype)  # noqa: E731
+                                     for tail in [(c.num_kv_heads, c.head_dim)] * 2 + [(c.hidden_size,)] * 2))
+      cache = DllmCache(seg(p), seg(g + ls))
   st = EngineState(prompt_emb=jnp.zeros((b, p, c.hidden_size), model.llm.dtype), valid=jnp.zeros((b, p), bool),
                    pos=i32(b, p), plen=i32(b), gen=jnp.full((b, g + ls), cfg.mask_id, jnp.int32), suffix_len=i32(b),
                    stop_ids=jnp.full((b, shapes.stops, shapes.stop_len), -1, jnp.int32), stop_lens=i32(b, shapes.stops),
@@ -329,12 +422,27 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
   s = jnp.maximum(st.block, 0) * bl
   keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(st.seed, st.steps)
   full_len = fw.p + fw.lg
+  dup = (lambda a: jnp.concatenate([a, a])) if cfg.cfg else (lambda a: a)  # noqa: E731
   if cfg.cache is None:
     h, cache = fw.full()
     q_len = jnp.full((b,), full_len)
+  elif cfg.cache == "dllm":
+    # the original's step counter: forwards since the request started, from 1 (st.steps is that - 1)
+    rp = active & (st.steps % st.rs.prompt_interval == 0)
+    rg = active & (st.steps % st.rs.gen_interval == 0)
+    forms = ((rp & rg, True, True, full_len), (rg & ~rp, False, True, fw.lg),
+             (rp & ~rg, True, False, fw.p + fw.slots), (active & ~rp & ~rg, False, False, fw.slots))
+    h = jnp.zeros((fw.b * fw.mult, bl, fw.llm.cfg.hidden_size), fw.llm.dtype)
+    cache, q_len = st.cache, jnp.zeros((b,), jnp.int32)
+    for rows, prompt_q, gen_all, n in forms:  # each form only when some row takes it; rows pick their own
+      pick = dup(rows)
+      h_f, cache = jax.lax.cond(jnp.any(rows), lambda c: fw.dllm(c, pick, prompt_q, gen_all),
+                                lambda c: (jnp.zeros_like(h), c), cache)
+      h = jnp.where(pick[:, None, None], h_f, h)
+      q_len = jnp.where(rows, n, q_len)
   else:
     refresh = active & (st.i % st.rs.refresh == 0)
-    pick = jnp.concatenate([refresh, refresh]) if cfg.cfg else refresh
+    pick = dup(refresh)
 
     # full passes for the refreshing rows (their cache rows replaced in place), then windows for the others
     # (which see their own, untouched cache rows); each pass only when some row needs it

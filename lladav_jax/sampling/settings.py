@@ -17,6 +17,7 @@ from lladav_jax.sampling.schedule import count_table
 
 MODES = {"steps": 0, "threshold": 1, "factor": 2}  # how a row picks the positions a step commits
 STOP_RULES = ("earliest", "original")
+CACHES = (None, "prefix", "dual", "dllm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +39,11 @@ class SamplerSettings:
   cfg_scale: float = 0.0
   threshold: Optional[float] = None
   factor: Optional[float] = None
-  cache: Optional[str] = None  # None | "prefix" | "dual"
-  refresh_interval: int = 32
+  cache: Optional[str] = None  # None | "prefix" | "dual" | "dllm"
+  refresh_interval: int = 32  # prefix / dual: a full forward every this many steps of a block
+  prompt_interval: int = 25  # dllm: prompt features refreshed when (step - 1) % this == 0 (the LLaDA-V demo's Kp)
+  gen_interval: int = 7  # dllm: response features refreshed when (step - 1) % this == 0 (Kr)
+  transfer_ratio: float = 0.25  # dllm: the fraction of response positions recomputed at other steps (rho)
   schedule: str = "uniform"  # | "shift"
   shift: float = 1 / 3
   stop_rule: str = "earliest"  # | "original"
@@ -66,10 +70,14 @@ class SamplerSettings:
       errs.append(f"remasking={self.remasking!r} must be 'low_confidence' or 'random'")
     if self.threshold is not None and self.factor is not None:
       errs.append("give threshold or factor, not both")
-    if self.cache not in (None, "prefix", "dual"):
-      errs.append(f"cache={self.cache!r} must be None, 'prefix' or 'dual'")
+    if self.cache not in CACHES:
+      errs.append(f"cache={self.cache!r} must be one of {CACHES}")
     if self.refresh_interval < 1:
       errs.append(f"refresh_interval={self.refresh_interval} must be >= 1")
+    if self.prompt_interval < 1 or self.gen_interval < 1:
+      errs.append(f"prompt_interval={self.prompt_interval} and gen_interval={self.gen_interval} must be >= 1")
+    if not 0.0 <= self.transfer_ratio <= 1.0:
+      errs.append(f"transfer_ratio={self.transfer_ratio} must be in [0, 1]")
     if self.schedule not in ("uniform", "shift"):
       errs.append(f"schedule={self.schedule!r} must be 'uniform' or 'shift'")
     if self.schedule == "shift" and not self.shift > 0:
@@ -84,9 +92,14 @@ class SamplerSettings:
       raise ValueError("invalid sampler settings:\n  " + "\n  ".join(errs))
     return self
 
-  def engine(self, vocab_chunk: Optional[int] = None, forward_rows: Optional[int] = None) -> "EngineConfig":
+  def engine(self, vocab_chunk: Optional[int] = None, forward_rows: Optional[int] = None,
+             max_transfer_ratio: Optional[float] = None) -> "EngineConfig":
+    """The static part. `max_transfer_ratio` (dllm): the largest transfer_ratio the engine's rows may
+    ask for (default: this request's); rows asking less leave some recompute slots unused."""
+    ratio = 0.0 if self.cache != "dllm" else self.transfer_ratio if max_transfer_ratio is None else max_transfer_ratio
     return EngineConfig(mask_id=self.mask_id, banned_ids=tuple(self.banned_ids), block_length=self.block_length,
-                        cache=self.cache, cfg=self.cfg_scale > 0, vocab_chunk=vocab_chunk, forward_rows=forward_rows)
+                        cache=self.cache, cfg=self.cfg_scale > 0, vocab_chunk=vocab_chunk, forward_rows=forward_rows,
+                        max_transfer_ratio=ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +108,10 @@ class EngineConfig:
   the cache mode and whether the unconditional CFG pass runs. `vocab_chunk`: vocabulary columns per
   step of the chunked LM head (None: the largest divisor of the vocabulary up to 8192).
   `forward_rows`: the forward passes run on groups of this many rows in turn (None: all at once;
-  fewer temporaries, for large batches on one device; it must divide the rows of a pass)."""
+  fewer temporaries, for large batches on one device; it must divide the rows of a pass).
+  `max_transfer_ratio` (cache "dllm"): the static number of response positions a cached step
+  recomputes is floor(max_transfer_ratio * response bucket); a row's own transfer_ratio (a value, at
+  most this) picks how many of those slots it uses."""
   mask_id: int
   banned_ids: tuple = ()
   block_length: int = 32
@@ -103,6 +119,13 @@ class EngineConfig:
   cfg: bool = False
   vocab_chunk: Optional[int] = None
   forward_rows: Optional[int] = None
+  max_transfer_ratio: float = 0.0
+
+  def __post_init__(self):
+    if self.cache not in CACHES:
+      raise ValueError(f"cache={self.cache!r} must be one of {CACHES}")
+    if not 0.0 <= self.max_transfer_ratio <= 1.0:
+      raise ValueError(f"max_transfer_ratio={self.max_transfer_ratio} must be in [0, 1]")
 
 
 @struct.dataclass
@@ -116,7 +139,10 @@ class RowSettings:
   random_remask: jax.Array  # bool
   mode: jax.Array  # int32, MODES
   value: jax.Array  # float32: the threshold or the factor
-  refresh: jax.Array  # int32: full forwards every `refresh` steps of a block (cache modes)
+  refresh: jax.Array  # int32: full forwards every `refresh` steps of a block (prefix / dual)
+  prompt_interval: jax.Array  # int32: dllm Kp
+  gen_interval: jax.Array  # int32: dllm Kr
+  transfer_ratio: jax.Array  # float32: dllm rho
   original_stops: jax.Array  # bool: stop_rule == "original"
 
 
@@ -137,4 +163,6 @@ def row_settings(st: SamplerSettings, answer_bucket: int, block_length: int) -> 
                      temperature=np.float32(st.temperature), cfg_scale=np.float32(st.cfg_scale),
                      random_remask=np.bool_(st.remasking == "random"), mode=np.int32(MODES[mode]),
                      value=np.float32(value), refresh=np.int32(st.refresh_interval),
+                     prompt_interval=np.int32(st.prompt_interval), gen_interval=np.int32(st.gen_interval),
+                     transfer_ratio=np.float32(st.transfer_ratio),
                      original_stops=np.bool_(st.stop_rule == "original"))
