@@ -69,7 +69,7 @@ def run(s: Setting, steps: int, warmup: int = 1):
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
   with jax.default_matmul_precision(s.precision):
     t = time.perf_counter()
-    compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=s.chunk), global_batch=s.batch,
+    compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=s.chunk),
                                            accum=s.accum, batch_shapes=shapes)
     compile_s = time.perf_counter() - t
   gb = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)), batch)

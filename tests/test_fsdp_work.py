@@ -30,7 +30,7 @@ def compile_step(devices: int, per_device: int = 1):
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
   setup = st.make_setup(CFG, mesh, optim_cfg(), total_steps=10)
   b = devices * per_device
-  return stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=512), global_batch=b, accum=1,
+  return stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=512), accum=1,
                                 batch_shapes=batch_lib.shapes(b, L, 1, CFG.vision.image_size))
 
 
