@@ -81,7 +81,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_setup):
   lu, au, gu = _loss_and_grad(setup, state, unpacked)
   lp, ap, gp = _loss_and_grad(setup, state, packed)
   assert au["masked_tokens"] > 0 and au["masked_tokens"] == ap["masked_tokens"]  # the same positions masked
-  assert au["answer_tokens"] == ap["answer_tokens"]
+  assert au["answer_tokens"] == ap["answer_tokens"] and au["conversations"] == ap["conversations"] == 3
   np.testing.assert_allclose(lp, lu, rtol=1e-5)
   fu, fp = traverse_util.flatten_dict(gu), traverse_util.flatten_dict(gp)
   assert fu.keys() == fp.keys()

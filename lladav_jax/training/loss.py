@@ -58,15 +58,17 @@ def conversations(segments_BL):
 
 
 def _uniform_at(key, *indices):
-  """float32 U(0, 1) per element, a function of (key, indices) only: counter-based, so it does not depend
-  on the array's shape or on where the element sits."""
+  """float32 U(0, 1) per element, a function of (key, the elements' indices) only: counter-based, so it depends
+  neither on the array's shape nor on where the element sits (vmapped per axis: the batch keeps its sharding)."""
   def one(*ix):
     k = key
     for i in ix:
       k = jax.random.fold_in(k, i)
     return jax.random.uniform(k, (), jnp.float32)
-  flat = [jnp.ravel(i) for i in indices]
-  return jax.vmap(one)(*flat).reshape(indices[0].shape)
+  f = one
+  for _ in range(indices[0].ndim):
+    f = jax.vmap(f)
+  return f(*indices)
 
 
 def draw_noise(key, segments_BL, positions_BL, antithetic: bool = False):
@@ -154,5 +156,6 @@ def diffusion_loss(model, batch, t_BL, u_BL, *, mask_token_id: int, cfg: LossCon
                                       chunk=cfg.logits_chunk, dtype=model.llm.dtype)
   answer = ((labels != IGNORE_INDEX) & x.valid).sum()
   aux = {"masked_tokens": masked.sum().astype(jnp.float32), "answer_tokens": answer.astype(jnp.float32),
-         "ce_sum": ce_sum, "correct": correct, "valid_tokens": x.valid.sum().astype(jnp.float32)}
+         "ce_sum": ce_sum, "correct": correct, "valid_tokens": x.valid.sum().astype(jnp.float32),
+         "conversations": x.segments.max(axis=1).sum().astype(jnp.float32)}
   return wsum / jnp.maximum(conversations, 1).astype(jnp.float32), aux

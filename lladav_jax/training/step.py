@@ -43,7 +43,7 @@ def _to_micro(x, accum: int):
   return jnp.moveaxis(x.reshape((b // accum, accum) + x.shape[1:]), 1, 0)
 
 
-AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens")
+AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens", "conversations")
 
 
 def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
@@ -106,7 +106,7 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
                  "lr": setup.schedules[lr_group](state["step"]),
                  "masked_ce": aux["ce_sum"] / masked, "masked_acc": aux["correct"] / masked,
                  "masked_tokens": aux["masked_tokens"], "answer_tokens": aux["answer_tokens"],
-                 "valid_tokens": aux["valid_tokens"], "param_norm": optax.tree.norm(new_state["params"])}
+                 "valid_tokens": aux["valid_tokens"], "conversations": aux["conversations"], "param_norm": optax.tree.norm(new_state["params"])}
       for g, s in setup.schedules.items():
         if g != lr_group:
           metrics[f"lr_{g}"] = s(state["step"])
