@@ -86,11 +86,9 @@ def draw_noise(key, segments_BL, positions_BL, antithetic: bool = False):
 
 
 def _segment_total(x_BL, segments_BL):
-  """[B, L]: at each position, the sum of x over its (row, segment)."""
-  b, l = x_BL.shape
-  ids = jnp.arange(b)[:, None] * (l + 1) + segments_BL  # segments <= l
-  tot = jax.ops.segment_sum(x_BL.ravel(), ids.ravel(), num_segments=b * (l + 1))
-  return tot[ids]
+  """[B, L]: at each position, the sum of x over its (row, segment); row by row (the rows keep their sharding)."""
+  l = x_BL.shape[1]
+  return jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=l + 1)[s])(x_BL, segments_BL)
 
 
 def corrupt(tokens_BL, labels_BL, segments_BL, t_BL, u_BL, mask_token_id: int, eps: float):
