@@ -40,7 +40,7 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
   setup = st.make_setup(cfg, mesh, optim, total_steps=1000)
   b = devices
   shapes = batch_lib.shapes(b, tokens, tiles, cfg.vision.image_size)
-  compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=chunk), global_batch=b, accum=1,
+  compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=chunk), accum=1,
                                          batch_shapes=shapes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

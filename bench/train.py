@@ -6,7 +6,9 @@ synthetic batches.
     python bench/train.py --sweep               # the variants tried (batch/seq, scan, remat, chunk, precision)
     python bench/train.py --batch 8 --seq 512 --no-scan --remat minimal --steps 5
 
-Prints, per setting: step time, tokens/s, achieved model FLOP/s (training/flops.py: 6*N*tokens for
+Prints, per setting: step time, tokens/s (all B x L positions, and the useful ones: segment > 0; the
+synthetic rows end in 0-10% padding; `bench/packing.py` measures what packing does to that fraction on real
+length mixes), achieved model FLOP/s (training/flops.py: 6*N*tokens for
 matmul weights + full bidirectional attention + the vision tower per tile), next to the FLOP/s of
 a plain jitted 2048^3 float32 matmul measured in the same process (best of N, before and after),
 and their ratio. Parameters are random host arrays (the model's init is not compiled).
@@ -69,7 +71,7 @@ def run(s: Setting, steps: int, warmup: int = 1):
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
   with jax.default_matmul_precision(s.precision):
     t = time.perf_counter()
-    compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=s.chunk), global_batch=s.batch,
+    compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=s.chunk),
                                            accum=s.accum, batch_shapes=shapes)
     compile_s = time.perf_counter() - t
   gb = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)), batch)
@@ -84,8 +86,9 @@ def run(s: Setting, steps: int, warmup: int = 1):
     times.append(time.perf_counter() - t)
   fl = flops_lib.step_flops(cfg, batch=s.batch, seq_len=s.seq, tiles=s.tiles)["total"]
   best, med = min(times), float(np.median(times))
+  useful = int((np.asarray(batch.inputs.segments) > 0).sum())
   return {"setting": s.label(), "compile_s": compile_s, "step_s_best": best, "step_s_median": med,
-          "tokens_per_s": s.batch * s.seq / med, "flops_per_step": fl, "flops_per_s": fl / med,
+          "tokens_per_s": s.batch * s.seq / med, "useful_tokens_per_s": useful / med, "flops_per_step": fl, "flops_per_s": fl / med,
           "flops_per_s_best": fl / best, "loss": float(m["loss"]),
           "peak_mem_mib": (mem or {}).get("peak_estimate_bytes", 0) / 2 ** 20}
 
@@ -140,7 +143,7 @@ def main():
     n_params = flops_lib.count_params(model_cfg(s))["total"]
     print(f"{r['setting']} ({n_params / 1e6:.0f}M parameters): step {r['step_s_median']:.2f}s "
           f"(best {r['step_s_best']:.2f}s, compile {r['compile_s']:.0f}s), "
-          f"{r['tokens_per_s']:.0f} tokens/s, {r['flops_per_s'] / 1e9:.1f} GFLOP/s model "
+          f"{r['tokens_per_s']:.0f} tokens/s ({r['useful_tokens_per_s']:.0f} useful), {r['flops_per_s'] / 1e9:.1f} GFLOP/s model "
           f"(best step {r['flops_per_s_best'] / 1e9:.1f}), matmul {ref / 1e9:.1f} GFLOP/s, "
           f"ratio {r['ratio']:.0%}, peak mem {r['peak_mem_mib']:.0f} MiB", flush=True)
   return rows

@@ -15,15 +15,16 @@ S x S pixels, TAPS merge taps.
   merge_w   float32 [B, L, TAPS]
   labels    int32 [B, L]        training only: IGNORE_INDEX (-100) = not trained on
 
-Sequence packing writes several samples into one row with ids 1, 2, ... in `segments` (positions restart at
-each); `collate` writes one sample a row (id 1).
+Sequence packing (`collate` given a sequence of samples for a row) writes several samples into one row with
+ids 1, 2, ... in `segments` (positions restart at each; tiles concatenated, each plan offset to its tiles);
+otherwise one sample a row (id 1).
 
 T comes from a small set (`TILE_BUCKETS`): training and inference both pick the smallest bucket that holds
 the batch's largest sample, so compiled shapes stay few and no sample the original trains on is dropped.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import jax
 import numpy as np
@@ -88,45 +89,61 @@ def shapes(rows: int, length: int, tiles: int, image_size: int, *, labels: bool 
   return TrainBatch(inputs, s((rows, length), np.int32)) if labels else inputs
 
 
-def collate(samples: Sequence[Expanded], image_cfg: ImageConfig, *, length: int | None = None,
+Row = Union[Expanded, Sequence[Expanded]]
+
+
+def _row(r: Row) -> list[Expanded]:
+  return [r] if isinstance(r, Expanded) else list(r)
+
+
+def collate(samples: Sequence[Row], image_cfg: ImageConfig, *, length: int | None = None,
             tiles: int | None = None, rows: int | None = None, pad_id: int = 0, left: bool = False) -> ModelInputs:
-  """Stacks samples into `rows` rows (default: one per sample; extra rows are all padding) of `length`
-  positions and `tiles` tiles (defaults: what the samples need). `left` pads on the left (sampler
-  prompts all end at the same column). Each sample's merge plan points into its own
-  [t*P | newline | zero] table; it is remapped to the batch's [tiles*P | newline | zero]."""
-  rows = len(samples) if rows is None else rows
-  length = max([len(e.tokens) for e in samples], default=1) if length is None else length
-  tiles = max([e.pixels.shape[0] for e in samples], default=0) if tiles is None else tiles
-  if len(samples) > rows:
-    raise ValueError(f"{len(samples)} samples but {rows} rows")
+  """Stacks samples into `rows` rows (default: one per element; extra rows are all padding) of `length`
+  positions and `tiles` tiles (defaults: what the rows need). An element is one sample, or a sequence of
+  samples packed into one row: segments 1, 2, ..., positions restarting at 0 at each, their tiles
+  concatenated. `left` pads on the left (sampler prompts all end at the same column). Each sample's merge
+  plan points into its own [t*P | newline | zero] table; it is remapped into the row's
+  [tiles*P | newline | zero] at its tiles' offset."""
+  packs = [_row(r) for r in samples]
+  rows = len(packs) if rows is None else rows
+  length = max([sum(len(e.tokens) for e in r) for r in packs], default=1) if length is None else length
+  tiles = max([sum(e.pixels.shape[0] for e in r) for r in packs], default=0) if tiles is None else tiles
+  if len(packs) > rows:
+    raise ValueError(f"{len(packs)} samples but {rows} rows")
   p, s = image_cfg.tokens_per_tile, image_cfg.image_size
   zero = tiles * p + 1
   out = ModelInputs(tokens=np.full((rows, length), pad_id, np.int32), positions=np.zeros((rows, length), np.int32),
                     segments=np.zeros((rows, length), np.int32), pixels=np.zeros((rows, tiles, s, s, 3), np.uint8),
                     merge_idx=np.full((rows, length, TAPS), zero, np.int32),
                     merge_w=np.zeros((rows, length, TAPS), np.float32))
-  for i, e in enumerate(samples):
-    n, t = len(e.tokens), e.pixels.shape[0]
+  for i, r in enumerate(packs):
+    n, t_all = sum(len(e.tokens) for e in r), sum(e.pixels.shape[0] for e in r)
     if n > length:
       raise ValueError(f"sample {i} has {n} tokens, more than the length {length}")
-    if t > tiles:
-      raise ValueError(f"sample {i} needs {t} tiles, more than {tiles}")
-    sl = slice(length - n, length) if left else slice(0, n)
-    out.tokens[i, sl], out.segments[i, sl] = e.tokens, 1
-    out.positions[i] = np.maximum(np.arange(length) - sl.start, 0)
-    out.pixels[i, :t] = e.pixels
-    idx = e.merge_idx
-    out.merge_idx[i, sl] = np.where(idx < t * p, idx, idx - t * p + tiles * p)
-    out.merge_w[i, sl] = e.merge_w
+    if t_all > tiles:
+      raise ValueError(f"sample {i} needs {t_all} tiles, more than {tiles}")
+    col = length - n if left else 0
+    out.positions[i] = np.maximum(np.arange(length) - col, 0)  # counts on through right padding
+    t0 = 0
+    for seg, e in enumerate(r, start=1):
+      m, t = len(e.tokens), e.pixels.shape[0]
+      sl = slice(col, col + m)
+      out.tokens[i, sl], out.segments[i, sl], out.positions[i, sl] = e.tokens, seg, np.arange(m)
+      out.pixels[i, t0:t0 + t] = e.pixels
+      idx = e.merge_idx
+      out.merge_idx[i, sl] = np.where(idx < t * p, idx + t0 * p, idx - t * p + tiles * p)
+      out.merge_w[i, sl] = e.merge_w
+      col, t0 = col + m, t0 + t
   return out
 
 
-def collate_train(samples: Sequence[Expanded], image_cfg: ImageConfig, **kw) -> TrainBatch:
+def collate_train(samples: Sequence[Row], image_cfg: ImageConfig, **kw) -> TrainBatch:
   """`collate` plus the samples' labels (IGNORE_INDEX on padding). Right-padded."""
   inputs = collate(samples, image_cfg, **kw)
   labels = np.full(inputs.tokens.shape, IGNORE_INDEX, np.int32)
-  for i, e in enumerate(samples):
-    labels[i, :len(e.labels)] = e.labels
+  for i, r in enumerate(samples):
+    lab = np.concatenate([e.labels for e in _row(r)] or [np.zeros(0, np.int32)])
+    labels[i, :len(lab)] = lab
   return TrainBatch(inputs, labels)
 
 

@@ -208,7 +208,7 @@ def _loss_and_grad(cfg, batch, params):
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   setup = st.make_setup(cfg, mesh, optim_cfg(), total_steps=10)
   state = st.init_state(setup, seed=0, params=params)
-  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=16), global_batch=batch.inputs.rows, accum=1)
+  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=16), accum=1)
   return jax.device_get(jax.jit(fn)(state, batch))
 
 

@@ -49,7 +49,7 @@ def _lora_params(base_params, lora_setup, seed=1, b_scale=0.0):
 
 
 def _loss(setup, state, batch, accum=1):
-  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=8), global_batch=batch.inputs.rows, accum=accum)
+  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=8), accum=accum)
   rep = sharding.replicated(setup.mesh)
   f = jax.jit(fn, in_shardings=(setup.shardings, stp.batch_shardings(setup.mesh, batch)),
               out_shardings=(rep, rep, setup.shardings["params"]))
@@ -101,7 +101,7 @@ def test_only_adapters_and_projector_are_trained_and_sharded():
       st.make_setup(_cfg(config.LoraConfig()), mesh, optim_cfg(), total_steps=10)), setup))
   before = jax.device_get(state)
   batch = _batch(1)
-  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), global_batch=8, accum=1,
+  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), accum=1,
                                        batch_shapes=jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch))
   for _ in range(2):
     state, m = compiled(state, _global(batch, mesh))
@@ -131,7 +131,7 @@ def test_checkpoint_leaves_out_the_base_and_resumes_exactly(tmp_path):
   state = st.init_state(setup, seed=3)
   batch = _batch(2)
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
-  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), global_batch=8, accum=1, batch_shapes=shapes)
+  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), accum=1, batch_shapes=shapes)
   state, _ = compiled(state, _global(batch, mesh))
   ck = checkpointing.Checkpointer(str(tmp_path / "ck"), every_steps=1, keep=2, async_save=False)
   it = synthetic.SyntheticIterator(batch=2, seq_len=32, vocab_size=512, mask_token_id=500)

@@ -31,7 +31,7 @@ def _mesh(preset):
 def _step(setup, params, batch):
   state = st.init_state(setup, seed=0, params=params)
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
-  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=16), global_batch=batch.inputs.rows, accum=1,
+  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=16), accum=1,
                                        batch_shapes=shapes)
   gb = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(setup.mesh, v.ndim)), batch)
   state, m = compiled(state, gb)

@@ -178,7 +178,7 @@ def test_stage1_runlocal_trains_only_the_projector(assembled):
   batch = synthetic.make_batch(np.random.default_rng(0), batch=2, seq_len=64, vocab_size=r.model.llm.vocab_size,
                                mask_token_id=r.model.mask_token_id)
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
-  step, _ = step_lib.compile_train_step(setup, r.loss, global_batch=2, accum=1, batch_shapes=shapes)
+  step, _ = step_lib.compile_train_step(setup, r.loss, accum=1, batch_shapes=shapes)
   batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)), batch)
   for _ in range(2):
     state, m = step(state, batch)

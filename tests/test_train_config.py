@@ -35,6 +35,9 @@ def test_presets_carry_the_original_hyperparameters(preset):
     assert c.data.seq_len == (16384 if preset == "stage2_ov" else 8192)
     assert c.model.remat_policy == "minimal" and c.model.dtype == "bfloat16" and c.model.param_dtype == "float32"
     assert c.data.pad_group_size == 1  # 1 row a GPU: the original never EOS-pads a stage-2/3 sample
+  # packing only where the paper is not reproduced (our fine-tuning); a runlocal run is synthetic: unpacked
+  assert c.data.packing == (preset == "finetune")
+  assert not finetune.get_config(f"{preset},runlocal").data.packing
   # runlocal: the stages shrink to config.tiny (the released image geometry); the demo keeps its own model
   assert finetune.get_config(f"{preset},runlocal").model.preset == ("small" if preset == "demo" else "tiny")
 
@@ -59,6 +62,12 @@ def test_eval_image_path():
   c = finetune.get_config("stage2_si,runlocal")
   c.image.eval_multi_image = "flat"
   assert "image.eval_multi_image='flat' must be one of" in _problems(c)
+
+
+def test_packing_is_validated_by_name():
+  c = finetune.get_config("finetune,runlocal")
+  c.data.packing = True  # synthetic data
+  assert "data.packing needs data.kind" in _problems(c)
 
 
 def test_pad_group_must_divide_the_process_batch():

@@ -25,7 +25,7 @@ def numpy_loss(logits, tokens, labels, valid, t, u, eps=1e-3):
   b = tokens.shape[0]
   total = 0.0
   for i in range(b):
-    p = (1 - eps) * t[i] + eps
+    p = (1 - eps) * t[i, 0] + eps  # one t a sequence
     ans = [j for j in range(tokens.shape[1]) if labels[i, j] != IGNORE_INDEX and valid[i, j]]
     s = 0.0
     for j in ans:
@@ -39,8 +39,8 @@ def numpy_loss(logits, tokens, labels, valid, t, u, eps=1e-3):
 
 def test_corrupt_masks_only_labelled_text():
   bt = flat(_batch())
-  t, u = L.draw_noise(jax.random.key(0), 4, 48)
-  noisy, masked, p, w = jax.jit(L.corrupt, static_argnums=(5, 6))(jnp.asarray(bt["tokens"]), jnp.asarray(bt["labels"]), jnp.asarray(bt["segments"] > 0),
+  t, u = L.draw_noise(jax.random.key(0), jnp.asarray(bt["segments"]), jnp.asarray(bt["positions"]))
+  noisy, masked, p, w = jax.jit(L.corrupt, static_argnums=(5, 6))(jnp.asarray(bt["tokens"]), jnp.asarray(bt["labels"]), jnp.asarray(bt["segments"]),
                                   t, u, 500, 1e-3)
   masked = np.asarray(masked)
   assert masked.any()
@@ -55,8 +55,11 @@ def test_corrupt_masks_only_labelled_text():
 
 
 def test_antithetic_times_cover_unit_interval():
-  t, _ = L.draw_noise(jax.random.key(3), 8, 4, antithetic=True)
-  t = np.sort(np.asarray(t))
+  seg = jnp.ones((8, 4), jnp.int32)
+  t, _ = L.draw_noise(jax.random.key(3), seg, jnp.broadcast_to(jnp.arange(4), (8, 4)), antithetic=True)
+  t = np.asarray(t)
+  assert (t == t[:, :1]).all()  # one t a conversation
+  t = np.sort(t[:, 0])
   np.testing.assert_allclose(np.diff(t), 1 / 8, atol=1e-6)
 
 
@@ -67,15 +70,15 @@ def test_loss_matches_numpy_formula():
   batch = _batch()
   bt = flat(batch)
   jb = {k: jnp.asarray(v) for k, v in bt.items()}
-  t, u = L.draw_noise(jax.random.key(7), 4, 48)
+  t, u = L.draw_noise(jax.random.key(7), jb["segments"], jb["positions"])
 
   @jax.jit
   def both(params, batch, jb, t, u):
     model = nnx.merge(graphdef, params)
     loss, aux = L.diffusion_loss(model, batch, t, u, mask_token_id=cfg.mask_token_id, cfg=L.LossConfig(logits_chunk=16),
-                                 global_batch=4)
+                                 conversations=4)
     # the reference: replace masked embeddings *after* splicing the images, full float32 logits
-    _, masked, _, _ = L.corrupt(jb["tokens"], jb["labels"], jb["segments"] > 0, t, u, cfg.mask_token_id, 1e-3)
+    _, masked, _, _ = L.corrupt(jb["tokens"], jb["labels"], jb["segments"], t, u, cfg.mask_token_id, 1e-3)
     x = model.embed(jb["tokens"], jb["pixels"], jb["merge_idx"], jb["merge_w"])
     mask_emb = model.llm.embed_tokens(jnp.full((1, 1), cfg.mask_token_id))[0, 0]
     x = jnp.where(masked[..., None], mask_emb, x)

@@ -21,7 +21,7 @@ def _global(batch, mesh):
 
 
 def _loss_and_grad(setup, state, batch, accum):
-  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=8), global_batch=batch.inputs.rows, accum=accum)
+  fn = stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=8), accum=accum)
   bs = stp.batch_shardings(setup.mesh, batch)
   rep = sharding.replicated(setup.mesh)
   f = jax.jit(fn, in_shardings=(setup.shardings, bs),
@@ -65,7 +65,7 @@ def test_stage1_freezes_everything_but_the_projector():
   state = st.init_state(setup, seed=0, params=host_params(setup))
   before = jax.device_get(state)
   batch = synthetic.make_batch(np.random.default_rng(1), batch=8, seq_len=32, vocab_size=512, mask_token_id=500)
-  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), global_batch=8, accum=1,
+  compiled, _ = stp.compile_train_step(setup, L.LossConfig(logits_chunk=0), accum=1,
                                        batch_shapes=jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch))
   for _ in range(3):
     state, m = compiled(state, _global(batch, mesh))

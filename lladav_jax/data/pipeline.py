@@ -9,7 +9,8 @@ The trainer calls `build_train_iterator(...)` and passes each batch to
 layout, see lladav_jax/batch.py), B = per-process batch, L = bucket length, T = tile budget. Each
 row is first padded with EOS up to the original's padded length (labels = EOS: the original pads
 input_ids *and* labels with EOS before image expansion; those positions are valid), then with the
-pad id (segment 0: padding).
+pad id (segment 0: padding). With `packing` (training only) a row holds several conversations (greedy
+first-fit, `BatchIterator._next_packed`), one segment each, and no EOS padding.
 
 Skipped samples (bad files, too long, ...) travel as small sentinel records through the workers
 and are dropped and counted by reason in the main process (`iterator_stats(it)`); the counters
@@ -59,6 +60,10 @@ class DataConfig:
   # stages 2-3, so no padding there); the stage presets set it so. 0 = the whole process batch.
   pad_group_size: int = 0
   truncate: bool = True  # the original truncates over-long text; False skips every over-long sample
+  # Sequence packing (training batches only): greedy first-fit of conversations into the batch's rows of
+  # seq_len tokens and tile_budget tiles (the budget is then per row), one segment each; no EOS padding
+  # (docs/FIDELITY.md). train.global_batch_size counts rows. Off = the original: one conversation a row.
+  packing: bool = False
   max_skip_fraction: float = 0.01
   skip_check_min_samples: int = 200
   num_workers: int = 0  # grain mp_prefetch worker processes; 0 = in-process
@@ -110,6 +115,8 @@ def config_problems(cfg: DataConfig) -> list[str]:
     errs.append("data.pad_group_size must be >= 0")
   if not 0 <= cfg.max_skip_fraction <= 1:
     errs.append("data.max_skip_fraction must be in [0, 1]")
+  if not isinstance(cfg.packing, bool):
+    errs.append(f"data.packing={cfg.packing!r} must be true or false")
   if not isinstance(cfg.allow_absolute_paths, bool):
     errs.append(f"data.allow_absolute_paths={cfg.allow_absolute_paths!r} must be true or false")
   for check in (_buckets, tile_buckets):
@@ -273,10 +280,19 @@ class BatchSpec:
   label_eos_padding: bool
   pad_group_size: int = 0
   tile_buckets: tuple = ()  # the batch tile counts (tile_buckets(cfg)); the last is tile_budget
+  packing: bool = False
 
 
-def collate(rows: list[dict], spec: BatchSpec) -> batch_lib.TrainBatch:
-  """Samples -> one static-shape batch (missing rows: all padding, no labels, segment 0 throughout)."""
+def collate(rows: list, spec: BatchSpec) -> batch_lib.TrainBatch:
+  """Samples -> one static-shape batch (missing rows: all padding, no labels, segment 0 throughout).
+  Packing: `rows` holds a list of samples a row, laid out as they are (no EOS padding)."""
+  if spec.packing:
+    packs = [[r["sample"] for r in row] for row in rows]
+    need = max([sum(len(e.tokens) for e in p) for p in packs], default=1)
+    length = next(x for x in spec.buckets if x >= need)
+    tiles = _tile_bucket(spec, [sum(e.pixels.shape[0] for e in p) for p in packs])
+    return batch_lib.collate_train(packs, spec.image_cfg, rows=spec.batch_size, length=length, tiles=tiles,
+                                   pad_id=spec.pad_id)
   pre = [int(r["pre_len"]) for r in rows]
   # The original pads input_ids and labels with EOS to the longest *pre-expansion* sample of its
   # (per-device) batch, then expands images and truncates to model_max_length.
@@ -290,11 +306,16 @@ def collate(rows: list[dict], spec: BatchSpec) -> batch_lib.TrainBatch:
     samples.append(batch_lib.extend(e, n, spec.eos_id, label, spec.image_cfg.tokens_per_tile))
   need = max([len(e.tokens) for e in samples], default=1)
   length = next(x for x in spec.buckets if x >= need)
-  # a text-only batch takes the smallest bucket too: one compiled shape fewer than a tile-less batch
-  tiles_need = max([e.pixels.shape[0] for e in samples] + [1])
-  tiles = next(t for t in spec.tile_buckets or (spec.tile_budget,) if t >= tiles_need) if spec.tile_budget else 0
+  tiles = _tile_bucket(spec, [e.pixels.shape[0] for e in samples])
   return batch_lib.collate_train(samples, spec.image_cfg, rows=spec.batch_size, length=length, tiles=tiles,
                                  pad_id=spec.pad_id)
+
+
+def _tile_bucket(spec: BatchSpec, row_tiles: list) -> int:
+  """The smallest tile bucket holding the batch's fullest row; a text-only batch takes the smallest too
+  (one compiled shape fewer than a tile-less batch)."""
+  need = max(row_tiles + [1])
+  return next(t for t in spec.tile_buckets or (spec.tile_budget,) if t >= need) if spec.tile_budget else 0
 
 
 class _BatchDataset(grain.IterDataset):
@@ -334,6 +355,10 @@ class BatchIterator(grain.DatasetIterator):
     self._skipped: dict[str, int] = collections.Counter()
     self._ids: dict[str, list] = collections.defaultdict(list)
     self._exhausted = False
+    # packing: the sample that fitted no row of the last batch opens the next one; the state is taken from
+    # before it was read, so a restore reads it again
+    self._pending: dict | None = None
+    self._pending_state: dict | None = None
     self.last_ids: list[str] = []  # record ids of the rows of the last batch (debugging, tests)
 
   def _count_skip(self, el):
@@ -351,10 +376,49 @@ class BatchIterator(grain.DatasetIterator):
           f"Sample ids (the first {self.MAX_IDS} of each reason): {dict(self._ids)}. Fix or remove these records, "
           f"or raise data.max_skip_fraction if losing them is acceptable")
 
+  def _next_packed(self):
+    """Greedy first-fit: each sample goes into the first row with room for its tokens and tiles; the first
+    sample that fits no row closes the batch (and opens the next)."""
+    spec = self.spec
+    rows = [[] for _ in range(spec.batch_size)]
+    free = np.full((spec.batch_size, 2), (spec.seq_len, spec.tile_budget))
+    el, self._pending = self._pending, None
+    while True:
+      if el is None:
+        if self._exhausted:
+          break
+        before = self._parent.get_state()
+        try:
+          el = next(self._parent)
+        except StopIteration:
+          self._exhausted = True
+          break
+        self._seen += 1
+        if "skip" in el:
+          self._count_skip(el)
+          el = None
+          continue
+      need = (len(el["sample"].tokens), el["sample"].pixels.shape[0])
+      fits = np.nonzero((free >= need).all(axis=1))[0]
+      if not fits.size:
+        self._pending, self._pending_state = el, before
+        break
+      rows[fits[0]].append(el)
+      free[fits[0]] -= need
+      el = None
+    used = [r for r in rows if r]
+    if not used or (len(used) < spec.batch_size and self.drop_remainder and self._pending is None):
+      raise StopIteration  # the tail of a finite source, as unpacked
+    self._batches += 1
+    self.last_ids = [r["id"] for row in rows for r in row]
+    return collate(rows, spec)
+
   def __next__(self):
     self._assert_not_closed()
     if self.num_batches is not None and self._batches >= self.num_batches:
       raise StopIteration
+    if self.spec.packing:
+      return self._next_packed()
     rows = []
     while len(rows) < self.spec.batch_size and not self._exhausted:
       try:
@@ -375,6 +439,9 @@ class BatchIterator(grain.DatasetIterator):
     return collate(rows, self.spec)
 
   def get_state(self) -> dict[str, Any]:
+    if self._pending is not None:  # read again after a restore: counted once (a pending sample is no skip)
+      return {"parent": self._pending_state, "seen": self._seen - 1, "batches": self._batches, "exhausted": False,
+              "skipped": dict(self._skipped), "skipped_ids": {k: list(v) for k, v in self._ids.items()}}
     return {"parent": self._parent.get_state(), "seen": self._seen, "batches": self._batches,
             "exhausted": self._exhausted, "skipped": dict(self._skipped),
             "skipped_ids": {k: list(v) for k, v in self._ids.items()}}
@@ -384,6 +451,7 @@ class BatchIterator(grain.DatasetIterator):
     self._seen = int(state["seen"])
     self._batches = int(state["batches"])
     self._exhausted = bool(state.get("exhausted", False))
+    self._pending = self._pending_state = None
     self._skipped = collections.Counter({k: int(v) for k, v in state["skipped"].items()})
     self._ids = collections.defaultdict(list, {k: list(v) for k, v in state["skipped_ids"].items()})
 
@@ -439,7 +507,8 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
                    image_cfg=image_cfg,
                    pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, pad_with_eos=settings.labels.pad_with_eos,
                    label_eos_padding=settings.labels.label_eos_padding,
-                   pad_group_size=data_cfg.pad_group_size, tile_buckets=tuple(tile_buckets(data_cfg)))
+                   pad_group_size=data_cfg.pad_group_size, tile_buckets=tuple(tile_buckets(data_cfg)),
+                   packing=bool(data_cfg.packing) and train)
   return iter(_BatchDataset(it, spec, max_skip_fraction=float(data_cfg.max_skip_fraction),
                             min_samples=int(data_cfg.skip_check_min_samples),
                             drop_remainder=bool(data_cfg.drop_remainder), num_batches=num_batches))
@@ -447,14 +516,15 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
 
 def build_train_iterator(data_cfg: DataConfig, tokenizer, image_cfg: multimodal.ImageConfig, *,
                          batch_size_per_process: int, process_index: int, process_count: int, seed: int):
-  """Infinite, checkpointable (get_state/set_state) iterator of static-shape host batches."""
+  """Infinite, checkpointable (get_state/set_state) iterator of static-shape host batches (packed with
+  `data_cfg.packing`)."""
   return _build(data_cfg, tokenizer, image_cfg, batch_size_per_process=batch_size_per_process,
                 process_index=process_index, process_count=process_count, seed=seed, train=True)
 
 
 def build_eval_iterator(data_cfg: DataConfig, tokenizer, image_cfg: multimodal.ImageConfig, *,
                         batch_size_per_process: int, process_index: int, process_count: int, seed: int = 0):
-  """One pass, no repeat; every process yields the same number of batches. With
+  """One pass, no repeat, never packed; every process yields the same number of batches. With
   drop_remainder=False the last batches carry padding rows (labels all -100, segments all 0):
   weight rows by whether they have labels."""
   return _build(data_cfg, tokenizer, image_cfg, batch_size_per_process=batch_size_per_process,

@@ -1,12 +1,15 @@
 """The masked-diffusion training objective of LLaDA-V, exactly as the original computes it.
 
-REFERENCE.md section 4 (`modeling_llada.py::LLaDAModelLM.forward`). For sequence b of the global
-batch, with L_ans(b) = #positions whose label is not IGNORE (-100) and eps = 1e-3:
+REFERENCE.md section 4 (`modeling_llada.py::LLaDAModelLM.forward`). For conversation b of the global
+batch, with L_ans(b) = #positions of b whose label is not IGNORE (-100) and eps = 1e-3:
 
-    t_b ~ U(0, 1)                    one time per sequence (or antithetic, `antithetic=True`)
+    t_b ~ U(0, 1)                    one time per conversation (or antithetic, `antithetic=True`)
     p_b = (1 - eps) * t_b + eps
     masked_bi = (u_bi < p_b) & (label_bi != -100) & valid_bi          u_bi ~ U(0, 1)
     loss = (1 / B) * sum_b sum_{i masked} CE(logits_bi, label_bi) / p_b / L_ans(b)
+
+A conversation is a segment (`ModelInputs.segments`): one a row unpacked, several a row packed
+(`data.packing`); B counts conversations, not rows, so a packed batch gives the unpacked loss.
 
 with float32 logits. The original replaces the *input embedding* of masked positions by the
 embedding of the mask token after the image features are spliced in. Only positions with a label
@@ -15,9 +18,13 @@ here), so replacing the token id by `mask_token_id` before `model.embed` gives b
 the spliced image features are untouched and a masked text position gets exactly
 `embed_tokens(mask_token_id)`.
 
-The noise (t, u) is drawn on device for the whole *global* batch from
-`fold_in(key, step)`; gradient accumulation slices the same draws, so a step's loss does not depend
-on the number of micro-batches, the mesh, or an interruption (a resumed run redraws the same noise).
+The noise (t, u) is drawn on device for the whole *global* batch from `fold_in(key, step)`; gradient
+accumulation slices the same draws, so a step's loss does not depend on the number of micro-batches,
+the mesh, or an interruption (a resumed run redraws the same noise). t is a function of the
+conversation's number in the global batch (row-major, segment order) and u of (that number, the
+token's position in its conversation), never of the row or column: the same conversations in the same
+order draw the same noise packed or unpacked (packing reorders conversations, so a packed run and an
+unpacked run see the same noise per conversation *number*, not per record).
 
 The LM head + cross-entropy runs in chunks of positions under `jax.checkpoint`, so the float32
 [tokens, vocab] logits are never materialised at once (126k vocab x 8k positions would be 4 GB per
@@ -42,27 +49,57 @@ class LossConfig:
   logits_chunk: int = 1024  # positions per LM-head chunk; <= 0 = one chunk (unchunked)
 
 
-def draw_noise(key, batch: int, length: int, antithetic: bool = False):
-  """(t [B], u [B, L]) float32 for a global batch: t per sequence, u per position."""
+def conversations(segments_BL):
+  """(conversation number [B, L] int32: row-major, segment order, -1 at padding; the count).
+  Segment ids run 1..k within a row (`batch.collate`), so a row holds max(segments) conversations."""
+  per_row = segments_BL.max(axis=1)
+  start = jnp.cumsum(per_row) - per_row
+  return jnp.where(segments_BL > 0, start[:, None] + segments_BL - 1, -1), per_row.sum()
+
+
+def _uniform_at(key, *indices):
+  """float32 U(0, 1) per element, a function of (key, the elements' indices) only: counter-based, so it depends
+  neither on the array's shape nor on where the element sits (vmapped per axis: the batch keeps its sharding)."""
+  def one(*ix):
+    k = key
+    for i in ix:
+      k = jax.random.fold_in(k, i)
+    return jax.random.uniform(k, (), jnp.float32)
+  f = one
+  for _ in range(indices[0].ndim):
+    f = jax.vmap(f)
+  return f(*indices)
+
+
+def draw_noise(key, segments_BL, positions_BL, antithetic: bool = False):
+  """(t [B, L], u [B, L]) float32 for a global batch: t per conversation (each position holds its
+  conversation's), u per (conversation, position in it)."""
+  conv, count = conversations(segments_BL)
+  conv = jnp.maximum(conv, 0)  # padding: any value, never masked
   k_t, k_u = jax.random.split(key)
   if antithetic:
     t0 = jax.random.uniform(k_t, (), jnp.float32)
-    t = jnp.mod(t0 + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+    t = jnp.mod(t0 + conv.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32), 1.0)
   else:
-    t = jax.random.uniform(k_t, (batch,), jnp.float32)
-  u = jax.random.uniform(k_u, (batch, length), jnp.float32)
-  return t, u
+    t = _uniform_at(k_t, conv)
+  return t, _uniform_at(k_u, conv, positions_BL)
 
 
-def corrupt(tokens_BL, labels_BL, valid_BL, t_B, u_BL, mask_token_id: int, eps: float):
-  """-> (noisy tokens, masked [B, L] bool, p [B], weights [B, L] = masked / p / L_ans)."""
-  answer = (labels_BL != IGNORE_INDEX) & valid_BL & (tokens_BL != IMAGE_TOKEN_INDEX)
-  p_B = (1.0 - eps) * t_B + eps
-  masked = (u_BL < p_B[:, None]) & answer
+def _segment_total(x_BL, segments_BL):
+  """[B, L]: at each position, the sum of x over its (row, segment); row by row (the rows keep their sharding)."""
+  l = x_BL.shape[1]
+  return jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=l + 1)[s])(x_BL, segments_BL)
+
+
+def corrupt(tokens_BL, labels_BL, segments_BL, t_BL, u_BL, mask_token_id: int, eps: float):
+  """-> (noisy tokens, masked [B, L] bool, p [B, L], weights [B, L] = masked / p / L_ans of the conversation)."""
+  answer = (labels_BL != IGNORE_INDEX) & (segments_BL > 0) & (tokens_BL != IMAGE_TOKEN_INDEX)
+  p_BL = (1.0 - eps) * t_BL + eps
+  masked = (u_BL < p_BL) & answer
   noisy = jnp.where(masked, jnp.asarray(mask_token_id, tokens_BL.dtype), tokens_BL)
-  l_ans = jnp.maximum(answer.sum(axis=1), 1).astype(jnp.float32)
-  weights = masked.astype(jnp.float32) / (p_B * l_ans)[:, None]
-  return noisy, masked, p_B, weights
+  l_ans = jnp.maximum(_segment_total(answer.astype(jnp.float32), segments_BL), 1.0)
+  weights = masked.astype(jnp.float32) / (p_BL * l_ans)
+  return noisy, masked, p_BL, weights
 
 
 def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None):
@@ -105,18 +142,20 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
   return acc
 
 
-def diffusion_loss(model, batch, t_B, u_BL, *, mask_token_id: int, cfg: LossConfig, global_batch: int,
+def diffusion_loss(model, batch, t_BL, u_BL, *, mask_token_id: int, cfg: LossConfig, conversations,
                    dropout_key=None):
-  """Sum over this (micro-)batch's sequences of the per-sequence term, divided by the *global*
-  batch size, so micro-batch losses (and their gradients) add up to the formula on the global batch.
-  `dropout_key`: the LoRA dropout's (None: none). Returns (loss, aux dict of sums for logging)."""
+  """Sum over this (micro-)batch's conversations of the per-conversation term, divided by the number of
+  `conversations` in the *global* batch (`conversations(segments)[1]`), so micro-batch losses (and their
+  gradients) add up to the formula on the global batch. `dropout_key`: the LoRA dropout's (None: none).
+  Returns (loss, aux dict of sums for logging)."""
   x, labels = batch.inputs, batch.labels
-  noisy, masked, p_B, w_BL = corrupt(x.tokens, labels, x.valid, t_B, u_BL, mask_token_id, cfg.eps)
+  noisy, masked, _, w_BL = corrupt(x.tokens, labels, x.segments, t_BL, u_BL, mask_token_id, cfg.eps)
   emb = model.embed(noisy, x.pixels, x.merge_idx, x.merge_w)
   h = model.llm(emb, x.positions, x.segments, dropout_key=dropout_key)
   wsum, ce_sum, correct = weighted_ce(h, model.llm.lm_head[...], labels, w_BL,
                                       chunk=cfg.logits_chunk, dtype=model.llm.dtype)
   answer = ((labels != IGNORE_INDEX) & x.valid).sum()
   aux = {"masked_tokens": masked.sum().astype(jnp.float32), "answer_tokens": answer.astype(jnp.float32),
-         "ce_sum": ce_sum, "correct": correct, "valid_tokens": x.valid.sum().astype(jnp.float32)}
-  return wsum / global_batch, aux
+         "ce_sum": ce_sum, "correct": correct, "valid_tokens": x.valid.sum().astype(jnp.float32),
+         "conversations": x.segments.max(axis=1).sum().astype(jnp.float32)}
+  return wsum / jnp.maximum(conversations, 1).astype(jnp.float32), aux

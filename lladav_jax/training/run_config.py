@@ -184,6 +184,8 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
   # ---- data and images
   if kind != "synthetic":
     problems += pipeline.config_problems(data)
+  elif data.packing:
+    problems.append("data.packing needs data.kind 'llava' or 'demo': synthetic batches are made whole")
   if kind == "demo":
     icfg = demo_data.demo_image_config(mc.vision.patch_size)
   else:

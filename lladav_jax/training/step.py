@@ -1,6 +1,6 @@
 """The jitted train step: noise from fold_in(key, step), gradient accumulation, AdamW update.
 
-    compiled = compile_train_step(setup, loss_cfg, global_batch, accum, abstract_batch)
+    compiled = compile_train_step(setup, loss_cfg, accum=accum, batch_shapes=abstract_batch)
     state, metrics = compiled(state, batch)       # state donated
 
 One `jax.jit(train_step, donate_argnums=0, in_shardings, out_shardings)` over the
@@ -44,10 +44,10 @@ def _to_micro(x, accum: int):
 
 
 DROPOUT_STREAM = 0x4C6F5241  # fold_in constant of the LoRA dropout key ("LoRA")
-AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens")
+AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens", "conversations")
 
 
-def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch: int, accum: int):
+def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
   """`fn(state, batch) -> (loss, aux sums, grads wrt state["params"])` for one global batch:
   noise from fold_in(key, step) over the whole batch, micro-batches of B / accum rows."""
   graphdef, mesh = setup.graphdef, setup.mesh
@@ -59,28 +59,30 @@ def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_ba
   lora = setup.model_cfg.lora
   dropout = lora.enabled and lora.dropout > 0
 
-  def loss_fn(params, frozen, mb, t, u, drop_key):
+  def loss_fn(params, frozen, mb, t, u, count, drop_key):
     model = nnx.merge(graphdef, nnx.State(opt.merge_params(params, frozen)))
-    return loss_lib.diffusion_loss(model, mb, t, u, mask_token_id=mask_id, cfg=loss_cfg, global_batch=global_batch,
+    return loss_lib.diffusion_loss(model, mb, t, u, mask_token_id=mask_id, cfg=loss_cfg, conversations=count,
                                    dropout_key=drop_key)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def fn(state, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    b, l = batch.inputs.tokens.shape
-    t, u = loss_lib.draw_noise(key, b, l, loss_cfg.antithetic)
+    x = batch.inputs
+    t, u = loss_lib.draw_noise(key, x.segments, x.positions, loss_cfg.antithetic)
+    count = loss_lib.conversations(x.segments)[1]  # over the global batch: the mean's denominator
     # LoRA dropout: its own stream of the step's key (the noise draws stay those of a run without it)
     drop = jax.random.fold_in(key, DROPOUT_STREAM) if dropout else None
     params, frozen = state["params"], state["frozen"]
     if accum == 1:
-      (loss, aux), grads = grad_fn(params, frozen, batch, t, u, drop)
+      (loss, aux), grads = grad_fn(params, frozen, batch, t, u, count, drop)
       return loss, aux, grads
     micro = jax.tree.map(lambda x: _to_micro(x, accum), (batch, t, u))
 
     def body(carry, xs):
       (mb, tt, uu), i = constrain(xs[0]), xs[1]
-      (l_, a_), g_ = grad_fn(params, frozen, mb, tt, uu, None if drop is None else jax.random.fold_in(drop, i))
+      (l_, a_), g_ = grad_fn(params, frozen, mb, tt, uu, count,
+                             None if drop is None else jax.random.fold_in(drop, i))
       return jax.tree.map(jnp.add, carry, (l_, a_, g_)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -92,10 +94,10 @@ def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_ba
   return fn
 
 
-def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch: int, accum: int):
+def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
   tx = setup.tx
   lr_group = next(iter(setup.schedules))
-  loss_and_grad = make_loss_and_grad(setup, loss_cfg, global_batch=global_batch, accum=accum)
+  loss_and_grad = make_loss_and_grad(setup, loss_cfg, accum=accum)
 
   def train_step(state, batch):
     with jax.named_scope("train_step"):
@@ -113,7 +115,7 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch
                  "lr": setup.schedules[lr_group](state["step"]),
                  "masked_ce": aux["ce_sum"] / masked, "masked_acc": aux["correct"] / masked,
                  "masked_tokens": aux["masked_tokens"], "answer_tokens": aux["answer_tokens"],
-                 "valid_tokens": aux["valid_tokens"], "param_norm": optax.tree.norm(new_state["params"])}
+                 "valid_tokens": aux["valid_tokens"], "conversations": aux["conversations"], "param_norm": optax.tree.norm(new_state["params"])}
       for g, s in setup.schedules.items():
         if g != lr_group:
           metrics[f"lr_{g}"] = s(state["step"])
@@ -122,18 +124,18 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, global_batch
   return train_step
 
 
-def jit_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_example):
-  fn = make_train_step(setup, loss_cfg, global_batch=global_batch, accum=accum)
+def jit_train_step(setup: Setup, loss_cfg, *, accum: int, batch_example):
+  fn = make_train_step(setup, loss_cfg, accum=accum)
   rep = shd.replicated(setup.mesh)
   return jax.jit(fn, donate_argnums=0, in_shardings=(setup.shardings, batch_shardings(setup.mesh, batch_example)),
                  out_shardings=(setup.shardings, rep))
 
 
-def compile_train_step(setup: Setup, loss_cfg, *, global_batch: int, accum: int, batch_shapes):
+def compile_train_step(setup: Setup, loss_cfg, *, accum: int, batch_shapes):
   """Ahead-of-time compile for one batch shape (`batch.shapes(...)`, global sizes); returns
   (compiled, memory stats dict or None)."""
   abs_batch = abstract_batch(setup.mesh, batch_shapes)
-  jitted = jit_train_step(setup, loss_cfg, global_batch=global_batch, accum=accum, batch_example=abs_batch)
+  jitted = jit_train_step(setup, loss_cfg, accum=accum, batch_example=abs_batch)
   with jax.set_mesh(setup.mesh):
     compiled = jitted.lower(setup.abstract, abs_batch).compile()
   return compiled, memory_stats(compiled)

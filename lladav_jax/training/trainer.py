@@ -240,7 +240,7 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
     key = tuple((v.shape, v.dtype) for v in jax.tree.leaves(shp))
     if key not in compiled:
       tc = time.perf_counter()
-      compiled[key], mem = step_lib.compile_train_step(setup, r.loss, global_batch=gb, accum=accum, batch_shapes=shp)
+      compiled[key], mem = step_lib.compile_train_step(setup, r.loss, accum=accum, batch_shapes=shp)
       log.info("compiled the train step for tokens %s in %.1fs", shp.inputs.tokens.shape, time.perf_counter() - tc)
       if mem:
         log.info("per-device memory (compiled.memory_analysis): arguments %.1f MiB, outputs %.1f MiB, aliased %.1f MiB, "
