@@ -182,4 +182,4 @@ def test_a_grain_training_batch_with_a_video_record(tok, tmp_path):
   n_img = sorted(int(x) for x in (b.inputs.tokens == IMG).sum(1))
   red = multimodal.process_image(Image.open(tmp_path / "red.png"), multimodal.ImageConfig()).num_tokens
   assert n_img == sorted([2 * 14 * 15, red])  # the video row: 2 frames of 14 x 15 tokens
-  assert b.inputs.pixels.shape == (2, 8, 384, 384, 3)
+  assert b.inputs.pixels.shape == (2, 2, 384, 384, 3)  # the smallest tile bucket holding 2 frames / 2 tiles
