@@ -122,6 +122,7 @@ def _saved_keys(path):
   return {jax.tree_util.keystr(p) for p, _ in leaves}
 
 
+@pytest.mark.slow  # ~90 s on 2 cores; the CI budget (the default run keeps init, sharding and merge)
 def test_checkpoint_leaves_out_the_base_and_resumes_exactly(tmp_path):
   """The train checkpoint holds step, rng, adapters + projector, their optimizer state and the base's digest;
   a restore reloads the base from the seeded init, and the next step equals the uninterrupted run's. Another
@@ -188,6 +189,7 @@ def test_merged_export_has_the_adapted_logits(tmp_path):
                              atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; the CI budget
 def test_dropout_acts_in_training_only():
   """With B != 0, a dropout key changes the hidden states (each layer and projection its own mask); without
   one (inference) the output is deterministic."""

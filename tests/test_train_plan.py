@@ -2,6 +2,8 @@
 import json
 import subprocess
 
+import pytest
+
 from configs import finetune
 from lladav_jax import config
 from lladav_jax.training import plan
@@ -32,6 +34,7 @@ def test_plan_one_mesh_per_device_bytes():
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 | 1536, 1 |" in text and "failed: x" in text
 
 
+@pytest.mark.slow  # a second compile in a subprocess; the in-process plan test covers the plan in the default run
 def test_dry_run_cli_names_the_largest_buffers(tmp_path):
   """`train --dry_run` runs each mesh in a subprocess with its own device count and reads XLA's buffer assignment:
   the largest temporaries with the op that makes them (the dense attention scores of the tiny model: [.., L, L])."""
