@@ -9,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
 from PIL import Image, ImageDraw
 
 from lladav_jax.eval import lmms_plugin as P
@@ -69,6 +70,7 @@ def peak_growth_mib(tsv: str) -> tuple[float, int]:
   return float(mib), int(n)
 
 
+@pytest.mark.slow  # ~35 s on 2 cores (a subprocess eval per row count); the CI budget
 def test_memory_is_flat_in_the_number_of_rows(tmp_path):
   image = page_png()
   few = peak_growth_mib(write_docvqa_tsv(tmp_path / "few.tsv", 20, image))

@@ -115,6 +115,7 @@ def test_config_from_hf_json():
     weights.model_config_from_hf(dict(llada_v, mm_hidden_size=768))
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; the CI budget
 def test_initializer_range_sets_the_weight_std():
   """LLMConfig.initializer_range (HF initializer_range / LLaDA init_std) is the std of every LLM weight."""
   for std in (0.02, 0.06):
