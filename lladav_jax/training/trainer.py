@@ -200,6 +200,44 @@ def train(r: RunConfig, workdir: str) -> dict:
     raise stopped(e, at.step, last, workdir) from e
 
 
+class _DataFailed:
+  """What `next_batch` hands on in place of a batch when this process's data iterator raised (several
+  processes): the others learn of it in `host_shapes_agreed` and all stop at the same step."""
+
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+def next_batch(data_iter, process_count: int):
+  if process_count == 1:
+    return next(data_iter)
+  try:
+    return next(data_iter)
+  except Exception as e:  # raised alone, it would leave the other processes waiting in the next collective
+    return _DataFailed(e)
+
+
+def host_shapes_agreed(host, process_count: int) -> tuple[int, int]:
+  """The length and tile bucket every process pads its rows to (the largest), exchanged with one flag a
+  process: where one process's data failed, every process raises (a DataError where it was one: the same
+  exit status everywhere)."""
+  from jax.experimental import multihost_utils
+  failed = isinstance(host, _DataFailed)
+  kind = 0 if not failed else 1 if isinstance(host.error, DataError) else 2
+  mine = [0, 0] if failed else [host.inputs.length, host.inputs.tiles]
+  got = np.asarray(multihost_utils.process_allgather(np.array(mine + [kind], np.int32))).reshape(process_count, 3)
+  if failed:
+    raise host.error
+  bad = np.nonzero(got[:, 2])[0]
+  if bad.size:
+    k = int(bad[0])
+    if got[k, 2] == 1:
+      raise DataError(f"process {k} stopped on too many bad samples (its log names them); every process stops")
+    raise RuntimeError(f"the data iterator of process {k} failed (its log has the error); every process stops")
+  l_need, t_need = np.max(got[:, :2], axis=0)
+  return int(l_need), int(t_need)
+
+
 def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
   pi, pc = jax.process_index(), jax.process_count()
   is_main = pi == 0
@@ -298,11 +336,9 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
       if lg.profile_start_step == step + 1 and is_main:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
-      host = next(data_iter)
+      host = next_batch(data_iter, pc)
       if pc > 1:  # every process's rows go into one global array: the largest length and tile bucket
-        from jax.experimental import multihost_utils
-        need = multihost_utils.process_allgather(np.array([host.inputs.length, host.inputs.tiles], np.int32))
-        l_need, t_need = (int(v) for v in np.max(np.asarray(need).reshape(-1, 2), axis=0))
+        l_need, t_need = host_shapes_agreed(host, pc)
         host = batch_lib.pad_length(host, l_need, r.image.tokens_per_tile)
         host = batch_lib.pad_tiles(host, t_need, r.image.tokens_per_tile)
       batch = to_global(host, mesh, pc)
