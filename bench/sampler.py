@@ -101,8 +101,19 @@ class TorchLLaDA:
     return self._norm(x, self.p["final_norm"])[0] @ self.p["lm_head"]
 
 
-def original_generate(tmodel, prompt_emb, st: SamplerSettings):
-  """generate_with_embeds for one prompt (temperature 0, low_confidence, uniform counts, eot stop)."""
+def forward_flops(cfg, positions: int, head_positions: int) -> float:
+  """Matmul FLOPs of one LLM forward over `positions` (bidirectional attention: full L^2) with the LM head
+  on `head_positions` of them (the embedding lookup and norms not counted)."""
+  c = cfg.llm
+  per_layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * \
+      c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+  attn = 2 * 2 * positions ** 2 * c.num_heads * c.head_dim
+  return c.num_layers * (2 * per_layer * positions + attn) + 2 * c.hidden_size * c.vocab_size * head_positions
+
+
+def original_generate(tmodel, prompt_emb, st: SamplerSettings, forwards=None):
+  """generate_with_embeds for one prompt (temperature 0, low_confidence, uniform counts, eot stop);
+  `forwards` (a list) gets the number of forwards run."""
   g, bl = st.gen_length, st.block_length
   x = torch.full((g,), st.mask_id, dtype=torch.long)
   p = prompt_emb.shape[1]
@@ -117,6 +128,8 @@ def original_generate(tmodel, prompt_emb, st: SamplerSettings):
       if (stop is not None and not masked[:stop].any()) or not masked[s:e].any():
         break
       logits = tmodel(torch.cat([prompt_emb, tmodel.p["embed"][x][None]], 1))[p:].double()
+      if forwards is not None:
+        forwards.append(p + g)
       logits[:, list(st.banned_ids)] = torch.where(masked[:, None], -torch.inf, logits[:, list(st.banned_ids)])
       x0 = logits.argmax(-1)
       conf = torch.gather(torch.softmax(logits, -1), -1, x0[:, None])[:, 0]
@@ -137,15 +150,18 @@ def bench_vs_original(args):
                        block_length=args.block, steps=args.steps)
   ps = prompts(cfg, args.prompts)
   tmodel = TorchLLaDA(model)
-  embs = []
+  embs, embs_len = [], []
   for ids, imgs in ps:
     e = multimodal.expand(ids, multimodal.process_sample_images(imgs, model.image_cfg), model.image_cfg)
     emb = model.module.embed(e.tokens[None], e.pixels[None], e.merge_idx[None], e.merge_w[None])
-    embs.append(torch.from_numpy(np.asarray(emb, np.float32)))
+    embs.append(torch.from_numpy(np.array(emb, np.float32)))
+    embs_len.append(e.tokens)
   torch.set_num_threads(args.torch_threads)  # on this shared 2-core machine 2 threads ran 40x slower than 1
   t = time.perf_counter()
-  ref = [original_generate(tmodel, emb, st) for emb in embs]
+  forwards = []
+  ref = [original_generate(tmodel, emb, st, forwards) for emb in embs]
   t_orig = time.perf_counter() - t
+  flops_orig = sum(forward_flops(cfg, n, n) for n in forwards)  # its head runs over every position
   run = lambda **kw: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=st,  # noqa: E731
                                              batch_size=args.rows, **kw)
   run()  # compile
@@ -154,10 +170,16 @@ def bench_vs_original(args):
   t_eng = time.perf_counter() - t
   same = sum(o.token_ids == r for o, r in zip(outs, ref))
   n = len(ps)
-  print(f"{args.config}: {n} prompts, gen {args.gen}, block {args.block}, steps {args.steps}")
-  print(f"  (a) original loop, torch eager, batch 1: {n / t_orig:7.2f} answers/s")
-  print(f"  (b) engine, {args.rows} rows:               {n / t_eng:7.2f} answers/s   ratio {t_orig / t_eng:.2f}x, "
-        f"identical answers {same}/{n}")
+  prompt_bucket = generation.bucket_length(max(len(e) for e in embs_len))
+  steps_run = max(o.nfe for o in outs)  # every row of a batch runs until the batch's last one finishes
+  flops_eng = steps_run * -(-n // args.rows) * args.rows * forward_flops(cfg, prompt_bucket + args.gen, args.block)
+  print(f"{args.config}: {n} prompts, gen {args.gen}, block {args.block}, steps {args.steps}, "
+        f"torch threads {args.torch_threads}, JAX devices {jax.device_count()} on {os.cpu_count()} cores")
+  print(f"  (a) original loop, torch eager, batch 1: {n / t_orig:7.2f} answers/s, "
+        f"{flops_orig / n / 1e9:7.1f} GFLOP an answer, {flops_orig / t_orig / 1e9:6.1f} GFLOP/s")
+  print(f"  (b) engine, {args.rows} rows:               {n / t_eng:7.2f} answers/s, "
+        f"{flops_eng / n / 1e9:7.1f} GFLOP an answer, {flops_eng / t_eng / 1e9:6.1f} GFLOP/s   "
+        f"ratio {t_orig / t_eng:.2f}x, identical answers {same}/{n}")
   if args.accel:
     for label, kw in (("threshold 0.9", dict(threshold=0.9)), ("factor 1.0", dict(factor=1.0)),
                       ("prefix cache", dict(cache="prefix")), ("dual cache", dict(cache="dual")),
