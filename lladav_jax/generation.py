@@ -187,11 +187,14 @@ def run_engine(model, reqs: Sequence[Request], cfg: EngineConfig, shapes: Engine
 
 
 def stop_list(settings: SamplerSettings, stop_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-  """The stops of a request: `stop_ids` in order (empty ones dropped), then `settings.eot_id` unless it
-  is one of them."""
-  out = [list(s) for s in stop_ids if len(s)]
-  if settings.eot_id is not None and [settings.eot_id] not in out:
-    out.append([settings.eot_id])
+  """The stops of a request, the one place they are built (generate, generate_ids, the eval CLI and
+  plugin, the server): `stop_ids` in order, empty ones and repeats dropped, then `settings.eot_id`
+  unless it is one of them (the original always adds "<|eot_id|>" after its stopping_criteria, once;
+  callers pass only their own stops)."""
+  out = []
+  for s in [list(s) for s in stop_ids] + ([[settings.eot_id]] if settings.eot_id is not None else []):
+    if s and s not in out:  # a repeat finds nothing new; it would only take a stop slot
+      out.append(s)
   return out
 
 
@@ -214,8 +217,7 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Se
   `length_multiple` and `tiles` set the prompt buckets (see prepare_inputs), `answer_bucket` the
   answer positions compiled for (default gen_length; any gen_length up to it runs without a new
   compile), `batch_size` the engine's rows (default: the next power of two of the prompt count).
-  Prompt i gets the seed `seed + i`, whatever the batching. The stops are `stop_ids` in order, then
-  `settings.eot_id` unless it is one of them."""
+  Prompt i gets the seed `seed + i`, whatever the batching. The stops: `stop_list(settings, stop_ids)`."""
   prompt_ids = [list(p) for p in prompt_ids]
   images = [list(i) for i in images] if images is not None else [[] for _ in prompt_ids]
   if len(images) != len(prompt_ids):
@@ -255,7 +257,7 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
   """Answers to user questions about images (one list of PIL images per prompt).
 
   The chat template (system prompt, `<image>` tags, assistant header) is applied as the
-  original's demo/eval do; `<|eot_id|>` always stops, `stop_strings` are tokenised and added;
+  original's demo/eval do; `stop_strings` are tokenised and stop, then `<|eot_id|>` (always; see stop_list);
   `suffix` is a fixed text after the answer positions (never overwritten, appended to the
   output). Settings are those of SamplerSettings; see lladav_jax.sampling for their meaning.
   """
