@@ -21,7 +21,7 @@ class FakeModel:
     self.gen_calls.append({"prompts": list(prompts), "images": images, "kw": kw})
     return [SimpleNamespace(text=self.replies.get(p, "B."), nfe=1, token_ids=[]) for p in prompts]
 
-  def elbo(self, prompts, images, answers, num_samples):
+  def elbo(self, prompts, images, answers, num_samples, seed=0):
     self.elbo_calls.append({"prompts": prompts, "answers": answers, "num_samples": num_samples, "images": images})
     return [-float(len(a)) for a in answers]
 

@@ -273,7 +273,7 @@ class LLaDAVJax(_Base):
     for s in range(0, len(items), self.batch_size):
       chunk = [(c, _built(v), t) for c, v, t in items[s:s + self.batch_size]]
       elbos = self.model.elbo([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk],
-                              num_samples=self.mc_num)
+                              num_samples=self.mc_num, seed=self.seed)  # noise per request: batching changes no score
       out += [(-float(e), self._is_greedy(c) if self.check_greedy else False) for e, c in zip(elbos, chunk)]
       del chunk  # its visuals are freed before the next batch is built, not after
     return out
