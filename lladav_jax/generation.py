@@ -11,6 +11,7 @@ of a call gets the seed `seed + i`, so its answer does not depend on how the pro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import warnings
 from typing import Optional, Sequence
 
@@ -187,11 +188,14 @@ def run_engine(model, reqs: Sequence[Request], cfg: EngineConfig, shapes: Engine
 
 
 def stop_list(settings: SamplerSettings, stop_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-  """The stops of a request: `stop_ids` in order (empty ones dropped), then `settings.eot_id` unless it
-  is one of them."""
-  out = [list(s) for s in stop_ids if len(s)]
-  if settings.eot_id is not None and [settings.eot_id] not in out:
-    out.append([settings.eot_id])
+  """The stops of a request, the one place they are built (generate, generate_ids, the eval CLI and
+  plugin, the server): `stop_ids` in order, empty ones and repeats dropped, then `settings.eot_id`
+  unless it is one of them (the original always adds "<|eot_id|>" after its stopping_criteria, once;
+  callers pass only their own stops)."""
+  out = []
+  for s in [list(s) for s in stop_ids] + ([[settings.eot_id]] if settings.eot_id is not None else []):
+    if s and s not in out:  # a repeat finds nothing new; it would only take a stop slot
+      out.append(s)
   return out
 
 
@@ -214,8 +218,7 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], images: Optional[Se
   `length_multiple` and `tiles` set the prompt buckets (see prepare_inputs), `answer_bucket` the
   answer positions compiled for (default gen_length; any gen_length up to it runs without a new
   compile), `batch_size` the engine's rows (default: the next power of two of the prompt count).
-  Prompt i gets the seed `seed + i`, whatever the batching. The stops are `stop_ids` in order, then
-  `settings.eot_id` unless it is one of them."""
+  Prompt i gets the seed `seed + i`, whatever the batching. The stops: `stop_list(settings, stop_ids)`."""
   prompt_ids = [list(p) for p in prompt_ids]
   images = [list(i) for i in images] if images is not None else [[] for _ in prompt_ids]
   if len(images) != len(prompt_ids):
@@ -255,7 +258,7 @@ def generate(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]]
   """Answers to user questions about images (one list of PIL images per prompt).
 
   The chat template (system prompt, `<image>` tags, assistant header) is applied as the
-  original's demo/eval do; `<|eot_id|>` always stops, `stop_strings` are tokenised and added;
+  original's demo/eval do; `stop_strings` are tokenised and stop, then `<|eot_id|>` (always; see stop_list);
   `suffix` is a fixed text after the answer positions (never overwritten, appended to the
   output). Settings are those of SamplerSettings; see lladav_jax.sampling for their meaning.
   """
@@ -330,7 +333,8 @@ _elbo_jit = jax.jit(_elbo_terms, static_argnums=(0, 7))
 def elbo_ids(model, prompt_ids: Sequence[int], images: Sequence, answer_ids: Sequence[int], *, num_samples: int = 128,
              seed: int = 0, group: int = 16, length_multiple: int = 64) -> float:
   """Monte-Carlo ELBO of log p(answer | prompt) for one prompt (ids with image placeholders):
-  -(1/N) sum_rows sum_{masked} CE / p, as LLaDA's get_log_likelihood (rows in groups of `group`)."""
+  -(1/N) sum_rows sum_{masked} CE / p, as LLaDA's get_log_likelihood (rows in groups of `group`). `seed`
+  draws the masks as given (`elbo` passes each request its own `request_seed`)."""
   t = len(answer_ids)
   if not t:
     return 0.0
@@ -366,17 +370,26 @@ def elbo_ids(model, prompt_ids: Sequence[int], images: Sequence, answer_ids: Seq
   return -total / num_samples
 
 
+def request_seed(seed: int, prompt_ids: Sequence[int], answer_ids: Sequence[int]) -> int:
+  """The ELBO noise seed of one request: a stable hash (sha256, not Python's salted hash) of `seed` and its
+  own token ids, never its place in a batch, so its score is the same alone or batched in any order. The
+  masks cover answer positions only; the images do not enter."""
+  ids = np.asarray([seed, len(prompt_ids), *prompt_ids, *answer_ids], np.int64)  # the length: no ambiguous split
+  return int.from_bytes(hashlib.sha256(ids.tobytes()).digest()[:16], "little")
+
+
 def elbo(model, prompts: Sequence[str], images: Optional[Sequence[Sequence]], answers: Sequence[str], *,
          num_samples: int = 128, seed: int = 0, group: int = 16, system: Optional[str] = "default") -> list[float]:
   """LLaDA's `get_log_likelihood` for each (prompt, answer): the Monte-Carlo masked-diffusion lower
-  bound -E[sum_{masked} CE / p] with LLaDA's stratified mask counts, `num_samples` rows each."""
+  bound -E[sum_{masked} CE / p] with LLaDA's stratified mask counts, `num_samples` rows each. Each
+  request's masks come from `request_seed(seed, its ids)`: its value does not depend on the batch."""
   tok = model.tokenizer
   if tok is None:
     raise ValueError("the model has no tokenizer; use elbo_ids")
   images = [list(i) for i in images] if images is not None else [[] for _ in prompts]
   sys_msg = template.DEFAULT_SYSTEM if system == "default" else system
   out = []
-  for k, (q, ims, a) in enumerate(zip(prompts, images, answers)):
-    ids = template.inference_prompt_ids(tok, q, len(ims), system=sys_msg)
-    out.append(elbo_ids(model, ids, ims, tok.encode(a), num_samples=num_samples, seed=seed + k, group=group))
+  for q, ims, a in zip(prompts, images, answers):
+    ids, ans = template.inference_prompt_ids(tok, q, len(ims), system=sys_msg), tok.encode(a)
+    out.append(elbo_ids(model, ids, ims, ans, num_samples=num_samples, seed=request_seed(seed, ids, ans), group=group))
   return out

@@ -129,7 +129,7 @@ def test_plugin_builds_visuals_one_batch_at_a_time():
       assert all(v == [img] for v in images)
       return ["a"] * len(prompts)
 
-    def elbo(self, prompts, images, answers, num_samples):
+    def elbo(self, prompts, images, answers, num_samples, seed=0):
       self.built_at_call.append(len(built))
       return [0.0] * len(prompts)
 

@@ -21,7 +21,7 @@ class FakeModel:
     self.gen_calls.append({"prompts": list(prompts), "images": images, "kw": kw})
     return [SimpleNamespace(text=self.replies.get(p, "B."), nfe=1, token_ids=[]) for p in prompts]
 
-  def elbo(self, prompts, images, answers, num_samples):
+  def elbo(self, prompts, images, answers, num_samples, seed=0):
     self.elbo_calls.append({"prompts": prompts, "answers": answers, "num_samples": num_samples, "images": images})
     return [-float(len(a)) for a in answers]
 
@@ -62,20 +62,20 @@ def test_generate_until_settings_stops_think_and_order():
   assert first["images"] == [[IMG], []]
   kw = first["kw"]
   assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (12, 4, 12)  # 10 rounded up to the block
-  assert kw["stop_strings"] == [EOT] and kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"
+  assert kw["stop_strings"] == [] and kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"  # eot: stop_list
   kw2 = second["kw"]
   assert (kw2["gen_length"], kw2["block_length"], kw2["steps"]) == (16, 16, 8)  # original's gen_steps alias
-  assert kw2["stop_strings"] == [EOT]  # `until` ignored by default, as the original
+  assert kw2["stop_strings"] == []  # `until` ignored by default, as the original
 
 
 def test_until_honoured_only_when_asked():
   gk = {"until": ["\n\n"], "stopping_criteria": ["\n"]}
   kw = make().generation_settings(gk)[0]
-  # the original's order (its stopping_criteria, then eot) and its stop search (token ids, no text cut)
-  assert kw["stop_strings"] == ["\n", EOT] and kw["stop_rule"] == "original"
+  # its stopping_criteria (generation.stop_list adds eot after them) and its stop search (token ids, no text cut)
+  assert kw["stop_strings"] == ["\n"] and kw["stop_rule"] == "original"
   for flag in (True, "true"):
-    assert make(honor_until=flag).generation_settings(gk)[0]["stop_strings"] == ["\n\n", "\n", EOT]
-  assert make(honor_until=True).generation_settings({"until": "ASSISTANT:"})[0]["stop_strings"] == ["ASSISTANT:", EOT]
+    assert make(honor_until=flag).generation_settings(gk)[0]["stop_strings"] == ["\n\n", "\n"]
+  assert make(honor_until=True).generation_settings({"until": "ASSISTANT:"})[0]["stop_strings"] == ["ASSISTANT:"]
   with pytest.raises(ValueError, match="honor_until"):
     make(honor_until="yes")
 
@@ -87,7 +87,7 @@ def test_generation_defaults_and_model_args_defaults():
   lm = make(gen_length=32, block_length=8, steps=16, threshold=0.9)
   kw, _ = lm.generation_settings({"max_new_tokens": 1024, "stopping_criteria": ["\n"], "think_mode": "think"})
   assert (kw["gen_length"], kw["block_length"], kw["steps"], kw["threshold"]) == (32, 8, 16, 0.9)
-  assert kw["stop_strings"] == ["\n", EOT]
+  assert kw["stop_strings"] == ["\n"]
   with pytest.raises(ValueError, match="number of blocks"):
     lm.generation_settings({"gen_length": 32, "block_length": 8, "steps": 6})
 
@@ -230,7 +230,7 @@ def test_generate_until_multi_round_rounds_context_and_order():
   assert [c["prompts"] for c in model.gen_calls] == [["A", "B", "C"], [a1], [a2]]  # 3 rounds; live ones batched
   assert model.gen_calls[0]["images"] == [[], [], []] and model.gen_calls[1]["images"] == [[IMG]]
   kw = model.gen_calls[1]["kw"]  # generate_until's settings path every round
-  assert kw["gen_length"] == 8 and kw["stop_strings"] == [EOT]
+  assert kw["gen_length"] == 8 and kw["stop_strings"] == []
   assert ("A", 2, ["ans(A)", f"ans({a1})"], {"round": 1}) in calls  # previous answers and round info
   assert [c[:2] for c in calls if c[0] == "A"] == [("A", 1), ("A", 2), ("A", 3)]
 
@@ -290,3 +290,42 @@ def test_registers_with_lmms_eval_when_importable(monkeypatch):
   lm = mod.LLaDAVJax(model=FakeModel())
   lm.task_dict = DOCS
   assert lm.generate_until([req("Q", {}, 0)]) == ["B"]
+
+
+def test_engine_gets_the_task_stops_then_eot_once(tmp_path, monkeypatch):
+  """chartqa's stop through the plugin and the eval CLI reaches the engine as exactly ["\\n", eot] tokenised (the
+  original's order: its stopping_criteria, then eot once); repeated stops are dropped (generation.stop_list)."""
+  from lladav_jax import config, generation
+  from lladav_jax.data.demo_data import ensure_demo_data
+  from lladav_jax.data.tokenizer import Tokenizer
+  from lladav_jax.eval import run as R
+  from lladav_jax.eval.sample import EvalSample
+  from tests.models import random_model
+
+  tok = Tokenizer.from_dir(ensure_demo_data(str(tmp_path), num_train=1, num_val=1, num_test=1)["tokenizer_dir"])
+  model = random_model(config.tiny(vocab_size=tok.vocab_size, mask_token_id=tok.mask_id), tokenizer=tok)
+  handed, real = [], generation.prepare_inputs
+
+  class Captured(Exception):
+    pass
+
+  def capture(*a, **kw):  # the engine's stop arrays of row 0, then no engine run (nothing to compile)
+    inputs = real(*a, **kw)
+    handed.append([inputs.stop_ids[0, k, :n].tolist() for k, n in enumerate(inputs.stop_lens[0]) if n])
+    raise Captured
+
+  monkeypatch.setattr(generation, "prepare_inputs", capture)
+  want = [tok.encode("\n"), [tok.eot_id]]
+  gk = {"until": ["\n"], "stopping_criteria": ["\n"], "gen_length": 16, "steps": 16}
+  for honor_until in (False, True):  # with until, "\n" comes twice: once to the engine
+    lm = make(model=model, honor_until=honor_until)
+    with pytest.raises(Captured):
+      lm.generate_until([req("Q", gk, 1)])
+  with pytest.raises(Captured):
+    R.evaluate("chartqa", [EvalSample(id="a", prompt_text="Q", images=[], answers=["1"])], model.generate)
+  with pytest.raises(Captured):  # a caller's eot and repeats: kept once, in their first place
+    model.generate(["Q"], stop_strings=["\n", EOT, "\n"], gen_length=16, block_length=16, steps=16)
+  assert handed == [want] * 4
+  with pytest.raises(Captured):
+    model.generate(["Q"], stop_strings=[EOT, "\n"], gen_length=16, block_length=16, steps=16)
+  assert handed[-1] == want[::-1]

@@ -11,7 +11,7 @@ from lladav_jax.eval import run as R
 from lladav_jax.eval.__main__ import main
 from lladav_jax.data.demo_data import ensure_demo_data, qa_items
 from lladav_jax.eval.sample import EvalSample
-from lladav_jax.eval.tasks import EOT, get_task
+from lladav_jax.eval.tasks import get_task
 
 IMG = Image.new("RGB", (4, 4), (255, 0, 0))
 
@@ -58,7 +58,8 @@ def test_evaluate_mcq_known_accuracy_and_settings():
   assert [len(c["prompts"]) for c in gen.calls] == [3, 1]
   kw = gen.calls[0]["kw"]
   assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (2, 2, 2)
-  assert kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence" and EOT in kw["stop_strings"]
+  assert kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"
+  assert kw["stop_strings"] == []  # the task's own stops: none; eot is added once by generation.stop_list
   assert gen.calls[0]["prompts"][0].endswith(" /no_think")
   assert gen.calls[0]["images"][0] == [IMG]
 

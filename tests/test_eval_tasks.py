@@ -2,17 +2,18 @@
 import pytest
 
 from lladav_jax.eval.sample import EvalSample
-from lladav_jax.eval.tasks import EOT, TASKS, get_task, with_think
+from lladav_jax.eval.tasks import TASKS, get_task, with_think
 
 MCQ = ["mmmu_val", "mmmu_pro_standard", "mmstar", "ai2d", "seedbench", "mmbench_en_dev", "muirbench", "mme",
        "realworldqa"]
-EXPECTED = {**{t: (2, 2, 2, "no_think", (EOT,)) for t in MCQ},
-            "chartqa": (16, 16, 16, "no_think", ("\n", EOT)),  # order matters under stop_rule="original"
-            "docvqa_val": (32, 32, 16, "no_think", (EOT,)),
-            "infovqa_val": (32, 32, 16, "no_think", (EOT,)),
-            "mathvista_testmini": (96, 96, 48, "think", (EOT,)),
-            "mathverse_testmini_vision": (64, 64, 32, "think", (EOT,)),
-            "demo": (8, 8, 8, None, (EOT,))}
+# the tasks' own stops; "<|eot_id|>" follows them in every task (generation.stop_list: the original's order)
+EXPECTED = {**{t: (2, 2, 2, "no_think", ()) for t in MCQ},
+            "chartqa": (16, 16, 16, "no_think", ("\n",)),
+            "docvqa_val": (32, 32, 16, "no_think", ()),
+            "infovqa_val": (32, 32, 16, "no_think", ()),
+            "mathvista_testmini": (96, 96, 48, "think", ()),
+            "mathverse_testmini_vision": (64, 64, 32, "think", ()),
+            "demo": (8, 8, 8, None, ())}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -97,3 +97,22 @@ def test_elbo(tmodel, image):
         logits.max(-1, keepdims=True)
     total += -logp[np.arange(len(ans)), ans][m].sum() / p
   np.testing.assert_allclose(est, -total / 4, rtol=1e-4)
+
+
+def test_elbo_of_a_request_is_the_same_alone_or_batched(tmodel):
+  """A request's Monte-Carlo noise depends on its own ids and the seed, never on its batch or place in it:
+  through LLaDAV.elbo and the lmms-eval plugin's loglikelihood (float32 tiny model: exactly equal)."""
+  from types import SimpleNamespace
+  from lladav_jax.eval import lmms_plugin
+  qs, ans = ["What color is the circle?", "How many shapes are there?", "Name it."], ["red", "two red shapes and a blue circle", " a"]
+  kw = dict(num_samples=8, seed=5, group=4)
+  alone = [tmodel.elbo([q], None, [a], **kw)[0] for q, a in zip(qs, ans)]
+  order = [2, 0, 1]
+  batched = tmodel.elbo([qs[i] for i in order], None, [ans[i] for i in order], **kw)
+  assert [batched[order.index(k)] for k in range(3)] == alone
+  assert tmodel.elbo(qs[1:2], None, ans[1:2], **{**kw, "seed": 6})[0] != alone[1]  # the seed still draws the noise
+  lm = lmms_plugin.LLaDAVJax(model=tmodel, mc_num=8, batch_size=2, seed=5)
+  lm.task_dict = {"t": {"test": {0: {}}}}
+  reqs = [SimpleNamespace(args=(q, a, lambda d: [], 0, "t", "test")) for q, a in zip(qs, ans)]
+  one = lm.loglikelihood(reqs[:1])
+  assert lm.loglikelihood([reqs[i] for i in order])[order.index(0)] == one[0]

@@ -376,28 +376,37 @@ class BatchIterator(grain.DatasetIterator):
           f"Sample ids (the first {self.MAX_IDS} of each reason): {dict(self._ids)}. Fix or remove these records, "
           f"or raise data.max_skip_fraction if losing them is acceptable")
 
+  def _next_good(self):
+    """(the next sample that is no skip, the parent's state from before it was read), skips counted and
+    checked against the limit on the way; (None, None) once the source is exhausted. The state is taken
+    only when packing (a held sample must be read again after a restore); unpacked batches need none."""
+    while not self._exhausted:
+      before = self._parent.get_state() if self.spec.packing else None
+      try:
+        el = next(self._parent)
+      except StopIteration:
+        self._exhausted = True
+        break
+      self._seen += 1
+      if "skip" in el:
+        self._count_skip(el)
+        continue
+      return el, before
+    return None, None
+
   def _next_packed(self):
     """Greedy first-fit: each sample goes into the first row with room for its tokens and tiles; the first
     sample that fits no row closes the batch (and opens the next)."""
     spec = self.spec
     rows = [[] for _ in range(spec.batch_size)]
     free = np.full((spec.batch_size, 2), (spec.seq_len, spec.tile_budget))
-    el, self._pending = self._pending, None
+    el, before = self._pending, self._pending_state
+    self._pending = None
     while True:
       if el is None:
-        if self._exhausted:
+        el, before = self._next_good()
+        if el is None:
           break
-        before = self._parent.get_state()
-        try:
-          el = next(self._parent)
-        except StopIteration:
-          self._exhausted = True
-          break
-        self._seen += 1
-        if "skip" in el:
-          self._count_skip(el)
-          el = None
-          continue
       need = (len(el["sample"].tokens), el["sample"].pixels.shape[0])
       fits = np.nonzero((free >= need).all(axis=1))[0]
       if not fits.size:
@@ -420,16 +429,10 @@ class BatchIterator(grain.DatasetIterator):
     if self.spec.packing:
       return self._next_packed()
     rows = []
-    while len(rows) < self.spec.batch_size and not self._exhausted:
-      try:
-        el = next(self._parent)
-      except StopIteration:
-        self._exhausted = True
+    while len(rows) < self.spec.batch_size:
+      el, _ = self._next_good()
+      if el is None:
         break
-      self._seen += 1
-      if "skip" in el:
-        self._count_skip(el)
-        continue
       rows.append(el)
     if len(rows) < self.spec.batch_size and self.num_batches is None:
       if not rows or self.drop_remainder:

@@ -11,7 +11,8 @@ with request-like objects (`.args` tuples).
 Request handling follows the original (`llava_onevision_llada.py`): `loglikelihood` returns the loss
 (the negative ELBO: lmms-eval's multiple choice picks the argmin; `LLaDAV.elbo` gives the ELBO itself),
 and gen_kwargs `until` is ignored (only "stopping_criteria" and "<|eot_id|>" stop, which keeps
-MathVista's multi-paragraph answers; model_arg honor_until=true adds `until` to the stops).
+MathVista's multi-paragraph answers; model_arg honor_until=true adds `until` to the stops). The plugin
+passes the task's own stops; "<|eot_id|>" is added once after them by generation.stop_list.
 Video tasks (doc_to_visual gives a path) get `max_frames_num` uniformly sampled frames, passed to
 the model as one video: a per-prompt visual that is a list of frames (one placeholder, the frames
 pooled by `multimodal.process_video`, as the original). Multi-round tasks follow lmms-eval's
@@ -35,7 +36,6 @@ from lladav_jax.multimodal import to_rgb
 from lladav_jax.eval import answers as ans
 from lladav_jax.eval.run import validate_schedule
 from lladav_jax.eval import tasks
-from lladav_jax.eval.tasks import EOT
 
 
 def _convert(v: str) -> Any:
@@ -178,8 +178,9 @@ class LLaDAVJax(_Base):
     gen_length: "gen_length", else the model_args default, else max_new_tokens, else 2 (the
     original's default); rounded up to a multiple of block_length. block_length defaults to
     gen_length (one block, as every original setting). steps ("steps" or the original's
-    "gen_steps") defaults to gen_length. Stops: "stopping_criteria" + "<|eot_id|>", and `until` only
-    with honor_until (lmms-eval fills it with "\n\n" when a task names none; the original ignores it).
+    "gen_steps") defaults to gen_length. Stops: "stopping_criteria", and `until` before it only with
+    honor_until (lmms-eval fills it with "\n\n" when a task names none; the original ignores it);
+    "<|eot_id|>" follows them and repeats are dropped, both in generation.stop_list.
     """
     gk = dict(gen_kwargs or {})
     d = self.defaults
@@ -194,7 +195,7 @@ class LLaDAVJax(_Base):
     for key in ("until", "stopping_criteria")[0 if self.honor_until else 1:]:
       v = gk.get(key)
       stops += [v] if isinstance(v, str) else list(v or [])
-    stops = list(dict.fromkeys([s for s in stops if s] + [EOT]))
+    stops = [s for s in stops if s]
     temperature = float(gk.get("temperature") or 0.0)  # lmms-eval tasks use 0 / do_sample False
     kw = dict(gen_length=gen, block_length=block, steps=steps, temperature=temperature,
               remasking=gk.get("remasking", "low_confidence"),
@@ -272,7 +273,7 @@ class LLaDAVJax(_Base):
     for s in range(0, len(items), self.batch_size):
       chunk = [(c, _built(v), t) for c, v, t in items[s:s + self.batch_size]]
       elbos = self.model.elbo([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk],
-                              num_samples=self.mc_num)
+                              num_samples=self.mc_num, seed=self.seed)  # noise per request: batching changes no score
       out += [(-float(e), self._is_greedy(c) if self.check_greedy else False) for e, c in zip(elbos, chunk)]
       del chunk  # its visuals are freed before the next batch is built, not after
     return out
@@ -292,7 +293,7 @@ class LLaDAVJax(_Base):
     if n == 0:
       return False
     out = self.model.generate([context], [images], gen_length=n, block_length=n, steps=n, temperature=0.0,
-                              remasking="low_confidence", stop_strings=[EOT], seed=self.seed)[0]
+                              remasking="low_confidence", seed=self.seed)[0]  # eot stops (stop_list)
     text = out if isinstance(out, str) else out.text
     return text.strip() == cont.strip()
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from lladav_jax.eval import answers as ans
 from lladav_jax.eval.readers import ImageDecodeError, load_images, read_samples
 from lladav_jax.eval.sample import EvalSample
-from lladav_jax.eval.tasks import EOT, Task, get_task
+from lladav_jax.eval.tasks import Task, get_task
 
 GenerateFn = Callable[..., Sequence[Any]]
 # Meta fields copied into each prediction record (aggregation reads them: MME pairs, MMBench rotations).
@@ -45,7 +45,8 @@ def validate_schedule(gen_length: int, block_length: int, steps: int) -> None:
 
 
 def resolve_gen_kwargs(task: Task, overrides: dict | None = None) -> dict:
-  """Task defaults, then every non-None override; "<|eot_id|>" is always a stop string."""
+  """Task defaults, then every non-None override. "<|eot_id|>" is not added here: it always stops, added
+  once by generation.stop_list after the task's stop strings."""
   kw = task.gen_kwargs()
   kw.update(threshold=None, cache=None, seed=0)
   for k, v in (overrides or {}).items():
@@ -53,10 +54,6 @@ def resolve_gen_kwargs(task: Task, overrides: dict | None = None) -> dict:
       kw[k] = v
   if isinstance(kw.get("cache"), str) and kw["cache"].lower() in ("", "none", "off"):
     kw["cache"] = None
-  stops = list(kw.get("stop_strings") or [])
-  if EOT not in stops:
-    stops.append(EOT)
-  kw["stop_strings"] = stops
   validate_schedule(kw["gen_length"], kw["block_length"], kw["steps"])
   return kw
 

@@ -1,7 +1,8 @@
 """Benchmark task definitions: the original's generation settings, lmms-eval's prompts, scoring.
 
 Generation settings are LLaDA-V's `eval/scripts/evaluate.sh` (REFERENCE.md section 7): always
-temperature 0 and low_confidence remasking; "<|eot_id|>" is always a stop string. Prompts follow
+temperature 0 and low_confidence remasking; "<|eot_id|>" always stops (added once, after a task's own
+stop strings, by generation.stop_list). Prompts follow
 lmms-eval's `doc_to_text` for each task with its default `lmms_eval_specific_kwargs`.
 
 Scores are in percent (as the published table), except MME (its own 0-2000 / 0-800 scale).
@@ -43,7 +44,7 @@ class Task:
   think: str | None       # "think" | "no_think" | None (no suffix)
   prompt_style: str       # see build_prompt
   post_prompt: str = ""
-  stop_strings: tuple[str, ...] = (EOT,)
+  stop_strings: tuple[str, ...] = ()  # the task's own stops; generation.stop_list adds "<|eot_id|>" after them
   mcq_parser: str = "generic"      # generic | mmmu
   answer_is_index: bool = False    # AI2D (HF) stores the answer as an option index
   needs_choices: bool = False      # a row without options is a data error
@@ -276,7 +277,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
        prompt_style="mme", post_prompt="\n" + SINGLE_WORD_OR_PHRASE),
   Task("chartqa", kind="open", metric="relaxed_accuracy", gen_length=16, block_length=16, steps=16,
        think="no_think", prompt_style="plain", post_prompt="\nAnswer the question with a single word.",
-       stop_strings=("\n", EOT), open_metric="relaxed_accuracy"),  # the original's order: its stopping_criteria, then eot
+       stop_strings=("\n",), open_metric="relaxed_accuracy"),  # its stopping_criteria; eot follows (stop_list)
   Task("docvqa_val", kind="open", metric="anls", gen_length=32, block_length=32, steps=16, think="no_think",
        prompt_style="plain", post_prompt="\n" + SINGLE_WORD_OR_PHRASE, open_metric="anls"),
   Task("infovqa_val", kind="open", metric="anls", gen_length=32, block_length=32, steps=16, think="no_think",
