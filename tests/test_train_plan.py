@@ -2,10 +2,14 @@
 import json
 import subprocess
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from configs import finetune
 from lladav_jax import config
+from lladav_jax.model import attention as attn, llm as llm_lib, vision as vision_lib
 from lladav_jax.training import plan
 from tests.train_helpers import PYTHON, REPO, subprocess_env
 
@@ -28,7 +32,7 @@ def test_plan_one_mesh_per_device_bytes():
   cfg = config.tiny(remat_policy="full")
   assert plan.saved_activation_bytes(cfg, 1, 1536, 1, 1) == 4 * (2 * 1536 * 64 + 2 * 729 * 32)
   assert plan.saved_activation_bytes(cfg.replace(remat_policy="minimal"), 1, 1536, 1, 2) == \
-      4 * (2 * 1536 * (64 + 8 * 16 / 2 + 64 + 2 * 128 / 2 + 64) + 2 * 729 * (32 + 32))
+      4 * (2 * 1536 * (64 + 8 * 16 / 2 + 64 + 2 * 128 / 2) + 2 * 729 * 32)  # "mlp_out" is never read: not kept
   assert plan.saved_activation_bytes(cfg.replace(remat_policy="none"), 1, 1536, 1, 1) is None
   text = plan.table([full, tp, {"mesh": "fsdp:1,3,1", "error": "x"}])
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 | 1536, 1 |" in text and "failed: x" in text
@@ -48,3 +52,30 @@ def test_dry_run_cli_names_the_largest_buffers(tmp_path):
   assert any("1536,1536]" in shape for _, shape, _ in p["largest"])  # scores [.., 1536 queries, 1536 keys]
   assert p["saved_activations"] is None  # runlocal: remat "none" (XLA keeps what it needs)
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 |" in out.stdout
+
+
+def _kept_by_jax(cfg, length: int) -> int:
+  """Bytes of the per-layer tensors JAX keeps for the backward (the layer scans' stacked residuals in the forward
+  of the gradient wrt weights and inputs): the LLM for one row of `length` tokens + the tower for one tile."""
+  def kept(module, *args):
+    graph, state = nnx.split(module)
+    f = lambda state, x: nnx.merge(graph, state)(x, *args).astype(jnp.float32).sum()  # noqa: E731
+    x = jnp.ones((1, length, cfg.llm.hidden_size) if args else (1, 384, 384, 3), cfg.dtype)
+    scan = next(e for e in jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(state, x).jaxpr.eqns
+                if e.primitive.name == "scan")  # the forward's layer scan
+    n = cfg.llm.num_layers if args else cfg.vision.num_layers
+    return sum(v.aval.size * v.aval.dtype.itemsize for v in scan.outvars if v.aval.shape[:1] == (n,))
+  settings, rngs, dt = attn.Settings.from_config(cfg), nnx.Rngs(0), jnp.dtype(cfg.dtype)
+  lm = llm_lib.LLaDA(cfg.llm, dtype=dt, attention=settings, remat_policy=cfg.remat_policy, rngs=rngs)
+  tower = vision_lib.SigLIPVision(cfg.vision, dtype=dt, attention=settings, remat_policy=cfg.remat_policy, rngs=rngs)
+  return kept(lm, jnp.arange(length)[None]) + kept(tower)
+
+
+def test_saved_activations_are_what_jax_keeps():
+  """The plan's analytic "saved by remat" equals the residuals JAX keeps, for every policy with the blockwise
+  kernel (its custom-VJP residuals are recomputed with the layer) and for dense: the MLP's output is never kept."""
+  for policy, names in config.REMAT_POLICIES.items():
+    impls = ("blockwise", "dense") if policy == "minimal" else ("blockwise",)
+    for impl in impls if names is not None else ():
+      cfg = config.tiny(remat_policy=policy, attention_impl=impl, attention_block_q=32, attention_block_kv=32)
+      assert _kept_by_jax(cfg, 96) == plan.saved_activation_bytes(cfg, 1, 96, 1, 1), (policy, impl)
