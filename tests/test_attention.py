@@ -174,6 +174,23 @@ def test_blockwise_never_makes_a_score_matrix():
   assert blockwise < n * l * l // 16
 
 
+def test_blockwise_mask_is_not_hoisted_out_of_a_layer_scan():
+  """The gradient of a scan over layers (as the model runs them): the segment-id mask is the same in every layer,
+  and JAX's scan partial evaluation hoists loop-invariant work out of the loop; the kernel keeps each block's mask
+  inside its step, so no value is as large as every block's mask together ([L / bq, L / bk, .., bq, bk])."""
+  b, l, n, h, blk = 1, 1024, 4, 8, 64
+  q = jax.ShapeDtypeStruct((b, l, n, h), jnp.float32)
+  seg = jax.ShapeDtypeStruct((b, l), jnp.int32)
+
+  def f(q, s):
+    body = lambda x, _: (x + A.attention(x, x[:, :, :2], x[:, :, :2], s, s, impl="blockwise", block_q=blk,  # noqa: E731
+                                         block_kv=blk), None)
+    return jnp.sum(jax.lax.scan(body, q, None, length=2)[0])
+
+  largest = _largest(jax.make_jaxpr(jax.grad(f))(q, seg).jaxpr)
+  assert largest < n * l * l // 16, largest
+
+
 def test_select():
   kw = dict(batch=2, q_len=1024, kv_len=1024, heads=32, head_dim=128, dtype=jnp.bfloat16, cached=False)
   assert A.select("auto", backend="tpu", **kw) == "splash"

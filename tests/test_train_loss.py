@@ -111,3 +111,30 @@ def test_chunked_ce_equals_unchunked(chunk):
   lab = np.where(np.asarray(labels) < 0, 0, np.asarray(labels))
   ce = lse - np.take_along_axis(logits, lab[..., None], -1)[..., 0]
   np.testing.assert_allclose(float(full), float((ce * np.asarray(w)).sum()), rtol=1e-5)
+
+
+def test_bf16_head_backward_takes_bf16_cotangent():
+  """bfloat16 compute: float32 logits of bf16 operands forward (as before); backward, the logits' cotangent is
+  rounded to bf16 and both matmuls are bf16 x bf16 accumulated in float32 (the head's gradient gathers no f32
+  copy of the head); the head's gradient reaches the float32 master weights in float32."""
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.bfloat16)
+  head = jnp.asarray(rng.standard_normal((16, 40)) * 0.3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 40, (2, 24)), jnp.int32)
+  w = jnp.asarray(rng.random((2, 24)), jnp.float32)
+  f = jax.jit(jax.value_and_grad(lambda h, head: L.weighted_ce(h, head, labels, w, chunk=8, dtype=jnp.bfloat16)[0],
+                                 argnums=(0, 1)))
+  val, (dh, dhead) = f(h, head)
+  dots = [l.rsplit(":", 1)[-1].split("->")[0] for l in f.lower(h, head).as_text().splitlines() if "dot_general" in l]
+  assert len(dots) >= 3 and all("f32" not in d for d in dots), dots  # every matmul takes bf16 operands
+  assert dh.dtype == jnp.bfloat16 and dhead.dtype == jnp.float32
+  hb, wb = h.astype(jnp.float32), head.astype(jnp.bfloat16).astype(jnp.float32)
+  logits = jnp.einsum("BLD,DV->BLV", hb, wb)
+  np.testing.assert_allclose(float(val), float(jnp.sum(w * (jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+      logits, labels[..., None], -1)[..., 0]))), rtol=1e-5)
+  g = (jax.nn.softmax(logits, -1) - jax.nn.one_hot(labels, 40)) * w[..., None]
+  g = g.astype(jnp.bfloat16).astype(jnp.float32)  # the cotangent in bf16
+  np.testing.assert_allclose(np.asarray(dh, np.float32), np.asarray(jnp.einsum("BLV,DV->BLD", g, wb).astype(
+      jnp.bfloat16), np.float32), rtol=1e-2, atol=1e-3)
+  want = jnp.einsum("BLD,BLV->DV", hb, g)
+  np.testing.assert_allclose(np.asarray(dhead), np.asarray(want), rtol=2e-2, atol=2e-3)

@@ -2,10 +2,14 @@
 import json
 import subprocess
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from configs import finetune
 from lladav_jax import config
+from lladav_jax.model import attention as attn, llm as llm_lib, vision as vision_lib
 from lladav_jax.training import plan
 from tests.train_helpers import PYTHON, REPO, subprocess_env
 
@@ -28,7 +32,7 @@ def test_plan_one_mesh_per_device_bytes():
   cfg = config.tiny(remat_policy="full")
   assert plan.saved_activation_bytes(cfg, 1, 1536, 1, 1) == 4 * (2 * 1536 * 64 + 2 * 729 * 32)
   assert plan.saved_activation_bytes(cfg.replace(remat_policy="minimal"), 1, 1536, 1, 2) == \
-      4 * (2 * 1536 * (64 + 8 * 16 / 2 + 64 + 2 * 128 / 2 + 64) + 2 * 729 * (32 + 32))
+      4 * (2 * 1536 * (64 + 8 * 16 / 2 + 64 + 2 * 128 / 2) + 2 * 729 * 32)  # "mlp_out" is never read: not kept
   assert plan.saved_activation_bytes(cfg.replace(remat_policy="none"), 1, 1536, 1, 1) is None
   text = plan.table([full, tp, {"mesh": "fsdp:1,3,1", "error": "x"}])
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 | 1536, 1 |" in text and "failed: x" in text
@@ -48,3 +52,35 @@ def test_dry_run_cli_names_the_largest_buffers(tmp_path):
   assert any("1536,1536]" in shape for _, shape, _ in p["largest"])  # scores [.., 1536 queries, 1536 keys]
   assert p["saved_activations"] is None  # runlocal: remat "none" (XLA keeps what it needs)
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 |" in out.stdout
+
+
+def _kept_by_jax(modules, policy: str, length: int) -> int:
+  """Bytes of the per-layer tensors JAX keeps for the backward under `policy` (the layer scans' stacked residuals
+  in the forward of the gradient wrt weights and inputs): the LLM for one row of `length` tokens + the tower for
+  one tile."""
+  total = 0
+  for module in modules:
+    module.remat_policy = policy
+    args = (jnp.arange(length)[None],) if isinstance(module, llm_lib.LLaDA) else ()
+    graph, state = nnx.split(module)
+    f = lambda state, x: nnx.merge(graph, state)(x, *args).astype(jnp.float32).sum()  # noqa: E731, B023
+    x = jnp.ones((1, length, module.cfg.hidden_size) if args else (1, 384, 384, 3), jnp.float32)
+    scan = next(e for e in jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(state, x).jaxpr.eqns
+                if e.primitive.name == "scan")  # the forward's layer scan
+    n = module.cfg.num_layers
+    total += sum(v.aval.size * v.aval.dtype.itemsize for v in scan.outvars if v.aval.shape[:1] == (n,))
+  return total
+
+
+def test_saved_activations_are_what_jax_keeps():
+  """The plan's analytic "saved by remat" equals the residuals JAX keeps, for every policy with the blockwise
+  kernel (its custom-VJP residuals are recomputed with the layer) and for dense: the MLP's output is never kept."""
+  for impl in ("blockwise", "dense"):
+    cfg = config.tiny(attention_impl=impl, attention_block_q=32, attention_block_kv=32)
+    settings, rngs = attn.Settings.from_config(cfg), nnx.Rngs(0)
+    modules = (llm_lib.LLaDA(cfg.llm, attention=settings, rngs=rngs),
+               vision_lib.SigLIPVision(cfg.vision, attention=settings, rngs=rngs))
+    for policy, names in config.REMAT_POLICIES.items():
+      if names is not None and (impl == "blockwise" or policy == "minimal"):
+        assert _kept_by_jax(modules, policy, 96) == \
+            plan.saved_activation_bytes(cfg.replace(remat_policy=policy), 1, 96, 1, 1), (policy, impl)

@@ -190,6 +190,11 @@ def _unblocks(x, axis=1):
 
 def _scores(q_blk, k_blk, qs_blk, ks_blk, scale):
   """Masked float32 scores [B, K, G, bq, bk] and the mask."""
+  # The mask depends on the segment ids alone, the same in every layer: under the gradient of the layer scan,
+  # JAX's scan partial evaluation hoists such loop-invariant work out of the loop, and would compute every
+  # block's mask up front as one [L / bq, L / bk, B, K, G, bq, bk] array (O(L^2): 2 GiB for 32 heads at 8192
+  # tokens). Tying the ids to this block's queries keeps each mask inside its step.
+  qs_blk, ks_blk, q_blk = jax.lax.optimization_barrier((qs_blk, ks_blk, q_blk))
   s = jnp.einsum("BQKGH,BSKH->BKGQS", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
   mask = (qs_blk[:, :, None] == ks_blk[:, None, :]) & (qs_blk[:, :, None] > 0)  # [B, bq, bk]
   mask = mask[:, None, None]

@@ -33,6 +33,7 @@ sequence); the backward pass recomputes one chunk's logits at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,30 @@ def corrupt(tokens_BL, labels_BL, segments_BL, t_BL, u_BL, mask_token_id: int, e
   return noisy, masked, p_BL, weights
 
 
+@jax.custom_vjp
+def _bf16_logits(h_BCD, head_DV):
+  """float32 logits of bfloat16 operands whose backward takes the logits' cotangent in bfloat16, as a bf16 head's
+  does (the original's): both backward matmuls are bf16 x bf16 with float32 accumulation. JAX's own transpose
+  would promote the bf16 head to float32 to meet the float32 cotangent, and the FSDP all-gather of the head in
+  the backward would then move (and hold) a float32 copy [D, V]: 1.9 GiB for the 8B model instead of 0.95."""
+  return common.einsum_f32("BCD,DV->BCV", h_BCD, head_DV)
+
+
+def _bf16_logits_fwd(h_BCD, head_DV):
+  return _bf16_logits(h_BCD, head_DV), (h_BCD, head_DV)
+
+
+def _bf16_logits_bwd(res, g_BCV):
+  h_BCD, head_DV = res
+  g_BCV = g_BCV.astype(h_BCD.dtype)
+  dh = jnp.einsum("BCV,DV->BCD", g_BCV, head_DV, preferred_element_type=jnp.float32).astype(h_BCD.dtype)
+  dhead = jnp.einsum("BCD,BCV->DV", h_BCD, g_BCV, preferred_element_type=jnp.float32).astype(head_DV.dtype)
+  return dh, dhead
+
+
+_bf16_logits.defvjp(_bf16_logits_fwd, _bf16_logits_bwd)
+
+
 def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None):
   """sum_{b,i} weights_bi * CE(h_bi @ head, label_bi) with float32 logits, in chunks of positions.
 
@@ -118,9 +143,11 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
     labels_BL = jnp.pad(labels_BL, ((0, 0), (0, pad)))
     weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
 
+  matmul = _bf16_logits if jnp.dtype(dtype) == jnp.bfloat16 else functools.partial(common.einsum_f32, "BCD,DV->BCV")
+
   @jax.checkpoint
   def one(head, h_BCD, lab_BC, w_BC):
-    logits = shd.constrain(common.einsum_f32("BCD,DV->BCV", h_BCD.astype(dtype), head.astype(dtype)), shd.BLV)
+    logits = shd.constrain(matmul(h_BCD.astype(dtype), head.astype(dtype)), shd.BLV)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
     ce = lse - tgt

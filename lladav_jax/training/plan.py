@@ -135,16 +135,21 @@ def largest_buffers(dump_dir: str, top: int = 10):
 
 def saved_activation_bytes(cfg, rows: int, length: int, tiles: int, tensor: int) -> int | None:
   """Bytes a device keeps for the backward pass under the remat policy (config.REMAT_POLICIES): each layer's
-  input (the scan carry) plus the tensors the policy names, at the compute dtype, for `rows` rows of `length`
-  tokens and `tiles` tiles each (heads / mlp split over `tensor`). None without remat (XLA keeps what it needs)."""
+  input (the scan carry) plus the tensors the policy names that the backward reads, at the compute dtype, for
+  `rows` rows of `length` tokens and `tiles` tiles each (heads / mlp split over `tensor`). None without remat
+  (XLA keeps what it needs). A named tensor the backward never reads is not kept, whatever the policy says:
+  "mlp_out" (the MLP's output; only its sum with the residual stream is used), in the LLM and the tower alike.
+  The attention implementation does not change the set: blockwise's custom-VJP residuals (output, log-sum-exp)
+  are not named, so under remat they are recomputed with the layer (tests/test_train_plan.py checks this set
+  against the residuals JAX keeps)."""
   names = REMAT_POLICIES[cfg.remat_policy]
   if names is None:
     return None
   itemsize = np.dtype(cfg.dtype).itemsize
   m, v = cfg.llm, cfg.vision
   llm = {"qkv": (m.num_heads + 2 * m.num_kv_heads) * m.head_dim / tensor, "context": m.num_heads * m.head_dim / tensor,
-         "attn_out": m.hidden_size, "mlp_wi": 2 * m.intermediate_size / tensor, "mlp_out": m.hidden_size}
-  vis = {"context": v.hidden_size / tensor, "mlp_out": v.hidden_size}  # the tags the tower has
+         "attn_out": m.hidden_size, "mlp_wi": 2 * m.intermediate_size / tensor}
+  vis = {"context": v.hidden_size / tensor}  # the tags the tower has (its "mlp_out" is never read either)
   per_token = m.hidden_size + sum(llm[n] for n in names if n in llm)
   per_patch = v.hidden_size + sum(vis[n] for n in names if n in vis)
   total = m.num_layers * rows * length * per_token + v.num_layers * rows * tiles * v.tokens_per_tile * per_patch
