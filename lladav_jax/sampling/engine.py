@@ -145,6 +145,7 @@ class EngineState:
   nfe: jax.Array  # int32 [B]
   steps: jax.Array  # int32 [B]
   query_tokens: jax.Array  # int32 [B]
+  head_tokens: jax.Array  # int32 [B]: the decision's length (positions through the LM head) summed over steps
   cache: Optional[KVCache | DllmCache]  # [layers, B (x2 with CFG), P + G + Ls (dllm: P and G + Ls), ...]
 
 
@@ -387,6 +388,7 @@ def _init(graphdef, cfg: EngineConfig, shapes: EngineShapes, params) -> EngineSt
                    seed=jnp.zeros((b,), jnp.uint32), rs=rs, live=jnp.zeros((b,), bool), done=jnp.zeros((b,), bool),
                    block=i32(b), i=i32(b), counts=i32(b, bl), stop=jnp.full((b,), g, jnp.int32),
                    commit_step=jnp.full((b, g), -1, jnp.int32), nfe=i32(b), steps=i32(b), query_tokens=i32(b),
+                   head_tokens=i32(b),
                    cache=None)
   return _by_row(st).replace(cache=cache)
 
@@ -409,7 +411,7 @@ def _insert(graphdef, cfg: EngineConfig, params, st: EngineState, row, req: Requ
       seed=put(st.seed, req.seed), rs=jax.tree.map(put, st.rs, req.settings), live=put(st.live, True),
       done=put(st.done, False), block=put(st.block, -1), i=put(st.i, 0), stop=put(st.stop, g),
       commit_step=put(st.commit_step, -1), nfe=put(st.nfe, 0), steps=put(st.steps, 0),
-      query_tokens=put(st.query_tokens, 0))
+      query_tokens=put(st.query_tokens, 0), head_tokens=put(st.head_tokens, 0))
   return _normalize(st, cfg)
 
 
@@ -452,20 +454,24 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
     h_win = jax.lax.cond(jnp.any(active & ~refresh), lambda: fw.window(cache), lambda: zeros)
     h = jnp.where(pick[:, None, None], h_full, h_win)
     q_len = jnp.where(refresh, full_len, fw.window_len)
-  x0_q, conf_q = decode.decide(h, fw.llm.lm_head[...], keys, st.rs.temperature, st.rs.cfg_scale,
-                               st.rs.random_remask, banned_ids=cfg.banned_ids,
-                               chunk=cfg.vocab_chunk or decode.chunk_size(fw.llm.lm_head.shape[1]),
-                               cfg=cfg.cfg, dtype=fw.llm.dtype)
-  # the block [s, s + bl) of each row -> answer space [B, G]
+  # eligible = masked, before the block end or, once a stop was found, before the stop (inside the block)
   j = jnp.arange(g)[None]
-  q = jnp.clip(j - s[:, None], 0, bl - 1)
   in_blk = (j >= s[:, None]) & (j < s[:, None] + bl)
-  x0 = jnp.take_along_axis(x0_q, q, axis=1)
-  conf = jnp.take_along_axis(conf_q, q, axis=1)
   ans = st.gen[:, :g]
   masked = ans == cfg.mask_id
-  limit = jnp.minimum(st.stop, s + bl)  # before a stop: the block end; after: the stop (inside the block)
+  limit = jnp.minimum(st.stop, s + bl)
   eligible = active[:, None] & masked & in_blk & (j < limit[:, None])
+  blk = s[:, None] + jnp.arange(bl)[None]  # the block's positions, [B, bl]
+  eligible_blk = jnp.take_along_axis(eligible, jnp.minimum(blk, g - 1), axis=1) & (blk < g)
+  # the decision on the eligible positions only, in the smallest static length that holds them
+  x0_q, conf_q, head_q = decode.decide_block(
+      h, eligible_blk, s, fw.llm.lm_head[...], keys, st.rs.temperature, st.rs.cfg_scale, st.rs.random_remask,
+      sizes=decode.ladder(bl, cfg.head_rungs), banned_ids=cfg.banned_ids,
+      chunk=cfg.vocab_chunk or decode.chunk_size(fw.llm.lm_head.shape[1]), cfg=cfg.cfg, dtype=fw.llm.dtype)
+  # the block [s, s + bl) of each row -> answer space [B, G]
+  q = jnp.clip(j - s[:, None], 0, bl - 1)
+  x0 = jnp.take_along_axis(x0_q, q, axis=1)
+  conf = jnp.take_along_axis(conf_q, q, axis=1)
   k = jnp.take_along_axis(st.counts, jnp.minimum(st.i, bl - 1)[:, None], axis=1)[:, 0]
   k = jnp.where(st.i < bl, k, 0)
   chosen = decode.select(conf, eligible, k, st.rs.mode, st.rs.value)
@@ -476,7 +482,8 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
   passes = 1 + (st.rs.cfg_scale > 0).astype(jnp.int32) if cfg.cfg else 1
   st = st.replace(gen=st.gen.at[:, :g].set(ans), commit_step=jnp.where(chosen, st.steps[:, None], st.commit_step),
                   stop=stop, nfe=st.nfe + act * passes, steps=st.steps + act,
-                  query_tokens=st.query_tokens + act * passes * q_len, i=st.i + act, cache=cache)
+                  query_tokens=st.query_tokens + act * passes * q_len, head_tokens=st.head_tokens + act * head_q,
+                  i=st.i + act, cache=cache)
   return _normalize(st, cfg)
 
 
