@@ -122,7 +122,7 @@ class EngineConfig:
   vocab_chunk: Optional[int] = None
   forward_rows: Optional[int] = None
   max_transfer_ratio: float = 0.0
-  head_rungs: int = 4
+  head_rungs: int = 3
 
   def __post_init__(self):
     if self.cache not in CACHES:
