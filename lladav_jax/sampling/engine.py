@@ -20,10 +20,11 @@ Each row follows the original's `generate_with_embeds` (REFERENCE.md sections 6 
     left before it; the row is finished when its blocks are exhausted or a stop lies at or before
     the next block's start;
   * per step: the hidden states of the current block only (every eligible position lies in it:
-    before a stop the block limit holds, and a stop always lies in the current block), the lean
-    decision of `decode.decide` (CFG as un + (scale + 1)(cond - un), the unconditional pass seeing
-    the mask embedding at every prompt position, images included; banned ids at -inf), eligible =
-    masked, before the block end or, once a stop was found, before the stop; commit per
+    before a stop the block limit holds, and a stop always lies in the current block), eligible =
+    masked, before the block end or, once a stop was found, before the stop; the lean decision of
+    `decode.decide_block` on the eligible positions only (CFG as un + (scale + 1)(cond - un), the
+    unconditional pass seeing the mask embedding at every prompt position, images included; banned
+    ids at -inf); commit per
     `decode.select`; then the stop sequences are searched (`decode.update_stop`).
 
 Documented deviations from the original:
@@ -59,10 +60,17 @@ refreshes, so a pass holds no second copy of the cache.
 `nfe` counts forward passes per row (2 a step with CFG); `query_tokens` the positions run through
 the transformer (dllm: the queries of its form).
 
-The decision runs the LM head over the current block (static length block_length), not only over
-its still-masked positions: at a block's first step every position of it is masked, so the block
-is the static bound; a smaller second bound (e.g. half the block, under a cond on the rows' largest
-masked count) would save about a third of the head's work at a uniform schedule, not done.
+The decision (`decode.decide_block`) runs the LM head only on the positions that can still be
+committed: each row's eligible positions of its current block (never committed ones, never later
+blocks) are gathered in ascending order into Q' slots, Q' the smallest rung of the static ladder
+block_length, block_length / 2, block_length / 4 (`EngineConfig.head_rungs`, `decode.ladder`) that
+holds the largest eligible count over the rows; one `lax.switch` branch a rung inside the same
+program (no recompile). At a uniform schedule of one commit a step (and for every row alike) the
+head does about 0.69 of the whole block's work (0.75 with two rungs, 0.67 with unboundedly many);
+threshold / factor decoding, which empties a block faster, saves more. The rung is the largest over
+the running rows, so one row at the start of its block keeps its neighbours at the whole block; a
+position's decision does not depend on the rung (its noise is a function of the row's key and its
+absolute answer position, `decode.py`), so neither do the tokens. `head_tokens` counts Q' per row.
 """
 from __future__ import annotations
 
