@@ -1,17 +1,19 @@
 """The engine: settings are values (no compile in a sweep), a request's tokens do not depend on its
 batch neighbours or its arrival time, the chunked decision equals the full one, and the two stop
-rules against a NumPy transcription of the original's stop search. One compiled engine (CFG on, dual
-cache) serves the first two tests."""
+rules against a NumPy transcription of the original's stop search, and the lean decision (the head
+on the eligible positions only) against the full block's. One compiled engine (CFG on, dual cache)
+serves the engine tests (and one more with the lean decision off)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lladav_jax import generation
-from lladav_jax.sampling import EngineShapes, decide, engine, first_occurrences, row_settings, update_stop
+from lladav_jax.sampling import EngineShapes, decide, decode, engine, first_occurrences, row_settings, update_stop
 from tests.test_sampler import BUCKETS, model, settings  # noqa: F401
 
 COMPILES = []
@@ -57,9 +59,10 @@ def _requests(model):
   return rows, EngineShapes(rows=2, prompt_len=inp.prompt.length, answer_len=24, suffix_len=2, stops=1, stop_len=2)
 
 
-def _run(model, reqs, shapes, order, rng):
-  """Requests arrive in `order`, each after a random number of steps of the running ones."""
-  cfg = BASE.engine()
+def _run(model, reqs, shapes, order, rng, cfg=None, head=False):
+  """Requests arrive in `order`, each after a random number of steps of the running ones. `head`: also
+  each request's head_tokens and steps."""
+  cfg = cfg or BASE.engine()
   st = engine.init(model.graphdef, cfg, shapes, model.state)
   out, running, queue = {}, {}, list(order)
   while queue or running:
@@ -70,7 +73,8 @@ def _run(model, reqs, shapes, order, rng):
       running[free[0]] = k
     st = engine.advance(model.graphdef, cfg, model.state, st, np.int32(rng.integers(1, 4) if queue else 1 << 20))
     for r in np.nonzero(np.asarray(st.live & st.done))[0]:
-      out[running.pop(int(r))] = (np.asarray(st.gen[r]).tolist(), int(st.stop[r]), int(st.nfe[r]))
+      out[running.pop(int(r))] = (np.asarray(st.gen[r]).tolist(), int(st.stop[r]), int(st.nfe[r])) + (
+          (int(st.head_tokens[r]), int(st.steps[r])) if head else ())
   return out
 
 
@@ -81,6 +85,23 @@ def test_tokens_do_not_depend_on_neighbours_or_arrival(model):
   rng = np.random.default_rng(1)
   for order in ([0, 1, 2, 3, 4], [4, 2, 0, 3, 1], list(rng.permutation(5))):
     assert _run(model, reqs, shapes, order, rng) == alone, order
+
+
+def test_the_lean_head_gives_the_full_blocks_tokens(model):
+  """The engine with the decision on the eligible positions only (the default ladder 8, 4, 2) and with
+  the whole block always (head_rungs=1): the same tokens at temperature 0 and > 0 (seeded, random
+  remasking, threshold), with less of the head."""
+  reqs, shapes = _requests(model)
+  lean = _run(model, reqs, shapes, [0, 1, 2, 3, 4], np.random.default_rng(1), head=True)
+  full = _run(model, reqs, shapes, [0, 1, 2, 3, 4], np.random.default_rng(1),
+              cfg=dataclasses.replace(BASE.engine(), head_rungs=1), head=True)
+  assert {k: v[:3] for k, v in lean.items()} == {k: v[:3] for k, v in full.items()}
+  for k in full:  # the decision's length is the largest over the running rows: a neighbour may keep it at 8
+    assert lean[k][3] <= full[k][3] == 8 * full[k][4], (k, lean[k], full[k])
+  assert sum(v[3] for v in lean.values()) < sum(v[3] for v in full.values())
+  # alone, 2 commits a step: 8, 6, 4, 2 eligible positions -> lengths 8, 8, 4, 2 in each of the 3 blocks
+  alone = _run(model, reqs[:1], shapes, [0], np.random.default_rng(0), head=True)[0]
+  assert alone[:3] == lean[0][:3] and alone[3:] == (3 * (8 + 8 + 4 + 2), 12)
 
 
 # ----------------------------------------------------------------------------- the chunked decision
@@ -141,6 +162,63 @@ def test_chunked_gumbel_samples_the_tempered_softmax(head):
   tv = 0.5 * (np.abs(freq[big] - p[big]).sum() + abs(freq[~big].sum() - p[~big].sum()))
   assert tv < 0.02, tv  # about 0.005 expected from 20000 draws
   assert freq[3] == freq[4] == 0
+
+
+@functools.partial(jax.jit, static_argnums=(8,))
+def _decide_block(h, w, elig, start, keys, temp, scale, rand, sizes):
+  return decode.decide_block(h, elig, start, w, keys, temp, scale, rand, sizes=sizes, banned_ids=(3, 4), chunk=64,
+                             cfg=True, dtype=jnp.float32)
+
+
+def test_the_lean_decision_equals_the_full_blocks(head):
+  """decide_block on the eligible positions only (Q' from the ladder 16, 8, 4) equals `decide` on the
+  whole block with each position's absolute index (what the engine ran before, but for the noise
+  stream): x0 and confidence exactly at the eligible positions, at temperature 0 and > 0 and with
+  random remasking (per-position noise); -inf confidence elsewhere."""
+  w, _ = head
+  rng = np.random.default_rng(3)
+  b, l = 3, 16
+  h = rng.normal(size=(2 * b, l, D)).astype(np.float32)
+  keys = jax.vmap(jax.random.key)(jnp.arange(b) + 7)
+  start = np.asarray([0, 32, 16], np.int32)
+  scale = np.asarray([0.0, 1.5, 0.5], np.float32)
+  temp = np.asarray([0.0, 0.8, 1.3], np.float32)
+  rand = np.asarray([False, False, True])
+  full_x0, full_conf = jax.jit(lambda *a: decide(*a, banned_ids=(3, 4), chunk=64, cfg=True, dtype=jnp.float32,
+                                                 positions=start[:, None] + np.arange(l)[None]))(
+      h, w, keys, temp, scale, rand)
+  for counts, want in (([3, 0, 2], 4), ([7, 5, 1], 8), ([1, 0, 1], 4), ([16, 3, 9], 16), ([9, 2, 2], 16)):
+    elig = np.zeros((b, l), bool)
+    for r, n in enumerate(counts):
+      elig[r, rng.choice(l, n, replace=False)] = True
+    x0, conf, q = _decide_block(h, w, elig, start, keys, temp, scale, rand, decode.ladder(l))
+    assert int(q) == want, counts
+    np.testing.assert_array_equal(np.asarray(conf)[~elig], -np.inf)
+    np.testing.assert_array_equal(np.asarray(x0)[elig], np.asarray(full_x0)[elig])
+    np.testing.assert_array_equal(np.asarray(conf)[elig], np.asarray(full_conf)[elig])
+  assert len({int(t) for t in np.asarray(full_x0)[1:].ravel()}) > 5  # the noise moved the tokens
+
+
+def test_the_lean_decision_runs_the_head_on_each_rung():
+  """One head matmul of [2B, Q', chunk] per rung in the compiled program (a branch each: no recompile)."""
+  b, l, d, v = 2, 32, 8, 128
+  f = lambda h, e: decode.decide_block(  # noqa: E731
+      h, e, jnp.zeros(b, jnp.int32), jnp.ones((d, v)), jax.vmap(jax.random.key)(jnp.arange(b)), jnp.zeros(b),
+      jnp.zeros(b), jnp.zeros(b, bool), sizes=decode.ladder(l), banned_ids=(), chunk=64, cfg=True, dtype=jnp.float32)
+  jaxpr = jax.make_jaxpr(f)(jnp.ones((2 * b, l, d)), jnp.ones((b, l), bool))
+  shapes = []
+
+  def walk(jx):
+    for eq in jx.eqns:
+      if eq.primitive.name == "dot_general":
+        shapes.append(tuple(eq.outvars[0].aval.shape))
+      for p in eq.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if hasattr(sub, "jaxpr"):
+            walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+  walk(jaxpr.jaxpr)
+  assert decode.ladder(l) == (32, 16, 8) and decode.ladder(2) == (2, 1) and decode.ladder(8, 1) == (8,)
+  assert sorted(shapes) == [(2 * b, q, 64) for q in (8, 16, 32)], shapes
 
 
 # ----------------------------------------------------------------------------- stop rules

@@ -4,8 +4,19 @@ exists (only [rows, positions, chunk]); then which positions to commit, and wher
 
 x0 = argmax(logits + T * Gumbel) (the plain argmax at T = 0; the log-space form of the original's
 argmax(exp(logits) / (-log u)^T), without its float overflow); confidence = exp(logit[x0] - LSE)
-(`low_confidence`) or U(0, 1) (`random`). The Gumbel noise of chunk c is drawn from fold_in(key, c):
-a different stream from one draw over the whole vocabulary, the same distribution.
+(`low_confidence`) or U(0, 1) (`random`). The noise is a function of (row key, absolute answer
+position, vocabulary chunk) only: the Gumbel noise of position j in chunk c is drawn from
+fold_in(fold_in(fold_in(key, 0), j), c), the `random` confidence of position j from
+fold_in(fold_in(key, 1), j); so a position's draw does not depend on where it sits in the decision's
+[rows, positions] array (see `decide_block`). A different stream from one draw over the whole
+vocabulary (and from this module's earlier per-row draw of [positions, chunk]), the same distribution.
+
+`decide_block` runs the decision only on the positions of each row's block that can still be
+committed: they are gathered (ascending) into Q' slots, Q' the smallest rung of a short static ladder
+(`ladder`: the block, then halves) that holds the rows' largest eligible count, one `lax.switch`
+branch a rung (no recompile), and the results go back to their block positions. The decision of a
+position does not depend on the rung (the per-position noise above); at temperature 0 the tokens are
+the full block's, up to the rounding of a matmul of another shape (no difference seen on CPU).
 """
 from __future__ import annotations
 
@@ -22,18 +33,37 @@ def chunk_size(vocab: int, target: int = 8192) -> int:
   return max(c for c in range(1, min(vocab, target) + 1) if vocab % c == 0)
 
 
+def ladder(block_length: int, rungs: int = 3) -> tuple:
+  """The static decision lengths of `decide_block`: the block, then halves (rounded up), at most
+  `rungs` of them (32 -> 32, 16, 8; 2 -> 2, 1)."""
+  out = [block_length]
+  while len(out) < max(rungs, 1) and out[-1] > 1:
+    out.append(-(-out[-1] // 2))
+  return tuple(out)
+
+
+def _per_position(keys_B, positions_BQ, tag: int):
+  """[B, Q] keys fold_in(fold_in(key, tag), position)."""
+  return jax.vmap(lambda k, p: jax.vmap(lambda j: jax.random.fold_in(k, j))(p))(
+      jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys_B), positions_BQ)
+
+
 def decide(h_RQD, lm_head_DV, keys, temperature, cfg_scale, random_remask, *, banned_ids: tuple, chunk: int,
-           cfg: bool, dtype):
+           cfg: bool, dtype, positions=None):
   """x0 and confidence [B, Q] of the hidden states `h_RQD` (R = B, or 2B stacked [cond; uncond]
-  with `cfg`); per-row `keys`, `temperature`, `cfg_scale`, `random_remask` [B]."""
+  with `cfg`); per-row `keys`, `temperature`, `cfg_scale`, `random_remask` [B]; `positions` [B, Q]:
+  the absolute answer position of each slot, which (with the row's key) picks its noise (default:
+  0 .. Q - 1)."""
   r, q, _ = h_RQD.shape
   b = r // 2 if cfg else r
   v = lm_head_DV.shape[1]
   if v % chunk:
     raise ValueError(f"vocab_chunk={chunk} does not divide the vocabulary {v}")
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32), (b, q))
   banned = jnp.asarray(banned_ids, jnp.int32) if banned_ids else None
-  k_noise = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-  k_conf = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  k_noise = _per_position(keys, positions, 0)  # [B, Q]
+  k_conf = _per_position(keys, positions, 1)
   noisy = jnp.any(temperature > 0)
 
   def body(c, carry):
@@ -48,7 +78,7 @@ def decide(h_RQD, lm_head_DV, keys, temperature, cfg_scale, random_remask, *, ba
     if banned is not None:
       logits = jnp.where(jnp.any(ids[:, None] == banned[None], axis=1), NEG_INF, logits)
     noise = jax.lax.cond(
-        noisy, lambda: jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, c), (q, chunk)))(k_noise),
+        noisy, lambda: jax.vmap(jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, c), (chunk,))))(k_noise),
         lambda: jnp.zeros((b, q, chunk), jnp.float32))
     score = logits + temperature[:, None, None] * noise
     arg = jnp.argmax(score, axis=-1)
@@ -65,8 +95,46 @@ def decide(h_RQD, lm_head_DV, keys, temperature, cfg_scale, random_remask, *, ba
   init = (neg, jnp.zeros((b, q), jnp.int32), neg, neg, jnp.zeros((b, q), jnp.float32))
   _, x0, x0_logit, m, s = jax.lax.fori_loop(0, v // chunk, body, init)
   conf = jnp.exp(x0_logit - (m + jnp.log(s)))
-  uniform = jax.vmap(lambda k: jax.random.uniform(k, (q,), jnp.float32))(k_conf)
+  uniform = jax.vmap(jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32)))(k_conf)
   return x0.astype(jnp.int32), jnp.where(random_remask[:, None], uniform, conf)
+
+
+def decide_block(h_RLD, eligible_BL, start_B, lm_head_DV, keys, temperature, cfg_scale, random_remask, *,
+                 sizes: tuple, banned_ids: tuple, chunk: int, cfg: bool, dtype):
+  """`decide` over a block of L positions [s, s + L) of each row, run only on its eligible ones:
+  x0 [B, L], confidence [B, L] (-inf where not eligible) and the decision's length Q' (int32), the
+  smallest of `sizes` (static, `ladder`; the largest must be L) that holds every row's eligible
+  count. Each row's eligible positions are gathered in ascending order into Q' slots (the slots past
+  its count are padding), the [R, Q', D] hidden states (both CFG halves alike) go through `decide`
+  with their absolute positions, and the results back to their block positions."""
+  b, l = eligible_BL.shape
+  sizes = tuple(sorted(set(sizes), reverse=True))
+  if sizes[0] != l:
+    raise ValueError(f"the largest decision length {sizes[0]} must be the block length {l}")
+  count = jnp.sum(eligible_BL, axis=-1, dtype=jnp.int32)
+  rung = jnp.sum(jnp.asarray(sizes[1:], jnp.int32) >= jnp.max(count), dtype=jnp.int32)  # the smallest that holds
+  order = jnp.argsort(jnp.where(eligible_BL, 0, 1), axis=-1, stable=True).astype(jnp.int32)  # eligible first
+  slot_of = jnp.argsort(order, axis=-1).astype(jnp.int32)  # each block position's slot
+  kw = dict(banned_ids=banned_ids, chunk=chunk, cfg=cfg, dtype=dtype)
+
+  def branch(q):
+    def run():
+      if q == l:  # the whole block in place
+        x0, conf = decide(h_RLD, lm_head_DV, keys, temperature, cfg_scale, random_remask,
+                          positions=start_B[:, None] + jnp.arange(l, dtype=jnp.int32)[None], **kw)
+        return x0, jnp.where(eligible_BL, conf, NEG_INF)
+      idx = order[:, :q]
+      h = jnp.take_along_axis(h_RLD, (jnp.concatenate([idx, idx]) if cfg else idx)[..., None], axis=1)
+      x0, conf = decide(h, lm_head_DV, keys, temperature, cfg_scale, random_remask,
+                        positions=start_B[:, None] + idx, **kw)
+      conf = jnp.where(jnp.arange(q)[None] < count[:, None], conf, NEG_INF)
+      back = jnp.minimum(slot_of, q - 1)
+      x0 = jnp.take_along_axis(x0, back, axis=1)
+      return x0, jnp.where(slot_of < q, jnp.take_along_axis(conf, back, axis=1), NEG_INF)
+    return run
+
+  x0, conf = jax.lax.switch(rung, [branch(q) for q in sizes])
+  return x0, conf, jnp.asarray(sizes, jnp.int32)[rung]
 
 
 def select(conf_BQ, eligible_BQ, k_B, mode_B, value_B):

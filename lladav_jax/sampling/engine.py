@@ -20,10 +20,11 @@ Each row follows the original's `generate_with_embeds` (REFERENCE.md sections 6 
     left before it; the row is finished when its blocks are exhausted or a stop lies at or before
     the next block's start;
   * per step: the hidden states of the current block only (every eligible position lies in it:
-    before a stop the block limit holds, and a stop always lies in the current block), the lean
-    decision of `decode.decide` (CFG as un + (scale + 1)(cond - un), the unconditional pass seeing
-    the mask embedding at every prompt position, images included; banned ids at -inf), eligible =
-    masked, before the block end or, once a stop was found, before the stop; commit per
+    before a stop the block limit holds, and a stop always lies in the current block), eligible =
+    masked, before the block end or, once a stop was found, before the stop; the lean decision of
+    `decode.decide_block` on the eligible positions only (CFG as un + (scale + 1)(cond - un), the
+    unconditional pass seeing the mask embedding at every prompt position, images included; banned
+    ids at -inf); commit per
     `decode.select`; then the stop sequences are searched (`decode.update_stop`).
 
 Documented deviations from the original:
@@ -59,10 +60,17 @@ refreshes, so a pass holds no second copy of the cache.
 `nfe` counts forward passes per row (2 a step with CFG); `query_tokens` the positions run through
 the transformer (dllm: the queries of its form).
 
-The decision runs the LM head over the current block (static length block_length), not only over
-its still-masked positions: at a block's first step every position of it is masked, so the block
-is the static bound; a smaller second bound (e.g. half the block, under a cond on the rows' largest
-masked count) would save about a third of the head's work at a uniform schedule, not done.
+The decision (`decode.decide_block`) runs the LM head only on the positions that can still be
+committed: each row's eligible positions of its current block (never committed ones, never later
+blocks) are gathered in ascending order into Q' slots, Q' the smallest rung of the static ladder
+block_length, block_length / 2, block_length / 4 (`EngineConfig.head_rungs`, `decode.ladder`) that
+holds the largest eligible count over the rows; one `lax.switch` branch a rung inside the same
+program (no recompile). At a uniform schedule of one commit a step (and for every row alike) the
+head does about 0.69 of the whole block's work (0.75 with two rungs, 0.67 with unboundedly many);
+threshold / factor decoding, which empties a block faster, saves more. The rung is the largest over
+the running rows, so one row at the start of its block keeps its neighbours at the whole block; a
+position's decision does not depend on the rung (its noise is a function of the row's key and its
+absolute answer position, `decode.py`), so neither do the tokens. `head_tokens` counts Q' per row.
 """
 from __future__ import annotations
 
@@ -145,6 +153,7 @@ class EngineState:
   nfe: jax.Array  # int32 [B]
   steps: jax.Array  # int32 [B]
   query_tokens: jax.Array  # int32 [B]
+  head_tokens: jax.Array  # int32 [B]: the decision's length (positions through the LM head) summed over steps
   cache: Optional[KVCache | DllmCache]  # [layers, B (x2 with CFG), P + G + Ls (dllm: P and G + Ls), ...]
 
 
@@ -387,6 +396,7 @@ def _init(graphdef, cfg: EngineConfig, shapes: EngineShapes, params) -> EngineSt
                    seed=jnp.zeros((b,), jnp.uint32), rs=rs, live=jnp.zeros((b,), bool), done=jnp.zeros((b,), bool),
                    block=i32(b), i=i32(b), counts=i32(b, bl), stop=jnp.full((b,), g, jnp.int32),
                    commit_step=jnp.full((b, g), -1, jnp.int32), nfe=i32(b), steps=i32(b), query_tokens=i32(b),
+                   head_tokens=i32(b),
                    cache=None)
   return _by_row(st).replace(cache=cache)
 
@@ -409,7 +419,7 @@ def _insert(graphdef, cfg: EngineConfig, params, st: EngineState, row, req: Requ
       seed=put(st.seed, req.seed), rs=jax.tree.map(put, st.rs, req.settings), live=put(st.live, True),
       done=put(st.done, False), block=put(st.block, -1), i=put(st.i, 0), stop=put(st.stop, g),
       commit_step=put(st.commit_step, -1), nfe=put(st.nfe, 0), steps=put(st.steps, 0),
-      query_tokens=put(st.query_tokens, 0))
+      query_tokens=put(st.query_tokens, 0), head_tokens=put(st.head_tokens, 0))
   return _normalize(st, cfg)
 
 
@@ -452,20 +462,24 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
     h_win = jax.lax.cond(jnp.any(active & ~refresh), lambda: fw.window(cache), lambda: zeros)
     h = jnp.where(pick[:, None, None], h_full, h_win)
     q_len = jnp.where(refresh, full_len, fw.window_len)
-  x0_q, conf_q = decode.decide(h, fw.llm.lm_head[...], keys, st.rs.temperature, st.rs.cfg_scale,
-                               st.rs.random_remask, banned_ids=cfg.banned_ids,
-                               chunk=cfg.vocab_chunk or decode.chunk_size(fw.llm.lm_head.shape[1]),
-                               cfg=cfg.cfg, dtype=fw.llm.dtype)
-  # the block [s, s + bl) of each row -> answer space [B, G]
+  # eligible = masked, before the block end or, once a stop was found, before the stop (inside the block)
   j = jnp.arange(g)[None]
-  q = jnp.clip(j - s[:, None], 0, bl - 1)
   in_blk = (j >= s[:, None]) & (j < s[:, None] + bl)
-  x0 = jnp.take_along_axis(x0_q, q, axis=1)
-  conf = jnp.take_along_axis(conf_q, q, axis=1)
   ans = st.gen[:, :g]
   masked = ans == cfg.mask_id
-  limit = jnp.minimum(st.stop, s + bl)  # before a stop: the block end; after: the stop (inside the block)
+  limit = jnp.minimum(st.stop, s + bl)
   eligible = active[:, None] & masked & in_blk & (j < limit[:, None])
+  blk = s[:, None] + jnp.arange(bl)[None]  # the block's positions, [B, bl]
+  eligible_blk = jnp.take_along_axis(eligible, jnp.minimum(blk, g - 1), axis=1) & (blk < g)
+  # the decision on the eligible positions only, in the smallest static length that holds them
+  x0_q, conf_q, head_q = decode.decide_block(
+      h, eligible_blk, s, fw.llm.lm_head[...], keys, st.rs.temperature, st.rs.cfg_scale, st.rs.random_remask,
+      sizes=decode.ladder(bl, cfg.head_rungs), banned_ids=cfg.banned_ids,
+      chunk=cfg.vocab_chunk or decode.chunk_size(fw.llm.lm_head.shape[1]), cfg=cfg.cfg, dtype=fw.llm.dtype)
+  # the block [s, s + bl) of each row -> answer space [B, G]
+  q = jnp.clip(j - s[:, None], 0, bl - 1)
+  x0 = jnp.take_along_axis(x0_q, q, axis=1)
+  conf = jnp.take_along_axis(conf_q, q, axis=1)
   k = jnp.take_along_axis(st.counts, jnp.minimum(st.i, bl - 1)[:, None], axis=1)[:, 0]
   k = jnp.where(st.i < bl, k, 0)
   chosen = decode.select(conf, eligible, k, st.rs.mode, st.rs.value)
@@ -476,7 +490,8 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
   passes = 1 + (st.rs.cfg_scale > 0).astype(jnp.int32) if cfg.cfg else 1
   st = st.replace(gen=st.gen.at[:, :g].set(ans), commit_step=jnp.where(chosen, st.steps[:, None], st.commit_step),
                   stop=stop, nfe=st.nfe + act * passes, steps=st.steps + act,
-                  query_tokens=st.query_tokens + act * passes * q_len, i=st.i + act, cache=cache)
+                  query_tokens=st.query_tokens + act * passes * q_len, head_tokens=st.head_tokens + act * head_q,
+                  i=st.i + act, cache=cache)
   return _normalize(st, cfg)
 
 

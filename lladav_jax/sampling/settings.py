@@ -111,7 +111,9 @@ class EngineConfig:
   fewer temporaries, for large batches on one device; it must divide the rows of a pass).
   `max_transfer_ratio` (cache "dllm"): the static number of response positions a cached step
   recomputes is floor(max_transfer_ratio * response bucket); a row's own transfer_ratio (a value, at
-  most this) picks how many of those slots it uses."""
+  most this) picks how many of those slots it uses. `head_rungs`: the LM head's decision runs only
+  on the positions that can still be committed, gathered into the smallest of this many static
+  lengths (the block, then halves: `decode.ladder`) that holds them; 1: the whole block always."""
   mask_id: int
   banned_ids: tuple = ()
   block_length: int = 32
@@ -120,12 +122,15 @@ class EngineConfig:
   vocab_chunk: Optional[int] = None
   forward_rows: Optional[int] = None
   max_transfer_ratio: float = 0.0
+  head_rungs: int = 3
 
   def __post_init__(self):
     if self.cache not in CACHES:
       raise ValueError(f"cache={self.cache!r} must be one of {CACHES}")
     if not 0.0 <= self.max_transfer_ratio <= 1.0:
       raise ValueError(f"max_transfer_ratio={self.max_transfer_ratio} must be in [0, 1]")
+    if self.head_rungs < 1:
+      raise ValueError(f"head_rungs={self.head_rungs} must be >= 1")
 
 
 @struct.dataclass
