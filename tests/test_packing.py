@@ -62,8 +62,7 @@ def tiny_setup():
   return setup, st.init_state(setup, seed=3, params=host_params(setup))
 
 
-def _loss_and_grad(setup, state, batch, accum=1):
-  fn = jax.jit(stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=256), accum=accum))
+def _loss_and_grad(fn, state, batch):
   return jax.device_get(fn(state, jax.tree.map(jax.numpy.asarray, batch)))
 
 
@@ -72,14 +71,16 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_setup):
   all-padding row): the same noise per conversation number, the same loss and gradients (float32, 1e-5)."""
   setup, state = tiny_setup
   rng = np.random.default_rng(1)
-  s = [_sample(rng, 40, [(400, 300)]), _sample(rng, 30), _sample(rng, 24, [(380, 500)])]
+  s = [_sample(rng, 40, [(300, 200)]), _sample(rng, 30), _sample(rng, 24, [(200, 300)])]  # anyres: 2 tiles each
   tiles = sum(e.pixels.shape[0] for e in s)
   length = sum(len(e.tokens) for e in s)
   unpacked = batch_lib.collate_train(s, CFG, tiles=tiles, length=length)
   packed = batch_lib.collate_train([s[:2], s[2:]], CFG, rows=3, tiles=tiles, length=length)
   assert packed.inputs.segments[0].max() == 2 and not packed.inputs.segments[2].any()
-  lu, au, gu = _loss_and_grad(setup, state, unpacked)
-  lp, ap, gp = _loss_and_grad(setup, state, packed)
+  # one jit for the three batches (the same shapes: 3 rows, `tiles`, `length`): one compile
+  fn = jax.jit(stp.make_loss_and_grad(setup, L.LossConfig(logits_chunk=256), accum=1))
+  lu, au, gu = _loss_and_grad(fn, state, unpacked)
+  lp, ap, gp = _loss_and_grad(fn, state, packed)
   assert au["masked_tokens"] > 0 and au["masked_tokens"] == ap["masked_tokens"]  # the same positions masked
   assert au["answer_tokens"] == ap["answer_tokens"] and au["conversations"] == ap["conversations"] == 3
   np.testing.assert_allclose(lp, lu, rtol=1e-5)
@@ -91,7 +92,9 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_setup):
       assert scale > 1e-8, k  # every other parameter gets a gradient (the vision tower's included)
     np.testing.assert_allclose(fp[k], fu[k], rtol=1e-5, atol=1e-5 * max(scale, 1e-6), err_msg="/".join(k))
   # the mean is over conversations, not rows: all three in one row give the same loss
-  lp2, _, _ = _loss_and_grad(setup, state, batch_lib.collate_train([s], CFG, tiles=tiles, length=length))
+  one_row = batch_lib.collate_train([s], CFG, rows=3, tiles=tiles, length=length)  # plus two all-padding rows
+  assert one_row.inputs.segments[0].max() == 3 and not one_row.inputs.segments[1:].any()
+  lp2, _, _ = _loss_and_grad(fn, state, one_row)
   np.testing.assert_allclose(lp2, lu, rtol=1e-5)
 
 

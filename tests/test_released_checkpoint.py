@@ -45,6 +45,15 @@ def answers(model, released):
   return model.generate(QUESTIONS, [[Image.open(root / "wide.png")], []], **KW)
 
 
+@pytest.fixture(scope="module")
+def orbax(released, tmp_path_factory):
+  """The convert CLI's hf-to-orbax of the released directory, once for the module (the round trip and the
+  train CLI both start from it)."""
+  tmp = tmp_path_factory.mktemp("orbax")
+  run(["lladav_jax.convert", "hf-to-orbax", released[1], str(tmp / "orbax")], tmp)
+  return tmp / "orbax"
+
+
 def run(args, tmp, timeout=600):
   r = subprocess.run([PYTHON, "-m", *args], cwd=REPO, env=subprocess_env(tmp / "jax_cache"), capture_output=True,
                      text=True, timeout=timeout)
@@ -93,10 +102,9 @@ def test_config_without_vision_config_means_so400m(released, tmp_path):
     LLaDAV.from_pretrained(str(d), dtype="float32")
 
 
-def test_convert_cli_round_trip_and_generate_cli(released, answers, tmp_path):
+def test_convert_cli_round_trip_and_generate_cli(released, orbax, answers, tmp_path):
   root, hf = released
-  orbax, back = tmp_path / "orbax", tmp_path / "hf_again"
-  run(["lladav_jax.convert", "hf-to-orbax", hf, str(orbax)], tmp_path)
+  back = tmp_path / "hf_again"
   run(["lladav_jax.convert", "orbax-to-hf", str(orbax), str(back)], tmp_path)
   a, b = weights.SafetensorsDir(hf), weights.SafetensorsDir(str(back))
   assert sorted(a.names) == sorted(b.names)
@@ -129,10 +137,8 @@ def test_eval_cli_with_the_real_model(released, model, tmp_path):
     assert pred["prediction"] == direct.text.strip().rstrip("."), (pred, direct.text)
 
 
-def test_train_cli_fine_tunes_the_converted_checkpoint(released, tmp_path):
+def test_train_cli_fine_tunes_the_converted_checkpoint(released, orbax, tmp_path):
   root, hf = released
-  orbax = tmp_path / "orbax"
-  run(["lladav_jax.convert", "hf-to-orbax", hf, str(orbax)], tmp_path)
   data = [{"id": "a", "image": "small_wide.png", "conversations": [{"from": "human", "value": "<image>\nWhat color is the shape?"},
                                                              {"from": "gpt", "value": "red"}]},
           {"id": "b", "image": "small_tall.png", "conversations": [{"from": "human", "value": "What shape is the object?\n<image>"},
