@@ -2,12 +2,7 @@
 import os
 import tempfile
 
-# LLVM's -O1 for XLA's CPU kernels, not -O2: the tiny test models' time is mostly compiles, ~30% cheaper this way,
-# and their run time is the same (float semantics too: no fast-math at either level). Subprocesses get it as well
-# (train_helpers.compile_flags).
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=1"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
-                           + FAST_COMPILE_FLAGS).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JSON record indexes of the tests' throwaway files go to a throwaway folder, not ~/.cache
 os.environ.setdefault("LLADAV_JAX_INDEX_DIR", tempfile.mkdtemp(prefix="lladav_index_"))

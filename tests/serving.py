@@ -15,7 +15,6 @@ from lladav_jax import config, weights
 from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
 from tests.models import random_model
-from tests.train_helpers import compile_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +44,7 @@ class ServerProcess:
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, not the tests' eight
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=compile_flags(), **(env or {}))
+    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **(env or {}))
     self.log_path = log_path
     self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
     self.proc = subprocess.Popen([sys.executable, "-m", "lladav_jax.serve", model_dir, "--port", str(self.port),
