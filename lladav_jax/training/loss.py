@@ -26,9 +26,12 @@ token's position in its conversation), never of the row or column: the same conv
 order draw the same noise packed or unpacked (packing reorders conversations, so a packed run and an
 unpacked run see the same noise per conversation *number*, not per record).
 
-The LM head + cross-entropy runs in chunks of positions under `jax.checkpoint`, so the float32
-[tokens, vocab] logits are never materialised at once (126k vocab x 8k positions would be 4 GB per
-sequence); the backward pass recomputes one chunk's logits at a time.
+The LM head + cross-entropy runs in chunks of positions, so the float32 [tokens, vocab] logits are never
+materialised at once (126k vocab x 8k positions would be 4 GB per sequence). Under differentiation each
+chunk's backward runs right after its forward (a custom VJP; `weighted_ce`): the gradients are the residuals,
+so nothing is recomputed (a `jax.checkpoint` of the chunk ran the head's forward matmul twice). With bf16
+compute the logits are still float32 (bf16 operands, float32 accumulation and result), and the label's logit
+is taken from them.
 """
 from __future__ import annotations
 
