@@ -119,8 +119,9 @@ SWEEP = [
 # Issue 19 (the loss's LM head as a fused custom VJP instead of a checkpointed chunk, the non-finite guard as a
 # lax.cond instead of a select over every leaf), this default, load average 6 to 18 on the 2 cores: the bench
 # before 71% and after 70% of the matmul per CPU-second (49.7 vs 69.8, 50.9 vs 72.4 GFLOP); both steps in one
-# process, interleaved (/tmp script, not kept): 74-75 cpu-s a step before, 73-74 after: within the noise
-# here. Remat stays "none": the step's 10 GiB peak fits this machine, and a remat policy would recompute the
+# process, interleaved, 3 pairs (/tmp script, not kept): 75.3 / 74.7 / 74.5 cpu-s a step before (best 68% of
+# the matmul per CPU-second), 72.7 / 74.4 / 78.1 after (best 70%; the last one shared the cores with a test):
+# ~2% fewer CPU-seconds at best, within the noise here; by wall time the figures move with the load. Remat stays "none": the step's 10 GiB peak fits this machine, and a remat policy would recompute the
 # forward (FLOPs the model count leaves out).
 BEST = Setting(width=1536, batch=4, seq=512, remat="none")
 
