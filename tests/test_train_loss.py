@@ -138,3 +138,33 @@ def test_bf16_head_backward_takes_bf16_cotangent():
       jnp.bfloat16), np.float32), rtol=1e-2, atol=1e-3)
   want = jnp.einsum("BLD,BLV->DV", hb, g)
   np.testing.assert_allclose(np.asarray(dhead), np.asarray(want), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_bf16_compute_takes_the_label_logit_from_float32_logits(chunk):
+  """bf16 operands, float32 logits (f32 accumulation, no bf16 rounding of the logits): the label's logit and
+  the log-sum-exp come from the same float32 logits, as the original's CE on `logits.float()`; under
+  value_and_grad (the fused forward + backward) the value is the same."""
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.standard_normal((2, 40, 64)) * 2, jnp.bfloat16)
+  head = jnp.asarray(rng.standard_normal((64, 300)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 300, (2, 40)), jnp.int32)
+  w = jnp.ones((2, 40), jnp.float32)
+  # float64 CE of the exactly-represented bf16 operands: logits of magnitude ~30, where a bf16 rounding of the
+  # logits (8 bits of mantissa: steps of 0.125 to 0.25) would move each CE by ~0.1
+  hb, wb = np.asarray(h, np.float64), np.asarray(head.astype(jnp.bfloat16), np.float64)
+  logits = hb @ wb
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  ce = lse - np.take_along_axis(logits, np.asarray(labels)[..., None], -1)[..., 0]
+  got = jax.jit(lambda h, head: L.weighted_ce(h, head, labels, w, chunk=chunk))(h, head)
+  np.testing.assert_allclose(float(got[0]), ce.sum(), rtol=2e-6)
+  np.testing.assert_allclose(float(got[1]), ce.sum(), rtol=2e-6)
+  assert abs(np.asarray(logits)).mean() > 10  # the test's premise: bf16-rounded logits would be off
+  val, _ = jax.jit(jax.value_and_grad(lambda h, head: L.weighted_ce(h, head, labels, w, chunk=chunk)[0],
+                                      argnums=(0, 1)))(h, head)
+  np.testing.assert_allclose(float(val), ce.sum(), rtol=2e-6)
+  # what a bf16 logits chunk would give is far outside that tolerance
+  lb = np.asarray(jnp.asarray(logits, jnp.float32).astype(jnp.bfloat16), np.float64)
+  lse_b = np.log(np.exp(lb - lb.max(-1, keepdims=True)).sum(-1)) + lb.max(-1)
+  ce_b = lse_b - np.take_along_axis(lb, np.asarray(labels)[..., None], -1)[..., 0]
+  assert abs(ce_b.sum() - ce.sum()) / ce.sum() > 1e-4

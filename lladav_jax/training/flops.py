@@ -7,7 +7,10 @@ Per matmul weight of shape [m, n] applied to one token: 2mn forward, 2mn backwar
 (needed when anything upstream trains), 2mn backward to the weight (when the weight trains).
   LLM, per token:  q/k/v/o + gate/up/down + lm_head (the embedding lookup is not a matmul);
                    attention is bidirectional, so QK^T and AV cost the full 2 * 2 * L^2 * N * H per
-                   layer and sequence forward (no causal halving).
+                   layer and sequence forward (no causal halving). With the batch's segment ids
+                   (`attention_pairs(segments)`: packed rows, padding) a row counts the (query, key)
+                   pairs its segments need, sum_s len_s^2, instead of L^2 (padding none); the matmuls
+                   still count every position of [B, L].
   Vision, per tile of P patches: patch embedding, q/k/v/o, fc1/fc2 per patch, attention
                    2 * 2 * P^2 * D_v per layer; projector fc1/fc2 per tile token.
 Frozen parts in front of every trainable part (the vision tower in stage 1) cost forward only.
@@ -18,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lladav_jax.config import ModelConfig
 
@@ -54,9 +58,24 @@ def _factor(trains_weight: bool, needs_input_grad: bool) -> int:
   return 2 + (2 if needs_input_grad else 0) + (2 if trains_weight else 0)
 
 
-def step_flops(cfg: ModelConfig, *, batch: int, seq_len: int, tiles: int, trainable=("vision", "projector", "llm")) -> dict:
+def attention_pairs(segments) -> int:
+  """The (query, key) pairs the attention of a host batch's rows needs: sum over rows and segments of
+  len^2 (segment ids int [B, L], 0 = padding, not counted; ids need not be contiguous). NumPy, on host."""
+  seg = np.asarray(segments)
+  if seg.ndim != 2:
+    raise ValueError(f"segment ids must be [B, L], got shape {seg.shape}")
+  b, l = seg.shape
+  ids = seg.astype(np.int64) + np.arange(b, dtype=np.int64)[:, None] * (l + 1)
+  counts = np.bincount(ids.ravel(), minlength=b * (l + 1)).reshape(b, l + 1)[:, 1:]
+  return int((counts.astype(np.int64) ** 2).sum())
+
+
+def step_flops(cfg: ModelConfig, *, batch: int, seq_len: int, tiles: int, trainable=("vision", "projector", "llm"),
+               attention_pairs: int | None = None) -> dict:
   """Model FLOPs of one training step over a global batch [batch, seq_len] with `tiles` tiles per
-  sample. Returns {"llm", "vision", "projector", "total"}."""
+  sample. `attention_pairs`: the (query, key) pairs the LLM's attention needs over the global batch
+  (`attention_pairs(segments)`); None: batch * seq_len^2 (every row one full-length segment).
+  Returns {"llm", "vision", "projector", "total"}."""
   tr = set(trainable)
   llm, v = cfg.llm, cfg.vision
   # LLM: the gradient must flow through it whenever anything trains (it sits on top).
@@ -70,7 +89,8 @@ def step_flops(cfg: ModelConfig, *, batch: int, seq_len: int, tiles: int, traina
   # attention: fwd 2*L^2*N*H (scores) + 2*L^2*N*H (values) per layer per sequence; same factors
   # with activation grads (the attention has no weights: bwd = 2x fwd whenever a grad passes).
   att_fac = 2 + (4 if (any_below or llm_w) else 0)
-  llm_att = att_fac * 2 * seq_len * seq_len * n * h * llm.num_layers * batch
+  pairs = batch * seq_len * seq_len if attention_pairs is None else attention_pairs
+  llm_att = att_fac * 2 * pairs * n * h * llm.num_layers
   # Projector
   dv, p = v.hidden_size, v.tokens_per_tile
   n_tiles = batch * tiles

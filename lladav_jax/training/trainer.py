@@ -318,6 +318,7 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
                              "the update was not applied")
       fl = info["flops"]
       m.update(step_time=dt, tokens_per_s_per_device=info["tokens"] / dt / n_dev,
+               valid_tokens_per_s_per_device=m["valid_tokens"] / dt / n_dev,
                tflops_per_device=fl / dt / n_dev / 1e12)
       if peak:
         m["mfu"] = fl / dt / n_dev / peak
@@ -347,8 +348,11 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
         state, m = fn(state, batch)
       step = at.step = step + 1
       b, l = batch.inputs.tokens.shape
+      # attention counted per segment (packing, padding) from this process's host rows; with several
+      # processes these stand for the others' (an estimate: no extra collective a step)
+      pairs = pc * flops_lib.attention_pairs(host.inputs.segments)
       info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model, batch=b, seq_len=l, tiles=batch.inputs.tiles,
-                                                             trainable=setup.trainable)["total"]}
+                                                             trainable=setup.trainable, attention_pairs=pairs)["total"]}
       flush()  # the previous step's metrics (this step is already dispatched)
       pending.append((step, m, info))
       if profiling and step >= lg.profile_start_step + lg.profile_num_steps - 1:
