@@ -26,12 +26,9 @@ token's position in its conversation), never of the row or column: the same conv
 order draw the same noise packed or unpacked (packing reorders conversations, so a packed run and an
 unpacked run see the same noise per conversation *number*, not per record).
 
-The LM head + cross-entropy runs in chunks of positions, so the float32 [tokens, vocab] logits are never
-materialised at once (126k vocab x 8k positions would be 4 GB per sequence). Under differentiation each
-chunk's backward runs right after its forward (a custom VJP; `weighted_ce`): the gradients are the residuals,
-so nothing is recomputed (a `jax.checkpoint` of the chunk ran the head's forward matmul twice). With bf16
-compute the logits are still float32 (bf16 operands, float32 accumulation and result), and the label's logit
-is taken from them.
+The LM head + cross-entropy runs in chunks of positions under `jax.checkpoint`, so the float32
+[tokens, vocab] logits are never materialised at once (126k vocab x 8k positions would be 4 GB per
+sequence); the backward pass recomputes one chunk's logits at a time.
 """
 from __future__ import annotations
 
@@ -130,89 +127,10 @@ def _bf16_logits_bwd(res, g_BCV):
 _bf16_logits.defvjp(_bf16_logits_fwd, _bf16_logits_bwd)
 
 
-def _chunk_ce(head, h_BCD, lab_BC, w_BC, dtype):
-  """One chunk: (weighted CE sum, (unweighted CE sum over w > 0, #correct over w > 0)), float32 logits."""
-  matmul = _bf16_logits if dtype == jnp.bfloat16 else functools.partial(common.einsum_f32, "BCD,DV->BCV")
-  logits = shd.constrain(matmul(h_BCD.astype(dtype), head.astype(dtype)), shd.BLV)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  tgt = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]  # from the float32 logits
-  ce = lse - tgt
-  on = w_BC > 0
-  correct = jnp.argmax(logits, axis=-1) == lab_BC
-  return jnp.sum(ce * w_BC), (jnp.sum(jnp.where(on, ce, 0.0)), jnp.sum((on & correct).astype(jnp.float32)))
-
-
-def _split(x, n, c):
-  """[B, n * c, ...] -> [n, B, c, ...] (the scan over chunks)."""
-  return jnp.moveaxis(x.reshape((x.shape[0], n, c) + x.shape[2:]), 1, 0)
-
-
-def _ce_forward(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
-  n = h_BLD.shape[1] // c
-  if n == 1:
-    wsum, (ce_sum, correct) = _chunk_ce(head_DV, h_BLD, labels_BL, weights_BL, dtype)
-    return wsum, ce_sum, correct
-
-  def body(acc, xs):
-    wsum, (ce_sum, correct) = _chunk_ce(head_DV, *xs, dtype)
-    return jax.tree.map(jnp.add, acc, (wsum, ce_sum, correct)), None
-
-  zero = (jnp.zeros((), jnp.float32),) * 3
-  acc, _ = jax.lax.scan(body, zero, (_split(h_BLD, n, c), _split(labels_BL, n, c), _split(weights_BL, n, c)))
-  return acc
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_ce(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
-  return _ce_forward(h_BLD, head_DV, labels_BL, weights_BL, c, dtype)
-
-
-def _fused_ce_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
-  """Each chunk's forward and its backward (jax.vjp of the same chunk function, cotangent 1 on the weighted
-  sum) in one pass: the gradients wrt h, the head and the weights are the residuals; nothing is recomputed."""
-  n = h_BLD.shape[1] // c
-
-  def one(head, h, lab, w):
-    out, vjp, aux = jax.vjp(lambda hd, x, ww: _chunk_ce(hd, x, lab, ww, dtype), head, h, w, has_aux=True)
-    d_head, d_h, d_w = vjp(jnp.ones((), out.dtype))
-    return (out, aux[0], aux[1]), (d_head, d_h, d_w)
-
-  if n == 1:
-    outs, (d_head, d_h, d_w) = one(head_DV, h_BLD, labels_BL, weights_BL)
-  else:
-    def body(carry, xs):
-      acc, d_head = carry
-      out, (dh_, dx, dw) = one(head_DV, *xs)
-      return (jax.tree.map(jnp.add, acc, out), d_head + dh_.astype(jnp.float32)), (dx, dw)
-
-    zero = (jnp.zeros((), jnp.float32),) * 3
-    (outs, d_head), (d_h, d_w) = jax.lax.scan(
-        body, (zero, jnp.zeros(head_DV.shape, jnp.float32)),
-        (_split(h_BLD, n, c), _split(labels_BL, n, c), _split(weights_BL, n, c)))
-    unsplit = lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], n * c) + x.shape[3:])
-    d_h, d_w, d_head = unsplit(d_h), unsplit(d_w), d_head.astype(head_DV.dtype)
-  return outs, (d_h, d_head, d_w)
-
-
-def _fused_ce_bwd(c, dtype, res, g):
-  d_h, d_head, d_w = res
-  g_w = g[0]  # only the weighted sum is differentiated (the other two outputs are logging sums)
-  scale = lambda x: (x.astype(jnp.float32) * g_w.astype(jnp.float32)).astype(x.dtype)
-  return scale(d_h), scale(d_head), None, scale(d_w)
-
-
-_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
-
-
 def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None):
   """sum_{b,i} weights_bi * CE(h_bi @ head, label_bi) with float32 logits, in chunks of positions.
 
   Returns (weighted CE sum, unweighted CE sum over weights > 0, #correct argmax over weights > 0).
-  Differentiable in h, head and weights through the weighted sum only (the other two are logging sums:
-  their cotangents are dropped). Under differentiation each chunk's backward runs right after its forward
-  (a custom VJP whose residuals are the chunk's gradients, scaled by the loss's cotangent in the backward
-  pass), so the float32 [B, chunk, vocab] logits live one chunk at a time and the LM head is not recomputed
-  (a `jax.checkpoint` of the chunk would run its forward matmul twice).
   """
   b, l, d = h_BLD.shape
   dtype = dtype or h_BLD.dtype
@@ -224,7 +142,31 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
     h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
     labels_BL = jnp.pad(labels_BL, ((0, 0), (0, pad)))
     weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
-  return tuple(_fused_ce(h_BLD, head_DV, labels_BL, weights_BL, c, jnp.dtype(dtype)))
+
+  matmul = _bf16_logits if jnp.dtype(dtype) == jnp.bfloat16 else functools.partial(common.einsum_f32, "BCD,DV->BCV")
+
+  @jax.checkpoint
+  def one(head, h_BCD, lab_BC, w_BC):
+    logits = shd.constrain(matmul(h_BCD.astype(dtype), head.astype(dtype)), shd.BLV)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
+    ce = lse - tgt
+    on = w_BC > 0
+    correct = jnp.argmax(logits, axis=-1) == lab_BC
+    return (jnp.sum(ce * w_BC), jnp.sum(jnp.where(on, ce, 0.0)),
+            jnp.sum((on & correct).astype(jnp.float32)))
+
+  if n == 1:
+    return one(head_DV, h_BLD, labels_BL, weights_BL)
+  split = lambda x: jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
+
+  def body(acc, xs):
+    out = one(head_DV, *xs)
+    return jax.tree.map(jnp.add, acc, out), None
+
+  zero = (jnp.zeros((), jnp.float32),) * 3
+  acc, _ = jax.lax.scan(body, zero, (split(h_BLD), split(labels_BL), split(weights_BL)))
+  return acc
 
 
 def diffusion_loss(model, batch, t_BL, u_BL, *, mask_token_id: int, cfg: LossConfig, conversations,
