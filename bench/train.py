@@ -116,13 +116,11 @@ SWEEP = [
 # ([8192, 512] x [512, 1536]) reaches only ~65% of the 2048^3 one and XLA-CPU attention runs at
 # ~31 GFLOP/s (the softmax's exp over [B, N, L, L]); wider layers make the matmuls efficient and
 # attention a smaller share.
-# Issue 19 (the loss's LM head as a fused custom VJP instead of a checkpointed chunk, the non-finite guard as a
-# lax.cond instead of a select over every leaf), this default, load average 6 to 18 on the 2 cores: the bench
-# before 71% and after 70% of the matmul per CPU-second (49.7 vs 69.8, 50.9 vs 72.4 GFLOP); both steps in one
-# process, interleaved, 3 pairs (/tmp script, not kept): 75.3 / 74.7 / 74.5 cpu-s a step before (best 68% of
-# the matmul per CPU-second), 72.7 / 74.4 / 78.1 after (best 70%; the last one shared the cores with a test):
-# ~2% fewer CPU-seconds at best, within the noise here; by wall time the figures move with the load. Remat stays "none": the step's 10 GiB peak fits this machine, and a remat policy would recompute the
-# forward (FLOPs the model count leaves out).
+# Issue 19, under load (load average 6 to 18): a fused custom-VJP loss head (no recomputed head matmul) and a
+# lax.cond non-finite guard measured 70% vs 71% of the matmul per CPU-second (~2% fewer CPU-seconds at best,
+# within the noise); both were left out (the lax.cond costs 0.63 GiB of temporaries in the 8B 64-way plan: the
+# updated state is no longer written in place). Remat stays "none": the step's 10 GiB peak fits this machine,
+# and a remat policy would recompute the forward (FLOPs the model count leaves out).
 BEST = Setting(width=1536, batch=4, seq=512, remat="none")
 
 

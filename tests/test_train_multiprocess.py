@@ -2,7 +2,6 @@
 through the real entry point, then resume together."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 

@@ -104,18 +104,12 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
       loss, aux, grads = loss_and_grad(state, batch)
       params = state["params"]
       gnorm = optax.tree.norm(grads)
+      updates, new_opt = tx.update(grads, state["opt_state"], params)
+      new_params = optax.apply_updates(params, updates)
       ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-
-      def update(_):
-        updates, new_opt = tx.update(grads, state["opt_state"], params)
-        return optax.apply_updates(params, updates), new_opt
-
-      # a non-finite step keeps params and optimizer state as they are: a lax.cond, not a jnp.where(ok, new, old)
-      # over every leaf (XLA:CPU, 88M parameters alone: norms + AdamW + that select 0.70 CPU-s, with lax.cond
-      # 0.17; in the whole 0.35B step of bench/train.py the difference is within this machine's noise)
-      new_params, new_opt = jax.lax.cond(ok, update, lambda _: (params, state["opt_state"]), None)
-      new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": new_params,
-                   "frozen": state["frozen"], "opt_state": new_opt}
+      keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)
+      new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": keep(new_params, params),
+                   "frozen": state["frozen"], "opt_state": keep(new_opt, state["opt_state"])}
       masked = jnp.maximum(aux["masked_tokens"], 1.0)
       metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok.astype(jnp.float32),
                  "lr": setup.schedules[lr_group](state["step"]),
