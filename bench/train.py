@@ -124,20 +124,6 @@ SWEEP = [
 BEST = Setting(width=1536, batch=4, seq=512, remat="none")
 
 
-def matmul_flops_per_cpu_s(n: int, repeats: int = 5) -> float:
-  """FLOPs of a jitted n^3 float32 matmul per second of this process's CPU time (best of N): on a machine
-  shared with other jobs, wall time counts their time slices too, CPU time (mostly) does not."""
-  a = jax.numpy.ones((n, n), "float32")
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    c = time.process_time()
-    f(a, a).block_until_ready()
-    best = min(best, time.process_time() - c)
-  return 2 * n ** 3 / best
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--sweep", action="store_true")
@@ -152,7 +138,7 @@ def main():
   settings = SWEEP if a.sweep else [dataclasses.replace(BEST, **over)]
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs", flush=True)
   mm0 = flops_lib.measure_matmul_flops(2048)
-  mc0 = matmul_flops_per_cpu_s(2048)
+  mc0 = flops_lib.measure_matmul_flops(2048, clock=time.process_time)
   print(f"plain 2048^3 float32 matmul: {mm0 / 1e9:.1f} GFLOP/s (best of 5), {mc0 / 1e9:.1f} GFLOP per CPU-second",
         flush=True)
   rows = []
@@ -162,7 +148,7 @@ def main():
     ref = max(mm0, mm)
     r["matmul_flops_per_s"] = ref
     r["ratio"] = r["flops_per_s"] / ref
-    mc = max(mc0, matmul_flops_per_cpu_s(2048))
+    mc = max(mc0, flops_lib.measure_matmul_flops(2048, clock=time.process_time))
     r["cpu_ratio"] = r["flops_per_cpu_s"] / mc
     rows.append(r)
     n_params = flops_lib.count_params(model_cfg(s))["total"]
