@@ -70,9 +70,10 @@ def prompts(cfg, n, n_text=48):
 class TorchLLaDA:
   """LLaDA's blocks in torch eager (float32): RMSNorm, rotate-half RoPE, bidirectional SDPA, SwiGLU."""
 
-  def __init__(self, model: LLaDAV):
-    p = jax.tree.map(lambda x: torch.from_numpy(np.array(x, np.float32)), nnx.to_pure_dict(model.state)["llm"])
-    self.p, self.c = p, model.cfg.llm
+  def __init__(self, model: LLaDAV, device: str = "cpu"):
+    p = jax.tree.map(lambda x: torch.from_numpy(np.array(x, np.float32)).to(device),
+                     nnx.to_pure_dict(model.state)["llm"])
+    self.p, self.c, self.device = p, model.cfg.llm, device
 
   def _norm(self, x, w):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.c.rms_norm_eps))
@@ -80,8 +81,9 @@ class TorchLLaDA:
   def __call__(self, x):  # [1, L, D] -> logits [L, V]
     c, lay = self.c, self.p["layers"]
     n = x.shape[1]
-    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
-    f = torch.arange(n, dtype=torch.float32)[:, None] * inv
+    dev = self.device
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=dev) / c.head_dim))
+    f = torch.arange(n, dtype=torch.float32, device=dev)[:, None] * inv
     cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
 
     def rope(t):  # [1, H, L, Dh]
@@ -114,8 +116,8 @@ def forward_flops(cfg, positions: int, head_positions: int) -> float:
 def original_generate(tmodel, prompt_emb, st: SamplerSettings, forwards=None):
   """generate_with_embeds for one prompt (temperature 0, low_confidence, uniform counts, eot stop);
   `forwards` (a list) gets the number of forwards run."""
-  g, bl = st.gen_length, st.block_length
-  x = torch.full((g,), st.mask_id, dtype=torch.long)
+  g, bl, dev = st.gen_length, st.block_length, tmodel.device
+  x = torch.full((g,), st.mask_id, dtype=torch.long, device=dev)
   p = prompt_emb.shape[1]
   stop = None
   for blk in range(st.num_blocks):
@@ -134,7 +136,7 @@ def original_generate(tmodel, prompt_emb, st: SamplerSettings, forwards=None):
       x0 = logits.argmax(-1)
       conf = torch.gather(torch.softmax(logits, -1), -1, x0[:, None])[:, 0]
       limit = stop if stop is not None else e
-      conf = torch.where(masked & (torch.arange(g) < limit), conf, -torch.inf)
+      conf = torch.where(masked & (torch.arange(g, device=dev) < limit), conf, -torch.inf)
       take = torch.topk(conf, counts[i]).indices
       take = take[torch.isfinite(conf[take])]
       x[take] = x0[take]
@@ -149,17 +151,17 @@ def bench_vs_original(args):
   st = SamplerSettings(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), eot_id=5, gen_length=args.gen,
                        block_length=args.block, steps=args.steps)
   ps = prompts(cfg, args.prompts)
-  tmodel = TorchLLaDA(model)
+  tmodel = TorchLLaDA(model, args.torch_device)
   embs, embs_len = [], []
   for ids, imgs in ps:
     e = multimodal.expand(ids, multimodal.process_sample_images(imgs, model.image_cfg), model.image_cfg)
     emb = model.module.embed(e.tokens[None], e.pixels[None], e.merge_idx[None], e.merge_w[None])
-    embs.append(torch.from_numpy(np.array(emb, np.float32)))
+    embs.append(torch.from_numpy(np.array(emb, np.float32)).to(args.torch_device))
     embs_len.append(e.tokens)
   torch.set_num_threads(args.torch_threads)  # on this shared 2-core machine 2 threads ran 40x slower than 1
   t = time.perf_counter()
   forwards = []
-  ref = [original_generate(tmodel, emb, st, forwards) for emb in embs]
+  ref = [original_generate(tmodel, emb, st, forwards) for emb in embs]  # .tolist() syncs each answer
   t_orig = time.perf_counter() - t
   flops_orig = sum(forward_flops(cfg, n, n) for n in forwards)  # its head runs over every position
   run = lambda **kw: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=st,  # noqa: E731
@@ -174,7 +176,8 @@ def bench_vs_original(args):
   steps_run = max(o.nfe for o in outs)  # every row of a batch runs until the batch's last one finishes
   flops_eng = steps_run * -(-n // args.rows) * args.rows * forward_flops(cfg, prompt_bucket + args.gen, args.block)
   print(f"{args.config}: {n} prompts, gen {args.gen}, block {args.block}, steps {args.steps}, "
-        f"torch threads {args.torch_threads}, JAX devices {jax.device_count()} on {os.cpu_count()} cores")
+        f"torch threads {args.torch_threads} on {args.torch_device}, JAX {jax.devices()[0].device_kind} "
+        f"(matmul precision {jax.config.jax_default_matmul_precision or 'default'}), {os.cpu_count()} cores")
   print(f"  (a) original loop, torch eager, batch 1: {n / t_orig:7.2f} answers/s, "
         f"{flops_orig / n / 1e9:7.1f} GFLOP an answer, {flops_orig / t_orig / 1e9:6.1f} GFLOP/s")
   print(f"  (b) engine, {args.rows} rows:               {n / t_eng:7.2f} answers/s, "
@@ -316,6 +319,9 @@ def main():
   ap.add_argument("--block", type=int, default=32)
   ap.add_argument("--steps", type=int, default=32)
   ap.add_argument("--torch_threads", type=int, default=1)
+  ap.add_argument("--torch_device", default="cpu", help="where the original's loop runs (cuda on a GPU machine)")
+  ap.add_argument("--precision", default=None,
+                  help="jax_default_matmul_precision; 'highest' on a GPU (float32 as torch's, not TF32)")
   ap.add_argument("--accel", action="store_true")
   ap.add_argument("--memory", action="store_true")
   ap.add_argument("--caches", default="none,prefix,dual,dllm", help="--memory: the cache modes planned (float32)")
@@ -323,6 +329,8 @@ def main():
   ap.add_argument("--demo", default=None, help="a trained demo model directory: the demo task per cache mode")
   ap.add_argument("--repeat", type=int, default=3, help="--demo: timed passes per mode (the best counts)")
   args = ap.parse_args()
+  if args.precision:
+    jax.config.update("jax_default_matmul_precision", args.precision)
   print(f"devices: {jax.devices()}")
   if args.memory:
     memory(caches=tuple(None if c == "none" else c for c in args.caches.split(",")))

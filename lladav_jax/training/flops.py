@@ -44,7 +44,7 @@ def peak_flops(device_kind: str) -> float | None:
 def measure_matmul_flops(n: int = 1024, dtype: str = "float32", repeats: int = 5, clock=time.perf_counter) -> float:
   """Best-of-N FLOP/s of a jitted n^3 matmul on the default device (the CPU 'peak'); per second of `clock`
   (`time.process_time`: per CPU-second of this process, the figure to compare on a shared machine)."""
-  a = jnp.ones((n, n), dtype)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # random data: zeros / ones can run faster on a GPU
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   best = float("inf")

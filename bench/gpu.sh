@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU figures in one call of a lent machine (its own jax / torch; our pinned pure-Python packages carried as
+# wheels in .whl, see bench/README or WORKSPACE.md): the train step's MFU, the sampler against the original's
+# loop at identical tokens, and the attention implementations' time and error. Each stage has its own time
+# limit and log under $OUT, so one failing stage does not cost the others.
+#   bash bench/gpu.sh            (on the GPU machine, from the repository root)
+set -u
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
+stage() {  # name, seconds, command...
+  local name=$1 lim=$2; shift 2
+  echo "=== $name (limit ${lim}s) $(date +%T)"
+  timeout "$lim" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -vE "^(WARNING|I0000|W0000|E0000)|^\s*$" "$OUT/$name.log" | tail -25
+  echo "=== $name rc=$rc $(date +%T)"
+  return $rc
+}
+# LLaDA-8B's layer (d 4096, 32 heads of 128; MLP 3x here), 8 layers, the released vocabulary; stage 2's 8192
+# tokens a step; bf16 compute, float32 parameters and AdamW.
+TRAIN="python3 bench/train.py --width 4096 --layers 8 --vocab 126464 --batch 4 --seq 2048 --dtype bfloat16 --chunk 2048 --steps 5"
+stage train 210 $TRAIN
+rc=$?
+if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then stage train_dense 150 $TRAIN --attention dense; fi
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage sampler 160 python3 bench/sampler.py --torch_device cuda --precision highest --prompts 32 --rows 32
+stage attention 100 python3 bench/attention.py --impls dense,blockwise,cudnn,pallas_gpu --dtype bfloat16 --tokens 2048,8192 --what op --repeats 5
