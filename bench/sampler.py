@@ -151,27 +151,32 @@ def bench_vs_original(args):
   st = SamplerSettings(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), eot_id=5, gen_length=args.gen,
                        block_length=args.block, steps=args.steps)
   ps = prompts(cfg, args.prompts)
+  n = len(ps)
   tmodel = TorchLLaDA(model, args.torch_device)
   embs, embs_len = [], []
+  embed = nnx.jit(lambda m, *a: m.embed(*a))  # one compile (equal prompt shapes), not op-by-op dispatch
   for ids, imgs in ps:
     e = multimodal.expand(ids, multimodal.process_sample_images(imgs, model.image_cfg), model.image_cfg)
-    emb = model.module.embed(e.tokens[None], e.pixels[None], e.merge_idx[None], e.merge_w[None])
+    emb = embed(model.module, e.tokens[None], e.pixels[None], e.merge_idx[None], e.merge_w[None])
     embs.append(torch.from_numpy(np.array(emb, np.float32)).to(args.torch_device))
     embs_len.append(e.tokens)
   torch.set_num_threads(args.torch_threads)  # on this shared 2-core machine 2 threads ran 40x slower than 1
+  original_generate(tmodel, embs[0], st)  # warm-up (CUDA context, kernels); not timed
   t = time.perf_counter()
   forwards = []
   ref = [original_generate(tmodel, emb, st, forwards) for emb in embs]  # .tolist() syncs each answer
   t_orig = time.perf_counter() - t
+  print(f"  original loop: {t_orig:.1f} s for {n} answers", flush=True)
   flops_orig = sum(forward_flops(cfg, n, n) for n in forwards)  # its head runs over every position
   run = lambda **kw: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=st,  # noqa: E731
                                              batch_size=args.rows, **kw)
+  t = time.perf_counter()
   run()  # compile
+  print(f"  engine: compiled and ran once in {time.perf_counter() - t:.1f} s", flush=True)
   t = time.perf_counter()
   outs = run()
   t_eng = time.perf_counter() - t
   same = sum(o.token_ids == r for o, r in zip(outs, ref))
-  n = len(ps)
   prompt_bucket = generation.bucket_length(max(len(e) for e in embs_len))
   steps_run = max(o.nfe for o in outs)  # every row of a batch runs until the batch's last one finishes
   flops_eng = steps_run * -(-n // args.rows) * args.rows * forward_flops(cfg, prompt_bucket + args.gen, args.block)
