@@ -28,6 +28,6 @@ stage() {  # name, seconds, command...
 TRAIN="python3 bench/train.py --width 4096 --vocab 126464 --seq 2048 --dtype bfloat16 --chunk 2048 --steps 3"
 # 8 layers, 8192 tokens a step; then 16 layers (the LM head a smaller share, as in the 32-layer 8B) with 4
 # micro-batches of 8192 tokens a step (the optimizer's pass over the parameters spread over 32768 tokens)
-stage train 150 $TRAIN --layers 8 --batch 4
 stage train16 150 $TRAIN --layers 16 --batch 16 --accum 4
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage sampler 200 python3 bench/sampler.py --torch_device cuda --precision highest --prompts 16 --rows 16
+stage train 150 $TRAIN --layers 8 --batch 4
