@@ -195,8 +195,11 @@ def test_select():
   kw = dict(batch=2, q_len=1024, kv_len=1024, heads=32, head_dim=128, dtype=jnp.bfloat16, cached=False)
   assert A.select("auto", backend="tpu", **kw) == "splash"
   assert A.select("auto", backend="gpu", **kw) == "cudnn"
-  # float32 on GPU: no cuDNN flash kernel; the Pallas op needs one segment array (no cache)
-  assert A.select("auto", backend="gpu", **{**kw, "dtype": jnp.float32}) == "pallas_gpu"
+  # half precision and a head_dim cuDNN does not take: the Pallas op (one segment array: no cache)
+  assert A.select("auto", backend="gpu", **{**kw, "head_dim": 256}) == "pallas_gpu"
+  # float32 on GPU: XLA, whose dots follow the matmul precision (the Triton kernel's float32 dot is TF32)
+  assert A.select("auto", backend="gpu", **{**kw, "dtype": jnp.float32}) == "dense"
+  assert A.select("auto", backend="gpu", **{**kw, "dtype": jnp.float32, "q_len": 8192, "kv_len": 8192}) == "blockwise"
   assert A.select("auto", backend="gpu", **{**kw, "dtype": jnp.float32, "cached": True, "kv_len": 2048}) == "dense"
   assert A.select("pallas_gpu", backend="gpu", **{**kw, "cached": True, "kv_len": 2048}) == "cudnn"
   assert A.select("auto", backend="cpu", **kw) == "dense"  # 2 * 32 * 1024^2 * 4 bytes = 256 MiB fits

@@ -14,9 +14,10 @@ Implementations (`IMPLS`):
   splash     the Pallas TPU Splash kernel with segment ids, inside shard_map over the batch / head axes
              (`interpret=True` runs it on CPU, tests only).
   cudnn      jax.nn.dot_product_attention(implementation="cudnn") with the mask (GPU, half precision).
-  pallas_gpu the Pallas GPU (Triton) flash-attention op with segment ids (GPU; no cache: T == S).
-  auto       `select`: splash on TPU, cudnn / pallas_gpu on GPU where they apply, else dense while its
-             scores fit `dense_limit_bytes`, else blockwise.
+  pallas_gpu the Pallas GPU (Triton) flash-attention op with segment ids (GPU; no cache: T == S; its
+             float32 dots are TF32).
+  auto       `select`: splash on TPU, cudnn / pallas_gpu on GPU for half precision where they apply, else
+             dense while its scores fit `dense_limit_bytes`, else blockwise.
 """
 from __future__ import annotations
 
@@ -76,11 +77,14 @@ def select(impl: str, *, backend: str, batch: int, q_len: int, kv_len: int, head
     return impl
   if backend == "tpu":
     return "splash"
-  if backend == "gpu":
-    if half and head_dim <= 128 and head_dim % 8 == 0:
+  if backend == "gpu" and half:
+    if head_dim <= 128 and head_dim % 8 == 0:
       return "cudnn"  # cuDNN's flash kernels: half precision, head_dim <= 128
     if not cached and q_len == kv_len and head_dim & (head_dim - 1) == 0:
       return "pallas_gpu"
+  # float32 on a GPU stays with XLA (dense / blockwise), whose dots follow jax_default_matmul_precision: the
+  # Triton kernel's float32 dot is TF32 whatever that says (an H200 run gave 0 / 16 answers identical to
+  # float32 torch with it, docs/FIDELITY.md)
   fits = batch * heads * q_len * kv_len * 4 <= dense_limit_bytes
   return "dense" if fits else "blockwise"
 
