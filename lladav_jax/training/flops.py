@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lladav_jax.config import ModelConfig
