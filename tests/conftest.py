@@ -19,7 +19,32 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program:
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"  # no size floor
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
+
+# `--dist loadfile` (CI) hands out the files with the most tests first, so the files of few but long tests (the
+# CLIs, the servers, the sharded and compiled steps) came last and one worker ran the last of them alone. These,
+# the longest files (seconds measured on 2 workers), go first, the longest first; the rest keep xdist's order.
+LONG_FILES = ("test_sampler_accel.py", "test_released_checkpoint.py", "test_sampler.py", "test_fsdp_work.py",
+              "test_attention.py", "test_lmms_cli.py", "test_sharding_presets.py", "test_serve.py",
+              "test_train_resume.py", "test_lora.py", "test_train_errors.py", "test_sampler_dllm.py",
+              "test_parity_lladav.py", "test_sampler_engine.py", "test_train_step.py", "test_serve_page.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  class LongFilesFirst(LoadFileScheduling):
+    def _assign_work_unit(self, node):
+      for name in reversed(LONG_FILES):  # each to the front of the queue: the first listed ends up first
+        for scope in [s for s in self.workqueue if os.path.basename(s) == name]:
+          self.workqueue.move_to_end(scope, last=False)
+      super()._assign_work_unit(node)
+
+  return LongFilesFirst(config, log)
