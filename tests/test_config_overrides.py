@@ -36,8 +36,8 @@ WANT = {"train.global_batch_size": 16, "optim.lr": 0.005, "loss.antithetic": Tru
         "model.vocab_size": 600, "optim.group_lr.llm": 0.002, "eval.gen_length": 5}
 
 
-def _train_cli(tmp_path, *args):
-  return subprocess.run([PYTHON, "-m", "lladav_jax.train", *args], cwd=REPO, env=subprocess_env(tmp_path / "c"),
+def _train_cli(*args):
+  return subprocess.run([PYTHON, "-m", "lladav_jax.train", *args], cwd=REPO, env=subprocess_env(),
                         capture_output=True, text=True, timeout=300)
 
 
@@ -52,13 +52,13 @@ def test_defaults_differ_from_the_overrides():
 
 
 @pytest.mark.parametrize("form", ["flags", "suffix"])
-def test_overrides_from_the_command_line(tmp_path, form):
+def test_overrides_from_the_command_line(form):
   if form == "flags":
     args = ["--config=configs/finetune.py:finetune,runlocal"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   else:  # the suffix first, then a --config flag over it
     suffix = ",".join(f"{k}={v}" for k, v in OVERRIDES.items())
     args = [f"--config=configs/finetune.py:finetune,runlocal,train.num_steps=5,{suffix}", "--config.train.num_steps=7"]
-  r = _train_cli(tmp_path, *args, "--print_config")
+  r = _train_cli(*args, "--print_config")
   assert r.returncode == 0, r.stderr
   s = json.loads(r.stdout)
   assert _resolved(s) == WANT
@@ -77,8 +77,8 @@ def test_suffix_errors_name_the_field():
   assert finetune.get_config("stage1,runlocal").data.kind == "synthetic"  # runlocal is still a modifier
 
 
-def test_every_bad_field_is_reported_at_once(tmp_path):
-  r = _train_cli(tmp_path, "--config=configs/finetune.py:finetune,runlocal", "--print_config",
+def test_every_bad_field_is_reported_at_once():
+  r = _train_cli("--config=configs/finetune.py:finetune,runlocal", "--print_config",
                  "--config.loss.eps=2.0", "--config.optim.schedule=wavy", "--config.train.grad_accum_steps=3",
                  "--config.data.synthetic_tiles=4")
   assert r.returncode == 2, r.stderr

@@ -26,8 +26,8 @@ print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 5)
 """
 
 
-def _faults_per_call(mode, tmp_path):
-  r = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=REPO, env=subprocess_env(tmp_path / "cache"),
+def _faults_per_call(mode):
+  r = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=REPO, env=subprocess_env(),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   tuned, faults = r.stdout.split()
@@ -35,8 +35,8 @@ def _faults_per_call(mode, tmp_path):
   return float(faults)
 
 
-def test_temporaries_are_reused_not_faulted_in_again(tmp_path):
-  default, tuned = _faults_per_call("default", tmp_path), _faults_per_call("tuned", tmp_path)
+def test_temporaries_are_reused_not_faulted_in_again():
+  default, tuned = _faults_per_call("default"), _faults_per_call("tuned")
   # 64 MiB is 16384 pages of 4 KiB: glibc maps and unmaps the block every call unless told otherwise
   assert default > 8000, default
   assert tuned < 200, tuned

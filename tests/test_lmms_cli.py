@@ -130,7 +130,7 @@ def run(tmp_path_factory):
                                            *gen_kwargs, "process_results: !function utils.mr_results"))
 
   out = root / "out"
-  env = subprocess_env(root / "jax_cache")
+  env = subprocess_env()
   env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf"), TOKENIZERS_PARALLELISM="false")
   r = subprocess.run([PYTHON, "-m", "lmms_eval", "--model", "lladav_jax",
                       "--model_args", f"pretrained={ckpt},dtype=float32,mc_num={MC_NUM}",

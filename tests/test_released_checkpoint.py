@@ -50,12 +50,12 @@ def orbax(released, tmp_path_factory):
   """The convert CLI's hf-to-orbax of the released directory, once for the module (the round trip and the
   train CLI both start from it)."""
   tmp = tmp_path_factory.mktemp("orbax")
-  run(["lladav_jax.convert", "hf-to-orbax", released[1], str(tmp / "orbax")], tmp)
+  run(["lladav_jax.convert", "hf-to-orbax", released[1], str(tmp / "orbax")])
   return tmp / "orbax"
 
 
-def run(args, tmp, timeout=600):
-  r = subprocess.run([PYTHON, "-m", *args], cwd=REPO, env=subprocess_env(tmp / "jax_cache"), capture_output=True,
+def run(args, timeout=600):
+  r = subprocess.run([PYTHON, "-m", *args], cwd=REPO, env=subprocess_env(), capture_output=True,
                      text=True, timeout=timeout)
   assert r.returncode == 0, r.stderr[-3000:]
   return r
@@ -105,7 +105,7 @@ def test_config_without_vision_config_means_so400m(released, tmp_path):
 def test_convert_cli_round_trip_and_generate_cli(released, orbax, answers, tmp_path):
   root, hf = released
   back = tmp_path / "hf_again"
-  run(["lladav_jax.convert", "orbax-to-hf", str(orbax), str(back)], tmp_path)
+  run(["lladav_jax.convert", "orbax-to-hf", str(orbax), str(back)])
   a, b = weights.SafetensorsDir(hf), weights.SafetensorsDir(str(back))
   assert sorted(a.names) == sorted(b.names)
   for k in a.names:
@@ -116,7 +116,7 @@ def test_convert_cli_round_trip_and_generate_cli(released, orbax, answers, tmp_p
   assert [x.token_ids for x in again] == [x.token_ids for x in answers]
   # the generate CLI on the released directory prints the API's answer
   r = run(["lladav_jax.generate", "--checkpoint", hf, "--image", str(root / "wide.png"), "--prompt", QUESTIONS[0],
-           "--dtype", "float32", "--json", "--no_live", *[f"--{k}={v}" for k, v in KW.items()]], tmp_path)
+           "--dtype", "float32", "--json", "--no_live", *[f"--{k}={v}" for k, v in KW.items()]])
   out = json.loads(r.stdout)
   assert out["token_ids"] == answers[0].token_ids and out["text"] == answers[0].text
 
@@ -152,7 +152,7 @@ def test_train_cli_fine_tunes_the_converted_checkpoint(released, orbax, tmp_path
        "--config.data.seq_len=4480", "--config.data.buckets=(1536,4480)", "--config.data.tile_budget=8",
        "--config.train.global_batch_size=2",
        "--config.train.num_steps=2", "--config.checkpoint.every_steps=2", "--config.log.progress=False",
-       "--config.log.tensorboard=False"], tmp_path)
+       "--config.log.tensorboard=False"])
   rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)

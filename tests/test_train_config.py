@@ -109,7 +109,7 @@ def test_image_tokens_must_fit_the_sequence(tmp_path):
 def test_cli_reports_config_errors(tmp_path):
   r = subprocess.run([PYTHON, "-m", "lladav_jax.train", "--config=configs/finetune.py:finetune",
                       f"--workdir={tmp_path}", f"--config.init.checkpoint={tmp_path}/missing"],
-                     cwd=REPO, env=subprocess_env(tmp_path / "c"), capture_output=True, text=True, timeout=300)
+                     cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr
   assert "init.checkpoint" in r.stderr and "hf-to-orbax" in r.stderr
 

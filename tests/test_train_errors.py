@@ -20,7 +20,7 @@ TMP = ".orbax-checkpoint-tmp"
 def env(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("errors")
   ensure_demo_data(str(tmp / "demo"))
-  return tmp, subprocess_env(tmp / "jax_cache")
+  return tmp, subprocess_env()
 
 
 def _train(env, workdir, *overrides, demo_root=None, entry=("-m", "lladav_jax.train")):

@@ -51,7 +51,7 @@ def _launch(workdir, steps, env, preset="finetune", per_process=((), ())):
 
 @pytest.mark.slow  # ~100 s: four process launches; single-process kill/resume is in the default suite
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
-  env = subprocess_env(tmp_path / "jax_cache", devices=2)  # 2 processes x 2 CPU devices = a 4-device mesh
+  env = subprocess_env(devices=2)  # 2 processes x 2 CPU devices = a 4-device mesh
   wd = str(tmp_path / "run")
   rcs, outs = _launch(wd, 6, env)
   _skip_without_gloo(rcs, outs)
@@ -82,7 +82,7 @@ def test_one_process_out_of_good_data_stops_every_process(tmp_path):
     if i % 3 == 0:
       ims = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
       (d / ims[0]).write_bytes(b"not an image")
-  env = subprocess_env(tmp_path / "jax_cache", devices=2)
+  env = subprocess_env(devices=2)
   common = (f"data.demo_root={demo}", "data.skip_check_min_samples=4")
   rcs, outs = _launch(str(tmp_path / "run"), 6, env, preset="demo",
                       per_process=(common + ("data.max_skip_fraction=1.0",), common + ("data.max_skip_fraction=0.01",)))

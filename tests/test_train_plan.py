@@ -43,7 +43,7 @@ def test_dry_run_cli_names_the_largest_buffers(tmp_path):
   """`train --dry_run` runs each mesh in a subprocess with its own device count and reads XLA's buffer assignment:
   the largest temporaries with the op that makes them (the dense attention scores of the tiny model: [.., L, L])."""
   out = subprocess.run([PYTHON, "-m", "lladav_jax.train", "--config=configs/finetune.py:stage2_si,runlocal", "--dry_run",
-                        "--dry_run_meshes=fsdp_tp:1,4,2"], cwd=REPO, env=subprocess_env(tmp_path / "cache"),
+                        "--dry_run_meshes=fsdp_tp:1,4,2"], cwd=REPO, env=subprocess_env(),
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-2000:]
   p = json.loads([l for l in out.stdout.splitlines() if l.startswith("{")][-1])

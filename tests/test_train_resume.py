@@ -48,7 +48,7 @@ def _run_until(args, env, workdir, sig, min_ckpt, timeout=300):
 def uninterrupted(tmp_path_factory):
   """One uninterrupted demo run (tiny model): (tmp dir, env, {step: metrics row})."""
   tmp = tmp_path_factory.mktemp("resume")
-  env = subprocess_env(tmp / "jax_cache")
+  env = subprocess_env()
   # a relative --workdir, as in the README (orbax itself needs absolute paths)
   r = subprocess.run(_args("a", tmp / "demo"), cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr

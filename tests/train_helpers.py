@@ -19,15 +19,13 @@ def flat(batch):
   return {**{f.name: getattr(x, f.name) for f in dataclasses.fields(x)}, "labels": batch.labels}
 
 
-def subprocess_env(cache_dir, devices=1):
-  """Environment for running the real entry point in a subprocess (CPU, persistent compile cache)."""
+def subprocess_env(devices=1):
+  """Environment for running the real entry point in a subprocess (CPU; the session's persistent compile cache,
+  inherited from tests/conftest.py's environment)."""
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
 
 

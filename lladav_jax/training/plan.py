@@ -204,7 +204,8 @@ def run_plans(argv: Sequence[str], meshes: Sequence[str], *, timeout: int = 3600
     preset, shape = parse_mesh(spec)
     n = math.prod(shape)
     with tempfile.TemporaryDirectory(prefix="lladav_plan_") as dump:
-      env = dict(os.environ, JAX_PLATFORMS="cpu",
+      # no persistent compilation cache: a hit compiles nothing, so writes no dump (the dump flags are not in its key)
+      env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
                  XLA_FLAGS=f"--xla_force_host_platform_device_count={n} --xla_dump_to={dump} "
                            "--xla_dump_hlo_module_re=.*train_step.*")
       cmd = [sys.executable, "-m", "lladav_jax.train", *base, f"--dry_run_mesh={spec}", f"--dry_run_dump={dump}"]
