@@ -174,13 +174,14 @@ SWEEP = [
 # measurement gave 13.6 to 16.5 CPU-s (scan and unrolled alike), so that gap is not pinned to one op (profiler thunk
 # times overlap: XLA runs the Eigen dots asynchronously next to other thunks). Tried and left out: the dense core with
 # the softmax normalised after the value matmul (equal CPU time with [B, N, T, S] scores, 20% slower grouped as [B, K,
-# G, T, S]); XLA_FLAGS --xla_cpu_experimental_ynn_fusion_type=-reduce (no change); the optimizer: AdamW over the 350M
-# parameters costs 1.8 CPU-s unguarded and 3.3-3.8 with the jnp.where non-finite guard (the guard keeps m/v and the
-# parameter update in separate fusions that each re-read g, m and v, plus 75 copies of the old moments); an ordering
-# trick that removes the copies (the moments' select made to depend on the new parameters' norm) left the time
-# unchanged (3.3-3.5), so the guard's cost is the extra passes, which only a one-pass fused AdamW would remove. The
-# 80% goal is not met on this shared machine: the forward is at ~77%, the backward's ~65% is what bounds the step, and
-# run-to-run spread is +-5 points of the ratio.
+# G, T, S]); XLA_FLAGS --xla_cpu_experimental_ynn_fusion_type=-reduce (no change) and
+# --xla_cpu_enable_concurrency_optimized_scheduler=false (2-layer stack 15.3 and 16.7 CPU-s vs 16.4 and 16.5: noise);
+# the optimizer: AdamW over the 350M parameters costs 1.8 CPU-s unguarded and 3.3-3.8 with the jnp.where non-finite
+# guard (the guard keeps m/v and the parameter update in separate fusions that each re-read g, m and v, plus 75 copies
+# of the old moments); an ordering trick that removes the copies (the moments' select made to depend on the new
+# parameters' norm) left the time unchanged (3.3-3.5), so the guard's cost is the extra passes, which only a one-pass
+# fused AdamW would remove. The 80% goal is not met on this shared machine: the forward is at ~77%, the backward's
+# ~65% is what bounds the step, and run-to-run spread is +-5 points of the ratio.
 BEST = Setting(width=1536, batch=4, seq=512, remat="none")
 
 
