@@ -88,7 +88,7 @@ def test_tokens_do_not_depend_on_neighbours_or_arrival(model):
 
 
 def test_the_lean_head_gives_the_full_blocks_tokens(model):
-  """The engine with the decision on the eligible positions only (the default ladder 8, 4, 2) and with
+  """The engine with the decision on the eligible positions only (the default ladder 8, 4) and with
   the whole block always (head_rungs=1): the same tokens at temperature 0 and > 0 (seeded, random
   remasking, threshold), with less of the head."""
   reqs, shapes = _requests(model)
@@ -99,9 +99,9 @@ def test_the_lean_head_gives_the_full_blocks_tokens(model):
   for k in full:  # the decision's length is the largest over the running rows: a neighbour may keep it at 8
     assert lean[k][3] <= full[k][3] == 8 * full[k][4], (k, lean[k], full[k])
   assert sum(v[3] for v in lean.values()) < sum(v[3] for v in full.values())
-  # alone, 2 commits a step: 8, 6, 4, 2 eligible positions -> lengths 8, 8, 4, 2 in each of the 3 blocks
+  # alone, 2 commits a step: 8, 6, 4, 2 eligible positions -> lengths 8, 8, 4, 4 in each of the 3 blocks
   alone = _run(model, reqs[:1], shapes, [0], np.random.default_rng(0), head=True)[0]
-  assert alone[:3] == lean[0][:3] and alone[3:] == (3 * (8 + 8 + 4 + 2), 12)
+  assert alone[:3] == lean[0][:3] and alone[3:] == (3 * (8 + 8 + 4 + 4), 12)
 
 
 # ----------------------------------------------------------------------------- the chunked decision
@@ -171,7 +171,7 @@ def _decide_block(h, w, elig, start, keys, temp, scale, rand, sizes):
 
 
 def test_the_lean_decision_equals_the_full_blocks(head):
-  """decide_block on the eligible positions only (Q' from the ladder 16, 8, 4) equals `decide` on the
+  """decide_block on the eligible positions only (Q' from the three-rung ladder 16, 8, 4) equals `decide` on the
   whole block with each position's absolute index (what the engine ran before, but for the noise
   stream): x0 and confidence exactly at the eligible positions, at temperature 0 and > 0 and with
   random remasking (per-position noise); -inf confidence elsewhere."""
@@ -191,7 +191,7 @@ def test_the_lean_decision_equals_the_full_blocks(head):
     elig = np.zeros((b, l), bool)
     for r, n in enumerate(counts):
       elig[r, rng.choice(l, n, replace=False)] = True
-    x0, conf, q = _decide_block(h, w, elig, start, keys, temp, scale, rand, decode.ladder(l))
+    x0, conf, q = _decide_block(h, w, elig, start, keys, temp, scale, rand, decode.ladder(l, 3))
     assert int(q) == want, counts
     np.testing.assert_array_equal(np.asarray(conf)[~elig], -np.inf)
     np.testing.assert_array_equal(np.asarray(x0)[elig], np.asarray(full_x0)[elig])
@@ -204,7 +204,7 @@ def test_the_lean_decision_runs_the_head_on_each_rung():
   b, l, d, v = 2, 32, 8, 128
   f = lambda h, e: decode.decide_block(  # noqa: E731
       h, e, jnp.zeros(b, jnp.int32), jnp.ones((d, v)), jax.vmap(jax.random.key)(jnp.arange(b)), jnp.zeros(b),
-      jnp.zeros(b), jnp.zeros(b, bool), sizes=decode.ladder(l), banned_ids=(), chunk=64, cfg=True, dtype=jnp.float32)
+      jnp.zeros(b), jnp.zeros(b, bool), sizes=decode.ladder(l, 3), banned_ids=(), chunk=64, cfg=True, dtype=jnp.float32)
   jaxpr = jax.make_jaxpr(f)(jnp.ones((2 * b, l, d)), jnp.ones((b, l), bool))
   shapes = []
 
@@ -217,7 +217,8 @@ def test_the_lean_decision_runs_the_head_on_each_rung():
           if hasattr(sub, "jaxpr"):
             walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
   walk(jaxpr.jaxpr)
-  assert decode.ladder(l) == (32, 16, 8) and decode.ladder(2) == (2, 1) and decode.ladder(8, 1) == (8,)
+  assert decode.ladder(l, 3) == (32, 16, 8) and decode.ladder(l) == (32, 16) and decode.ladder(2) == (2, 1)
+  assert decode.ladder(8, 1) == (8,)
   assert sorted(shapes) == [(2 * b, q, 64) for q in (8, 16, 32)], shapes
 
 

@@ -33,9 +33,9 @@ def chunk_size(vocab: int, target: int = 8192) -> int:
   return max(c for c in range(1, min(vocab, target) + 1) if vocab % c == 0)
 
 
-def ladder(block_length: int, rungs: int = 3) -> tuple:
+def ladder(block_length: int, rungs: int = 2) -> tuple:
   """The static decision lengths of `decide_block`: the block, then halves (rounded up), at most
-  `rungs` of them (32 -> 32, 16, 8; 2 -> 2, 1)."""
+  `rungs` of them (32 -> 32, 16; three rungs: 32, 16, 8; 2 -> 2, 1)."""
   out = [block_length]
   while len(out) < max(rungs, 1) and out[-1] > 1:
     out.append(-(-out[-1] // 2))

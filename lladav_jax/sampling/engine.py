@@ -63,10 +63,12 @@ the transformer (dllm: the queries of its form).
 The decision (`decode.decide_block`) runs the LM head only on the positions that can still be
 committed: each row's eligible positions of its current block (never committed ones, never later
 blocks) are gathered in ascending order into Q' slots, Q' the smallest rung of the static ladder
-block_length, block_length / 2, block_length / 4 (`EngineConfig.head_rungs`, `decode.ladder`) that
-holds the largest eligible count over the rows; one `lax.switch` branch a rung inside the same
-program (no recompile). At a uniform schedule of one commit a step (and for every row alike) the
-head does about 0.69 of the whole block's work (0.75 with two rungs, 0.67 with unboundedly many);
+block_length, block_length / 2 (`EngineConfig.head_rungs`, default 2; `decode.ladder`: a third rung
+block_length / 4, ...) that holds the largest eligible count over the rows; one `lax.switch` branch a
+rung inside the same program (no recompile). At a uniform schedule of one commit a step (and for every
+row alike) the head does 0.75 of the whole block's work (about 0.69 with three rungs, 0.67 with
+unboundedly many; each rung is another copy of the decision to compile, ~1-2 s an engine program on
+config.tiny's CPU compile);
 threshold / factor decoding, which empties a block faster, saves more. The rung is the largest over
 the running rows, so one row at the start of its block keeps its neighbours at the whole block; a
 position's decision does not depend on the rung (its noise is a function of the row's key and its
