@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU figures in one call of a lent machine (its own jax / torch; our pinned pure-Python packages carried as
-# wheels in .whl, see bench/README or WORKSPACE.md): the train step's MFU, the sampler against the original's
-# loop at identical tokens, and the attention implementations' time and error. Each stage has its own time
-# limit and log under $OUT, so one failing stage does not cost the others.
+# The GPU figures in one call of a lent machine: the train step's MFU and the sampler against the original's
+# loop at identical tokens, each stage with its own time limit and log under $OUT (one failing stage does not
+# cost the others). The machine's image brings jax, flax and torch (its jax 0.11.2 needs its own flax 0.12.10,
+# not our pinned 0.12.8); the rest of our pins (optax, orbax-checkpoint, grain, array-record, ml_collections,
+# chex, portpicker) travel as wheels in .whl (`pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION`).
 #   bash bench/gpu.sh            (on the GPU machine, from the repository root)
+# The attention kernels' table (docs/ATTENTION.md): python3 bench/attention.py --impls
+#   dense,blockwise,cudnn,pallas_gpu --dtype bfloat16 --tokens 2048,8192 --what op --repeats 5
 set -u
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
