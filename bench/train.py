@@ -189,6 +189,8 @@ SWEEP = [
 # parameters' norm) left the time unchanged (3.3-3.5), so the guard's cost is the extra passes, which only a one-pass
 # fused AdamW would remove. The 80% goal is not met on this shared machine: the forward is at ~77%, the backward's
 # ~65% is what bounds the step, and run-to-run spread is +-5 points of the ratio.
+# Quiet machine (load 0.6), 2026-11-26, the default setting: 88.1 GFLOP/s against a 149.3 GFLOP/s matmul (59%); per
+# CPU-second 47.7 vs 84.3 (57%): this VM's matmul ran faster than in earlier runs (~70), the step did not follow.
 # One NVIDIA H200 (jax 0.11.2; `bash bench/gpu.sh`): d=4096 (LLaDA-8B's layer, MLP 3x), 8 layers, vocabulary
 # 126464, B=4 L=2048, bf16 compute, float32 parameters and AdamW, chunk 2048, cuDNN attention: 0.264 s a step,
 # 447 TFLOP/s, 66% of a random 8192^3 bf16 matmul (669-673 TFLOP/s), MFU 45.2% of 989 (two runs: 44.7%, 45.2%);
