@@ -13,6 +13,7 @@ Each is jitted and compiled first; the time is the median of `--repeats` runs (b
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -63,13 +64,19 @@ def op_grads(impl: str, length: int, block: int, dtype: str):
   return f, (q, k, v)
 
 
+@functools.lru_cache
+def reference_grads(length: int, block: int):
+  """The gradients of dense float32 attention at the highest precision: once a length, for every kernel."""
+  with jax.default_matmul_precision("highest"):
+    rf, rargs = op_grads("dense", length, block, "float32")
+    return rf(*rargs)
+
+
 def op_time(impl: str, length: int, block: int, repeats: int, dtype: str = "float32"):
   """(seconds, the gradients' largest relative error against dense float32 at the highest precision)."""
   f, args = op_grads(impl, length, block, dtype)
   t = timed(f, *args, repeats=repeats)
-  with jax.default_matmul_precision("highest"):
-    rf, rargs = op_grads("dense", length, block, "float32")
-    ref = rf(*rargs)
+  ref = reference_grads(length, block)
   got = f(*args)
   err = max(float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r)) for g, r in zip(got, ref))
   return t, err

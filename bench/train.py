@@ -13,7 +13,8 @@ length mixes), achieved model FLOP/s (training/flops.py: 6*N*tokens for
 matmul weights + full bidirectional attention + the vision tower per tile), next to the FLOP/s of
 a plain jitted 2048^3 float32 matmul measured in the same process (best of N, before and after),
 and their ratio; and the same two per second of the process's CPU time (best step, best matmul), the
-figure to compare on a machine shared with other jobs (wall time also counts their time slices). Parameters are random host arrays (the model's init is not compiled).
+figure to compare on a machine shared with other jobs (wall time also counts their time slices). On a CPU the
+parameters are random host arrays (the model's init is not compiled); on an accelerator, the model's init.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from lladav_jax import config as model_config, sharding  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
@@ -67,17 +67,24 @@ def model_cfg(s: Setting):
   return cfg.replace(llm=llm)
 
 
-def run(s: Setting, steps: int, warmup: int = 1):
+def prepare(s: Setting):
+  """The setting's model config, train setup (one device, the HF Trainer AdamW of every stage), initial state
+  and synthetic host batch."""
   cfg = model_cfg(s)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  ocfg = optimizer.OptimConfig(lr=1e-4)  # the HF Trainer AdamW of every stage
-  setup = st.make_setup(cfg, mesh, ocfg, total_steps=1000)
+  setup = st.make_setup(cfg, mesh, optimizer.OptimConfig(lr=1e-4), total_steps=1000)
   # CPU: random host arrays (the init's compile would cost more than the run); accelerators: the model's init
   host = random_like(st.full_params(setup.abstract)) if jax.default_backend() == "cpu" else None
   state = st.init_state(setup, seed=0, params=host)
   batch = synthetic.make_batch(np.random.default_rng(0), batch=s.batch, seq_len=s.seq, vocab_size=cfg.llm.vocab_size,
                                mask_token_id=cfg.mask_token_id, tiles=s.tiles, image_size=cfg.vision.image_size,
                                patch_size=cfg.vision.patch_size)
+  return cfg, setup, state, batch
+
+
+def run(s: Setting, steps: int, warmup: int = 1):
+  cfg, setup, state, batch = prepare(s)
+  mesh = setup.mesh
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
   with jax.default_matmul_precision(s.precision):
     t = time.perf_counter()
@@ -106,29 +113,14 @@ def run(s: Setting, steps: int, warmup: int = 1):
 
 def breakdown(s: Setting, repeats: int = 2):
   """CPU-seconds (best of `repeats`) of the step's parts for setting `s`, each jitted on its own: the forward loss
-  (noise, model, chunked LM head + CE), and loss + gradients (the step without the optimizer). The optimizer's share
-  is the full step's CPU time minus the second."""
-  cfg = model_cfg(s)
-  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  setup = st.make_setup(cfg, mesh, optimizer.OptimConfig(lr=1e-4), total_steps=1000)
-  state = st.init_state(setup, seed=0, params=random_like(st.full_params(setup.abstract)))
-  batch = synthetic.make_batch(np.random.default_rng(0), batch=s.batch, seq_len=s.seq, vocab_size=cfg.llm.vocab_size,
-                               mask_token_id=cfg.mask_token_id, tiles=s.tiles, image_size=cfg.vision.image_size,
-                               patch_size=cfg.vision.patch_size)
-  lcfg = loss_lib.LossConfig(logits_chunk=s.chunk)
-  loss_and_grad = stp.make_loss_and_grad(setup, lcfg, accum=1)
-
-  def forward(state, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    x = batch.inputs
-    t, u = loss_lib.draw_noise(key, x.segments, x.positions)
-    model = nnx.merge(setup.graphdef, nnx.State(optimizer.merge_params(state["params"], state["frozen"])))
-    return loss_lib.diffusion_loss(model, batch, t, u, mask_token_id=cfg.mask_token_id, cfg=lcfg,
-                                   conversations=loss_lib.conversations(x.segments)[1])[0]
-
+  (the step's own loss and gradient function with only the loss kept: XLA drops the backward), and loss +
+  gradients (the step without the optimizer). The optimizer's share is the full step's CPU time minus the second."""
+  _, setup, state, batch = prepare(s)
+  loss_and_grad = stp.make_loss_and_grad(setup, loss_lib.LossConfig(logits_chunk=s.chunk), accum=1)
+  parts = (("forward", lambda st_, b: loss_and_grad(st_, b)[0]), ("loss_and_grad", lambda st_, b: loss_and_grad(st_, b)[::2]))
   out = {}
   with jax.default_matmul_precision(s.precision):
-    for name, fn in (("forward", forward), ("loss_and_grad", lambda st_, b: loss_and_grad(st_, b)[::2])):
+    for name, fn in parts:
       f = jax.jit(fn)
       jax.block_until_ready(f(state, batch))
       best = float("inf")
