@@ -41,7 +41,7 @@ def one(preset: str, devices: int, tokens: int, tiles: int, remat: str, chunk: i
   b = devices
   shapes = batch_lib.shapes(b, tokens, tiles, cfg.vision.image_size)
   compiled, mem = stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=chunk), accum=1,
-                                         batch_shapes=shapes)
+                                         batch_shapes=shapes, analysis_only=True)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"devices": devices, "tokens": tokens, "attention": attention, "global_batch": b, "tiles": tiles,

@@ -41,7 +41,7 @@ from lladav_jax.api import LLaDAV  # noqa: E402
 from lladav_jax.model import abstract_model  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
 from lladav_jax.sampling import EngineConfig, EngineShapes, SamplerSettings, engine, uniform_counts  # noqa: E402
-from lladav_jax.training.step import memory_stats  # noqa: E402
+from lladav_jax.training.step import ANALYSIS_ONLY, memory_stats  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -250,7 +250,7 @@ def memory(rows=64, answer=256, prompt=1024, block=32, caches=(None, "prefix", "
     kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
     rest = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) - kv
     t = time.perf_counter()
-    m = memory_stats(engine.advance.lower(graphdef, ec, params, state, np.int32(1)).compile())
+    m = memory_stats(engine.advance.lower(graphdef, ec, params, state, np.int32(1)).compile(ANALYSIS_ONLY))
     gb = lambda b: f"{b / 2**30:6.2f} GiB"  # noqa: E731
     print(f"  {dtype} cache={cache}, forward_rows={groups}: weights {gb(weights)}, cache {gb(kv)}, "
           f"other state {gb(rest)}, temporaries {gb(m['temp_size_in_bytes'])} "

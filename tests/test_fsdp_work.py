@@ -31,7 +31,7 @@ def compile_step(devices: int, per_device: int = 1):
   setup = st.make_setup(CFG, mesh, optim_cfg(), total_steps=10)
   b = devices * per_device
   return stp.compile_train_step(setup, loss_lib.LossConfig(logits_chunk=512), accum=1,
-                                batch_shapes=batch_lib.shapes(b, L, 1, CFG.vision.image_size))
+                                batch_shapes=batch_lib.shapes(b, L, 1, CFG.vision.image_size), analysis_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def compile_sampler(devices: int, per_device: int = 1):
   shapes = EngineShapes(rows=devices * per_device, prompt_len=L, answer_len=64)
   with jax.set_mesh(mesh):
     state = stp.abstract_batch(mesh, jax.eval_shape(lambda p: engine._init(graphdef, cfg, shapes, p), params))
-    compiled = engine.advance.lower(graphdef, cfg, params, state, np.int32(1)).compile()
+    compiled = engine.advance.lower(graphdef, cfg, params, state, np.int32(1)).compile(stp.ANALYSIS_ONLY)
   return compiled, stp.memory_stats(compiled)
 
 

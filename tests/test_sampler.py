@@ -228,6 +228,7 @@ def test_cfg_matches_reference(model):
   assert outs[0].nfe == 2 * outs[0].steps == 24
 
 
+@pytest.mark.slow  # the CI budget: test_sampler_engine checks seeded temperatures against neighbours and arrival
 def test_temperature_and_random_remasking_are_seeded(model):
   st = settings(temperature=1.0, remasking="random", eot_id=None)
   run = functools.partial(generation.generate_ids, model, settings=st, batch_size=4, **BUCKETS)

@@ -61,6 +61,7 @@ def test_shift_schedule_example_and_torch_parity():
   assert table[7].tolist() == [2, 2, 2, 1] and table[0].tolist() == [0, 0, 0, 0]
 
 
+@pytest.mark.slow  # the CI budget: the schedule's own torch parity test above stays in the default run
 def test_shift_schedule_in_the_sampler_matches_reference(model):
   st = settings(schedule="shift", shift=1 / 3, gen_length=24, block_length=24, steps=12)
   outs = generation.generate_ids(model, PROMPTS[:2], IMAGES[:2], settings=st, suffix_ids=SUFFIX,

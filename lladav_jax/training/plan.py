@@ -177,7 +177,7 @@ def plan_one(cfg, preset: str, shape: Sequence[int], dump_dir: str | None = None
   tiles = d.tile_budget
   gb, accum = r.train.global_batch_size, r.train.grad_accum_steps
   shapes = batch_lib.shapes(gb, length, tiles, r.model.vision.image_size)
-  compiled, mem = step_lib.compile_train_step(setup, r.loss, accum=accum, batch_shapes=shapes)
+  _, mem = step_lib.compile_train_step(setup, r.loss, accum=accum, batch_shapes=shapes, analysis_only=True)
   abs_batch = step_lib.abstract_batch(mesh, shapes)
   micro = _shard_bytes(abs_batch) // accum
   largest = largest_buffers(dump_dir) if dump_dir else []

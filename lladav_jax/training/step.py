@@ -131,13 +131,18 @@ def jit_train_step(setup: Setup, loss_cfg, *, accum: int, batch_example):
                  out_shardings=(setup.shardings, rep))
 
 
-def compile_train_step(setup: Setup, loss_cfg, *, accum: int, batch_shapes):
+# Compiler options for a program that is only inspected (memory plans, HLO checks) and never run: the backend
+# skips LLVM's optimisations, about 40% of a CPU compile; the HLO, buffer assignment and memory stats are the same.
+ANALYSIS_ONLY = {"xla_backend_optimization_level": 0}
+
+
+def compile_train_step(setup: Setup, loss_cfg, *, accum: int, batch_shapes, analysis_only: bool = False):
   """Ahead-of-time compile for one batch shape (`batch.shapes(...)`, global sizes); returns
-  (compiled, memory stats dict or None)."""
+  (compiled, memory stats dict or None). `analysis_only`: the program will not be run (ANALYSIS_ONLY)."""
   abs_batch = abstract_batch(setup.mesh, batch_shapes)
   jitted = jit_train_step(setup, loss_cfg, accum=accum, batch_example=abs_batch)
   with jax.set_mesh(setup.mesh):
-    compiled = jitted.lower(setup.abstract, abs_batch).compile()
+    compiled = jitted.lower(setup.abstract, abs_batch).compile(ANALYSIS_ONLY if analysis_only else None)
   return compiled, memory_stats(compiled)
 
 
