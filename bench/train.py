@@ -191,11 +191,12 @@ SWEEP = [
 # float32 parameters (~80 GB of traffic: ~20 ms), norms / RoPE / SiLU and the float32 CE. 16 layers with 4
 # micro-batches of 8192 tokens ran out of memory (119 GiB wanted: no remat, the accumulated gradient).
 # 2026-11-26 (second session, perf + the XLA profiler, 2 layers of the default setting): the ynn dot kernel takes 50% of
-# the cycles, XLA's own fused loops 31%, the kernel 8% (clearing faulted pages: ~660k minor faults, 2.6 GB, a step, as
-# glibc returns the step's temporaries above its 2 GiB trim threshold), Eigen's GEMM packing 4%. The largest single
-# loop is the SwiGLU backward fused with a transpose of its [2048, 4608] output for the weight-gradient dot
-# (copy_bitcast_fusion, ~0.3 s a layer, ~5% of the step); the isolated MLP compiles without it. Per CPU-second the
-# 2-layer step reaches 74% of the matmul, 28 CPU-s a step; disabling ynn dot fusions
+# the cycles, XLA's own fused loops 31%, the kernel 8% (clearing faulted pages: ~710k minor faults, 2.8 GB, a step with
+# glibc's defaults, which map and unmap the step's large temporaries; ~660k with host_memory's settings, whose 2 GiB
+# trim threshold returns them too), Eigen's GEMM packing 4%. The largest single loop is the SwiGLU backward fused with
+# a transpose of its [2048, 4608] output for the weight-gradient dot (copy_bitcast_fusion, ~0.3 s a layer, ~5% of the
+# step); the isolated MLP compiles without it. Per CPU-second the 2-layer step (host_memory's settings) reaches 74% of
+# the matmul, 28 CPU-s a step; disabling ynn dot fusions
 # (--xla_cpu_experimental_ynn_fusion_type=) left it at 28 CPU-s. training/host_memory.py's malloc settings (one arena,
 # no mmap) removed the faults after two steps with trimming off too, but at 8 layers (a 10 GiB program) the one heap
 # fragmented past this machine's 24 GB (killed for memory, with trimming on or off): the bench keeps glibc's defaults.
