@@ -15,6 +15,7 @@ from lladav_jax import config, weights
 from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
 from tests.models import random_model
+from tests.train_helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,8 +44,8 @@ class ServerProcess:
                timeout: float = 300):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, not the tests' eight
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **(env or {}))
+    e = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # one device, not eight
+    e.update(env or {})
     self.log_path = log_path
     self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
     self.proc = subprocess.Popen([sys.executable, "-m", "lladav_jax.serve", model_dir, "--port", str(self.port),
