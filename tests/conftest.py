@@ -32,10 +32,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # `--dist loadfile` (CI) hands out the files with the most tests first, so the files of few but long tests (the
 # CLIs, the servers, the sharded and compiled steps) came last and one worker ran the last of them alone. These,
 # the longest files (seconds measured on 2 workers), go first, the longest first; the rest keep xdist's order.
-LONG_FILES = ("test_sampler_accel.py", "test_released_checkpoint.py", "test_sampler.py", "test_fsdp_work.py",
-              "test_attention.py", "test_lmms_cli.py", "test_sharding_presets.py", "test_serve.py",
-              "test_train_resume.py", "test_lora.py", "test_train_errors.py", "test_sampler_dllm.py",
-              "test_parity_lladav.py", "test_sampler_engine.py", "test_train_step.py", "test_serve_page.py")
+LONG_FILES = ("test_released_checkpoint.py", "test_sampler.py", "test_lmms_cli.py", "test_train_resume.py",
+              "test_sampler_accel.py", "test_fsdp_work.py", "test_attention.py", "test_serve.py",
+              "test_sampler_engine.py", "test_parity_lladav.py", "test_lora.py", "test_train_step.py",
+              "test_train_errors.py", "test_sampler_dllm.py", "test_sampler_cli.py", "test_train_plan.py",
+              "test_serve_page.py", "test_packing.py", "test_inference_dtype.py", "test_tile_buckets.py")
 
 
 @pytest.hookimpl(optionalhook=True)

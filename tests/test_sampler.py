@@ -205,19 +205,17 @@ def test_matches_numpy_reference_with_stops_suffix_images_and_batch(model, stop_
         assert cs[blocks == b][cs[blocks == b] >= 0].min() > cs[blocks == b - 1].max()
 
 
-def test_batched_equals_one_by_one_and_no_retrace(model, stop_setup):
+def test_other_prompts_of_the_same_buckets_do_not_retrace(model, stop_setup):
+  # batched == one by one: test_matches_numpy_reference_... compares the batch of 4 with the reference run row by row
   st = settings(banned_ids=stop_setup["banned"], eot_id=stop_setup["eot"])
-  kw = dict(settings=st, stop_ids=stop_setup["stops"], suffix_ids=stop_setup["suffix"], **BUCKETS)
-  batched = generation.generate_ids(model, PROMPTS, IMAGES, batch_size=4, **kw)
-  alone = [generation.generate_ids(model, [p], [im], batch_size=1, **kw)[0] for p, im in zip(PROMPTS, IMAGES)]
-  for a, b in zip(alone, batched):
-    assert (a.token_ids, a.nfe, a.steps) == (b.token_ids, b.nfe, b.steps)
-  # other prompts of the same buckets (length, tiles, rows): no new trace
+  kw = dict(settings=st, stop_ids=stop_setup["stops"], suffix_ids=stop_setup["suffix"], batch_size=4, **BUCKETS)
+  first = generation.generate_ids(model, PROMPTS, IMAGES, **kw)
   before = sum(TRACE_COUNTS.values())
   other = [[13, 14, 15], [16, IMG, 17, 18, 19, 20, 21, 22, 23, 24, 25], [26, IMG, 27, IMG]]
-  generation.generate_ids(model, other, IMAGES, batch_size=4, **kw)
-  generation.generate_ids(model, [[50, 51, 52, 53]], [[]], batch_size=1, **kw)
+  again = generation.generate_ids(model, other, IMAGES, **kw)  # other lengths, tiles and row count: same buckets
   assert sum(TRACE_COUNTS.values()) == before
+  assert [o.token_ids for o in generation.generate_ids(model, PROMPTS, IMAGES, **kw)] == [o.token_ids for o in first]
+  assert len(again) == 3
 
 
 def test_cfg_matches_reference(model):

@@ -33,6 +33,7 @@ def subprocess_env(devices=1):
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = xla_flags(devices)
+  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as in the tests' own process: the same programs, cache hits
   return env
 
 
