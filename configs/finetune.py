@@ -237,7 +237,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.data.tile_budget = 2
     c.data.read_threads = 1
     c.train.global_batch_size = 32
-    c.train.num_steps = 1200  # ~0.35 s/step on 2 CPU cores: about 7 minutes in all
+    # The training accuracy on masked answers is ~99% by step 300 and 100% by 400 (README runs at 1200 steps: 95.7%
+    # and 100% test exact match); 800 steps leave that margin at two thirds of the time.
+    c.train.num_steps = 800
     c.optim.lr = 1e-3
     c.optim.warmup_ratio = 0.03
     c.loss.logits_chunk = 0  # the demo vocabulary is tiny
