@@ -200,6 +200,15 @@ SWEEP = [
 # (--xla_cpu_experimental_ynn_fusion_type=) left it at 28 CPU-s. training/host_memory.py's malloc settings (one arena,
 # no mmap) removed the faults after two steps with trimming off too, but at 8 layers (a 10 GiB program) the one heap
 # fragmented past this machine's 24 GB (killed for memory, with trimming on or off): the bench keeps glibc's defaults.
+# 2026-11-26 (third session), the released model's layer width (`--width 4096 --layers 2`: heads 32 x 128, MLP 12288,
+# 720M parameters, peak 16.2 GiB): 83.1 GFLOP/s against a 170.5 GFLOP/s matmul, 49% by wall time, 51% per CPU-second
+# (45.3 vs 88.1): a wider layer does not raise the ratio. Its profile (one step, 81.5 s): XLA's thunks account for
+# 88 of the two threads' 163 s; dots 67 s; the SwiGLU backward's transposing loops (copy_bitcast_fusion) 10 s, 12%;
+# selects, slices and in-place updates of the scan ~7 s. The forward MLP's gate and up dots run one on each thread
+# at ~60 GFLOP/s each (two such dots alone in one program: 143 GFLOP/s together, ~1.2x faster); a [4096, 2048] x
+# [2048, 12288] transposed-operand dot (the weight gradients' shape) runs at 75 GFLOP/s alone, against 123 for the
+# plain orientation. So on this CPU the step is bound by XLA's dot kernels at the step's shapes and orientations
+# and by the transposing loops, not by FLOP-free work the model could drop.
 BEST = Setting(width=1536, batch=4, seq=512, remat="none")
 
 
