@@ -15,7 +15,7 @@ from lladav_jax import config, weights
 from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
 from tests.models import random_model
-from tests.train_helpers import xla_flags
+from tests.train_helpers import inference_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,13 +38,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-  """`python -m lladav_jax.serve MODEL_DIR ARGS` on a free port, one CPU device, ready (warm) on return."""
+  """`python -m lladav_jax.serve MODEL_DIR ARGS` on a free port (CPU, served from the first device), ready (warm)
+  on return."""
 
   def __init__(self, model_dir: str, *args: str, env: dict | None = None, log_path: str | None = None,
                timeout: float = 300):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    e = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # one device, not eight
+    e = inference_env()
     e.update(env or {})
     self.log_path = log_path
     self.log = open(log_path, "w") if log_path else subprocess.DEVNULL

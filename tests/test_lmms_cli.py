@@ -24,7 +24,7 @@ from lladav_jax import LLaDAV  # noqa: E402
 from lladav_jax.eval import answers as ans  # noqa: E402
 from lladav_jax.eval.tasks import EOT  # noqa: E402
 from tests.released import write_released_checkpoint  # noqa: E402
-from tests.train_helpers import PYTHON, subprocess_env  # noqa: E402
+from tests.train_helpers import PYTHON, inference_env  # noqa: E402
 
 GEN = dict(gen_length=8, block_length=8, steps=8)
 MC_NUM = 8
@@ -130,7 +130,7 @@ def run(tmp_path_factory):
                                            *gen_kwargs, "process_results: !function utils.mr_results"))
 
   out = root / "out"
-  env = subprocess_env()
+  env = inference_env()
   env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(root / "hf"), TOKENIZERS_PARALLELISM="false")
   r = subprocess.run([PYTHON, "-m", "lmms_eval", "--model", "lladav_jax",
                       "--model_args", f"pretrained={ckpt},dtype=float32,mc_num={MC_NUM}",

@@ -16,7 +16,7 @@ from lladav_jax.data.demo_data import ensure_demo_data, qa_items
 from lladav_jax.eval.__main__ import main as eval_main
 from lladav_jax.eval.tasks import get_task
 from tests.released import VOCAB, write_released_checkpoint
-from tests.train_helpers import PYTHON, REPO, subprocess_env
+from tests.train_helpers import PYTHON, REPO, inference_env, subprocess_env
 
 KW = dict(gen_length=16, block_length=8, steps=8)
 QUESTIONS = ["What color is the shape?", "What shape is the object?"]
@@ -54,8 +54,9 @@ def orbax(released, tmp_path_factory):
   return tmp / "orbax"
 
 
-def run(args, timeout=600):
-  r = subprocess.run([PYTHON, "-m", *args], cwd=REPO, env=subprocess_env(), capture_output=True,
+def run(args, timeout=600, env=None):
+  """`python -m ARGS`; the inference entry points' environment unless `env` (the trainer: one device)."""
+  r = subprocess.run([PYTHON, "-m", *args], cwd=REPO, env=env or inference_env(), capture_output=True,
                      text=True, timeout=timeout)
   assert r.returncode == 0, r.stderr[-3000:]
   return r
@@ -152,7 +153,7 @@ def test_train_cli_fine_tunes_the_converted_checkpoint(released, orbax, tmp_path
        "--config.data.seq_len=4480", "--config.data.buckets=(1536,4480)", "--config.data.tile_budget=8",
        "--config.train.global_batch_size=2",
        "--config.train.num_steps=2", "--config.checkpoint.every_steps=2", "--config.log.progress=False",
-       "--config.log.tensorboard=False"])
+       "--config.log.tensorboard=False"], env=subprocess_env())
   rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
   losses = [r["loss"] for r in rows if "loss" in r]
   assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)

@@ -3,6 +3,8 @@ import dataclasses
 import os
 import sys
 
+import jax
+
 from lladav_jax.training import optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +37,13 @@ def subprocess_env(devices=1):
   env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as in the tests' own process: the same programs, cache hits
   return env
+
+
+def inference_env():
+  """subprocess_env for the inference entry points (generate, eval, convert, serve, lmms-eval): the tests' own device
+  count. LLaDAV runs on the first device whatever the count, so their programs are the ones the tests compile
+  in-process and the persistent cache, whose key holds the device count, serves them."""
+  return subprocess_env(devices=jax.device_count())
 
 
 PYTHON = sys.executable
