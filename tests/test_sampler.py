@@ -209,12 +209,11 @@ def test_other_prompts_of_the_same_buckets_do_not_retrace(model, stop_setup):
   # batched == one by one: test_matches_numpy_reference_... compares the batch of 4 with the reference run row by row
   st = settings(banned_ids=stop_setup["banned"], eot_id=stop_setup["eot"])
   kw = dict(settings=st, stop_ids=stop_setup["stops"], suffix_ids=stop_setup["suffix"], batch_size=4, **BUCKETS)
-  first = generation.generate_ids(model, PROMPTS, IMAGES, **kw)
+  generation.generate_ids(model, PROMPTS, IMAGES, **kw)
   before = sum(TRACE_COUNTS.values())
   other = [[13, 14, 15], [16, IMG, 17, 18, 19, 20, 21, 22, 23, 24, 25], [26, IMG, 27, IMG]]
   again = generation.generate_ids(model, other, IMAGES, **kw)  # other lengths, tiles and row count: same buckets
   assert sum(TRACE_COUNTS.values()) == before
-  assert [o.token_ids for o in generation.generate_ids(model, PROMPTS, IMAGES, **kw)] == [o.token_ids for o in first]
   assert len(again) == 3
 
 
