@@ -16,7 +16,7 @@ from tests.train_helpers import PYTHON, REPO, subprocess_env
 
 def test_plan_one_mesh_per_device_bytes():
   """On the conftest's 8 devices: one row a device a micro-batch (accum follows the batch shards), parameters and
-  Adam's moments split over every weight axis, and LoRA's optimizer state a small fraction of the full one."""
+  Adam's moments split over every weight axis, the memory figures and the plan's table."""
   full = plan.plan_one(finetune.get_config("stage2_si,runlocal"), "fsdp_tp", (1, 8, 1))
   tp = plan.plan_one(finetune.get_config("stage2_si,runlocal"), "fsdp_tp", (1, 4, 2))
   assert (full["global_batch"], full["accum"], tp["accum"]) == (8, 1, 2)

@@ -21,20 +21,15 @@ def flat(batch):
   return {**{f.name: getattr(x, f.name) for f in dataclasses.fields(x)}, "labels": batch.labels}
 
 
-def xla_flags(devices):
-  """The tests' XLA_FLAGS (tests/conftest.py: LLVM -O1) with `devices` CPU devices instead of eight."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-
-
 def subprocess_env(devices=1):
   """Environment for running the real entry point in a subprocess (CPU; the session's compile flags and persistent
   compile cache, inherited from tests/conftest.py's environment)."""
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = xla_flags(devices)
+  # the tests' flags (tests/conftest.py: LLVM -O1), with `devices` CPU devices instead of eight
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as in the tests' own process: the same programs, cache hits
   return env
 
