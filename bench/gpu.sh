@@ -5,7 +5,9 @@
 # not our pinned 0.12.8); the rest of our pins (optax, orbax-checkpoint, grain, array-record, ml_collections,
 # chex, portpicker) travel as wheels in .whl (`pip download --no-deps --only-binary=:all: --python-version 3.12
 # --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION`).
-#   bash bench/gpu.sh            (on the GPU machine, from the repository root)
+#   bash bench/gpu.sh [STAGE...]   (on the GPU machine, from the repository root; default: train sampler;
+#                                   the others: train_trace, train_noscan, train_pallas,
+#                                   train_accum, train_notriton)
 # The attention kernels' table (docs/ATTENTION.md): python3 bench/attention.py --impls
 #   dense,blockwise,cudnn,pallas_gpu --dtype bfloat16 --tokens 2048,8192 --what op --repeats 5
 set -u
@@ -28,10 +30,24 @@ stage() {  # name, seconds, command...
   return $rc
 }
 # LLaDA-8B's layer (d 4096, 32 heads of 128; MLP 3x here), 8 layers, the released vocabulary; stage 2's 8192
-# tokens a step; bf16 compute, float32 parameters and AdamW.
-TRAIN="python3 bench/train.py --width 4096 --vocab 126464 --seq 2048 --dtype bfloat16 --chunk 2048 --steps 3"
-# 8 layers, 8192 tokens a step; then 16 layers (the LM head a smaller share, as in the 32-layer 8B) with 4
-# micro-batches of 8192 tokens a step (the optimizer's pass over the parameters spread over 32768 tokens)
-stage train16 150 $TRAIN --layers 16 --batch 16 --accum 4
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage sampler 200 python3 bench/sampler.py --torch_device cuda --precision highest --prompts 16 --rows 16
-stage train 150 $TRAIN --layers 8 --batch 4
+# tokens a step; bf16 compute, float32 parameters and AdamW (peak 64.6 GiB: over JAX's default 75% of an H100).
+TRAIN="python3 bench/train.py --width 4096 --vocab 126464 --seq 2048 --dtype bfloat16 --chunk 2048 --steps 3 --layers 8"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+for s in ${@:-train sampler}; do
+  case $s in
+    train) stage train 150 $TRAIN --batch 4 ;;
+    # the profile: without CUDA graphs, so that each kernel is named by its op in the optimized HLO
+    train_trace) XLA_FLAGS=--xla_gpu_enable_command_buffer= stage train_trace 150 $TRAIN --batch 4 \
+      --trace /tmp/trace --hlo "$OUT/train_hlo.txt.gz" ;;
+    train_noscan) XLA_FLAGS=--xla_gpu_enable_command_buffer= stage train_noscan 150 $TRAIN --batch 4 --no-scan \
+      --trace /tmp/trace_noscan --hlo "$OUT/train_noscan_hlo.txt.gz" ;;
+    # the Triton flash kernel with segment ids in place of cuDNN's (which takes the segment mask as a bias)
+    train_pallas) stage train_pallas 150 $TRAIN --batch 4 --attention pallas_gpu ;;
+    # micro-batches: the optimizer's pass over the parameters spread over 16384 tokens
+    train_accum) stage train_accum 120 $TRAIN --batch 8 --accum 4 ;;
+    train_notriton) XLA_FLAGS=--xla_gpu_enable_triton_gemm=false stage train_notriton 100 $TRAIN --batch 4 ;;
+    sampler) XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage sampler 120 python3 bench/sampler.py --torch_device cuda \
+      --precision highest --prompts 32 --rows 32 ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ from lladav_jax import config as model_config, sharding  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
 from lladav_jax.training import flops as flops_lib, loss as loss_lib, optimizer, state as st, step as stp  # noqa: E402
 from lladav_jax.training import synthetic  # noqa: E402
+
+import op_times  # noqa: E402  (bench/op_times.py: sys.path[0] is this file's folder)
 
 
 @dataclasses.dataclass
@@ -82,7 +85,7 @@ def prepare(s: Setting):
   return cfg, setup, state, batch
 
 
-def run(s: Setting, steps: int, warmup: int = 1):
+def run(s: Setting, steps: int, warmup: int = 1, trace: str | None = None, hlo: str | None = None):
   cfg, setup, state, batch = prepare(s)
   mesh = setup.mesh
   shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), batch)
@@ -102,6 +105,15 @@ def run(s: Setting, steps: int, warmup: int = 1):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
     cpu.append(time.process_time() - c)
+  if hlo:  # the optimized program, to read what a profile's op names are
+    with gzip.open(hlo, "wt") as f:
+      f.write(compiled.as_text())
+  if trace:  # two more steps under the profiler, then where their time went
+    with jax.profiler.trace(trace):
+      for _ in range(2):
+        state, m = compiled(state, gb)
+      jax.block_until_ready(m)
+    print(op_times.summarise(trace, steps=2, top=60), flush=True)
   fl = flops_lib.step_flops(cfg, batch=s.batch, seq_len=s.seq, tiles=s.tiles)["total"]
   best, med = min(times), float(np.median(times))
   useful = int((np.asarray(batch.inputs.segments) > 0).sum())
@@ -219,6 +231,8 @@ def main():
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--breakdown", action="store_true", help="also time the forward loss and loss + gradients alone")
+  p.add_argument("--trace", default=None, help="a directory: profile two more steps there and print where the time went")
+  p.add_argument("--hlo", default=None, help="a .txt.gz file: the compiled step's optimized HLO")
   for f in dataclasses.fields(Setting):
     if f.type == "bool" or isinstance(f.default, bool):
       p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
@@ -241,7 +255,7 @@ def main():
   rows = []
   for s in settings:
     try:
-      r = run(s, a.steps)
+      r = run(s, a.steps, trace=a.trace, hlo=a.hlo)
     except Exception as e:  # one setting that fails to compile or run (memory) does not end the sweep
       print(f"{s.label()}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
       continue

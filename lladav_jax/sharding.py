@@ -198,13 +198,14 @@ def state_shardings(state, mesh):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def constrain(x, axes: Sequence[str | None]):
-  """`with_sharding_constraint` of an activation by its logical axes under the mesh set with
-  `jax.set_mesh` (the train step compiles under it); a no-op without a mesh of several devices."""
+def constrain(x, axes: Sequence[str | None], *, parameter: bool = False):
+  """`with_sharding_constraint` of an activation (or, `parameter`, of a parameter-shaped value such as a
+  gradient) by its logical axes under the mesh set with `jax.set_mesh` (the train step compiles under it);
+  a no-op without a mesh of several devices."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, parameter=parameter))
 
 
 def batch_axes(mesh) -> tuple[str, ...]:

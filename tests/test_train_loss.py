@@ -113,6 +113,31 @@ def test_chunked_ce_equals_unchunked(chunk):
   np.testing.assert_allclose(float(full), float((ce * np.asarray(w)).sum()), rtol=1e-5)
 
 
+def test_head_matmuls_run_once_under_value_and_grad():
+  """Under value_and_grad each chunk runs the head's three matmuls once (logits, d hidden, d head: the
+  logits are neither kept nor recomputed for the backward), and the gradients, the weights' included, are
+  NumPy's: d logits = w * (softmax - onehot), d w = CE, each times the loss's cotangent."""
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.standard_normal((2, 21, 16)), jnp.float32)
+  head = jnp.asarray(rng.standard_normal((16, 40)) * 0.3, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 40, (2, 21)), jnp.int32)
+  w = jnp.asarray(rng.random((2, 21)) * (rng.random((2, 21)) < 0.6), jnp.float32)
+  f = jax.jit(jax.value_and_grad(lambda h, head, w: 0.5 * L.weighted_ce(h, head, labels, w, chunk=8)[0],
+                                 argnums=(0, 1, 2)))
+  assert f.lower(h, head, w).as_text().count("dot_general") == 3  # in the chunk scan's body, once each
+  val, (dh, dhead, dw) = f(h, head, w)
+  logits = np.asarray(h, np.float64) @ np.asarray(head, np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  onehot = np.eye(40)[np.asarray(labels)]
+  ce = -np.log((p * onehot).sum(-1))
+  g = 0.5 * np.asarray(w)[..., None] * (p - onehot)
+  np.testing.assert_allclose(float(val), 0.5 * (ce * np.asarray(w)).sum(), rtol=1e-6)
+  np.testing.assert_allclose(dh, g @ np.asarray(head, np.float64).T, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(dhead, np.einsum("bld,blv->dv", np.asarray(h, np.float64), g), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dw, 0.5 * ce, rtol=1e-5)
+
+
 def test_bf16_head_backward_takes_bf16_cotangent():
   """bfloat16 compute: float32 logits of bf16 operands forward (as before); backward, the logits' cotangent is
   rounded to bf16 and both matmuls are bf16 x bf16 accumulated in float32 (the head's gradient gathers no f32

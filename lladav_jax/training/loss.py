@@ -26,9 +26,10 @@ token's position in its conversation), never of the row or column: the same conv
 order draw the same noise packed or unpacked (packing reorders conversations, so a packed run and an
 unpacked run see the same noise per conversation *number*, not per record).
 
-The LM head + cross-entropy runs in chunks of positions under `jax.checkpoint`, so the float32
-[tokens, vocab] logits are never materialised at once (126k vocab x 8k positions would be 4 GB per
-sequence); the backward pass recomputes one chunk's logits at a time.
+The LM head + cross-entropy runs in chunks of positions, so the float32 [tokens, vocab] logits are never
+materialised at once (126k vocab x 8k positions would be 4 GB per sequence). Under differentiation each
+chunk also takes its gradients in the same pass (`_ce_sums`, a custom VJP): the head's three matmuls per
+chunk (logits, d hidden, d head) run once, and no chunk's logits are kept or recomputed for the backward.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lladav_jax import sharding as shd
 from lladav_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -103,70 +105,83 @@ def corrupt(tokens_BL, labels_BL, segments_BL, t_BL, u_BL, mask_token_id: int, e
   return noisy, masked, p_BL, weights
 
 
-@jax.custom_vjp
-def _bf16_logits(h_BCD, head_DV):
-  """float32 logits of bfloat16 operands whose backward takes the logits' cotangent in bfloat16, as a bf16 head's
-  does (the original's): both backward matmuls are bf16 x bf16 with float32 accumulation. JAX's own transpose
-  would promote the bf16 head to float32 to meet the float32 cotangent, and the FSDP all-gather of the head in
-  the backward would then move (and hold) a float32 copy [D, V]: 1.9 GiB for the 8B model instead of 0.95."""
-  return common.einsum_f32("BCD,DV->BCV", h_BCD, head_DV)
-
-
-def _bf16_logits_fwd(h_BCD, head_DV):
-  return _bf16_logits(h_BCD, head_DV), (h_BCD, head_DV)
-
-
-def _bf16_logits_bwd(res, g_BCV):
-  h_BCD, head_DV = res
-  g_BCV = g_BCV.astype(h_BCD.dtype)
-  dh = jnp.einsum("BCV,DV->BCD", g_BCV, head_DV, preferred_element_type=jnp.float32).astype(h_BCD.dtype)
-  dhead = jnp.einsum("BCD,BCV->DV", h_BCD, g_BCV, preferred_element_type=jnp.float32).astype(head_DV.dtype)
-  return dh, dhead
-
-
-_bf16_logits.defvjp(_bf16_logits_fwd, _bf16_logits_bwd)
-
-
 def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None):
   """sum_{b,i} weights_bi * CE(h_bi @ head, label_bi) with float32 logits, in chunks of positions.
 
-  Returns (weighted CE sum, unweighted CE sum over weights > 0, #correct argmax over weights > 0).
+  Returns (weighted CE sum, unweighted CE sum over weights > 0, #correct argmax over weights > 0); only the
+  first is differentiable (the other two are metrics).
   """
-  b, l, d = h_BLD.shape
-  dtype = dtype or h_BLD.dtype
+  b, l, _ = h_BLD.shape
+  dtype = jnp.dtype(dtype or h_BLD.dtype)
   labels_BL = jnp.where(labels_BL < 0, 0, labels_BL)
   c = l if chunk <= 0 or chunk >= l else chunk
-  n = -(-l // c)
-  if n * c != l:  # pad positions to a multiple of the chunk (weight 0)
-    pad = n * c - l
+  pad = -l % c
+  if pad:  # positions padded to a multiple of the chunk (weight 0)
     h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
     labels_BL = jnp.pad(labels_BL, ((0, 0), (0, pad)))
     weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
+  wsum, ce_sum, correct = _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype)
+  return wsum, jax.lax.stop_gradient(ce_sum), jax.lax.stop_gradient(correct)
 
-  matmul = _bf16_logits if jnp.dtype(dtype) == jnp.bfloat16 else functools.partial(common.einsum_f32, "BCD,DV->BCV")
 
-  @jax.checkpoint
-  def one(head, h_BCD, lab_BC, w_BC):
-    logits = shd.constrain(matmul(h_BCD.astype(dtype), head.astype(dtype)), shd.BLV)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
-    ce = lse - tgt
-    on = w_BC > 0
-    correct = jnp.argmax(logits, axis=-1) == lab_BC
-    return (jnp.sum(ce * w_BC), jnp.sum(jnp.where(on, ce, 0.0)),
-            jnp.sum((on & correct).astype(jnp.float32)))
+def _chunks(x, c):
+  """[B, n * c, ...] -> [n, B, c, ...]: the chunk scan's leading axis."""
+  return jnp.moveaxis(x.reshape((x.shape[0], x.shape[1] // c, c) + x.shape[2:]), 1, 0)
 
-  if n == 1:
-    return one(head_DV, h_BLD, labels_BL, weights_BL)
-  split = lambda x: jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
 
+def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype):
+  """One chunk: (float32 logits, log-sum-exp, per-position CE, (weighted sum, CE sum, #correct))."""
+  logits = shd.constrain(common.einsum_f32("BCD,DV->BCV", h_BCD.astype(dtype), head_DV.astype(dtype)), shd.BLV)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  ce = lse - jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
+  on = w_BC > 0
+  correct = (jnp.argmax(logits, axis=-1) == lab_BC) & on
+  return logits, lse, ce, (jnp.sum(ce * w_BC), jnp.sum(jnp.where(on, ce, 0.0)), jnp.sum(correct.astype(jnp.float32)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
   def body(acc, xs):
-    out = one(head_DV, *xs)
-    return jax.tree.map(jnp.add, acc, out), None
+    return jax.tree.map(jnp.add, acc, _chunk_ce(head_DV, *xs, dtype)[3]), None
 
   zero = (jnp.zeros((), jnp.float32),) * 3
-  acc, _ = jax.lax.scan(body, zero, (split(h_BLD), split(labels_BL), split(weights_BL)))
-  return acc
+  return jax.lax.scan(body, zero, (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))[0]
+
+
+def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
+  """The sums and, per unit cotangent of the weighted sum, its gradients: d logits = w * (softmax - onehot),
+  rounded to the compute dtype as a half-precision head's backward takes it (both matmuls half x half with
+  float32 accumulation); d head accumulates over chunks in float32, sharded as the head."""
+  def body(carry, xs):
+    acc, dhead = carry
+    h_BCD, lab_BC, w_BC = xs
+    logits, lse, ce, sums = _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    p = jnp.exp(logits - lse[..., None])
+    g_BCV = shd.constrain((w_BC[..., None] * jnp.where(vocab == lab_BC[..., None], p - 1.0, p)).astype(dtype),
+                          shd.BLV)
+    dh = common.einsum_f32("BCV,DV->BCD", g_BCV, head_DV.astype(dtype)).astype(h_BCD.dtype)
+    dhead = dhead + shd.constrain(common.einsum_f32("BCD,BCV->DV", h_BCD.astype(dtype), g_BCV), ("embed", "vocab"),
+                                  parameter=True)
+    return (jax.tree.map(jnp.add, acc, sums), dhead), (dh, ce)
+
+  zero = (jnp.zeros((), jnp.float32),) * 3
+  dhead0 = shd.constrain(jnp.zeros(head_DV.shape, jnp.float32), ("embed", "vocab"), parameter=True)
+  (sums, dhead), (dh, ce) = jax.lax.scan(body, (zero, dhead0),
+                                         (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))
+  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(h_BLD.shape[:2] + x.shape[3:])
+  head_dtype = jnp.zeros((0,), head_DV.dtype)  # the cotangent's dtype (residuals are arrays)
+  return sums, (unchunk(dh), dhead, head_dtype, unchunk(ce), labels_BL)
+
+
+def _ce_sums_bwd(c, dtype, res, g):
+  dh, dhead, head_dtype, ce, labels_BL = res
+  g_w = g[0]  # the CE sum and the count are metrics (stop_gradient in weighted_ce): their cotangents are zero
+  return ((g_w * dh).astype(dh.dtype), (g_w * dhead).astype(head_dtype.dtype),
+          np.zeros(labels_BL.shape, jax.dtypes.float0), g_w * ce)
+
+
+_ce_sums.defvjp(_ce_sums_fwd, _ce_sums_bwd)
 
 
 def diffusion_loss(model, batch, t_BL, u_BL, *, mask_token_id: int, cfg: LossConfig, conversations,
