@@ -7,7 +7,7 @@
 # --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION`).
 #   bash bench/gpu.sh [STAGE...]   (on the GPU machine, from the repository root; default: train sampler;
 #                                   the others: train_trace, train_noscan, train_pallas,
-#                                   train_accum, train_notriton)
+#                                   train_remat, train_accum, train_notriton, sampler16)
 # The attention kernels' table (docs/ATTENTION.md): python3 bench/attention.py --impls
 #   dense,blockwise,cudnn,pallas_gpu --dtype bfloat16 --tokens 2048,8192 --what op --repeats 5
 set -u
@@ -43,6 +43,10 @@ for s in ${@:-train sampler}; do
       --trace /tmp/trace_noscan --hlo "$OUT/train_noscan_hlo.txt.gz" ;;
     # the Triton flash kernel with segment ids in place of cuDNN's (which takes the segment mask as a bias)
     train_pallas) stage train_pallas 150 $TRAIN --batch 4 --attention pallas_gpu ;;
+    # a remat policy that keeps every matmul's output (the elementwise work is recomputed in the backward)
+    train_remat) stage train_remat 150 $TRAIN --batch 4 --remat minimal_with_context ;;
+    sampler16) XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 stage sampler16 120 python3 bench/sampler.py --torch_device cuda \
+      --precision highest --prompts 32 --rows 16 ;;
     # micro-batches: the optimizer's pass over the parameters spread over 16384 tokens
     train_accum) stage train_accum 120 $TRAIN --batch 8 --accum 4 ;;
     train_notriton) XLA_FLAGS=--xla_gpu_enable_triton_gemm=false stage train_notriton 100 $TRAIN --batch 4 ;;
