@@ -136,24 +136,24 @@ def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype):
   ce = lse - jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
   on = w_BC > 0
   correct = (jnp.argmax(logits, axis=-1) == lab_BC) & on
-  return logits, lse, ce, (jnp.sum(ce * w_BC), jnp.sum(jnp.where(on, ce, 0.0)), jnp.sum(correct.astype(jnp.float32)))
+  # per row: summed over the batch after the chunk scan, so that the scan's only cross-device sum is d head's
+  return logits, lse, ce, ((ce * w_BC).sum(1), jnp.where(on, ce, 0.0).sum(1), correct.astype(jnp.float32).sum(1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
-  def body(acc, xs):
-    return jax.tree.map(jnp.add, acc, _chunk_ce(head_DV, *xs, dtype)[3]), None
+  def body(_, xs):
+    return None, _chunk_ce(head_DV, *xs, dtype)[3]
 
-  zero = (jnp.zeros((), jnp.float32),) * 3
-  return jax.lax.scan(body, zero, (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))[0]
+  sums = jax.lax.scan(body, None, (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))[1]
+  return tuple(x.sum() for x in sums)
 
 
 def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
   """The sums and, per unit cotangent of the weighted sum, its gradients: d logits = w * (softmax - onehot),
   rounded to the compute dtype as a half-precision head's backward takes it (both matmuls half x half with
   float32 accumulation); d head accumulates over chunks in float32, sharded as the head."""
-  def body(carry, xs):
-    acc, dhead = carry
+  def body(dhead, xs):
     h_BCD, lab_BC, w_BC = xs
     logits, lse, ce, sums = _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype)
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
@@ -163,15 +163,13 @@ def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
     dh = common.einsum_f32("BCV,DV->BCD", g_BCV, head_DV.astype(dtype)).astype(h_BCD.dtype)
     dhead = dhead + shd.constrain(common.einsum_f32("BCD,BCV->DV", h_BCD.astype(dtype), g_BCV), ("embed", "vocab"),
                                   parameter=True)
-    return (jax.tree.map(jnp.add, acc, sums), dhead), (dh, ce)
+    return dhead, (sums, dh, ce)
 
-  zero = (jnp.zeros((), jnp.float32),) * 3
   dhead0 = shd.constrain(jnp.zeros(head_DV.shape, jnp.float32), ("embed", "vocab"), parameter=True)
-  (sums, dhead), (dh, ce) = jax.lax.scan(body, (zero, dhead0),
-                                         (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))
+  dhead, (sums, dh, ce) = jax.lax.scan(body, dhead0, (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(h_BLD.shape[:2] + x.shape[3:])
   head_dtype = jnp.zeros((0,), head_DV.dtype)  # the cotangent's dtype (residuals are arrays)
-  return sums, (unchunk(dh), dhead, head_dtype, unchunk(ce), labels_BL)
+  return tuple(x.sum() for x in sums), (unchunk(dh), dhead, head_dtype, unchunk(ce), labels_BL)
 
 
 def _ce_sums_bwd(c, dtype, res, g):
