@@ -111,7 +111,7 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
   Returns (weighted CE sum, unweighted CE sum over weights > 0, #correct argmax over weights > 0); only the
   first is differentiable (the other two are metrics).
   """
-  b, l, _ = h_BLD.shape
+  l = h_BLD.shape[1]
   dtype = jnp.dtype(dtype or h_BLD.dtype)
   labels_BL = jnp.where(labels_BL < 0, 0, labels_BL)
   c = l if chunk <= 0 or chunk >= l else chunk
