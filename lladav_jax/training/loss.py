@@ -130,8 +130,9 @@ def _chunks(x, c):
 
 
 def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype):
-  """One chunk: (float32 logits, log-sum-exp, per-position CE, (weighted sum, CE sum, #correct))."""
-  logits = shd.constrain(common.einsum_f32("BCD,DV->BCV", h_BCD.astype(dtype), head_DV.astype(dtype)), shd.BLV)
+  """One chunk (the head already in the compute dtype): (float32 logits, log-sum-exp, per-position CE,
+  (weighted sum, CE sum, #correct) per row)."""
+  logits = shd.constrain(common.einsum_f32("BCD,DV->BCV", h_BCD.astype(dtype), head_DV), shd.BLV)
   lse = jax.nn.logsumexp(logits, axis=-1)
   ce = lse - jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
   on = w_BC > 0
@@ -142,6 +143,8 @@ def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
+  head_DV = head_DV.astype(dtype)
+
   def body(_, xs):
     return None, _chunk_ce(head_DV, *xs, dtype)[3]
 
@@ -153,6 +156,9 @@ def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
   """The sums and, per unit cotangent of the weighted sum, its gradients: d logits = w * (softmax - onehot),
   rounded to the compute dtype as a half-precision head's backward takes it (both matmuls half x half with
   float32 accumulation); d head accumulates over chunks in float32, sharded as the head."""
+  head_dtype = jnp.zeros((0,), head_DV.dtype)  # the cotangent's dtype (residuals are arrays)
+  head_DV = head_DV.astype(dtype)  # one cast (and one FSDP gather) for both matmuls
+
   def body(dhead, xs):
     h_BCD, lab_BC, w_BC = xs
     logits, lse, ce, sums = _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype)
@@ -160,7 +166,7 @@ def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
     p = jnp.exp(logits - lse[..., None])
     g_BCV = shd.constrain((w_BC[..., None] * jnp.where(vocab == lab_BC[..., None], p - 1.0, p)).astype(dtype),
                           shd.BLV)
-    dh = common.einsum_f32("BCV,DV->BCD", g_BCV, head_DV.astype(dtype)).astype(h_BCD.dtype)
+    dh = common.einsum_f32("BCV,DV->BCD", g_BCV, head_DV).astype(h_BCD.dtype)
     dhead = dhead + shd.constrain(common.einsum_f32("BCD,BCV->DV", h_BCD.astype(dtype), g_BCV), ("embed", "vocab"),
                                   parameter=True)
     return dhead, (sums, dh, ce)
@@ -168,7 +174,6 @@ def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
   dhead0 = shd.constrain(jnp.zeros(head_DV.shape, jnp.float32), ("embed", "vocab"), parameter=True)
   dhead, (sums, dh, ce) = jax.lax.scan(body, dhead0, (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(h_BLD.shape[:2] + x.shape[3:])
-  head_dtype = jnp.zeros((0,), head_DV.dtype)  # the cotangent's dtype (residuals are arrays)
   return tuple(x.sum() for x in sums), (unchunk(dh), dhead, head_dtype, unchunk(ce), labels_BL)
 
 
