@@ -2,9 +2,9 @@
 
     python bench/op_times.py DIR [--steps N] [--top 30]
 
-On a GPU: device kernel time per step by HLO op (by kernel inside CUDA graphs: trace with
-XLA_FLAGS=--xla_gpu_enable_command_buffer= for the op names of the optimized HLO) (fusions, cuBLAS / cuDNN custom calls), with the kernel that
-ran and a category (matmul, attention, fusion, copy); on a CPU: XLA thunk time on the runtime's threads (on CPU,
+On a GPU: device kernel time per step by HLO op (fusions, cuBLAS / cuDNN custom calls), with the op's
+longest-running kernel and a category (matmul, attention, fusion, copy); inside CUDA graphs ops are named by
+kernel, so trace with XLA_FLAGS=--xla_gpu_enable_command_buffer= for the op names of the optimized HLO. On a CPU: XLA thunk time on the runtime's threads (on CPU,
 set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true before the process starts). A CPU runs thunks side by side on
 its threads, so there the durations overlap (they add up to more than the step, and an op run beside another
 looks slower than alone), and its dots are `ynn_fusion`s, counted as fusions. `bench/train.py --trace DIR` writes
