@@ -30,14 +30,14 @@ stage() {  # name, seconds, command...
   return $rc
 }
 # LLaDA-8B's layer (d 4096, 32 heads of 128; MLP 3x here), 8 layers, the released vocabulary; stage 2's 8192
-# tokens a step; bf16 compute, float32 parameters and AdamW (peak 64.6 GiB: over JAX's default 75% of an H100).
-# The remat policy keeps every matmul's output and recomputes the elementwise work (H100: 46.6% MFU, 48.4 GiB,
-# against 45.0%, 62.1 GiB keeping everything).
+# tokens a step; bf16 compute, float32 parameters and AdamW. bench/train.py's remat policy, minimal_with_context,
+# keeps every matmul's output and recomputes the elementwise work (H100: 46.6% MFU, 48.4 GiB, against 45.0% and
+# 62.1 GiB keeping everything, train_noremat: over JAX's default 75% of an H100's memory, hence the 0.95).
 TRAIN="python3 bench/train.py --width 4096 --vocab 126464 --seq 2048 --dtype bfloat16 --chunk 2048 --steps 3 --layers 8"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 for s in ${@:-train sampler}; do
   case $s in
-    train) stage train 150 $TRAIN --batch 4 --remat minimal_with_context ;;
+    train) stage train 150 $TRAIN --batch 4 ;;
     train_noremat) stage train_noremat 150 $TRAIN --batch 4 --remat none ;;
     # the profile: without CUDA graphs, so that each kernel is named by its op in the optimized HLO
     train_trace) XLA_FLAGS=--xla_gpu_enable_command_buffer= stage train_trace 150 $TRAIN --batch 4 \
