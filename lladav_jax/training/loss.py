@@ -174,14 +174,14 @@ def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
   dhead0 = shd.constrain(jnp.zeros(head_DV.shape, jnp.float32), ("embed", "vocab"), parameter=True)
   dhead, (sums, dh, ce) = jax.lax.scan(body, dhead0, (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(h_BLD.shape[:2] + x.shape[3:])
-  return tuple(x.sum() for x in sums), (unchunk(dh), dhead, head_dtype, unchunk(ce), labels_BL)
+  return tuple(x.sum() for x in sums), (unchunk(dh), dhead, head_dtype, unchunk(ce))
 
 
 def _ce_sums_bwd(c, dtype, res, g):
-  dh, dhead, head_dtype, ce, labels_BL = res
+  dh, dhead, head_dtype, ce = res
   g_w = g[0]  # the CE sum and the count are metrics (stop_gradient in weighted_ce): their cotangents are zero
   return ((g_w * dh).astype(dh.dtype), (g_w * dhead).astype(head_dtype.dtype),
-          np.zeros(labels_BL.shape, jax.dtypes.float0), g_w * ce)
+          np.zeros(ce.shape, jax.dtypes.float0), g_w * ce)  # labels: integers, [B, L] as the CE
 
 
 _ce_sums.defvjp(_ce_sums_fwd, _ce_sums_bwd)
