@@ -167,10 +167,22 @@ def test_dllm_cache_is_exact_when_prompt_and_response_refresh_and_its_settings_a
   assert len(COMPILES) == before, COMPILES[before:]  # Kp, Kr and rho under the engine's bound are values
   assert runs["exact_ratio"] == want and runs["exact_gen"] == want
   assert runs["demo"] != want and runs["other"] != runs["demo"]  # the cache is in use and the values reach it
-  # the passes over groups of rows (each group's cache rows written in place at its offset): the same tokens
+  # the passes over groups of rows (each group's cache rows written in place at its offset): the same cache and
+  # tokens over the first pass (every feature written) and the first cached step. Only to float rounding, and not
+  # for the whole answer: XLA:CPU's row reductions (RMSNorm) may round differently for another number of rows, and
+  # this model's repeated tokens have near-equal confidences and cache similarities, so that at LLVM -O1 a later
+  # step commits or refreshes another position.
   reqs, cfg, shapes = _requests(model, dl, 1.0)
-  grouped = generation.run_engine(model, reqs, dataclasses.replace(cfg, forward_rows=2), shapes)
-  assert [r["gen"].tolist() for r in grouped] == runs["demo"]
+  whole, grouped = (generation.EngineRunner(model, c, shapes) for c in (cfg, dataclasses.replace(cfg, forward_rows=2)))
+  for r in reqs:
+    assert whole.insert(r) == grouped.insert(r)
+  for n in range(2):
+    a, b = whole.advance(1), grouped.advance(1)
+    np.testing.assert_array_equal(b["gen"], a["gen"])
+    for seg in ("prompt", "response"):
+      for f in ("k", "v", "attn", "ffn"):
+        u, v = (np.asarray(getattr(getattr(r.state.cache, seg), f), np.float32) for r in (whole, grouped))
+        np.testing.assert_allclose(v, u, rtol=0, atol=1e-5 * max(np.abs(u).max(), 1.0), err_msg=f"step {n + 1}: {seg}.{f}")
 
 
 def test_transfer_ratio_above_the_engines_bound_is_refused(model):

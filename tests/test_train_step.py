@@ -100,3 +100,37 @@ def test_weight_decay_skips_biases_and_norms():
   new = traverse_util.flatten_dict(jax.tree.map(lambda p, u: p + u, params, upd), sep="/")
   decayed = {k for k, v in new.items() if float(v.reshape(-1)[0]) < 1.0}
   assert decayed == {"llm/embed", "projector/fc1", "vision/layers/q_proj"}
+
+
+def test_adamw_equals_optax_and_skips_non_finite_steps_exactly():
+  """optimizer.adamw against optax.adamw (schedule, weight decay mask) over 4 steps, to float32 rounding (XLA may
+  contract the two programs' multiply-adds differently); a step with finite=False, first or later, returns zero
+  updates and leaves the state exactly as it was."""
+  import optax
+  rng = np.random.default_rng(0)
+  params = {"llm": {"embed": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+                    "final_norm": jnp.asarray(rng.normal(size=3), jnp.float32)}}
+  sched = optimizer.schedule(1e-2, 10, 0.2)
+  ours = optimizer.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1)
+  ref = optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, mask=optimizer.decay_mask)
+  s, r, p, q = ours.init(params), ref.init(params), params, params
+  skipped_first = ours.update(params, s, p, finite=jnp.asarray(False))
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(skipped_first[0]))
+  for a, b in zip(jax.tree.leaves(skipped_first[1]), jax.tree.leaves(s)):
+    np.testing.assert_array_equal(a, b)
+  step = jax.jit(lambda g, s, p, ok: ours.update(g, s, p, finite=ok))
+  for i in range(4):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    u, s = step(g, s, p, jnp.asarray(True))
+    v, r = jax.jit(ref.update)(g, r, q)
+    p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=f"step {i}")
+  nan = jax.tree.map(lambda x: x * np.float32("nan"), params)
+  u, s2 = step(nan, s, p, jnp.asarray(False))
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
+  np.testing.assert_array_equal(s2.count, s.count)
+  for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(optax.apply_updates(p, u)), jax.tree.leaves(p)):
+    np.testing.assert_array_equal(a, b)

@@ -1,6 +1,7 @@
 """Shared building blocks: parameters with logical axes, norms, stacked layers, remat policies."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -96,3 +97,36 @@ def einsum_f32(eq: str, x, w):
   if x.dtype == jnp.float16:
     return jnp.einsum(eq, x, w).astype(jnp.float32)
   return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x, w, n_in: int = 1):
+  """`jnp.tensordot(x, w, n_in)`: x's trailing `n_in` axes against w's leading ones (a projection), with a
+  backward laid out for XLA:CPU's fast matmul kernel (see _dense_bwd)."""
+  return jnp.tensordot(x, w, axes=n_in)
+
+
+def _dense_fwd(x, w, n_in):
+  return jnp.tensordot(x, w, axes=n_in), (x, w)
+
+
+def _dense_bwd(n_in, res, g):
+  x, w = res
+  nb = x.ndim - n_in
+  # dx as one 2-D contraction: over several axes XLA:CPU would transpose the weight first
+  i_size = int(np.prod(w.shape[:n_in]))
+  g2 = g.reshape(g.shape[:nb] + (-1,))
+  dx = jax.lax.dot_general(g2, w.reshape(i_size, -1), (((nb,), (1,)), ((), ()))).reshape(x.shape)
+  # The weight gradient contracts the token axes, which lead both operands. XLA:CPU runs that orientation as a
+  # slow Eigen dot fed by a transposing copy of the (larger) cotangent; with x moved to [I, tokens...] first (the
+  # barrier keeps the transpose from being folded back into the dot) it is a plain [I, T] x [T, O] matmul in its
+  # fast kernel. Other backends fold the transpose into the dot for free.
+  perm = tuple(range(nb, x.ndim)) + tuple(range(nb))
+  xt = jax.lax.platform_dependent(x, cpu=lambda a: jax.lax.optimization_barrier(a.transpose(perm)),
+                                  default=lambda a: a.transpose(perm))
+  dw = jax.lax.dot_general(xt, g, ((tuple(range(n_in, x.ndim)), tuple(range(nb))), ((), ())))
+  return dx, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)

@@ -59,9 +59,9 @@ class Attention(nnx.Module):
     [B, S0, K, H], already rotated; the new keys follow them. `dropout_key`: the LoRA dropout's (training
     only). Returns the output and this call's rotated (k, v) for caching."""
     dt = self.dtype
-    q = _plus(jnp.einsum("BLD,DNH->BLNH", x_BLD, self.q_proj[...].astype(dt)), self.q_lora, x_BLD, dropout_key)
-    k = _plus(jnp.einsum("BLD,DKH->BLKH", x_BLD, self.k_proj[...].astype(dt)), self.k_lora, x_BLD, dropout_key)
-    v = _plus(jnp.einsum("BLD,DKH->BLKH", x_BLD, self.v_proj[...].astype(dt)), self.v_lora, x_BLD, dropout_key)
+    q = _plus(common.dense(x_BLD, self.q_proj[...].astype(dt)), self.q_lora, x_BLD, dropout_key)
+    k = _plus(common.dense(x_BLD, self.k_proj[...].astype(dt)), self.k_lora, x_BLD, dropout_key)
+    v = _plus(common.dense(x_BLD, self.v_proj[...].astype(dt)), self.v_lora, x_BLD, dropout_key)
     q = shd.constrain(q, shd.BLNH)
     k, v = shd.constrain(k, shd.BLKH), shd.constrain(v, shd.BLKH)
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
@@ -74,7 +74,7 @@ class Attention(nnx.Module):
       kv_segments_BS = kv_segments_BS[:, s0:]
     ctx = self.attention(q, k, v, q_segments_BL, kv_segments_BS, cached)
     ctx = checkpoint_name(ctx, "context")
-    out = _plus(jnp.einsum("BLNH,NHD->BLD", ctx, self.o_proj[...].astype(dt)), self.o_lora, ctx, dropout_key)
+    out = _plus(common.dense(ctx, self.o_proj[...].astype(dt), 2), self.o_lora, ctx, dropout_key)
     out = shd.constrain(out, shd.BLD)
     return checkpoint_name(out, "attn_out"), new_kv
 
@@ -101,12 +101,12 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BLD, dropout_key=None):
     dt = self.dtype
-    gate = _plus(jnp.einsum("BLD,DF->BLF", x_BLD, self.gate_proj[...].astype(dt)), self.gate_lora, x_BLD, dropout_key)
-    up = _plus(jnp.einsum("BLD,DF->BLF", x_BLD, self.up_proj[...].astype(dt)), self.up_lora, x_BLD, dropout_key)
+    gate = _plus(common.dense(x_BLD, self.gate_proj[...].astype(dt)), self.gate_lora, x_BLD, dropout_key)
+    up = _plus(common.dense(x_BLD, self.up_proj[...].astype(dt)), self.up_lora, x_BLD, dropout_key)
     gate, up = shd.constrain(gate, shd.BLF), shd.constrain(up, shd.BLF)
     gate, up = checkpoint_name(gate, "mlp_wi"), checkpoint_name(up, "mlp_wi")
     hidden = jax.nn.silu(gate) * up
-    out = _plus(jnp.einsum("BLF,FD->BLD", hidden, self.down_proj[...].astype(dt)), self.down_lora, hidden, dropout_key)
+    out = _plus(common.dense(hidden, self.down_proj[...].astype(dt)), self.down_lora, hidden, dropout_key)
     return checkpoint_name(shd.constrain(out, shd.BLD), "mlp_out")
 
 

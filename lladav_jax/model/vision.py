@@ -44,16 +44,16 @@ class VisionBlock(nnx.Module):
     dt = self.dtype
     w = lambda v: v[...].astype(dt)
     y = common.layer_norm(x_BPD, self.ln1_scale[...], self.ln1_bias[...], self.eps)
-    q, k, v = (shd.constrain(jnp.einsum("BPD,DNH->BPNH", y, w(p)) + w(b), shd.BLNH)
+    q, k, v = (shd.constrain(common.dense(y, w(p)) + w(b), shd.BLNH)
                for p, b in ((self.q_proj, self.q_bias), (self.k_proj, self.k_bias), (self.v_proj, self.v_bias)))
     one = jnp.ones(x_BPD.shape[:2], jnp.int32)  # a tile attends all its own patches
     ctx = self.attention(q, k, v, one, one)
     ctx = checkpoint_name(ctx, "context")
-    x_BPD = x_BPD + jnp.einsum("BPNH,NHD->BPD", ctx, w(self.o_proj)) + w(self.o_bias)
+    x_BPD = x_BPD + common.dense(ctx, w(self.o_proj), 2) + w(self.o_bias)
     y = common.layer_norm(x_BPD, self.ln2_scale[...], self.ln2_bias[...], self.eps)
-    y = shd.constrain(jax.nn.gelu(jnp.einsum("BPD,DF->BPF", y, w(self.fc1)) + w(self.fc1_bias), approximate=True),
+    y = shd.constrain(jax.nn.gelu(common.dense(y, w(self.fc1)) + w(self.fc1_bias), approximate=True),
                       shd.BLF)
-    y = jnp.einsum("BPF,FD->BPD", y, w(self.fc2)) + w(self.fc2_bias)
+    y = common.dense(y, w(self.fc2)) + w(self.fc2_bias)
     return x_BPD + checkpoint_name(y, "mlp_out")
 
 
@@ -93,7 +93,7 @@ class SigLIPVision(nnx.Module):
     x = pixels_NHWC[:, :g * p, :g * p].astype(self.dtype)
     x = x.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = shd.constrain(x.reshape(n, g * g, p * p * c), shd.BLD)
-    x = x @ self.patch_kernel[...].astype(self.dtype) + self.patch_bias[...].astype(self.dtype)
+    x = common.dense(x, self.patch_kernel[...].astype(self.dtype)) + self.patch_bias[...].astype(self.dtype)
     x = x + self.pos_embed[...].astype(self.dtype)
     x, _ = common.run_stacked(self.layers, lambda blk, h, _: (blk(h), None), x, None,
                               scan=self.scan_layers, remat_policy=self.remat_policy)

@@ -108,8 +108,8 @@ def corrupt(tokens_BL, labels_BL, segments_BL, t_BL, u_BL, mask_token_id: int, e
 def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None):
   """sum_{b,i} weights_bi * CE(h_bi @ head, label_bi) with float32 logits, in chunks of positions.
 
-  Returns (weighted CE sum, unweighted CE sum over weights > 0, #correct argmax over weights > 0); only the
-  first is differentiable (the other two are metrics).
+  Returns (weighted CE sum, unweighted CE sum over weights > 0, #positions over weights > 0 whose label has the
+  largest logit); only the first is differentiable (the other two are metrics).
   """
   l = h_BLD.shape[1]
   dtype = jnp.dtype(dtype or h_BLD.dtype)
@@ -134,9 +134,12 @@ def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype):
   (weighted sum, CE sum, #correct) per row)."""
   logits = shd.constrain(common.einsum_f32("BCD,DV->BCV", h_BCD.astype(dtype), head_DV), shd.BLV)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  ce = lse - jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
+  label_logit = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
+  ce = lse - label_logit
   on = w_BC > 0
-  correct = (jnp.argmax(logits, axis=-1) == lab_BC) & on
+  # the label's logit is the largest (argmax == label but for exact ties): the max is logsumexp's own, where an
+  # argmax would be one more pass over the [B, C, V] logits carrying indices
+  correct = (label_logit >= logits.max(axis=-1)) & on
   # per row: summed over the batch after the chunk scan, so that the scan's only cross-device sum is d head's
   return logits, lse, ce, ((ce * w_BC).sum(1), jnp.where(on, ce, 0.0).sum(1), correct.astype(jnp.float32).sum(1))
 

@@ -17,15 +17,19 @@ init (it is unused there anyway: stage 1 is `square` / `flat`, no newline).
 
 Frozen parameters are split off before the optimizer sees anything: gradients are taken only with
 respect to the trainable tree and the optimizer state covers only it.
+
+A step whose loss or gradient is not finite is skipped inside the optimizer (`adamw`'s `finite` argument):
+moments, count and parameters stay exactly as they were.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -137,14 +141,57 @@ def make(ocfg: OptimConfig, total_steps: int, trainable_params: Mapping):
   labels_used = sorted(set(canon.values()), key=present.index)
   scheds = {g: schedule(lrs[g], total_steps, ocfg.warmup_ratio, ocfg.schedule) for g in labels_used}
 
-  def adamw(g):
-    return optax.adamw(scheds[g], b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay,
-                       mask=decay_mask)
+  def group_adamw(g):
+    return adamw(scheds[g], b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
 
   if len(labels_used) == 1:
-    inner = adamw(labels_used[0])
+    inner = group_adamw(labels_used[0])
   else:
     labels = traverse_util.unflatten_dict({k: canon[group_of(k)] for k in flat})
-    inner = optax.multi_transform({g: adamw(g) for g in labels_used}, labels)
+    inner = optax.multi_transform({g: group_adamw(g) for g in labels_used}, labels)
   chain = [inner] if not ocfg.clip_norm else [optax.clip_by_global_norm(ocfg.clip_norm), inner]
   return optax.chain(*chain), scheds
+
+
+class AdamWState(NamedTuple):
+  count: jax.Array  # applied (finite) steps
+  mu: Any
+  nu: Any
+
+
+def adamw(learning_rate, *, b1: float, b2: float, eps: float, weight_decay: float):
+  """`optax.adamw(learning_rate, b1, b2, eps, weight_decay=..., mask=decay_mask)`, the same arithmetic in the
+  same order, with the non-finite guard inside: `update(..., finite=False)` keeps the moments and count and
+  returns zero updates. A `jnp.where(finite, new, old)` over the state after the fact would keep old and new
+  moments alive together and split each parameter's update into several passes over memory; here it is one
+  (the guard only changes scalars, and the gradient is zeroed where it is read)."""
+
+  def init(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return AdamWState(jnp.zeros([], jnp.int32), zeros(), zeros())
+
+  def update(grads, state, params, *, finite=True, **_):
+    ok = jnp.asarray(finite, bool)
+    # a skipped step weighs the old moment by 1 and the (zeroed) gradient by 0: the moment exactly
+    c1, d1 = jnp.where(ok, 1 - b1, 0.0), jnp.where(ok, b1, 1.0)
+    c2, d2 = jnp.where(ok, 1 - b2, 0.0), jnp.where(ok, b2, 1.0)
+    count_inc = optax.safe_increment(state.count)  # the bias correction's count, finite on a skipped first step
+    step_size = jnp.where(ok, -learning_rate(state.count), 0.0)
+    decay = decay_mask(params)
+
+    def one(g, m, v, p, wd):
+      g = jnp.where(ok, g, jnp.zeros_like(g))
+      m = c1.astype(g.dtype) * g + d1.astype(m.dtype) * m
+      v = c2.astype(g.dtype) * g ** 2 + d2.astype(v.dtype) * v
+      m_hat = m / (1 - b1 ** count_inc).astype(m.dtype)
+      v_hat = v / (1 - b2 ** count_inc).astype(v.dtype)
+      u = m_hat / (jnp.sqrt(v_hat + 0.0) + eps)
+      if wd and weight_decay:
+        u = u + weight_decay * p
+      return step_size.astype(u.dtype) * u, m, v
+
+    out = jax.tree.map(one, grads, state.mu, state.nu, params, decay)
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)
+    return pick(0), AdamWState(jnp.where(ok, count_inc, state.count), pick(1), pick(2))
+
+  return optax.GradientTransformationExtraArgs(init, update)

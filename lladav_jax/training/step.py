@@ -104,12 +104,10 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
       loss, aux, grads = loss_and_grad(state, batch)
       params = state["params"]
       gnorm = optax.tree.norm(grads)
-      updates, new_opt = tx.update(grads, state["opt_state"], params)
-      new_params = optax.apply_updates(params, updates)
       ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-      keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)
-      new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": keep(new_params, params),
-                   "frozen": state["frozen"], "opt_state": keep(new_opt, state["opt_state"])}
+      updates, new_opt = tx.update(grads, state["opt_state"], params, finite=ok)  # not ok: zero updates, same state
+      new_state = {"step": state["step"] + 1, "rng": state["rng"], "params": optax.apply_updates(params, updates),
+                   "frozen": state["frozen"], "opt_state": new_opt}
       masked = jnp.maximum(aux["masked_tokens"], 1.0)
       metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok.astype(jnp.float32),
                  "lr": setup.schedules[lr_group](state["step"]),
