@@ -15,6 +15,8 @@ a plain jitted 2048^3 float32 matmul measured in the same process (best of N, be
 and their ratio; and the same two per second of the process's CPU time (best step, best matmul), the
 figure to compare on a machine shared with other jobs (wall time also counts their time slices). On a CPU the
 parameters are random host arrays (the model's init is not compiled); on an accelerator, the model's init.
+On a CPU the allocator matters (XLA:CPU mallocs the step's temporaries every step): tcmalloc
+(`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`) made the default step ~8% faster than glibc's.
 """
 from __future__ import annotations
 
@@ -239,6 +241,27 @@ SWEEP = [
 # CPU (quiet, load ~1): the default setting 42.8 -> 39.9 s best step with the head change (63% -> 59% per CPU-second:
 # the matmul reference ran 74 -> 84 GFLOP per CPU-second between the runs), and 38.4 s with minimal_with_context (64%,
 # peak 10.3 -> 7.9 GiB).
+# 2026-11-26 (fifth session), another 2-core VM: an AVX-512 / AMX Xeon whose plain matmul runs at 265-330 GFLOP/s
+# (2-2.5x the earlier VMs'), so the FLOP-free work weighs more. The profile (2 layers) showed XLA:CPU's fast (ynn)
+# dots at full rate (~155-160 GFLOP/s each when two run side by side, ~300-320 alone); what lost time: (1) every
+# weight gradient contracts the token axes, which lead both operands, and XLA:CPU ran that orientation as an Eigen
+# dot fed by a transposing copy of the larger cotangent; (2) that copy, fused with the recompute of its input from a
+# scan's stacked residuals (dynamic slices), ran ~5x slower than a plain transpose (131 vs 27 ms for [2048, 4608]
+# in isolation); (3) the non-finite guard's jnp.where over the new and old optimizer state; (4) an argmax pass over
+# the [2048, V] logits for the accuracy metric; (5) glibc malloc's page faults (sys time ~15% of the CPU time).
+# Changes: every projection through common.dense (a custom VJP: on CPU the weight gradient takes the input, or for
+# the MLP's wide down-projection input the cotangent and the result, transposed first, so that it is a plain ynn
+# matmul; the SwiGLU MLP's forward + backward 116 -> 145 GFLOP per CPU-second); optimizer.adamw with the skip
+# inside its one pass; the metric from the label logit against logsumexp's max. The default setting, best of 3
+# steps (median step; ratio by wall time / per CPU-second):
+#   glibc malloc:   24.03 s (53% / 54%) -> 19.16 s (67% / 62%), peak 7.7 -> 6.9 GiB
+#   tcmalloc (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4, Debian libtcmalloc-minimal4, which
+#   keeps the freed temporaries: about half the page faults and kernel time): 22.00 s (60% / 62%) -> 17.70 s
+#   (72% / 74%). 2 layers: 75% / 78% in the best run. Unrolled layers (--no-scan): 17.2 s with tcmalloc (70% /
+#   76%), within the noise of the scan, 2.2 GiB more. The run-to-run spread on this VM is +-5 points (the matmul
+#   reference itself 265-331 GFLOP/s). Still short of 80%: what remains is the dense attention core (its batched
+#   dots at 40-230 GFLOP/s and the softmax passes), the input transposes (~20-50 ms each, 4 a layer), AdamW's
+#   passes over 350M parameters, and the kernel time of faulting in the step's temporaries.
 BEST = Setting(width=1536, batch=4, seq=512, remat="minimal_with_context")
 
 
