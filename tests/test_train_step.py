@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import traverse_util
 
 from lladav_jax import config, sharding
@@ -106,7 +107,6 @@ def test_adamw_equals_optax_and_skips_non_finite_steps_exactly():
   """optimizer.adamw against optax.adamw (schedule, weight decay mask) over 4 steps, to float32 rounding (XLA may
   contract the two programs' multiply-adds differently); a step with finite=False, first or later, returns zero
   updates and leaves the state exactly as it was."""
-  import optax
   rng = np.random.default_rng(0)
   params = {"llm": {"embed": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
                     "final_norm": jnp.asarray(rng.normal(size=3), jnp.float32)}}

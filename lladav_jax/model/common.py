@@ -99,7 +99,6 @@ def einsum_f32(eq: str, x, w):
   return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense(x, w, n_in: int = 1):
   """`jnp.tensordot(x, w, n_in)`: x's trailing `n_in` axes against w's leading ones (a projection), with a

@@ -38,7 +38,8 @@ class Projector(nnx.Module):
 
   def __call__(self, x):
     dt = self.dtype
-    x = jax.nn.gelu(common.dense(x.astype(dt), self.fc1[...].astype(dt)) + self.fc1_bias[...].astype(dt), approximate=False)
+    x = common.dense(x.astype(dt), self.fc1[...].astype(dt)) + self.fc1_bias[...].astype(dt)
+    x = jax.nn.gelu(x, approximate=False)
     return common.dense(x, self.fc2[...].astype(dt)) + self.fc2_bias[...].astype(dt)
 
 
