@@ -8,7 +8,7 @@
   earlier keys ahead of the new ones (the sampler's prefix / dual caches).
 
 Implementations (`IMPLS`):
-  dense      whole [T, S] score matrices (XLA), a custom VJP from the log-sum-exp; O(T S) memory.
+  dense      jax.nn.dot_product_attention (XLA) with a [B, 1, T, S] mask: the reference; O(T S) memory.
   blockwise  pure JAX flash attention: a scan over query blocks and key blocks with an online max / sum,
              a custom VJP that recomputes the scores block by block: O(T + S) memory, every backend.
   splash     the Pallas TPU Splash kernel with segment ids, inside shard_map over the batch / head axes
@@ -28,7 +28,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from lladav_jax import sharding as shd
 from lladav_jax.config import ATTENTION_IMPLS
@@ -138,81 +137,15 @@ def segment_mask(q_segments, kv_segments):
   return (q_segments[:, :, None] == kv_segments[:, None, :]) & (q_segments[:, :, None] > 0)
 
 
-def dense(q, k, v, q_segments, kv_segments):
-  """Whole [T, S] score matrices with a custom VJP: the backward recomputes the probabilities from the saved
-  log-sum-exp (the flash-attention backward, unblocked). XLA's own derivative of the softmax recomputed the max
-  and the sum and ran more passes over [T, S]: 2.5% off bench/train.py's CPU step."""
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  out = _dense(q.reshape(b, t, kh, n // kh, h), k, v, q_segments, kv_segments, 1.0 / math.sqrt(h))
-  return out.reshape(b, t, n, h)
-
-
-def _xla(q, k, v, q_segments, kv_segments, impl: str = "xla"):
-  """jax.nn.dot_product_attention with the segment mask (a query with no key gets zeros): cuDNN's entry, and
-  the independent reference of the tests."""
+def dense(q, k, v, q_segments, kv_segments, impl: str = "xla"):
   mask = segment_mask(q_segments, kv_segments)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=False, implementation=impl)
   # XLA gives a query with no key the mean of the values; every implementation here gives zeros
   return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-def _dense_scores(qh, kh, qs, ks, scale):
-  """Masked float32 scores [B, K, G, T, S] from head-major q [B, K, G, T, H] and k [B, K, S, H]."""
-  s = jnp.einsum("BKGTH,BKSH->BKGTS", qh, kh, preferred_element_type=jnp.float32) * scale
-  return jnp.where(segment_mask(qs, ks)[:, None, None], s, _NEG)
-
-
-def _dense_fwd_core(q, k, v, qs, ks, scale):
-  qh, kh, vh = jnp.einsum("BTKGH->BKGTH", q), jnp.einsum("BSKH->BKSH", k), jnp.einsum("BSKH->BKSH", v)
-  s = _dense_scores(qh, kh, qs, ks, scale)
-  m = s.max(-1)
-  seen = m > _NEG / 2  # some key in the query's segment (else every score is _NEG and m too)
-  p = jnp.exp(s - m[..., None])  # exactly 0 where masked in a row that has a key
-  l = p.sum(-1)
-  o = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
-  o = jnp.where(seen[..., None], o / l[..., None], 0.0)
-  # a query with no key: lse = +1e30 makes its recomputed probabilities exp(-1e30 - 1e30) = 0
-  lse = jnp.where(seen, m + jnp.log(l), -_NEG)
-  return jnp.einsum("BKGTH->BTKGH", o).astype(q.dtype), lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _dense(q, k, v, qs, ks, scale):
-  return _dense_fwd_core(q, k, v, qs, ks, scale)[0]
-
-
-def _dense_fwd(q, k, v, qs, ks, scale):
-  o, lse = _dense_fwd_core(q, k, v, qs, ks, scale)
-  # named as the attention output is (model/llm.py): a remat policy that keeps "context" keeps these, and the
-  # backward does not rerun the forward's two [T, S] matmuls
-  o, lse = checkpoint_name(o, "context"), checkpoint_name(lse, "context")
-  return o, (q, k, v, qs, ks, o, lse)
-
-
-def _dense_bwd(scale, res, do):
-  """Scores recomputed as [S, T] (keys first): dv and dk then contract their operands' trailing query axis."""
-  q, k, v, qs, ks, o, lse = res
-  qh, kh, vh = jnp.einsum("BTKGH->BKGTH", q), jnp.einsum("BSKH->BKSH", k), jnp.einsum("BSKH->BKSH", v)
-  doh = jnp.einsum("BTKGH->BKGTH", do)
-  d = jnp.einsum("BTKGH,BTKGH->BKGT", do.astype(jnp.float32), o.astype(jnp.float32))  # rowsum(dO * O)
-  st = jnp.einsum("BKSH,BKGTH->BKSGT", kh, qh, preferred_element_type=jnp.float32) * scale
-  mask = segment_mask(qs, ks)  # [B, T, S]
-  st = jnp.where(jnp.swapaxes(mask, 1, 2)[:, None, :, None], st, _NEG)
-  pt = jnp.exp(st - lse[:, :, None])  # [B, K, S, G, T]
-  dv = jnp.einsum("BKSGT,BKGTH->BSKH", pt.astype(do.dtype), doh, preferred_element_type=jnp.float32)
-  dpt = jnp.einsum("BKSH,BKGTH->BKSGT", vh, doh, preferred_element_type=jnp.float32)
-  dst = pt * (dpt - d[:, :, None]) * scale
-  dk = jnp.einsum("BKSGT,BKGTH->BSKH", dst.astype(q.dtype), qh, preferred_element_type=jnp.float32)
-  dq = jnp.einsum("BKSGT,BKSH->BTKGH", dst.astype(k.dtype), kh, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
-
-
 def cudnn(q, k, v, q_segments, kv_segments):
-  return _xla(q, k, v, q_segments, kv_segments, impl="cudnn")
+  return dense(q, k, v, q_segments, kv_segments, impl="cudnn")
 
 
 def has_key(q_segments, kv_segments):
