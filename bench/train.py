@@ -15,8 +15,9 @@ a plain jitted 2048^3 float32 matmul measured in the same process (best of N, be
 and their ratio; and the same two per second of the process's CPU time (best step, best matmul), the
 figure to compare on a machine shared with other jobs (wall time also counts their time slices). On a CPU the
 parameters are random host arrays (the model's init is not compiled); on an accelerator, the model's init.
-On a CPU the allocator matters (XLA:CPU mallocs the step's temporaries every step): tcmalloc
-(`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`) made the default step ~8% faster than glibc's.
+On a CPU the allocator matters (XLA:CPU mallocs the step's temporaries every step, and glibc maps and unmaps the
+large ones, faulting their pages in again): the bench reruns itself under tcmalloc when it is installed (Debian's
+libtcmalloc-minimal4; `--allocator glibc` keeps glibc's), which made the default step 8-10% faster.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import numpy as np  # noqa: E402
 from lladav_jax import config as model_config, sharding  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
 from lladav_jax.training import flops as flops_lib, loss as loss_lib, optimizer, state as st, step as stp  # noqa: E402
-from lladav_jax.training import synthetic  # noqa: E402
+from lladav_jax.training import host_memory, synthetic  # noqa: E402
 
 import op_times  # noqa: E402  (bench/op_times.py: sys.path[0] is this file's folder)
 
@@ -262,7 +263,25 @@ SWEEP = [
 #   reference itself 265-331 GFLOP/s). Still short of 80%: what remains is the dense attention core (its batched
 #   dots at 40-230 GFLOP/s and the softmax passes), the input transposes (~20-50 ms each, 4 a layer), AdamW's
 #   passes over 350M parameters, and the kernel time of faulting in the step's temporaries.
-BEST = Setting(width=1536, batch=4, seq=512, remat="minimal_with_context")
+# 2026-11-26 (sixth session, the same AMX VM): the VM drifted during the session: the same B=4 step took 15.3 to
+#   17.9 s, and the reference matmul's best of 5 ran at 265-341 GFLOP/s (sustained for 20 s: 292-309, median 310-315),
+#   so every comparison below alternates the variants in one process (tcmalloc, 8 layers, B=4, best of 2 rounds):
+#   - weight gradients as plain token-contracting dots (XLA's Eigen kernel) instead of `dense`'s transposed operands:
+#     17.22 vs 16.15 s, slower, although alone, in a scan of 8 layers, that dot beat transpose + matmul (96 vs 139 ms);
+#   - the transposes inside a lax.cond (a fusion boundary: alone an in-loop transpose went from 15.6 to 4.3 ms): 16.16
+#     vs 16.10 s, no change;
+#   - a dense attention with a custom VJP (the backward from the saved log-sum-exp, scores recomputed keys-first, the
+#     output and lse named "context"): 15.78 vs 16.19 s while the sum divided the value product; that broke
+#     test_lora's bit-exact base-vs-adapter loss on a 2x2x2 mesh (1 ulp: the two programs partition differently), and
+#     normalised first it measured 15.86 vs 15.82 s: reverted;
+#   - blockwise attention (one 512 block): 16.97 vs 16.41 s; XLA flags --xla_cpu_experimental_enable_tiling_propagation,
+#     --xla_cpu_use_onednn, --xla_cpu_use_fusion_emitters=false: within the noise.
+#   Adopted: B=8 (per row 1.5-3% faster than B=4 in two paired rounds) and tcmalloc by default. The default, tcmalloc:
+#   31.2 s a step, 244 GFLOP/s, 77% of the matmul by wall time and per CPU-second (124.6 vs 161.0); `--allocator
+#   glibc`: 35.0 s, 69% / 73%. The 8-layer B=4 profile: XLA's thunks are 81% ynn dots (at the matmul's rate); the
+#   rest is the loops that transpose the scan's stacked residuals through dynamic slices (~4 s of the two threads'
+#   ~29), AdamW (~1 s), and for ~40% of the step only one thunk runs.
+BEST = Setting(width=1536, batch=8, seq=512, remat="minimal_with_context")
 
 
 def main():
@@ -272,16 +291,21 @@ def main():
   p.add_argument("--breakdown", action="store_true", help="also time the forward loss and loss + gradients alone")
   p.add_argument("--trace", default=None, help="a directory: profile two more steps there and print where the time went")
   p.add_argument("--hlo", default=None, help="a .txt.gz file: the compiled step's optimized HLO")
+  p.add_argument("--allocator", choices=("tcmalloc", "glibc"), default="tcmalloc",
+                 help="on a CPU, rerun under tcmalloc when it is installed (the default) or keep glibc's malloc")
   for f in dataclasses.fields(Setting):
     if f.type == "bool" or isinstance(f.default, bool):
       p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
     else:
       p.add_argument(f"--{f.name}", type=type(f.default), default=None)
   a = p.parse_args()
+  if a.allocator == "tcmalloc" and host_memory.cpu_only():
+    host_memory.rerun_with_tcmalloc([sys.executable] + sys.argv)  # returns only when it cannot
   over = {f.name: getattr(a, f.name) for f in dataclasses.fields(Setting) if getattr(a, f.name) is not None}
   settings = SWEEP if a.sweep else [dataclasses.replace(BEST, **over)]
   dev = jax.devices()[0]
-  print(f"jax {jax.__version__}, {dev.device_kind}, {os.cpu_count()} CPUs", flush=True)
+  allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "the default malloc"
+  print(f"jax {jax.__version__}, {dev.device_kind}, {os.cpu_count()} CPUs, {allocator}", flush=True)
   # the reference: a 2048^3 float32 matmul on a CPU; a 8192^3 bfloat16 one (the MFU's dtype) on an accelerator
   cpu = jax.default_backend() == "cpu"
   ref_n, ref_dtype = (2048, "float32") if cpu else (8192, "bfloat16")

@@ -1,8 +1,10 @@
 """training/host_memory: on the CPU backend a compiled program's temporaries are reused across calls instead of
 being mapped and faulted in again every call; the allocator is left alone where the user chose one or an
-accelerator may run the program."""
+accelerator may run the program; the rerun under tcmalloc (bench/train.py) reuses them too."""
 import subprocess
 import sys
+
+import pytest
 
 from lladav_jax.training import host_memory
 from tests.train_helpers import REPO, subprocess_env
@@ -51,3 +53,34 @@ def test_the_allocator_is_left_alone_where_it_should_be(monkeypatch):
   assert host_memory.cpu_only()
   monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own malloc settings win
   assert not host_memory.reuse_freed_memory()
+
+
+RERUN = """
+import os, resource, sys
+from lladav_jax.training import host_memory
+if len(sys.argv) == 1:
+  host_memory.rerun_with_tcmalloc([sys.executable, __file__, "rerun"])
+  sys.exit("not rerun")
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0))
+x = jnp.ones((4096, 16), jnp.float32)
+f(x).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  f(x).block_until_ready()
+print(os.environ["LD_PRELOAD"], (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 5)
+"""
+
+
+def test_rerun_under_tcmalloc(tmp_path):
+  """bench/train.py's allocator: the process replaces itself under tcmalloc, which reuses the 64 MiB temporary."""
+  if host_memory.tcmalloc_path() is None:
+    pytest.skip("tcmalloc is not installed (Debian: libtcmalloc-minimal4; .ci/run installs it)")
+  script = tmp_path / "rerun.py"
+  script.write_text(RERUN)
+  env = {k: v for k, v in subprocess_env().items() if k not in host_memory.USER_CHOICE}
+  r = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  preload, faults = r.stdout.split()
+  assert "tcmalloc" in preload
+  assert float(faults) < 200, faults

@@ -46,3 +46,19 @@ def reuse_freed_memory() -> bool:
     return False
   libc = ctypes.CDLL("libc.so.6")
   return all(libc.mallopt(p, v) == 1 for p, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+
+
+def tcmalloc_path() -> str | None:
+  """The installed tcmalloc (Debian's libtcmalloc-minimal4), or None."""
+  import ctypes.util
+  return ctypes.util.find_library("tcmalloc_minimal")
+
+
+def rerun_with_tcmalloc(argv: list[str]) -> None:
+  """Replaces this process with `argv` run under tcmalloc (LD_PRELOAD), when it is installed and the user chose no
+  allocator; returns only if it did not. For CPU programs too large for the one-arena settings above (a 10 GiB
+  step fragmented that heap past 24 GB): tcmalloc keeps freed blocks without faulting them in again."""
+  lib = tcmalloc_path()
+  if lib is None or platform.system() != "Linux" or any(os.environ.get(k) for k in USER_CHOICE):
+    return
+  os.execve(argv[0], argv, dict(os.environ, LD_PRELOAD=lib))
