@@ -15,6 +15,7 @@ checkpoints', which one arena would serialise and no-trim would keep. An allocat
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
@@ -50,7 +51,6 @@ def reuse_freed_memory() -> bool:
 
 def tcmalloc_path() -> str | None:
   """The installed tcmalloc (Debian's libtcmalloc-minimal4), or None."""
-  import ctypes.util
   return ctypes.util.find_library("tcmalloc_minimal")
 
 
