@@ -304,8 +304,9 @@ def main():
   over = {f.name: getattr(a, f.name) for f in dataclasses.fields(Setting) if getattr(a, f.name) is not None}
   settings = SWEEP if a.sweep else [dataclasses.replace(BEST, **over)]
   dev = jax.devices()[0]
-  allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "the default malloc"
-  print(f"jax {jax.__version__}, {dev.device_kind}, {os.cpu_count()} CPUs, {allocator}", flush=True)
+  preload = os.environ.get("LD_PRELOAD")
+  print(f"jax {jax.__version__}, {dev.device_kind}, {os.cpu_count()} CPUs, "
+        f"{'LD_PRELOAD=' + preload if preload else 'the default malloc'}", flush=True)
   # the reference: a 2048^3 float32 matmul on a CPU; a 8192^3 bfloat16 one (the MFU's dtype) on an accelerator
   cpu = jax.default_backend() == "cpu"
   ref_n, ref_dtype = (2048, "float32") if cpu else (8192, "bfloat16")
