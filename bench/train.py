@@ -299,8 +299,8 @@ def main():
     else:
       p.add_argument(f"--{f.name}", type=type(f.default), default=None)
   a = p.parse_args()
-  if a.allocator == "tcmalloc" and host_memory.cpu_only():
-    host_memory.rerun_with_tcmalloc([sys.executable] + sys.argv)  # returns only when it cannot
+  if a.allocator == "tcmalloc":
+    host_memory.rerun_with_tcmalloc([sys.executable] + sys.argv)  # returns only when it cannot or did
   over = {f.name: getattr(a, f.name) for f in dataclasses.fields(Setting) if getattr(a, f.name) is not None}
   settings = SWEEP if a.sweep else [dataclasses.replace(BEST, **over)]
   dev = jax.devices()[0]

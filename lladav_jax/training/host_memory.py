@@ -55,10 +55,11 @@ def tcmalloc_path() -> str | None:
 
 
 def rerun_with_tcmalloc(argv: list[str]) -> None:
-  """Replaces this process with `argv` run under tcmalloc (LD_PRELOAD), when it is installed and the user chose no
-  allocator; returns only if it did not. For CPU programs too large for the one-arena settings above (a 10 GiB
-  step fragmented that heap past 24 GB): tcmalloc keeps freed blocks without faulting them in again."""
+  """Replaces this process with `argv` run under tcmalloc (LD_PRELOAD), when it is installed, the run is CPU-only
+  and the user chose no allocator; returns only if it did not. For CPU programs too large for the one-arena
+  settings above (a 10 GiB step fragmented that heap past 24 GB): tcmalloc keeps freed blocks without faulting
+  them in again."""
   lib = tcmalloc_path()
-  if lib is None or platform.system() != "Linux" or any(os.environ.get(k) for k in USER_CHOICE):
+  if lib is None or platform.system() != "Linux" or any(os.environ.get(k) for k in USER_CHOICE) or not cpu_only():
     return
   os.execve(argv[0], argv, dict(os.environ, LD_PRELOAD=lib))
