@@ -185,7 +185,7 @@ def adamw(learning_rate, *, b1: float, b2: float, eps: float, weight_decay: floa
       v = c2.astype(g.dtype) * g ** 2 + d2.astype(v.dtype) * v
       m_hat = m / (1 - b1 ** count_inc).astype(m.dtype)
       v_hat = v / (1 - b2 ** count_inc).astype(v.dtype)
-      u = m_hat / (jnp.sqrt(v_hat + 0.0) + eps)
+      u = m_hat / (jnp.sqrt(v_hat) + eps)  # optax's eps_root is 0
       if wd and weight_decay:
         u = u + weight_decay * p
       return step_size.astype(u.dtype) * u, m, v
