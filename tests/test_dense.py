@@ -1,7 +1,9 @@
 """common.dense: a projection whose custom backward is laid out for XLA:CPU's fast matmul kernel. Its value and
 gradients against float64 NumPy, for both backward layouts (input transposed, or cotangent and result), one and
-two contracted axes; and in the compiled backward of a SwiGLU MLP no matmul contracts its left operand's
-leading (token) axis, the orientation XLA:CPU runs as a slow Eigen dot."""
+two contracted axes, with arrays small and large enough for the transposes to be built in row blocks (a row count
+that 32 does not divide); the row-block loop on one device and not under a mesh of several; and in the compiled
+backward of a SwiGLU MLP no matmul contracts its left operand's leading (token) axis, the orientation XLA:CPU runs
+as a slow Eigen dot."""
 import re
 
 import jax
@@ -17,6 +19,8 @@ from lladav_jax.model import common
     ((2, 5, 3), (3, 7), 1),  # a narrow one (gate / up): the input is transposed
     ((2, 5, 2, 3), (2, 3, 4), 2),  # the attention output projection: [B, L, N, H] x [N, H, D]
     ((2, 5, 4), (4, 2, 3), 1),  # q / k / v: [B, L, D] x [D, N, H]
+    ((3, 347, 1024), (1024, 1100), 1),  # the input transposed in row blocks: 1041 rows, 32 x 32 + 17
+    ((3, 347, 1100), (1100, 1024), 1),  # the cotangent and the result [1024, 1100] in row blocks
 ])
 def test_value_and_gradients_match_numpy(x_shape, w_shape, n_in):
   rng = np.random.default_rng(0)
@@ -32,9 +36,20 @@ def test_value_and_gradients_match_numpy(x_shape, w_shape, n_in):
   y = np.tensordot(x, w, axes=n_in)
   out_axes = list(range(len(x_shape) - n_in, len(out_shape)))
   batch_axes = list(range(len(x_shape) - n_in))
+  tol = 1e-5 * np.sqrt(np.prod(w_shape[:n_in]) * np.prod(x_shape[:len(x_shape) - n_in]))  # float32 sums' rounding
   np.testing.assert_allclose(val, np.sum(c * y), rtol=1e-5)
-  np.testing.assert_allclose(dx, np.tensordot(c, w, axes=(out_axes, list(range(n_in, w.ndim)))), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw, np.tensordot(x, c, axes=(batch_axes, batch_axes)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, np.tensordot(c, w, axes=(out_axes, list(range(n_in, w.ndim)))), rtol=1e-5, atol=tol)
+  np.testing.assert_allclose(dw, np.tensordot(x, c, axes=(batch_axes, batch_axes)), rtol=1e-5, atol=tol)
+
+
+def test_large_transposes_loop_over_row_blocks_on_one_cpu_device_only():
+  x, w = jnp.zeros((3, 347, 1024), jnp.float32), jnp.zeros((1024, 1100), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(common.dense(x, w) ** 2), argnums=(0, 1)))
+  assert x.size >= common.BLOCKED_TRANSPOSE_MIN
+  assert re.search(r" while\(", grad.lower(x, w).compile().as_text())
+  with jax.set_mesh(jax.make_mesh((jax.device_count(),), ("fsdp",))):  # a loop over a sharded axis would gather it
+    hlo = grad.lower(x, w).compile().as_text()
+  assert jax.device_count() == 1 or not re.search(r" while\(", hlo)
 
 
 def test_mlp_backward_has_no_token_leading_matmul_on_cpu():
