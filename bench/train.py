@@ -281,6 +281,26 @@ SWEEP = [
 #   glibc`: 35.0 s, 69% / 73%. The 8-layer B=4 profile: XLA's thunks are 81% ynn dots (at the matmul's rate); the
 #   rest is the loops that transpose the scan's stacked residuals through dynamic slices (~4 s of the two threads'
 #   ~29), AdamW (~1 s), and for ~40% of the step only one thunk runs.
+# 2026-11-26 (seventh session, the same AMX VM, which slowed during the session: the old code's step went from 30.0 to
+#   35.5 s). What the transposing loops cost, measured by making them free (reshapes, wrong values): B=4 15.78 ->
+#   14.72 s. Why they were slow: XLA:CPU emits a transpose fused with anything (the recompute of a layer's input from
+#   the scan's stacked residuals, the weight gradient's dynamic-update-slice into the stacked gradient, RoPE) as a
+#   loop over the output elements, reading the input a row (a page) apart: 24-26 ms for [4096, 1536] float32 against
+#   4.4 ms for the same transpose alone; optimization barriers and a platform `cond` do not keep XLA from fusing it.
+#   XLA_FLAGS --xla_cpu_experimental_ynn_fusion_type=+eltwise (YNNPACK's tiled transposes: 3.8 ms alone) left the step
+#   unchanged (30.06 vs 29.96 s; it also merges dots with their elementwise neighbours into fusions at half the
+#   rate) and individual_dot,eltwise was slower (16.41 vs 15.29 s at B=4). Changes:
+#   - common.dense's transposes of 2^20 elements or more are built 32 rows at a time in a fori_loop on one device
+#     (a loop XLA keeps, so nothing is fused into it; 6 ms for [4096, 1536]; blocks of 8-64 rows measured 6-10 ms);
+#   - attention.dense computes the scores with the heads moved ahead of the positions (copies of their own behind
+#     optimization barriers) instead of jax.nn.dot_product_attention from [B, T, N, H], for which XLA:CPU laid out
+#     the keys as [B, N, H, S] and the probabilities transposed: one layer's attention forward + backward at B=8
+#     went from 463 to 306-318 ms.
+#   In one process, alternating (B=8, best of 2 rounds): before 35.54 s (109.6 GFLOP per CPU-second), the attention
+#   layout alone 32.77 s (118.1), both 31.04 s (124.5): 12.7% off the step. The default setting, tcmalloc, ratio by
+#   wall / per CPU-second in three runs: 82% / 85% (30.5 s, matmul 305), 79% / 81% (32.0 s, matmul 302), and B=4
+#   78% / 78%; `--allocator glibc` 80% / 77%. What is left: elementwise passes (the SwiGLU backward, AdamW, the
+#   scan's slices; ~3.7 of the ~32 thread-seconds a B=4 step) and the attention's batched dots at 90-230 GFLOP/s.
 BEST = Setting(width=1536, batch=8, seq=512, remat="minimal_with_context")
 
 
