@@ -36,10 +36,11 @@ def test_value_and_gradients_match_numpy(x_shape, w_shape, n_in):
   y = np.tensordot(x, w, axes=n_in)
   out_axes = list(range(len(x_shape) - n_in, len(out_shape)))
   batch_axes = list(range(len(x_shape) - n_in))
-  tol = 1e-5 * np.sqrt(np.prod(w_shape[:n_in]) * np.prod(x_shape[:len(x_shape) - n_in]))  # float32 sums' rounding
   np.testing.assert_allclose(val, np.sum(c * y), rtol=1e-5)
-  np.testing.assert_allclose(dx, np.tensordot(c, w, axes=(out_axes, list(range(n_in, w.ndim)))), rtol=1e-5, atol=tol)
-  np.testing.assert_allclose(dw, np.tensordot(x, c, axes=(batch_axes, batch_axes)), rtol=1e-5, atol=tol)
+  for got, want in ((dx, np.tensordot(c, w, axes=(out_axes, list(range(n_in, w.ndim))))),
+                    (dw, np.tensordot(x, c, axes=(batch_axes, batch_axes)))):
+    # float32 sums of ~1000 products (the large shapes): the rounding scales with the largest entry (~160 there)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max() / 10))
 
 
 def test_large_transposes_loop_over_row_blocks_on_one_cpu_device_only():

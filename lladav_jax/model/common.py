@@ -137,7 +137,8 @@ def _dense_bwd(n_in, res, g):
 def _transposed(a, k: int, after: bool = False):
   """`a` with its first k axes moved last ([tokens..., features...] -> [features..., tokens...]). On CPU the
   transpose is kept apart from the dot that reads it (`after`: that writes it): XLA would fold it back into the
-  dot's dimension numbers, the orientation this layout avoids."""
+  dot's dimension numbers, the orientation this layout avoids. A large one on one device is built in row blocks
+  (`_row_blocks_transposed`)."""
   perm = tuple(range(k, a.ndim)) + tuple(range(k))
   out_shape = tuple(a.shape[i] for i in perm)
 
