@@ -298,8 +298,8 @@ SWEEP = [
 #     went from 463 to 306-318 ms.
 #   In one process, alternating (B=8, best of 2 rounds): before 35.54 s (109.6 GFLOP per CPU-second), the attention
 #   layout alone 32.77 s (118.1), both 31.04 s (124.5): 12.7% off the step. The default setting, tcmalloc, ratio by
-#   wall / per CPU-second in three runs: 82% / 85% (30.5 s, matmul 305), 79% / 81% (32.0 s, matmul 302), and B=4
-#   78% / 78%; `--allocator glibc` 80% / 77%. What is left: elementwise passes (the SwiGLU backward, AdamW, the
+#   wall / per CPU-second in three runs: 82% / 85% (30.5 s, matmul 305), 79% / 81% (32.0 s, matmul 302), 82% / 84%
+#   (29.8 s, matmul 312); B=4 78% / 78%; `--allocator glibc` 80% / 77%. What is left: elementwise passes (the SwiGLU backward, AdamW, the
 #   scan's slices; ~3.7 of the ~32 thread-seconds a B=4 step) and the attention's batched dots at 90-230 GFLOP/s.
 BEST = Setting(width=1536, batch=8, seq=512, remat="minimal_with_context")
 
