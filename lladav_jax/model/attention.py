@@ -157,7 +157,7 @@ def dense(q, k, v, q_segments, kv_segments):
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
   out = _heads_first(jnp.einsum("BKMS,BKSH->BKMH", probs, vt).reshape(b, n, t, h))  # back to [B, T, N, H]
   # a query with no key: zeros (XLA's softmax over all-masked scores would give the mean of the values)
-  return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+  return _zero_without_key(out, mask.any(-1), q.dtype)
 
 
 def _heads_first(x):
@@ -170,7 +170,12 @@ def _heads_first(x):
 def cudnn(q, k, v, q_segments, kv_segments):
   mask = segment_mask(q_segments, kv_segments)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=False, implementation="cudnn")
-  return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
+  return _zero_without_key(out, mask.any(-1), q.dtype)
+
+
+def _zero_without_key(out, has_key_BT, dtype):
+  """The module's rule: a query with no key to attend gets zeros (out [B, T, N, H], has_key_BT bool [B, T])."""
+  return jnp.where(has_key_BT[:, :, None, None], out, 0).astype(dtype)
 
 
 def has_key(q_segments, kv_segments):
@@ -352,7 +357,7 @@ def splash(q, k, v, q_segments, kv_segments, *, block_q: int = 512, block_kv: in
                         out_specs=spec_q, check_vma=False)(q5, k, v, qs, ks)
   out = out.reshape(b, tp, n, h)[:, :t]
   # padding queries meet padding keys in the kernel, and a query with no key gets a mean: zeros for both
-  return jnp.where(has_key(q_segments, kv_segments)[:, :, None, None], out, 0).astype(q.dtype)
+  return _zero_without_key(out, has_key(q_segments, kv_segments), q.dtype)
 
 
 # ----------------------------------------------------------------------------- Pallas GPU (Triton)
@@ -372,7 +377,7 @@ def pallas_gpu(q, k, v, segments, *, block_q: int = 128, block_kv: int = 128, in
                                    block_kv_dq=blk)
   out = gpu_attention.mha(q, k, v, seg, sm_scale=1.0 / math.sqrt(h), causal=False, block_sizes=sizes,
                           interpret=interpret)[:, :t]
-  return jnp.where((segments > 0)[:, :, None, None], out, 0).astype(q.dtype)
+  return _zero_without_key(out, segments > 0, q.dtype)
 
 
 def numpy_reference(q, k, v, q_segments, kv_segments):
