@@ -11,6 +11,9 @@ pure FSDP (fsdp = devices), one sample a device (the stage-2 recipe's per-device
 `minimal`). Prints compiled.memory_analysis() (arguments = the sharded state and batch, temporaries)
 and compiled.cost_analysis() FLOPs per device. With FSDP dividing the work, temporaries and FLOPs per
 device stay flat as devices (and the global batch with them) grow.
+
+The compiles use `step.ANALYSIS_ONLY` (LLVM's optimisations off): the same HLO and memory stats at about
+40% less compile time.
 """
 from __future__ import annotations
 

@@ -262,7 +262,9 @@ SWEEP = [
 #   76%), within the noise of the scan, 2.2 GiB more. The run-to-run spread on this VM is +-5 points (the matmul
 #   reference itself 265-331 GFLOP/s). Still short of 80%: what remains is the dense attention core (its batched
 #   dots at 40-230 GFLOP/s and the softmax passes), the input transposes (~20-50 ms each, 4 a layer), AdamW's
-#   passes over 350M parameters, and the kernel time of faulting in the step's temporaries.
+#   passes over 350M parameters, and the kernel time of faulting in the step's temporaries. Of these changes, the
+#   wide input's (common.dense transposing the cotangent and the result, not the input recomputed from the scan's
+#   residuals): 2-4% off a step of `--layers 2` in three paired runs.
 # 2026-11-26 (sixth session, the same AMX VM): the VM drifted during the session: the same B=4 step took 15.3 to
 #   17.9 s, and the reference matmul's best of 5 ran at 265-341 GFLOP/s (sustained for 20 s: 292-309, median 310-315),
 #   so every comparison below alternates the variants in one process (tcmalloc, 8 layers, B=4, best of 2 rounds):

@@ -1,4 +1,4 @@
-r"""Training configs for LLaDA-V: the built-in demo and the original's stages (REFERENCE.md section 5).
+r"""Training configs for LLaDA-V: the built-in demo and the original's stages (docs/ORIGINAL.md, "Training stages").
 
     python -m lladav_jax.train --config=configs/finetune.py --workdir=runs/demo            # = :demo
     python -m lladav_jax.train --config=configs/finetune.py:stage2_si --workdir=/shared/runs/si \
@@ -237,8 +237,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.data.tile_budget = 2
     c.data.read_threads = 1
     c.train.global_batch_size = 32
-    # The training accuracy on masked answers is ~99% by step 300 and 100% by 400 (README runs at 1200 steps: 95.7%
-    # and 100% test exact match); 800 steps leave that margin at two thirds of the time.
+    # About twice the steps the training accuracy on masked answers needs to reach 100% (bench/demo_steps.py's notes).
     c.train.num_steps = 800
     c.optim.lr = 1e-3
     c.optim.warmup_ratio = 0.03
@@ -250,7 +249,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # The vision tower stays at its random init (as stage 1 freezes it): trained at 1e-3 its colour
     # features collapse.
     c.optim.trainable = ("projector", "llm")
-    # The demo's questions (data/demo_data.py) are chosen so that this reaches ~95% test exact match.
+    # The demo's questions (data/demo_data.py) are ones this preset learns (bench/demo_steps.py's notes).
     c.checkpoint.every_steps = 300
     c.eval.tasks = ("demo",)  # data filled in from the generated demo set
     c.eval.limit = 300
@@ -272,7 +271,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.data.path, c.data.image_folder = path, folder
     if preset == "finetune":
       # Our own fine-tuning, not a paper stage: pack conversations (greedy first-fit, one segment each) so
-      # rows of 8192 hold tokens, not padding (bench/packing.py: ~25% -> ~97% useful on a LLaVA-like mix).
+      # rows of 8192 hold tokens, not padding (useful-token fractions: bench/packing.py, docs/FIDELITY.md row 13).
       # The batch counts rows; the loss is still the mean over conversations. The tile budget (37, as the
       # stages) is per row; each batch's pixels take the smallest tile bucket that holds its fullest row.
       c.data.packing = True

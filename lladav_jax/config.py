@@ -68,7 +68,7 @@ class VisionConfig:
 
 
 # Attention implementations (lladav_jax/model/attention.py): "auto" picks per backend and size; "xla" is
-# the name configs written before the blockwise kernel use for "dense".
+# accepted as an alias of "dense" so that configs naming it still load.
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu", "xla")
 
 # The language model's projections LoRA can adapt (LLaVA's find_all_linear_names: every LLM Linear but lm_head).

@@ -45,7 +45,7 @@ from lladav_jax.model import abstract_model
 log = logging.getLogger(__name__)
 
 PARTIAL_SAVE_BYTES = 64 << 20  # parameters are saved to Orbax in batches of about this size
-_GC_BYTES = 16 << 20  # after releasing this much, collect cycles at once (gc.collect costs ~0.1-0.5 s)
+_GC_BYTES = 16 << 20  # collect cycles once this much is released, not after every release (a collection walks the heap)
 
 
 def parse_size(s: int | str) -> int:

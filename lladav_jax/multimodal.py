@@ -6,7 +6,7 @@ row per output token. Row i lists up to TAPS (tile-table index, weight) pairs wh
 is token i's feature, so the device splices every layout with one static-shape gather:
   - anyres (single image): base tile (729 tokens), then the tile grid unpadded to the original
     aspect ratio, bilinearly downscaled when it exceeds max_tiles * 729 * 1.1, plus a newline
-    after every row (REFERENCE.md section 12);
+    after every row (docs/ORIGINAL.md, "Images");
   - pad (several images, training): expand2square(fill 127) -> 729 tokens + 1 newline;
   - pad_flat (several images, the original's lmms-eval): expand2square(fill 127) -> 729 tokens, no newline;
   - flat (stage-1 "square"): resized to the tile, 729 tokens, no newline;

@@ -4,9 +4,8 @@ import os
 import shutil
 import tempfile
 
-# LLVM at -O1, not -O2: a fifth to a third less compile time (most of a test's time is compiling tiny programs);
-# results agree to float32 rounding (one element of a chunked-CE gradient moved by 1.4e-7 at -O1). A flag of the
-# caller's own comes later on the line and wins.
+# LLVM at -O1, not -O2: less compile time (most of a test's time is compiling tiny programs), and results agree
+# to float32 rounding. A flag of the caller's own comes later on the line and wins.
 os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=1 " + os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,8 +29,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # `--dist loadfile` (CI) hands out the files with the most tests first, so the files of few but long tests (the
-# CLIs, the servers, the sharded and compiled steps) came last and one worker ran the last of them alone. These,
-# the longest files (seconds measured on 2 workers), go first, the longest first; the rest keep xdist's order.
+# CLIs, the servers, the sharded and compiled steps) would come last, one worker running the last of them alone.
+# These, the longest files, go first, the longest first; the rest keep xdist's order.
 LONG_FILES = ("test_released_checkpoint.py", "test_sampler.py", "test_lmms_cli.py", "test_train_resume.py",
               "test_sampler_accel.py", "test_fsdp_work.py", "test_attention.py", "test_serve.py",
               "test_sampler_engine.py", "test_parity_lladav.py", "test_lora.py", "test_train_step.py",

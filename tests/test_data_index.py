@@ -85,7 +85,7 @@ def test_mix_random_picks_are_seeded_and_not_pickled(tmp_path):
   a, b = (records.json_source(str(tmp_path / "mix.yaml"), seed=3) for _ in range(2))
   c = records.json_source(str(tmp_path / "mix.yaml"), seed=4)
   assert len(a) == 110 and keys(a) == keys(b) and keys(a) != keys(c)
-  rng = np.random.default_rng(3)  # the old in-memory selection: a permutation per random entry, in order
+  rng = np.random.default_rng(3)  # the expected selection: a permutation per random entry, in order
   want = rng.permutation(200)[:100].tolist() + rng.permutation(200)[:10].tolist()
   assert keys(a) == [f"a.json#{i}" for i in want]
   assert keys(pickle.loads(cloudpickle.dumps(a))) == keys(a)
@@ -130,7 +130,7 @@ def _worker(blob, q):
 def test_workers_hold_no_records(tmp_path):
   small, large = tmp_path / "small.json", tmp_path / "large.json"
   write_llava_json(small, 1_000)
-  size = write_llava_json(large, 80_000)  # ~80 MB: the old source put all of it in every worker
+  size = write_llava_json(large, 80_000)  # ~80 MB: large enough to show if a worker held the records
   assert size > 60e6
   blobs = [cloudpickle.dumps(records.json_source(str(p))) for p in (small, large)]
   assert len(blobs[1]) < 2048 and abs(len(blobs[1]) - len(blobs[0])) < 64

@@ -1,4 +1,4 @@
-"""Task registry: the original's per-task settings (REFERENCE.md section 7), prompts, scoring rules."""
+"""Task registry: the original's per-task settings (docs/ORIGINAL.md, "Evaluation"), prompts, scoring rules."""
 import pytest
 
 from lladav_jax.eval.sample import EvalSample

@@ -63,7 +63,7 @@ def test_float32_stays_available_and_unchanged(bf16_dir):
   model = LLaDAV.from_pretrained(bf16_dir, dtype="float32")
   assert (model.cfg.dtype, model.cfg.param_dtype) == ("float32", "float32")
   assert param_dtypes(model) == {"float32"}
-  # the float32 path as before: load_state at an explicit float32 config
+  # the same as load_state at an explicit float32 config
   cfg = weights.load_model_config(bf16_dir, dtype="float32", param_dtype="float32")
   state = weights.load_state(bf16_dir, cfg, sharding.make_mesh(devices=jax.devices()[:1]))
   ref = LLaDAV(cfg, abstract_model(cfg)[0], state)
@@ -106,7 +106,7 @@ def test_orbax_and_config_only_dtypes(bf16_dir, tmp_path):
 def test_float32_checkpoint_keeps_float32_params(tmp_path):
   _, d = write_released_checkpoint(str(tmp_path / "f32"))
   model = LLaDAV.from_pretrained(d)
-  assert (model.cfg.dtype, model.cfg.param_dtype) == ("bfloat16", "float32")  # as before the change
+  assert (model.cfg.dtype, model.cfg.param_dtype) == ("bfloat16", "float32")
   assert param_dtypes(model) == {"float32"}
 
 

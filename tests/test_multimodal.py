@@ -1,4 +1,5 @@
-"""Host-side image processing and merge plans against REFERENCE.md facts and torch's interpolate."""
+"""Host-side image processing and merge plans against the original's formulas (docs/ORIGINAL.md, "Images")
+and torch's interpolate."""
 import math
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_resize_plan_equals_torch_bilinear(hw, out):
 
 
 def reference_anyres_merge(tile_feats, orig_size, cols, rows, newline, max_tiles=4):
-  """The reference's spatial_unpad merge in torch (REFERENCE.md section 12), written independently."""
+  """The reference's spatial_unpad merge in torch (docs/ORIGINAL.md, "Images"), written independently."""
   g = int(math.isqrt(tile_feats.shape[1]))
   base, grid = tile_feats[0], tile_feats[1:]
   c = grid.shape[-1]

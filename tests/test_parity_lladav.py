@@ -137,7 +137,7 @@ def tiny_lladav_dir(path: str, seed: int = 0, **kw) -> tuple[TorchLLaDAV, str]:
 # ----------------------------------------------------------------------------- the reference merges
 
 def torch_anyres(feats: torch.Tensor, orig_size, cols: int, rows: int, newline: torch.Tensor, max_tiles=4):
-  """spatial_unpad merge (REFERENCE.md section 12): base tokens; tile grid -> unpad -> bilinear downscale if
+  """spatial_unpad merge (docs/ORIGINAL.md, "Images"): base tokens; tile grid -> unpad -> bilinear downscale if
   times > 1.1 -> newline column -> row-major tokens."""
   g = math.isqrt(feats.shape[1])
   base, grid = feats[0], feats[1:]

@@ -1,6 +1,6 @@
 """The jitted sampler against a plain NumPy implementation of the original's algorithm.
 
-The reference below follows REFERENCE.md section 13 line by line for one prompt: per-block counts,
+The reference below follows docs/ORIGINAL.md, "Generation", step by step, for one prompt: per-block counts,
 banned ids, CFG, argmax + float64 softmax confidence, eligibility, top-k, stop sequences, suffix.
 Only the forward pass is JAX (a jitted call on the exact, unpadded sequence). The tiny random
 model's weights are scaled up so that outputs are diverse and confidences well separated (ties in

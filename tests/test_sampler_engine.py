@@ -172,9 +172,8 @@ def _decide_block(h, w, elig, start, keys, temp, scale, rand, sizes):
 
 def test_the_lean_decision_equals_the_full_blocks(head):
   """decide_block on the eligible positions only (Q' from the three-rung ladder 16, 8, 4) equals `decide` on the
-  whole block with each position's absolute index (what the engine ran before, but for the noise
-  stream): x0 and confidence exactly at the eligible positions, at temperature 0 and > 0 and with
-  random remasking (per-position noise); -inf confidence elsewhere."""
+  whole block with each position's absolute index: x0 and confidence exactly at the eligible positions, at
+  temperature 0 and > 0 and with random remasking (per-position noise); -inf confidence elsewhere."""
   w, _ = head
   rng = np.random.default_rng(3)
   b, l = 3, 16

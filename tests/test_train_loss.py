@@ -21,7 +21,8 @@ def _batch(b=4, l=48, seed=0):
 
 
 def numpy_loss(logits, tokens, labels, valid, t, u, eps=1e-3):
-  """REFERENCE.md section 4, literally: loop over sequences and masked positions."""
+  """The original's objective (docs/ORIGINAL.md, "Training objective"), literally: loop over sequences and
+  masked positions."""
   b = tokens.shape[0]
   total = 0.0
   for i in range(b):
@@ -139,7 +140,7 @@ def test_head_matmuls_run_once_under_value_and_grad():
 
 
 def test_bf16_head_backward_takes_bf16_cotangent():
-  """bfloat16 compute: float32 logits of bf16 operands forward (as before); backward, the logits' cotangent is
+  """bfloat16 compute: float32 logits of bf16 operands forward; backward, the logits' cotangent is
   rounded to bf16 and both matmuls are bf16 x bf16 accumulated in float32 (the head's gradient gathers no f32
   copy of the head); the head's gradient reaches the float32 master weights in float32."""
   rng = np.random.default_rng(1)

@@ -76,9 +76,8 @@ def draw_scene(cells) -> Image.Image:
 
 
 def random_scene(rng: random.Random):
-  """One shape in a random cell. (With 1-4 shapes per scene, where a question must first find
-  its shape, the demo model stayed at the answer prior after 800 steps; asked "Where is the
-  shape?", it answered 52-100% right after 1200 steps, depending on the run.)"""
+  """One shape in a random cell: with several, where a question must first find its shape, the demo
+  model does not learn the task in the demo's steps (bench/demo_steps.py's notes)."""
   cells = [None] * 4
   cells[rng.randrange(4)] = (rng.choice(list(COLORS)), rng.choice(SHAPES))
   return cells

@@ -196,7 +196,7 @@ class IndexedJsonSource:
   """Random-access `(key, raw JSON bytes)` over parts of indexed JSON / JSONL files.
 
   A part: (data path, index (.npy path or array), selection: None (all), (lo, hi) or record numbers
-  (.npy path or array)). Keys: `file:line` (JSONL) or `file#i` (JSON list), as before. Only paths
+  (.npy path or array)). Keys: `file:line` (JSONL) or `file#i` (JSON list). Only paths
   and a few integers are pickled; indexes are memory-mapped and files opened lazily per process.
   """
 

@@ -34,7 +34,7 @@ from lladav_jax import sharding as shd
 from lladav_jax.config import ATTENTION_IMPLS
 
 IMPLS = tuple(i for i in ATTENTION_IMPLS if i != "xla")
-ALIASES = {"xla": "dense"}  # the name configs written before the blockwise kernel use
+ALIASES = {"xla": "dense"}  # accepted so that configs naming "xla" still load
 # `auto` keeps dense below this many bytes of float32 scores a call (all rows and heads): faster on CPU.
 DENSE_LIMIT_BYTES = 1 << 30
 _NEG = -1e30  # a finite "minus infinity": masked scores never make a NaN (exp(-inf - -inf))
@@ -58,7 +58,7 @@ class Settings:
 
 
 def canonical(impl: str) -> str:
-  """The implementation name with the old aliases resolved; a clear error naming the field otherwise."""
+  """The implementation name with the aliases resolved; a clear error naming the field otherwise."""
   impl = ALIASES.get(impl, impl)
   if impl not in IMPLS:
     raise ValueError(f"attention_impl={impl!r} must be one of {IMPLS} (or the alias 'xla' = 'dense')")
@@ -84,8 +84,7 @@ def select(impl: str, *, backend: str, batch: int, q_len: int, kv_len: int, head
     if not cached and q_len == kv_len and head_dim & (head_dim - 1) == 0:
       return "pallas_gpu"
   # float32 on a GPU stays with XLA (dense / blockwise), whose dots follow jax_default_matmul_precision: the
-  # Triton kernel's float32 dot is TF32 whatever that says (an H200 run gave 0 / 16 answers identical to
-  # float32 torch with it, docs/FIDELITY.md)
+  # Triton kernel's float32 dot is TF32 whatever that says (docs/FIDELITY.md, row 14)
   fits = batch * heads * q_len * kv_len * 4 <= dense_limit_bytes
   return "dense" if fits else "blockwise"
 
@@ -142,8 +141,8 @@ def dense(q, k, v, q_segments, kv_segments):
   """The scores in full, as jax.nn.dot_product_attention's XLA path computes them (the scale after the dot, the
   softmax in float32), with the heads moved ahead of the positions first: [B, K, G*T, H] queries and [B, K, S, H]
   keys and values are the layouts XLA's batched dots take as they are. From [B, T, N, H] XLA:CPU chooses
-  transposed keys [B, N, H, S] and probabilities instead (element by element strided copies: one layer's
-  attention forward + backward at B=8, T=512, 12 heads took 463 ms against ~310 ms this way)."""
+  transposed keys [B, N, H, S] and probabilities instead, built by slow element-by-element strided copies
+  (figures: bench/train.py's notes)."""
   b, t, n, h = q.shape
   kh = k.shape[2]
   g = n // kh

@@ -119,16 +119,15 @@ def _dense_bwd(n_in, res, g):
   dx = jax.lax.dot_general(g2, w.reshape(int(np.prod(w.shape[:n_in])), -1), (((nb,), (1,)), ((), ())))
   # The weight gradient contracts the token axes, which lead both operands. XLA:CPU runs that orientation as a
   # slow Eigen dot fed by a transposing copy of the (larger) cotangent; with one operand moved to [features,
-  # tokens] first it is a plain matmul in XLA:CPU's fast kernel (116 -> 145 GFLOP per CPU-second for the MLP's
-  # forward + backward). Other backends fold the transpose into the dot for free.
+  # tokens] first it is a plain matmul in XLA:CPU's fast kernel (figures: bench/train.py's notes). Other
+  # backends fold the transpose into the dot for free.
   tokens = tuple(range(nb))
   if x.size <= g.size:
     dw = jax.lax.dot_general(_transposed(x, nb), g, ((tuple(range(n_in, x.ndim)), tokens), ((), ())))
     return dx.reshape(x.shape), dw
   # A wide input (the MLP's down projection) is recomputed under remat, and in a scan read back through dynamic
-  # slices of the stacked residuals: XLA:CPU's loop that recomputes it transposed runs ~5x slower than a plain
-  # transpose. The cotangent (fresh) and the weight-sized result are transposed instead (2-4% off a step of
-  # bench/train.py --layers 2 in three paired runs).
+  # slices of the stacked residuals: XLA:CPU's loop that recomputes it transposed is much slower than a plain
+  # transpose. The cotangent (fresh) and the weight-sized result are transposed instead.
   no = g.ndim - nb
   dwt = jax.lax.dot_general(_transposed(g, nb), x, ((tuple(range(no, g.ndim)), tokens), ((), ())))  # [out, in]
   return dx.reshape(x.shape), _transposed(dwt, no, after=True)
@@ -155,8 +154,8 @@ def _transposed(a, k: int, after: bool = False):
 
 # XLA:CPU emits a transpose fused with its producer or consumer (the recompute of a layer's input from the scan's
 # stacked residuals, the weight gradient's write into the stacked gradient) as a loop over the output elements that
-# reads the input a row apart, a page apart for wide rows: ~25 ms for [4096, 1536] float32. Built from blocks of 32
-# rows (a loop XLA keeps, so nothing is fused into it) the reads stay in cache and the TLB: ~6 ms. On one device only.
+# reads the input a row apart, a page apart for wide rows. Built from blocks of 32 rows (a loop XLA keeps, so nothing
+# is fused into it) the reads stay in cache and the TLB (figures: bench/train.py's notes). On one device only.
 BLOCKED_TRANSPOSE_MIN = 1 << 20  # elements; smaller arrays stay in cache either way
 _BLOCK_ROWS = 32
 

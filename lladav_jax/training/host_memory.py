@@ -1,11 +1,10 @@
 """glibc malloc settings for runs on the CPU backend: each step's temporaries are reused, not re-faulted.
 
-XLA's CPU runtime allocates a compiled program's temporaries as one block (the demo's train step: 213 MiB)
-with malloc, on its worker threads, every time the program runs. glibc serves a block that large with a
-fresh mmap (a thread's arena grows in 64 MiB heaps; the main arena maps anything over 32 MiB) and unmaps it
-on free, so every step faults in every page again: the demo took 54k minor faults and ~150 ms of kernel
-time a step (a quarter of its CPU time). One arena that never maps and never trims keeps the freed block
-for the next step (0 faults a step).
+XLA's CPU runtime allocates a compiled program's temporaries as one block with malloc, on its worker
+threads, every time the program runs. glibc serves a block that large with a fresh mmap (a thread's arena
+grows in 64 MiB heaps; the main arena maps anything over 32 MiB) and unmaps it on free, so every step
+faults in every page again. One arena that never maps and never trims keeps the freed block for the next
+step (the demo's figures: bench/demo_steps.py's notes).
 
 Called before JAX creates its threads (an arena is bound to a thread when it first allocates), and only
 where the run can only be on the CPU: with an accelerator the host allocations are the data pipeline's and
@@ -57,8 +56,8 @@ def tcmalloc_path() -> str | None:
 def rerun_with_tcmalloc(argv: list[str]) -> None:
   """Replaces this process with `argv` run under tcmalloc (LD_PRELOAD), when it is installed, the run is CPU-only
   and the user chose no allocator; returns only if it did not. For CPU programs too large for the one-arena
-  settings above (a 10 GiB step fragmented that heap past 24 GB): tcmalloc keeps freed blocks without faulting
-  them in again."""
+  settings above (a large step fragments that one heap: bench/train.py's notes): tcmalloc keeps freed blocks
+  without faulting them in again."""
   lib = tcmalloc_path()
   if lib is None or platform.system() != "Linux" or any(os.environ.get(k) for k in USER_CHOICE) or not cpu_only():
     return

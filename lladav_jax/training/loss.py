@@ -1,7 +1,8 @@
 """The masked-diffusion training objective of LLaDA-V, exactly as the original computes it.
 
-REFERENCE.md section 4 (`modeling_llada.py::LLaDAModelLM.forward`). For conversation b of the global
-batch, with L_ans(b) = #positions of b whose label is not IGNORE (-100) and eps = 1e-3:
+The original's `modeling_llada.py::LLaDAModelLM.forward` (docs/ORIGINAL.md, "Training objective"). For
+conversation b of the global batch, with L_ans(b) = #positions of b whose label is not IGNORE (-100) and
+eps = 1e-3:
 
     t_b ~ U(0, 1)                    one time per conversation (or antithetic, `antithetic=True`)
     p_b = (1 - eps) * t_b + eps

@@ -1,6 +1,6 @@
 """AdamW with the original's schedule, parameter groups, and frozen parameters without state.
 
-HF Trainer settings of every LLaDA-V stage (REFERENCE.md section 5): AdamW (0.9, 0.999, 1e-8),
+HF Trainer settings of every LLaDA-V stage (docs/ORIGINAL.md, "Training stages"): AdamW (0.9, 0.999, 1e-8),
 weight decay 0, global-norm clipping at 1.0, linear warmup over ceil(0.03 * steps) then cosine to
 0 (`get_cosine_schedule_with_warmup`: the first update uses lr 0, as optax's count 0 does).
 

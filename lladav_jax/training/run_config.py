@@ -74,7 +74,7 @@ def lora_problems(lora: model_config.LoraConfig, optim: optimizer.OptimConfig) -
 
 
 def max_image_tokens(icfg: multimodal.ImageConfig) -> int:
-  """Upper bound of one image's tokens under `icfg.aspect` (REFERENCE.md sections 2 and 12)."""
+  """Upper bound of one image's tokens under `icfg.aspect` (docs/ORIGINAL.md, "Images")."""
   p, g = icfg.tokens_per_tile, icfg.grid
   if icfg.aspect.startswith("anyres_max_"):
     n = icfg.max_area_tiles

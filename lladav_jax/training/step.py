@@ -130,7 +130,7 @@ def jit_train_step(setup: Setup, loss_cfg, *, accum: int, batch_example):
 
 
 # Compiler options for a program that is only inspected (memory plans, HLO checks) and never run: the backend
-# skips LLVM's optimisations, about 40% of a CPU compile; the HLO, buffer assignment and memory stats are the same.
+# skips LLVM's optimisations, a large share of a CPU compile; the HLO, buffer assignment and memory stats are the same.
 ANALYSIS_ONLY = {"xla_backend_optimization_level": 0}
 
 
