@@ -20,6 +20,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lladav_jax import LLaDAV  # noqa: E402
+from lladav_jax.inference import SamplingParams  # noqa: E402
 from tests.released import write_released_checkpoint  # noqa: E402
 
 QUESTIONS = ["What color is the shape?", "What shape is the object?", "Describe the image.", "Is there a circle?"]
@@ -42,8 +43,7 @@ def main():
     for dtype in ("float32", "bfloat16", "float16"):
       m = LLaDAV.from_pretrained(os.path.join(d, "ck"), dtype=dtype)
       logits = [m.logits([r], [im])[0] for r, im in zip(ids, images)]  # a row at a time: [L, 126464] each
-      toks = [o.token_ids for o in m.generate(prompts, images, gen_length=args.gen_length,
-                                              block_length=args.gen_length, steps=args.gen_length)]
+      toks = [o.token_ids for o in m.generate(prompts, images, SamplingParams(gen_length=args.gen_length))]
       out[dtype] = (logits, toks)
   ref_logits, ref_toks = out["float32"]
   scale = max(float(np.abs(x).max()) for x in ref_logits)

@@ -7,7 +7,7 @@
     embedded once (our JAX embedding, vision tower included, handed over as a tensor), then per step
     a full forward of the LLM over prompt + answer, float64 softmax confidence, top-k, stop search;
     the LLM is a torch transcription of LLaDA's blocks run on our weights.
-(b) engine: `generation.generate_ids` on the same prompts with `--rows` rows (compile excluded).
+(b) engine: `inference.generate_ids` on the same prompts with `--rows` rows (compile excluded).
 Both at temperature 0 with the same settings; the answers are compared token by token.
 (c) `--accel`: the engine with threshold / factor / prefix / dual cache.
 `--arrivals`: continuous batching, Poisson arrivals, against full fixed batches.
@@ -19,6 +19,10 @@ scores of 64 x 1280 x 1280 positions). XLA:CPU has no bf16 matmul: it converts t
 float32 copy (32 GiB of temporaries that a GPU does not make), so the float32 plan, whose activations
 are twice bf16's, is the upper bound reported beside it.
 Random weights, the LM head scaled to a logit spread of ~15 so that confidences are not flat.
+
+Notes (`EngineConfig.head_rungs`): at a uniform schedule of one commit a step the LM head's decision does
+0.75 of the whole block's work with two rungs (the default), 0.69 with three, 0.67 with unboundedly many;
+each rung is one more copy of the decision to compile, ~1-2 s an engine program on config.tiny's CPU compile.
 """
 from __future__ import annotations
 
@@ -36,11 +40,13 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lladav_jax import config, generation, multimodal  # noqa: E402
+from lladav_jax import config, multimodal  # noqa: E402
 from lladav_jax.api import LLaDAV  # noqa: E402
 from lladav_jax.model import abstract_model  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
-from lladav_jax.sampling import EngineConfig, EngineShapes, SamplerSettings, engine, uniform_counts  # noqa: E402
+from lladav_jax.inference import SamplingParams, engine, generation, prompts as prompt_lib, runner as runner_lib  # noqa: E402
+from lladav_jax.inference.engine import EngineConfig, EngineShapes  # noqa: E402
+from lladav_jax.inference.engine.schedule import uniform_counts  # noqa: E402
 from lladav_jax.training.step import ANALYSIS_ONLY, memory_stats  # noqa: E402
 
 from PIL import Image  # noqa: E402
@@ -113,7 +119,7 @@ def forward_flops(cfg, positions: int, head_positions: int) -> float:
   return c.num_layers * (2 * per_layer * positions + attn) + 2 * c.hidden_size * c.vocab_size * head_positions
 
 
-def original_generate(tmodel, prompt_emb, st: SamplerSettings, forwards=None):
+def original_generate(tmodel, prompt_emb, st: SamplingParams, forwards=None):
   """generate_with_embeds for one prompt (temperature 0, low_confidence, uniform counts, eot stop);
   `forwards` (a list) gets the number of forwards run."""
   g, bl, dev = st.gen_length, st.block_length, tmodel.device
@@ -148,7 +154,7 @@ def original_generate(tmodel, prompt_emb, st: SamplerSettings, forwards=None):
 def bench_vs_original(args):
   cfg = {"tiny": config.tiny(), "mid": config.mid()}[args.config]
   model = random_model(cfg)
-  st = SamplerSettings(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), eot_id=5, gen_length=args.gen,
+  st = SamplingParams(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), eot_id=5, gen_length=args.gen,
                        block_length=args.block, steps=args.steps)
   ps = prompts(cfg, args.prompts)
   n = len(ps)
@@ -168,7 +174,7 @@ def bench_vs_original(args):
   t_orig = time.perf_counter() - t
   print(f"  original loop: {t_orig:.1f} s for {n} answers", flush=True)
   flops_orig = sum(forward_flops(cfg, n, n) for n in forwards)  # its head runs over every position
-  run = lambda **kw: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=st,  # noqa: E731
+  run = lambda **kw: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], params=st,  # noqa: E731
                                              batch_size=args.rows, **kw)
   t = time.perf_counter()
   run()  # compile
@@ -177,7 +183,7 @@ def bench_vs_original(args):
   outs = run()
   t_eng = time.perf_counter() - t
   same = sum(o.token_ids == r for o, r in zip(outs, ref))
-  prompt_bucket = generation.bucket_length(max(len(e) for e in embs_len))
+  prompt_bucket = prompt_lib.bucket_length(max(len(e) for e in embs_len))
   steps_run = max(o.nfe for o in outs)  # every row of a batch runs until the batch's last one finishes
   flops_eng = steps_run * -(-n // args.rows) * args.rows * forward_flops(cfg, prompt_bucket + args.gen, args.block)
   print(f"{args.config}: {n} prompts, gen {args.gen}, block {args.block}, steps {args.steps}, "
@@ -192,8 +198,8 @@ def bench_vs_original(args):
     for label, kw in (("threshold 0.9", dict(threshold=0.9)), ("factor 1.0", dict(factor=1.0)),
                       ("prefix cache", dict(cache="prefix")), ("dual cache", dict(cache="dual")),
                       ("dLLM-Cache", dict(cache="dllm"))):
-      s2 = SamplerSettings(**{**st.__dict__, **kw})
-      go = lambda: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], settings=s2,  # noqa: E731
+      s2 = SamplingParams(**{**st.__dict__, **kw})
+      go = lambda: generation.generate_ids(model, [i for i, _ in ps], [m for _, m in ps], params=s2,  # noqa: E731
                                            batch_size=args.rows)
       go()
       t = time.perf_counter()
@@ -268,11 +274,11 @@ def bench_arrivals(args, n=24, rows=8):
   rng = np.random.default_rng(0)
   ids = [[int(i) for i in rng.integers(10, cfg.llm.vocab_size - 10, 24)] for _ in range(n)]
   lens = [32 if k % 2 else 64 for k in range(n)]
-  base = SamplerSettings(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), gen_length=64, block_length=32, steps=32)
-  sts = [SamplerSettings(**{**base.__dict__, "gen_length": g, "steps": g // 2}) for g in lens]
-  inp = generation.prepare_inputs(model, ids, [[]] * n, seeds=list(range(n)), rows=n)
-  reqs = [generation.requests(inp, generation.row_settings(st, 64, 32), 0)[k] for k, st in enumerate(sts)]
-  ec = base.engine()
+  base = SamplingParams(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), gen_length=64, block_length=32, steps=32)
+  sts = [SamplingParams(**{**base.__dict__, "gen_length": g, "steps": g // 2}) for g in lens]
+  inp = prompt_lib.prepare_inputs(model, ids, [[]] * n, seeds=list(range(n)), rows=n)
+  reqs = [prompt_lib.requests(inp, generation.st.row_params(64, 32), 0)[k] for k, st in enumerate(sts)]
+  ec = base.engine_config()
   shapes = EngineShapes(rows=rows, prompt_len=inp.prompt.length, answer_len=64, stops=1, stop_len=1)
 
   def fixed(arrive):
@@ -281,14 +287,14 @@ def bench_arrivals(args, n=24, rows=8):
       now = max(now, arrive[b0 + rows - 1])
       while time.perf_counter() - t0 < now:
         time.sleep(0.001)
-      generation.run_engine(model, reqs[b0:b0 + rows], ec, shapes)
+      runner_lib.run_engine(model, reqs[b0:b0 + rows], ec, shapes)
       now = time.perf_counter() - t0
       done.update({k: now for k in range(b0, b0 + rows)})
     return now, done
 
   def continuous(arrive):
     t0, done, running = time.perf_counter(), {}, {}
-    runner = generation.EngineRunner(model, ec, shapes)
+    runner = runner_lib.EngineRunner(model, ec, shapes)
     nxt = 0
     while len(done) < n:
       now = time.perf_counter() - t0
@@ -299,9 +305,9 @@ def bench_arrivals(args, n=24, rows=8):
         time.sleep(0.001)
         continue
       got = runner.advance(4)
-      for r in np.nonzero(got["live"] & got["done"])[0]:
-        done[running.pop(int(r))] = time.perf_counter() - t0
-        runner.release(int(r))
+      for r in got.finished():
+        done[running.pop(r)] = time.perf_counter() - t0
+        runner.release(r)
     return time.perf_counter() - t0, done
 
   fixed(np.zeros(n))  # compile

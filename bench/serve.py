@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx  # noqa: E402
 
+from lladav_jax.inference import SamplingParams  # noqa: E402
 from tests.serving import ServerProcess, write_tiny_model  # noqa: E402
 
 QUESTIONS = ["What color is the circle?", "How many shapes are there?", "What shape is the red object?",
@@ -66,7 +67,7 @@ async def load(url: str, bodies: list[dict], arrivals: np.ndarray) -> list[dict]
     return list(await asyncio.gather(*(at(k) for k in range(len(bodies)))))
 
 
-def fixed_batches(model, questions: list[str], arrivals: np.ndarray, rows: int, kw: dict) -> list[dict]:
+def fixed_batches(model, questions: list[str], arrivals: np.ndarray, rows: int, params) -> list[dict]:
   out = []
   t0 = time.perf_counter()
   free_at = 0.0
@@ -74,7 +75,7 @@ def fixed_batches(model, questions: list[str], arrivals: np.ndarray, rows: int, 
     qs, arr = questions[s:s + rows], arrivals[s:s + rows]
     start = max(free_at, arr[-1])
     time.sleep(max(0.0, t0 + start - time.perf_counter()))
-    res = model.generate(qs, batch_size=rows, **kw)
+    res = model.generate(qs, None, params, batch_size=rows)
     end = time.perf_counter() - t0
     free_at = end
     out += [{"latency": end - a, "ttft": end - a, "tokens": len(r.token_ids), "send": t0 + a, "end": t0 + end}
@@ -101,7 +102,7 @@ def main():
   p.add_argument("--steps", type=int, default=32)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
-  kw = dict(gen_length=args.max_tokens, block_length=args.block_length, steps=args.steps)
+  params = SamplingParams(gen_length=args.max_tokens, block_length=args.block_length, steps=args.steps)
   with tempfile.TemporaryDirectory() as root:
     model_dir, _ = write_tiny_model(root)
     srv = ServerProcess(model_dir, "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.requests),
@@ -115,7 +116,7 @@ def main():
       asyncio.run(load(srv.url, [body(QUESTIONS[0])], np.zeros(1)))  # compile
       from lladav_jax.api import LLaDAV
       model = LLaDAV.from_pretrained(model_dir)
-      model.generate(QUESTIONS[:args.max_num_seqs], batch_size=args.max_num_seqs, **kw)  # compile
+      model.generate(QUESTIONS[:args.max_num_seqs], None, params, batch_size=args.max_num_seqs)  # compile
       rng = np.random.default_rng(args.seed)
       print(f"tiny model, {args.max_tokens}-token answers ({args.block_length}-token blocks, {args.steps} steps), "
             f"{args.max_num_seqs} rows, {args.requests} requests a rate, {jax_device()}")
@@ -127,7 +128,7 @@ def main():
         qs = [QUESTIONS[k % len(QUESTIONS)] for k in range(args.requests)]
         served = asyncio.run(load(srv.url, [body(q) for q in qs], arrivals))
         refused = sum(r["status"] != 200 for r in served)
-        fixed = fixed_batches(model, qs, arrivals, args.max_num_seqs, kw)
+        fixed = fixed_batches(model, qs, arrivals, args.max_num_seqs, params)
         for how, s in (("server", summary(served)), ("generate, fixed batches", summary(fixed))):
           print(f"| {rate:g} | {how} | {s['answers_s']:.2f} | {s['tokens_s']:.1f} | {s['p50_latency']:.2f} | "
                 f"{s['p99_latency']:.2f} | {s['p50_ttft']:.2f} | {s['p99_ttft']:.2f} |")

@@ -3,7 +3,7 @@
     from lladav_jax import LLaDAV
     model = LLaDAV.from_pretrained(path, dtype="float32")   # Hugging Face or converted Orbax dir
     logits = model.logits(input_ids, images=[[img], []])     # numpy [B, L_expanded, V]
-    outs = model.generate(["What is in the image?"], images=[[img]])
+    outs = model.generate(["What is in the image?"], images=[[img]], params=SamplingParams(gen_length=64))
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from flax import nnx
 from PIL import Image
 
 from lladav_jax import batch as batch_lib
-from lladav_jax import generation, multimodal, sharding, weights
+from lladav_jax import inference, multimodal, sharding, weights
 from lladav_jax.batch import ModelInputs
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
 from lladav_jax.data.tokenizer import Tokenizer
+from lladav_jax.inference import GenerationResult, SamplingParams, elbo
 from lladav_jax.model import LLaDAVModel, abstract_model, init_sharded
 
 
@@ -109,14 +110,16 @@ class LLaDAV:
     out = self._logits_fn(self.graphdef, self.state, jax.tree.map(jnp.asarray, self.prepare(input_ids, images)))
     return np.asarray(out)
 
-  def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None, **kw):
-    """Answers for `prompts` (user questions; the chat template and <image> tags are added).
-    Keyword arguments are the sampler settings (see lladav_jax.generation.generate)."""
-    return generation.generate(self, prompts, images, **kw)
+  def generate(self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None,
+               params: SamplingParams | None = None, **kw) -> list[GenerationResult]:
+    """Answers for `prompts` (user questions; the chat template and <image> tags are added), sampled with
+    `params` (default: `SamplingParams()`). Keyword arguments: `inference.generate`'s batching and
+    template options (batch_size, return_trajectory, system, length_multiple, tiles)."""
+    return inference.generate(self, prompts, images, params, **kw)
 
   def elbo(self, prompts: Sequence[str], images, answers: Sequence[str], **kw) -> list[float]:
     """Monte-Carlo lower bound of log p(answer | prompt, images), as the original's loglikelihood."""
-    return generation.elbo(self, prompts, images, answers, **kw)
+    return elbo.elbo(self, prompts, images, answers, **kw)
 
 
 def _forward_logits(graphdef, state, x: ModelInputs):
@@ -175,4 +178,4 @@ def _grid_pinpoints(value, tile: int, source: str) -> tuple:
   return tuple(out)
 
 
-__all__ = ["LLaDAV", "IMAGE_TOKEN_INDEX"]
+__all__ = ["LLaDAV", "SamplingParams", "IMAGE_TOKEN_INDEX"]

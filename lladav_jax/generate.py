@@ -16,6 +16,7 @@ JSON (no live view).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import math
@@ -26,8 +27,9 @@ from typing import Sequence
 
 from PIL import Image
 
-from lladav_jax import generation
 from lladav_jax.api import LLaDAV
+from lladav_jax.inference import SamplingParams
+from lladav_jax.inference.text import token_pieces
 
 MASK_GLYPH = "░"
 
@@ -39,24 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt", required=True, help="the user question (<image> tags are added if absent)")
   p.add_argument("--dtype", default=None,
                  help="parameter and compute dtype, e.g. float32 (default: the checkpoint's own parameter dtype)")
-  p.add_argument("--gen_length", type=int, default=128)
-  p.add_argument("--block_length", type=int, default=128)
-  p.add_argument("--steps", type=int, default=128)
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
-  p.add_argument("--cfg_scale", type=float, default=0.0)
-  p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM: commit every token with conf >= T")
-  p.add_argument("--factor", type=float, default=None, help="Fast-dLLM: the factor rule (LLaDA-V's hook uses 1)")
-  p.add_argument("--cache", default=None, choices=["prefix", "dual", "dllm"])
-  p.add_argument("--refresh_interval", type=int, default=32, help="prefix / dual: full forwards every N steps")
-  p.add_argument("--prompt_interval", type=int, default=25, help="dllm: prompt features refreshed every N steps")
-  p.add_argument("--gen_interval", type=int, default=7, help="dllm: response features refreshed every N steps")
-  p.add_argument("--transfer_ratio", type=float, default=0.25, help="dllm: response share recomputed at other steps")
-  p.add_argument("--schedule", default="uniform", choices=["uniform", "shift"])
-  p.add_argument("--shift", type=float, default=1 / 3)
-  p.add_argument("--stop", action="append", default=[], help="extra stop string (<|eot_id|> always stops)")
-  p.add_argument("--suffix", default=None, help="fixed text after the answer positions")
-  p.add_argument("--seed", type=int, default=0)
+  d = SamplingParams()
+  g = p.add_argument_group("sampling (SamplingParams; unset: its defaults)")
+  g.add_argument("--gen_length", type=int, help=f"answer positions (default {d.gen_length})")
+  g.add_argument("--block_length", type=int, help="default: gen_length")
+  g.add_argument("--steps", type=int, help="denoising steps (default: gen_length)")
+  g.add_argument("--temperature", type=float)
+  g.add_argument("--remasking", choices=["low_confidence", "random"])
+  g.add_argument("--cfg_scale", type=float)
+  g.add_argument("--threshold", type=float, help="Fast-dLLM: commit every token with conf >= T")
+  g.add_argument("--factor", type=float, help="Fast-dLLM: the factor rule (LLaDA-V's hook uses 1)")
+  g.add_argument("--cache", choices=["prefix", "dual", "dllm"])
+  g.add_argument("--refresh_interval", type=int, help=f"prefix / dual: full forwards every N steps (default {d.refresh_interval})")
+  g.add_argument("--prompt_interval", type=int, help=f"dllm: prompt features refreshed every N steps (default {d.prompt_interval})")
+  g.add_argument("--gen_interval", type=int, help=f"dllm: response features refreshed every N steps (default {d.gen_interval})")
+  g.add_argument("--transfer_ratio", type=float, help=f"dllm: response share recomputed at other steps ({d.transfer_ratio})")
+  g.add_argument("--schedule", choices=["uniform", "shift"])
+  g.add_argument("--shift", type=float)
+  g.add_argument("--stop", action="append", default=[], help="extra stop string (<|eot_id|> always stops)")
+  g.add_argument("--suffix", help="fixed text after the answer positions")
+  g.add_argument("--seed", type=int)
   p.add_argument("--json", action="store_true", help="print the result as JSON")
   p.add_argument("--trace", default=None, metavar="FILE.html", help="save the denoising trajectory as HTML")
   p.add_argument("--no_live", action="store_true", help="no replay of the denoising on the terminal")
@@ -64,14 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def params_from_args(args: argparse.Namespace) -> SamplingParams:
+  """The sampling flags that were given, onto SamplingParams (the rest keep its defaults)."""
+  names = {f.name for f in dataclasses.fields(SamplingParams)}
+  given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+  given["stop"] = tuple(args.stop)
+  return SamplingParams(**given)
+
+
 # ----------------------------------------------------------------------------- rendering
-
-def token_pieces(tok, ids: Sequence[int]) -> list[str]:
-  """Each answer token's text on its own (special tokens kept visible)."""
-  if tok is None:
-    return [f"<{int(i)}>" for i in ids]
-  return [tok.decode([int(i)]) if 0 <= int(i) < tok.vocab_size else f"<{int(i)}>" for i in ids]
-
 
 def frame_text(pieces, commit_step, mask_id_pos, t: int, color: bool, stop: int | None = None) -> str:
   """The answer after step t: committed tokens as text, masks as MASK_GLYPH."""
@@ -181,13 +186,7 @@ def main(argv: Sequence[str] | None = None, model=None, out=None):
     model = LLaDAV.from_pretrained(args.checkpoint, dtype=args.dtype)
   imgs = [Image.open(p) for p in args.image]
   live = not args.json and not args.no_live and hasattr(out, "isatty") and out.isatty()
-  res = generation.generate(
-      model, [args.prompt], [imgs], gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-      temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale, threshold=args.threshold,
-      factor=args.factor, cache=args.cache, refresh_interval=args.refresh_interval,
-      prompt_interval=args.prompt_interval, gen_interval=args.gen_interval, transfer_ratio=args.transfer_ratio,
-      schedule=args.schedule,
-      shift=args.shift, stop_strings=args.stop, suffix=args.suffix, seed=args.seed, return_trajectory=True)[0]
+  res = model.generate([args.prompt], [imgs], params_from_args(args), return_trajectory=True)[0]
   if args.trace:
     with open(args.trace, "w", encoding="utf-8") as f:
       f.write(trace_html(args.prompt, res, model.tokenizer))

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lladav_jax import config, generation, sharding
+from lladav_jax import config, sharding
+from lladav_jax.inference import generation
 from lladav_jax.model import attention as A
 from lladav_jax.training import loss as L, state as st, step as stp, synthetic
 from tests.models import host_params, random_model
@@ -266,7 +267,7 @@ def test_sampler_tokens_blockwise_equal_dense(cache):
   from tests.test_sampler import settings
   prompts = [[7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39], [40, 41, 42, 43]]
   s = settings(gen_length=24, block_length=8, steps=12, cache=cache, refresh_interval=2, temperature=0.0)
-  run = dict(settings=s, batch_size=4, length_multiple=64, tiles=1)
+  run = dict(params=s, batch_size=4, length_multiple=64, tiles=1)
   dense = generation.generate_ids(_model("dense"), prompts, None, **run)
   block = generation.generate_ids(_model("blockwise"), prompts, None, **run)
   assert [o.token_ids for o in block] == [o.token_ids for o in dense]

@@ -49,7 +49,7 @@ def _kib(field):
 
 def _measure(tsv: str) -> None:
   """In a fresh process: read + evaluate the file; prints the peak RSS growth (MiB) and the rows scored."""
-  def generate(prompts, images, **kw):
+  def generate(prompts, images, params):
     for per_prompt in images:
       (im,) = per_prompt
       assert isinstance(im, Image.Image) and im.size == (PAGE, PAGE) and im.getpixel((0, 0)) == (255, 255, 255)
@@ -89,7 +89,7 @@ def test_a_page_that_fails_to_decode_is_reported_not_scored(tmp_path):
   assert len(rr.samples) == 5 and not rr.skipped and rr.samples[2].images[0].size == (64, 64)
   calls = []
 
-  def generate(prompts, images, **kw):
+  def generate(prompts, images, params):
     calls.append([len(p) for p in images])
     return ["x" if "page 1?" in p else "y" for p in prompts]
 
@@ -124,7 +124,7 @@ def test_plugin_builds_visuals_one_batch_at_a_time():
     def __init__(self):
       self.built_at_call = []
 
-    def generate(self, prompts, images, **kw):
+    def generate(self, prompts, images, params):
       self.built_at_call.append(len(built))
       assert all(v == [img] for v in images)
       return ["a"] * len(prompts)

@@ -17,8 +17,8 @@ class FakeModel:
     self.replies = replies or {}
     self.tokenizer = SimpleNamespace(encode=lambda s, add_special_tokens=False: s.split())
 
-  def generate(self, prompts, images, **kw):
-    self.gen_calls.append({"prompts": list(prompts), "images": images, "kw": kw})
+  def generate(self, prompts, images, params):
+    self.gen_calls.append({"prompts": list(prompts), "images": images, "params": params})
     return [SimpleNamespace(text=self.replies.get(p, "B."), nfe=1, token_ids=[]) for p in prompts]
 
   def elbo(self, prompts, images, answers, num_samples, seed=0):
@@ -60,36 +60,36 @@ def test_generate_until_settings_stops_think_and_order():
   first, second = model.gen_calls
   assert first["prompts"] == ["Q1 /no_think", "Q2"]                # batched, same settings
   assert first["images"] == [[IMG], []]
-  kw = first["kw"]
-  assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (12, 4, 12)  # 10 rounded up to the block
-  assert kw["stop_strings"] == [] and kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"  # eot: stop_list
-  kw2 = second["kw"]
-  assert (kw2["gen_length"], kw2["block_length"], kw2["steps"]) == (16, 16, 8)  # original's gen_steps alias
-  assert kw2["stop_strings"] == []  # `until` ignored by default, as the original
+  p = first["params"]
+  assert (p.gen_length, p.block_length, p.steps) == (12, 4, 12)  # 10 rounded up to the block
+  assert p.stop == () and p.temperature == 0.0 and p.remasking == "low_confidence"  # eot: stop_list
+  kw2 = second["params"]
+  assert (kw2.gen_length, kw2.block_length, kw2.steps) == (16, 16, 8)  # original's gen_steps alias
+  assert kw2.stop == ()  # `until` ignored by default, as the original
 
 
 def test_until_honoured_only_when_asked():
   gk = {"until": ["\n\n"], "stopping_criteria": ["\n"]}
-  kw = make().generation_settings(gk)[0]
-  # its stopping_criteria (generation.stop_list adds eot after them) and its stop search (token ids, no text cut)
-  assert kw["stop_strings"] == ["\n"] and kw["stop_rule"] == "original"
+  kw = make().sampling_params(gk)[0]
+  # its stopping_criteria (inference.text.stop_list adds eot after them) and its stop search (token ids, no text cut)
+  assert kw.stop == ("\n",) and kw.stop_rule == "original"
   for flag in (True, "true"):
-    assert make(honor_until=flag).generation_settings(gk)[0]["stop_strings"] == ["\n\n", "\n"]
-  assert make(honor_until=True).generation_settings({"until": "ASSISTANT:"})[0]["stop_strings"] == ["ASSISTANT:"]
+    assert make(honor_until=flag).sampling_params(gk)[0].stop == ("\n\n", "\n")
+  assert make(honor_until=True).sampling_params({"until": "ASSISTANT:"})[0].stop == ("ASSISTANT:",)
   with pytest.raises(ValueError, match="honor_until"):
     make(honor_until="yes")
 
 
 def test_generation_defaults_and_model_args_defaults():
   lm = make()
-  kw, think = lm.generation_settings({})
-  assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (2, 2, 2) and think is None  # original defaults
+  kw, think = lm.sampling_params({})
+  assert (kw.gen_length, kw.block_length, kw.steps) == (2, 2, 2) and think is None  # original defaults
   lm = make(gen_length=32, block_length=8, steps=16, threshold=0.9)
-  kw, _ = lm.generation_settings({"max_new_tokens": 1024, "stopping_criteria": ["\n"], "think_mode": "think"})
-  assert (kw["gen_length"], kw["block_length"], kw["steps"], kw["threshold"]) == (32, 8, 16, 0.9)
-  assert kw["stop_strings"] == ["\n"]
+  kw, _ = lm.sampling_params({"max_new_tokens": 1024, "stopping_criteria": ["\n"], "think_mode": "think"})
+  assert (kw.gen_length, kw.block_length, kw.steps, kw.threshold) == (32, 8, 16, 0.9)
+  assert kw.stop == ("\n",)
   with pytest.raises(ValueError, match="number of blocks"):
-    lm.generation_settings({"gen_length": 32, "block_length": 8, "steps": 6})
+    lm.sampling_params({"gen_length": 32, "block_length": 8, "steps": 6})
 
 
 def test_loglikelihood_returns_the_loss():
@@ -109,7 +109,7 @@ def test_loglikelihood_greedy_check():
   res = lm.loglikelihood([SimpleNamespace(args=("Say it", "two words", visual, 0, "chartqa", "test")),
                           SimpleNamespace(args=("Say it", "other thing", visual, 0, "chartqa", "test"))])
   assert [g for _, g in res] == [True, False]
-  assert model.gen_calls[0]["kw"]["gen_length"] == 2  # two tokens in the fake tokenizer
+  assert model.gen_calls[0]["params"].gen_length == 2  # two tokens in the fake tokenizer
 
 
 def test_create_from_arg_string_and_bad_args():
@@ -201,8 +201,8 @@ def test_missing_or_unreadable_video_names_the_path(tmp_path):
 class EchoModel(FakeModel):
   """Answers 'ans(<prompt>)', so a later round's context shows which answers reached it."""
 
-  def generate(self, prompts, images, **kw):
-    self.gen_calls.append({"prompts": list(prompts), "images": images, "kw": kw})
+  def generate(self, prompts, images, params):
+    self.gen_calls.append({"prompts": list(prompts), "images": images, "params": params})
     return [SimpleNamespace(text=f"ans({p})", nfe=1, token_ids=[]) for p in prompts]
 
 
@@ -229,8 +229,8 @@ def test_generate_until_multi_round_rounds_context_and_order():
   assert res == [["ans(A)", f"ans({a1})", f"ans({a2})"], ["ans(B)"], ["kept"]]  # lists, request order
   assert [c["prompts"] for c in model.gen_calls] == [["A", "B", "C"], [a1], [a2]]  # 3 rounds; live ones batched
   assert model.gen_calls[0]["images"] == [[], [], []] and model.gen_calls[1]["images"] == [[IMG]]
-  kw = model.gen_calls[1]["kw"]  # generate_until's settings path every round
-  assert kw["gen_length"] == 8 and kw["stop_strings"] == []
+  kw = model.gen_calls[1]["params"]  # generate_until's settings path every round
+  assert kw.gen_length == 8 and kw.stop == ()
   assert ("A", 2, ["ans(A)", f"ans({a1})"], {"round": 1}) in calls  # previous answers and round info
   assert [c[:2] for c in calls if c[0] == "A"] == [("A", 1), ("A", 2), ("A", 3)]
 
@@ -294,8 +294,9 @@ def test_registers_with_lmms_eval_when_importable(monkeypatch):
 
 def test_engine_gets_the_task_stops_then_eot_once(tmp_path, monkeypatch):
   """chartqa's stop through the plugin and the eval CLI reaches the engine as exactly ["\\n", eot] tokenised (the
-  original's order: its stopping_criteria, then eot once); repeated stops are dropped (generation.stop_list)."""
-  from lladav_jax import config, generation
+  original's order: its stopping_criteria, then eot once); repeated stops are dropped (inference.text.stop_list)."""
+  from lladav_jax import config
+  from lladav_jax.inference import SamplingParams, generation
   from lladav_jax.data.demo_data import ensure_demo_data
   from lladav_jax.data.tokenizer import Tokenizer
   from lladav_jax.eval import run as R
@@ -324,8 +325,8 @@ def test_engine_gets_the_task_stops_then_eot_once(tmp_path, monkeypatch):
   with pytest.raises(Captured):
     R.evaluate("chartqa", [EvalSample(id="a", prompt_text="Q", images=[], answers=["1"])], model.generate)
   with pytest.raises(Captured):  # a caller's eot and repeats: kept once, in their first place
-    model.generate(["Q"], stop_strings=["\n", EOT, "\n"], gen_length=16, block_length=16, steps=16)
+    model.generate(["Q"], params=SamplingParams(gen_length=16, stop=("\n", EOT, "\n")))
   assert handed == [want] * 4
   with pytest.raises(Captured):
-    model.generate(["Q"], stop_strings=[EOT, "\n"], gen_length=16, block_length=16, steps=16)
+    model.generate(["Q"], params=SamplingParams(gen_length=16, stop=(EOT, "\n")))
   assert handed[-1] == want[::-1]

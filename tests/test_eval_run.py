@@ -26,8 +26,8 @@ class Recorder:
   def __init__(self, reply):
     self.reply, self.calls = reply, []
 
-  def __call__(self, prompts, images, **kw):
-    self.calls.append({"prompts": list(prompts), "images": images, "kw": kw})
+  def __call__(self, prompts, images, params):
+    self.calls.append({"prompts": list(prompts), "images": images, "params": params})
     return [out(self.reply(p)) for p in prompts]
 
 
@@ -56,10 +56,10 @@ def test_evaluate_mcq_known_accuracy_and_settings():
   assert res["nfe"] == {"mean": 2.0, "total": 8}
   # the original's MCQ settings reach the model, in batches of 3 then 1
   assert [len(c["prompts"]) for c in gen.calls] == [3, 1]
-  kw = gen.calls[0]["kw"]
-  assert (kw["gen_length"], kw["block_length"], kw["steps"]) == (2, 2, 2)
-  assert kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence"
-  assert kw["stop_strings"] == []  # the task's own stops: none; eot is added once by generation.stop_list
+  p = gen.calls[0]["params"]
+  assert (p.gen_length, p.block_length, p.steps) == (2, 2, 2)
+  assert p.temperature == 0.0 and p.remasking == "low_confidence"
+  assert p.stop == ()  # the task's own stops: none; eot is added once by inference.text.stop_list
   assert gen.calls[0]["prompts"][0].endswith(" /no_think")
   assert gen.calls[0]["images"][0] == [IMG]
 
@@ -70,11 +70,11 @@ def test_think_suffix_only_with_images_and_per_task():
   with_img = EvalSample(id="i", prompt_text="count?", images=[IMG], answers=["1"], meta={"answer_type": "integer"})
   R.evaluate("mathvista_testmini", [no_img, with_img], gen, batch_size=2)
   assert gen.calls[0]["prompts"] == ["2-1?", "count? /think"]
-  assert gen.calls[0]["kw"]["gen_length"] == 96 and gen.calls[0]["kw"]["steps"] == 48
+  assert gen.calls[0]["params"].gen_length == 96 and gen.calls[0]["params"].steps == 48
   gen2 = Recorder(lambda p: "x")
   R.evaluate("demo", [with_img], gen2)
   assert gen2.calls[0]["prompts"] == ["count?"]
-  assert gen2.calls[0]["kw"]["steps"] == 8
+  assert gen2.calls[0]["params"].steps == 8
 
 
 def test_chartqa_stop_newline_and_relaxed_accuracy():
@@ -84,7 +84,7 @@ def test_chartqa_stop_newline_and_relaxed_accuracy():
   replies = {"q1 /no_think": "104", "q2 /no_think": "0.12", "q3 /no_think": "Europe"}
   gen = Recorder(lambda p: replies[p])
   res = R.evaluate("chartqa", samples, gen, batch_size=3)
-  assert "\n" in gen.calls[0]["kw"]["stop_strings"] and gen.calls[0]["kw"]["stop_rule"] == "original"
+  assert "\n" in gen.calls[0]["params"].stop and gen.calls[0]["params"].stop_rule == "original"
   assert res["predictions"][0]["prediction"] == "104"
   assert res["metrics"]["relaxed_accuracy"] == pytest.approx(200 / 3)
 
@@ -108,19 +108,19 @@ def test_mme_scores_through_evaluate():
 
 def test_overrides_and_schedule_validation():
   gen = Recorder(lambda p: "A")
-  R.evaluate("ai2d", mcq_samples(1), gen, gen_kwargs={"gen_length": 8, "block_length": 4, "steps": 4,
-                                                       "threshold": 0.9, "cache": "none"})
-  kw = gen.calls[0]["kw"]
-  assert (kw["gen_length"], kw["block_length"], kw["steps"], kw["threshold"], kw["cache"]) == (8, 4, 4, 0.9, None)
+  R.evaluate("ai2d", mcq_samples(1), gen, overrides={"gen_length": 8, "block_length": 4, "steps": 4,
+                                                     "threshold": 0.9, "cache": "none"})
+  p = gen.calls[0]["params"]
+  assert (p.gen_length, p.block_length, p.steps, p.threshold, p.cache) == (8, 4, 4, 0.9, None)
   with pytest.raises(ValueError, match="multiple of the number of blocks"):
-    R.evaluate("ai2d", mcq_samples(1), gen, gen_kwargs={"gen_length": 32, "block_length": 16, "steps": 3})
+    R.evaluate("ai2d", mcq_samples(1), gen, overrides={"gen_length": 32, "block_length": 16, "steps": 3})
   with pytest.raises(ValueError, match="block_length"):
-    R.evaluate("ai2d", mcq_samples(1), gen, gen_kwargs={"gen_length": 30, "block_length": 16})
+    R.evaluate("ai2d", mcq_samples(1), gen, overrides={"gen_length": 30, "block_length": 16})
 
 
 def test_wrong_output_count_is_an_error():
   with pytest.raises(RuntimeError, match="1 outputs for 2 prompts"):
-    R.evaluate("ai2d", mcq_samples(2), lambda p, i, **k: [out("A")], batch_size=2)
+    R.evaluate("ai2d", mcq_samples(2), lambda p, i, params: [out("A")], batch_size=2)
 
 
 def test_two_processes_merge_and_equal_call_counts(tmp_path):
@@ -148,7 +148,8 @@ def test_merge_times_out_when_a_shard_is_missing(tmp_path):
 
 def test_sweep_and_plot(tmp_path):
   samples = mcq_samples(4)
-  def gen(prompts, images, steps, **kw):  # more steps -> right more often
+  def gen(prompts, images, params):  # more steps -> right more often
+    steps = params.steps
     return [out("A" if (steps >= 8 or i == 0) else "B", nfe=steps) for i, _ in enumerate(prompts)]
   sw = R.run_sweep(get_task("ai2d"), samples, gen, "gen_length", [8], base_overrides={"block_length": 8, "steps": 8})
   assert sw["runs"][0]["config"]["gen_length"] == 8
@@ -179,8 +180,8 @@ def test_cli_end_to_end_with_fake_model(tmp_path, capsys, demo_test):
   items = qa_items(demo_test)
   truth = {it["question"]: it["answer"] for it in items}  # questions repeat: the last answer wins
   right = set(list(truth)[::2])  # the fake model answers every other question
-  def gen(prompts, images, **kw):
-    return [out(next((truth[q] for q in right if q in p), "blob"), nfe=kw["steps"]) for p in prompts]
+  def gen(prompts, images, params):
+    return [out(next((truth[q] for q in right if q in p), "blob"), nfe=params.steps) for p in prompts]
   expected = 100.0 * sum(it["question"] in right and truth[it["question"]] == it["answer"] for it in items) / len(items)
   assert 0 < expected < 100
   output = str(tmp_path / "res" / "demo.json")
@@ -202,7 +203,7 @@ def test_cli_end_to_end_with_fake_model(tmp_path, capsys, demo_test):
 
 def test_evaluate_during_training(demo_test):
   items = qa_items(demo_test)[:4]
-  model = SimpleNamespace(generate=lambda prompts, images, **kw: [out(items[0]["answer"]) for _ in prompts])
+  model = SimpleNamespace(generate=lambda prompts, images, params: [out(items[0]["answer"]) for _ in prompts])
   logs = R.evaluate_during_training(model, ["demo"], {"demo": demo_test}, limit=4, batch_size=2)
   expected = 100.0 * sum(it["answer"] == items[0]["answer"] for it in items) / 4
   assert logs["eval/demo/exact_match"] == pytest.approx(expected)

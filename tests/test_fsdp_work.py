@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lladav_jax import batch as batch_lib, config, generation, sharding
+from lladav_jax import batch as batch_lib, config, sharding
 from lladav_jax.api import LLaDAV
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
+from lladav_jax.inference import SamplingParams, generation
 from lladav_jax.training import loss as loss_lib, state as st, step as stp
 from lladav_jax.model import abstract_model
 from tests.models import random_state
@@ -59,7 +60,8 @@ def test_no_buffer_holds_the_global_batch(compiled8):
 
 def compile_sampler(devices: int, per_device: int = 1):
   """The engine's `advance` for rows sharded over the mesh (a prompt bucket of 1536 positions)."""
-  from lladav_jax.sampling import EngineConfig, EngineShapes, engine
+  from lladav_jax.inference import engine
+  from lladav_jax.inference.engine import EngineConfig, EngineShapes
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
   graphdef, params = abstract_model(CFG, mesh)
   cfg = EngineConfig(mask_id=CFG.mask_token_id, banned_ids=(1, 2), block_length=32)
@@ -85,7 +87,7 @@ def test_sampler_divides_the_rows():
   per_device = 2 * 64 * CFG.llm.hidden_size
   # The LM head's decision runs on Q' = 32, 16 or 8 positions (block 32, `decode.ladder`): its per-device
   # [2 rows, Q', vocabulary chunk] logits at Q' = 16 are not the global batch.
-  from lladav_jax.sampling import decode
+  from lladav_jax.inference.engine import decode
   head = {(2, q, decode.chunk_size(CFG.llm.vocab_size)) for q in decode.ladder(32)}
   assert head <= set(dims), head - set(dims)
   with_global = sorted({d for d in dims if 16 in d and math.prod(d) > per_device} - head)
@@ -104,7 +106,7 @@ def test_generate_on_8_devices_gives_the_single_device_tokens():
   prompts = [[5, IMG, 6, 7], [8, 9, 10], [11, 12], [13, IMG, 14]]
   images = [[img], [], [], [img]]
   for temperature in (0.0, 0.8):
-    st = generation.sampler_settings(models[0], gen_length=16, block_length=8, steps=8, temperature=temperature)
-    one, eight = ([r.token_ids for r in generation.generate_ids(m, prompts, images, settings=st, seed=3)]
+    st = SamplingParams(gen_length=16, block_length=8, steps=8, temperature=temperature, seed=3).for_model(models[0])
+    one, eight = ([r.token_ids for r in generation.generate_ids(m, prompts, images, params=st)]
                   for m in models)
     assert one == eight and len({t for ids in one for t in ids}) > 4

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lladav_jax import config, generation
+from lladav_jax import config
 from lladav_jax import multimodal as mm
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
-from lladav_jax.sampling import TRACE_COUNTS, SamplerSettings
+from lladav_jax.inference import SamplingParams, generation, prompts as prompt_lib
+from lladav_jax.inference.engine import TRACE_COUNTS
 from tests.models import random_model
 from tests.test_parity_lladav import normalized, rand_image, ref_anyres_tiles
 
@@ -60,7 +61,7 @@ def test_image_config_names_a_bad_field(kw, field):
 
 def test_tile_buckets():
   # anyres_max_4 grids + base: 1x1 2, 2x2 5, 3x3 10, 4x4 17, 5x5 26, 6x6 37; 32 video frames
-  assert [generation.bucket_tiles(n) for n in (0, 1, 2, 3, 7, 10, 11, 31, 32, 33, 37, 38, 80)] == \
+  assert [prompt_lib.bucket_tiles(n) for n in (0, 1, 2, 3, 7, 10, 11, 31, 32, 33, 37, 38, 80)] == \
          [0, 1, 2, 5, 10, 10, 17, 32, 32, 37, 37, 74, 111]
 
 
@@ -68,7 +69,7 @@ def test_largest_grid_and_32_frames_keep_every_tile():
   model = types.SimpleNamespace(image_cfg=CFG)
   big = rand_image(2000, 2000, seed=1)  # the 6x6 grid: 37 tiles
   frames = [rand_image(64, 48, seed=k) for k in range(32)]
-  x = generation.prepare_inputs(model, [[5, IMG, 6], [7, IMG]], [[big], [frames]], seeds=[0, 1], rows=2)
+  x = prompt_lib.prepare_inputs(model, [[5, IMG, 6], [7, IMG]], [[big], [frames]], seeds=[0, 1], rows=2)
   p = x.prompt
   assert p.pixels.shape[:2] == (2, 37)
   np.testing.assert_array_equal(p.pixels[0], mm.process_image(big, CFG).tiles)
@@ -79,13 +80,13 @@ def test_largest_grid_and_32_frames_keep_every_tile():
   used = [np.unique(p.merge_idx[r][image_pos[r]] // 729) for r in range(2)]
   assert set(range(37)) <= set(used[0].tolist()) and set(range(32)) <= set(used[1].tolist())
   with pytest.raises(ValueError, match="tiles=16"):
-    generation.prepare_inputs(model, [[5, IMG, 6]], [[big]], seeds=[0], rows=1, tiles=16)
+    prompt_lib.prepare_inputs(model, [[5, IMG, 6]], [[big]], seeds=[0], rows=1, tiles=16)
 
 
 def test_images_of_one_tile_bucket_compile_once():
   model = random_model(config.tiny(), 0)
-  st = SamplerSettings(mask_id=500, banned_ids=(1,), eot_id=None, gen_length=4, block_length=4, steps=2)
-  run = lambda img: generation.generate_ids(model, [[5, IMG, 6]], [[img]], settings=st, batch_size=1,
+  st = SamplingParams(mask_id=500, banned_ids=(1,), eot_id=None, gen_length=4, block_length=4, steps=2)
+  run = lambda img: generation.generate_ids(model, [[5, IMG, 6]], [[img]], params=st, batch_size=1,
                                             length_multiple=2048)
   run(rand_image(700, 300, seed=2))  # a 2x1 grid: 3 tiles (bucket 5), 1994 image positions
   before = sum(TRACE_COUNTS.values())

@@ -15,6 +15,7 @@ from lladav_jax import LLaDAV, config, convert, sharding, weights
 from lladav_jax.eval import __main__ as eval_cli
 from lladav_jax.eval.lmms_plugin import LLaDAVJax
 from lladav_jax.eval.tasks import get_task
+from lladav_jax.inference import SamplingParams
 from lladav_jax.model import abstract_model
 from tests.released import write_released_checkpoint
 
@@ -83,7 +84,7 @@ def test_float16_as_the_original_evaluates(bf16_dir):
   assert f16[0].dtype == np.float32 and all(np.isfinite(x).all() for x in f16)
   for x, y in zip(f16, f32):
     assert np.abs(x - y).max() <= 0.01 * np.abs(y).max()
-  out = model.generate(["What color is the shape?"], gen_length=4, block_length=4, steps=4)[0]  # the sampler's head
+  out = model.generate(["What color is the shape?"], params=SamplingParams(gen_length=4))[0]  # the sampler's head
   assert out.nfe == 4 and 1 <= len(out.token_ids) <= 4
   with pytest.raises(ValueError, match="dtype='float64' must be one of"):
     LLaDAV.from_pretrained(bf16_dir, dtype="float64")

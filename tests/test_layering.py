@@ -17,14 +17,25 @@ LAYERS = [
     ("batch",),
     ("data",),
     ("weights",),
-    ("sampling",),
-    ("generation",),
+    ("inference",),  # a prompt to an answer: no HTTP, no command line
     ("api", ""),  # "" = the package's __init__ (re-exports LLaDAV)
     ("eval",),
     ("training",),
     ("convert", "generate", "train"),  # the command lines
-    ("serve",),  # the server (its page reuses generate's token pieces)
+    ("serve",),  # the server
 ]
+
+# Inside packages that are layered themselves, lowest first; the package's __init__ may import any of them.
+SUBLAYERS = {
+    "inference": [("engine",), ("model", "params", "text"), ("prompts",), ("runner",),
+                  ("generation", "elbo", "scheduler")],
+    "inference.engine": [("config",), ("schedule", "decode", "dllm_cache"), ("state",), ("forward",), ("loop",)],
+    "serve": [("config", "protocol", "images"), ("metrics",), ("serving_chat",), ("app",), ("__main__",)],
+}
+
+# The command lines: what `python -m` runs. No library module imports one.
+CLI_MODULES = {"lladav_jax.convert", "lladav_jax.generate", "lladav_jax.train", "lladav_jax.eval.__main__",
+               "lladav_jax.serve.__main__"}
 
 # Imported inside functions on purpose: optional, heavy or slow to import, used by one code path.
 # WORKSPACE.md names each (test_optional_imports_are_documented).
@@ -95,6 +106,39 @@ def test_imports_go_one_way_down_the_layers():
       if ld > ls or (ld == ls and ps != pd and "" not in (ps, pd)):
         bad.append(f"{src} (layer {ls}) imports {dst} (layer {ld})")
   assert not bad, "upward imports:\n  " + "\n  ".join(sorted(bad))
+
+
+def _sublayer(mod: str) -> tuple[str, int] | None:
+  """(package, sublayer index) of a module of a layered package (None for the package's __init__ or
+  a module outside one); the innermost layered package wins."""
+  rest = mod.split(".", 1)[1] if "." in mod else ""
+  for pkg in sorted(SUBLAYERS, key=len, reverse=True):
+    if rest.startswith(pkg + "."):
+      top = rest[len(pkg) + 1:].split(".")[0]
+      for i, names in enumerate(SUBLAYERS[pkg]):
+        if top in names:
+          return pkg, i
+      raise AssertionError(f"module {mod} is in no sublayer of {pkg} in tests/test_layering.py: add it")
+  return None
+
+
+def test_imports_go_one_way_down_the_sublayers():
+  _, edges = _graph()
+  bad = []
+  for src, dsts in edges.items():
+    s = _sublayer(src)
+    for dst in dsts:
+      d = _sublayer(dst)
+      if s and d and s[0] == d[0] and d[1] > s[1]:
+        bad.append(f"{src} ({s[0]} layer {s[1]}) imports {dst} (layer {d[1]})")
+  assert not bad, "upward imports:\n  " + "\n  ".join(sorted(bad))
+
+
+def test_no_library_module_imports_a_command_line():
+  _, edges = _graph()
+  bad = [f"{src} imports {dst}" for src, dsts in edges.items() for dst in dsts
+         if dst in CLI_MODULES and src not in CLI_MODULES]
+  assert not bad, "\n  ".join(bad)
 
 
 def test_no_import_cycles():

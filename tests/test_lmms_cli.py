@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 from lladav_jax import LLaDAV  # noqa: E402
 from lladav_jax.eval import answers as ans  # noqa: E402
 from lladav_jax.eval.tasks import EOT  # noqa: E402
+from lladav_jax.inference import SamplingParams  # noqa: E402
 from tests.released import write_released_checkpoint  # noqa: E402
 from tests.train_helpers import PYTHON, inference_env  # noqa: E402
 
@@ -83,7 +84,7 @@ def write_jsonl(path, docs):
 
 def direct(model, prompts, images):
   """What the plugin must answer: LLaDAV.generate with the task's settings, stops `<|eot_id|>` only."""
-  outs = model.generate(prompts, images, **GEN, temperature=0.0, stop_strings=[EOT])
+  outs = model.generate(prompts, images, SamplingParams(**GEN, stop=(EOT,)))
   return [ans.postprocess_output(o.text) for o in outs]
 
 

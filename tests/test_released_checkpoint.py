@@ -15,6 +15,7 @@ from lladav_jax import LLaDAV, config, weights
 from lladav_jax.data.demo_data import ensure_demo_data, qa_items
 from lladav_jax.eval.__main__ import main as eval_main
 from lladav_jax.eval.tasks import get_task
+from lladav_jax.inference import SamplingParams
 from tests.released import VOCAB, write_released_checkpoint
 from tests.train_helpers import PYTHON, REPO, inference_env, subprocess_env
 
@@ -42,7 +43,7 @@ def model(released):
 def answers(model, released):
   """LLaDAV.generate on the HF directory: one anyres image, one text-only question."""
   root, _ = released
-  return model.generate(QUESTIONS, [[Image.open(root / "wide.png")], []], **KW)
+  return model.generate(QUESTIONS, [[Image.open(root / "wide.png")], []], SamplingParams(**KW))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_convert_cli_round_trip_and_generate_cli(released, orbax, answers, tmp_p
     assert a.get(k).tobytes() == b.get(k).tobytes(), k
   # the converted directory answers with the same tokens
   again = LLaDAV.from_pretrained(str(orbax), dtype="float32").generate(
-      QUESTIONS, [[Image.open(root / "wide.png")], []], **KW)
+      QUESTIONS, [[Image.open(root / "wide.png")], []], SamplingParams(**KW))
   assert [x.token_ids for x in again] == [x.token_ids for x in answers]
   # the generate CLI on the released directory prints the API's answer
   r = run(["lladav_jax.generate", "--checkpoint", hf, "--image", str(root / "wide.png"), "--prompt", QUESTIONS[0],
@@ -133,8 +134,7 @@ def test_eval_cli_with_the_real_model(released, model, tmp_path):
   task = get_task("demo")
   for it, pred in zip(items, saved["predictions"]):
     imgs = [Image.open(os.path.join(paths["image_folder"], p)) for p in it["images"]]
-    direct = model.generate([it["question"]], [imgs], gen_length=task.gen_length, block_length=task.block_length,
-                            steps=task.steps)[0]
+    direct = model.generate([it["question"]], [imgs], task.sampling_params())[0]
     assert pred["prediction"] == direct.text.strip().rstrip("."), (pred, direct.text)
 
 

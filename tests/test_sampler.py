@@ -9,6 +9,7 @@ float32 vs float64 would otherwise decide the order).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 
 import jax
@@ -18,10 +19,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lladav_jax import config, generation, multimodal
+from lladav_jax import config, multimodal
 from lladav_jax.api import LLaDAV
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG
-from lladav_jax.sampling import TRACE_COUNTS, SamplerSettings, uniform_counts
+from lladav_jax.inference import SamplingParams, generation
+from lladav_jax.inference.engine import TRACE_COUNTS
+from lladav_jax.inference.engine.schedule import uniform_counts
 from tests.models import random_model
 
 MASK = 500
@@ -147,7 +150,7 @@ def reference_generate(fwd, *, gen_length, block_length, steps, banned, stops, s
   return [int(t) for t in ans[:cut]] + list(suffix), nfe, taken
 
 
-def run_reference(model, settings: SamplerSettings, prompts, imgs, stops=(), suffix=(), **kw):
+def run_reference(model, settings: SamplingParams, prompts, imgs, stops=(), suffix=(), **kw):
   all_stops = [list(s) for s in stops] + ([[settings.eot_id]] if settings.eot_id is not None else [])
   return [reference_generate(reference_forward(model, p, im, settings.gen_length), gen_length=settings.gen_length,
                              block_length=settings.block_length, steps=settings.steps, banned=settings.banned_ids,
@@ -158,7 +161,7 @@ def run_reference(model, settings: SamplerSettings, prompts, imgs, stops=(), suf
 def settings(**kw):
   base = dict(mask_id=MASK, banned_ids=(1, 2), eot_id=None, gen_length=24, block_length=8, steps=12)
   base.update(kw)
-  return SamplerSettings(**base)
+  return SamplingParams(**base)
 
 
 def assert_same(outs, refs):
@@ -185,7 +188,7 @@ def stop_setup(model):
 
 def test_matches_numpy_reference_with_stops_suffix_images_and_batch(model, stop_setup):
   st = settings(banned_ids=stop_setup["banned"], eot_id=stop_setup["eot"])
-  outs = generation.generate_ids(model, PROMPTS, IMAGES, settings=st, stop_ids=stop_setup["stops"],
+  outs = generation.generate_ids(model, PROMPTS, IMAGES, params=st, stop_ids=stop_setup["stops"],
                                  suffix_ids=stop_setup["suffix"], batch_size=4, return_trajectory=True, **BUCKETS)
   refs = run_reference(model, st, PROMPTS, IMAGES, stops=stop_setup["stops"], suffix=stop_setup["suffix"])
   assert_same(outs, refs)
@@ -208,7 +211,7 @@ def test_matches_numpy_reference_with_stops_suffix_images_and_batch(model, stop_
 def test_other_prompts_of_the_same_buckets_do_not_retrace(model, stop_setup):
   # batched == one by one: test_matches_numpy_reference_... compares the batch of 4 with the reference run row by row
   st = settings(banned_ids=stop_setup["banned"], eot_id=stop_setup["eot"])
-  kw = dict(settings=st, stop_ids=stop_setup["stops"], suffix_ids=stop_setup["suffix"], batch_size=4, **BUCKETS)
+  kw = dict(params=st, stop_ids=stop_setup["stops"], suffix_ids=stop_setup["suffix"], batch_size=4, **BUCKETS)
   generation.generate_ids(model, PROMPTS, IMAGES, **kw)
   before = sum(TRACE_COUNTS.values())
   other = [[13, 14, 15], [16, IMG, 17, 18, 19, 20, 21, 22, 23, 24, 25], [26, IMG, 27, IMG]]
@@ -219,7 +222,7 @@ def test_other_prompts_of_the_same_buckets_do_not_retrace(model, stop_setup):
 
 def test_cfg_matches_reference(model):
   st = settings(cfg_scale=1.5)
-  outs = generation.generate_ids(model, PROMPTS[:2], IMAGES[:2], settings=st, suffix_ids=SUFFIX, **BUCKETS)
+  outs = generation.generate_ids(model, PROMPTS[:2], IMAGES[:2], params=st, suffix_ids=SUFFIX, **BUCKETS)
   refs = run_reference(model, st, PROMPTS[:2], IMAGES[:2], suffix=SUFFIX)
   assert_same(outs, refs)
   assert outs[0].nfe == 2 * outs[0].steps == 24
@@ -228,7 +231,10 @@ def test_cfg_matches_reference(model):
 @pytest.mark.slow  # the CI budget: test_sampler_engine checks seeded temperatures against neighbours and arrival
 def test_temperature_and_random_remasking_are_seeded(model):
   st = settings(temperature=1.0, remasking="random", eot_id=None)
-  run = functools.partial(generation.generate_ids, model, settings=st, batch_size=4, **BUCKETS)
+  def run(prompts, imgs, seed):
+    return generation.generate_ids(model, prompts, imgs, params=dataclasses.replace(st, seed=seed), batch_size=4,
+                                   **BUCKETS)
+
   a = run(PROMPTS, IMAGES, seed=3)
   b = run(PROMPTS, IMAGES, seed=3)
   c = run(PROMPTS, IMAGES, seed=4)
@@ -258,5 +264,5 @@ def test_video_visual_matches_reference(model):
   assert len(multimodal.expand(prompt, multimodal.process_sample_images([frames], model.image_cfg),
                                model.image_cfg).tokens) == len(prompt) - 1 + n_video
   st = settings()
-  outs = generation.generate_ids(model, [prompt], [[frames]], settings=st, batch_size=1, **BUCKETS)
+  outs = generation.generate_ids(model, [prompt], [[frames]], params=st, batch_size=1, **BUCKETS)
   assert_same(outs, run_reference(model, st, [prompt], [[frames]]))

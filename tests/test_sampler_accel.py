@@ -13,9 +13,10 @@ import pytest
 import torch
 from flax import nnx
 
-from lladav_jax import generation
-from lladav_jax.sampling import EngineShapes, count_table, engine, row_settings, shift_counts
-from lladav_jax.sampling.engine import Forward
+from lladav_jax.inference import engine, generation, prompts as prompt_lib
+from lladav_jax.inference.engine import EngineShapes
+from lladav_jax.inference.engine.forward import Forward
+from lladav_jax.inference.engine.schedule import count_table, shift_counts
 from tests.test_sampler import (BUCKETS, IMAGES, PROMPTS, SUFFIX, assert_same, model, run_reference,  # noqa: F401
                                 settings, stop_setup)
 
@@ -64,7 +65,7 @@ def test_shift_schedule_example_and_torch_parity():
 @pytest.mark.slow  # the CI budget: the schedule's own torch parity test above stays in the default run
 def test_shift_schedule_in_the_sampler_matches_reference(model):
   st = settings(schedule="shift", shift=1 / 3, gen_length=24, block_length=24, steps=12)
-  outs = generation.generate_ids(model, PROMPTS[:2], IMAGES[:2], settings=st, suffix_ids=SUFFIX,
+  outs = generation.generate_ids(model, PROMPTS[:2], IMAGES[:2], params=st, suffix_ids=SUFFIX,
                                  return_trajectory=True, **BUCKETS)
   refs = run_reference(model, st, PROMPTS[:2], IMAGES[:2], suffix=SUFFIX,
                        counts_fn=lambda n, s: shift_counts(n, s, 1 / 3))
@@ -77,7 +78,7 @@ def test_shift_schedule_in_the_sampler_matches_reference(model):
                          ids=["threshold", "factor"])  # threshold slow (the CI budget): the same decision, another rule
 def test_parallel_decoding_matches_reference_and_cuts_nfe(model, kw):
   st = settings(gen_length=24, block_length=8, steps=24, **kw)
-  outs = generation.generate_ids(model, PROMPTS, IMAGES, settings=st, suffix_ids=SUFFIX, batch_size=4, **BUCKETS)
+  outs = generation.generate_ids(model, PROMPTS, IMAGES, params=st, suffix_ids=SUFFIX, batch_size=4, **BUCKETS)
   refs = run_reference(model, st, PROMPTS, IMAGES, suffix=SUFFIX, **kw)
   assert_same(outs, refs)
   assert all(len(o.token_ids) == 24 + 2 for o in outs)
@@ -97,20 +98,20 @@ def test_window_pass_on_a_fresh_cache_equals_the_full_pass(model, mode):
   window's hidden states of each row's block equal the full pass's (left padding, images, CFG, a
   suffix, rows at different blocks and of different answer lengths included)."""
   st = settings(cache=mode, cfg_scale=0.5, gen_length=24, block_length=8, steps=12)
-  inp = generation.prepare_inputs(model, PROMPTS, IMAGES, suffix_ids=SUFFIX, seeds=[0, 1, 2], rows=3)
+  inp = prompt_lib.prepare_inputs(model, PROMPTS, IMAGES, suffix_ids=SUFFIX, seeds=[0, 1, 2], rows=3)
   shapes = EngineShapes(rows=3, prompt_len=inp.prompt.length, answer_len=24, suffix_len=2)
-  cfg = st.engine()
+  cfg = st.engine_config()
   state = engine.init(model.graphdef, cfg, shapes, model.state)
   lengths = (24, 16, 24)
-  for k, r in enumerate(generation.requests(inp, row_settings(st, 24, 8), 2)):
-    r = r.replace(settings=r.settings.replace(answer_len=np.int32(lengths[k])))
+  for k, r in enumerate(prompt_lib.requests(inp, st.row_params(24, 8), 2)):
+    r = r.replace(row_params=r.row_params.replace(answer_len=np.int32(lengths[k])))
     state = engine.insert(model.graphdef, cfg, model.state, state, np.int32(k), r)
   rng = np.random.default_rng(0)
   gen = rng.integers(5, 400, (3, 26)).astype(np.int32)
   gen[:, 9:24] = 500  # committed first block + a bit, masked rest, then the suffix
   gen[:, 24:] = SUFFIX
   gen[1, 16:24] = 500  # row 1 has 16 answer positions
-  state = state.replace(gen=jnp.asarray(gen), block=jnp.asarray([0, 1, 2], jnp.int32))
+  state = state.replace(response=jnp.asarray(gen), block=jnp.asarray([0, 1, 2], jnp.int32))
   full, win = _full_and_window(model.graphdef, cfg, model.state, state)
   np.testing.assert_allclose(np.asarray(win), np.asarray(full), rtol=2e-4, atol=2e-4)
   assert np.abs(np.asarray(full)[:3] - np.asarray(full)[3:]).max() > 1e-2  # the unconditional rows differ
@@ -126,10 +127,10 @@ def test_window_pass_on_a_fresh_cache_equals_the_full_pass(model, mode):
 def test_caches_exact_at_refresh_1_and_cheaper_otherwise(model, stop_setup, mode):
   st = settings(banned_ids=stop_setup["banned"], eot_id=stop_setup["eot"])
   kw = dict(stop_ids=stop_setup["stops"], suffix_ids=stop_setup["suffix"], batch_size=4, **BUCKETS)
-  ref = generation.generate_ids(model, PROMPTS, IMAGES, settings=st, **kw)
-  exact = generation.generate_ids(model, PROMPTS, IMAGES, settings=replace(st, cache=mode, refresh_interval=1), **kw)
+  ref = generation.generate_ids(model, PROMPTS, IMAGES, params=st, **kw)
+  exact = generation.generate_ids(model, PROMPTS, IMAGES, params=replace(st, cache=mode, refresh_interval=1), **kw)
   assert [(o.token_ids, o.nfe, o.query_tokens) for o in exact] == [(o.token_ids, o.nfe, o.query_tokens) for o in ref]
-  fast = generation.generate_ids(model, PROMPTS, IMAGES, settings=replace(st, cache=mode, refresh_interval=32),
+  fast = generation.generate_ids(model, PROMPTS, IMAGES, params=replace(st, cache=mode, refresh_interval=32),
                                  return_trajectory=True, **kw)
   assert any(f.trajectory.stop > 0 for f in fast)
   for f in fast:  # runs to completion: nothing masked before the stop

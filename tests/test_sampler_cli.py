@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lladav_jax import config, generate as cli, generation
+from lladav_jax import config, generate as cli
 from lladav_jax.data import template
 from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
+from lladav_jax.inference import SamplingParams, elbo as elbo_lib, generation
 from tests.models import random_model
 
 
@@ -38,7 +39,8 @@ def test_generate_text_api(tmodel, image):
   tok = tmodel.tokenizer
   img = Image.open(image)
   outs = tmodel.generate(["What color is the circle?", "How many shapes are there?"], [[img], []],
-                         suffix=" done", stop_strings=["\n"], return_trajectory=True, batch_size=1, tiles=2, **KW)
+                         SamplingParams(**KW, suffix=" done", stop=("\n",)), return_trajectory=True, batch_size=1,
+                         tiles=2)
   suffix_ids = tok.encode(" done")
   for o in outs:
     assert o.token_ids[-len(suffix_ids):] == suffix_ids
@@ -49,9 +51,9 @@ def test_generate_text_api(tmodel, image):
     assert tok.eos_id not in t.tokens and tok.bos_id not in t.tokens  # banned from the tokenizer
   # the same prompt ids through generate_ids (template applied as the original's eval does)
   ids = template.inference_prompt_ids(tok, "How many shapes are there?", 0)
-  st = generation.sampler_settings(tmodel, **KW)
-  again = generation.generate_ids(tmodel, [ids], settings=st, stop_ids=tok.encode_stop_strings(["\n"]),
-                                  suffix_ids=suffix_ids, seed=1, tiles=2)
+  st = SamplingParams(**KW, seed=1).for_model(tmodel)  # prompt 1 of the call above: seed 0 + 1
+  again = generation.generate_ids(tmodel, [ids], params=st, stop_ids=tok.encode_stop_strings(["\n"]),
+                                  suffix_ids=suffix_ids, tiles=2)
   assert again[0].token_ids == outs[1].token_ids
 
 
@@ -86,8 +88,8 @@ def test_elbo(tmodel, image):
   tok = tmodel.tokenizer
   ids = template.inference_prompt_ids(tok, "What color is the circle?", 1)
   ans = tok.encode(" red circle")
-  est = generation.elbo_ids(tmodel, ids, [img], ans, num_samples=4, seed=3, group=4)
-  masks, ps = generation.mc_masks(len(ans), 4, np.random.default_rng(3), 4)
+  est = elbo_lib.elbo_ids(tmodel, ids, [img], ans, num_samples=4, seed=3, group=4)
+  masks, ps = elbo_lib.mc_masks(len(ans), 4, np.random.default_rng(3), 4)
   assert masks.sum(1).tolist() == [round(p * len(ans)) for p in ps]
   total = 0.0
   for m, p in zip(masks, ps):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lladav_jax import generation
-from lladav_jax.sampling import EngineShapes, engine, row_settings
+from lladav_jax.inference import engine, prompts as prompt_lib, runner as runner_lib
+from lladav_jax.inference.engine import EngineShapes
 from tests.test_sampler import BUCKETS, model, reference_generate, settings  # noqa: F401
 from tests.test_sampler_engine import COMPILES, PROMPTS
 
@@ -103,9 +103,9 @@ class NumpyDllmCache:
 
 def _engine_rows(model, st, prompt_ids, cfg, answer_bucket):
   """One request (no CFG) in an engine of one row; returns (init state after insert, config, shapes)."""
-  inp = generation.prepare_inputs(model, [prompt_ids], [[]], suffix_ids=SUFFIX, stop_ids=[], seeds=[0], rows=1,
+  inp = prompt_lib.prepare_inputs(model, [prompt_ids], [[]], suffix_ids=SUFFIX, stop_ids=[], seeds=[0], rows=1,
                                   **BUCKETS)
-  req = generation.requests(inp, row_settings(st, answer_bucket, st.block_length), len(SUFFIX))[0]
+  req = prompt_lib.requests(inp, st.row_params(answer_bucket, st.block_length), len(SUFFIX))[0]
   shapes = EngineShapes(rows=1, prompt_len=inp.prompt.length, answer_len=answer_bucket, suffix_len=len(SUFFIX),
                         stops=inp.stop_ids.shape[1], stop_len=inp.stop_ids.shape[2])
   state = engine.init(model.graphdef, cfg, shapes, model.state)
@@ -117,7 +117,7 @@ def test_dllm_cache_follows_the_numpy_transcription_of_the_hook(model):
   # positions recomputed, from 6 static slots over a response bucket of 24 + 2 (padding never picked)
   st = settings(gen_length=16, block_length=8, steps=8, cache="dllm", prompt_interval=5, gen_interval=3,
                 transfer_ratio=0.25)
-  cfg = st.engine()
+  cfg = st.engine_config()
   state, shapes = _engine_rows(model, st, PROMPTS[0], cfg, answer_bucket=24)
   p, plen = shapes.prompt_len, len(PROMPTS[0])
   ref = NumpyDllmCache(model, np.asarray(state.prompt_emb[0, p - plen:], np.float32), 16, 5, 3, 0.25)
@@ -137,31 +137,31 @@ def test_dllm_cache_follows_the_numpy_transcription_of_the_hook(model):
       scale = np.abs(want).max()
       np.testing.assert_allclose(getattr(got, f), want, rtol=0, atol=1e-5 * scale, err_msg=f"step {n + 1}: {f}")
   assert bool(state.done[0])
-  assert np.asarray(state.gen[0, :16]).tolist() + SUFFIX == ids
+  assert np.asarray(state.response[0, :16]).tolist() + SUFFIX == ids
   # queries run: both (every position), response (2x: 16 + 8 answer bucket padding + 2), prompt (+ 6 slots), neither
   assert int(state.query_tokens[0]) == (p + 26) + 2 * 26 + (p + 6) + 4 * 6
 
 
 def _requests(model, st, bound):
-  inp = generation.prepare_inputs(model, PROMPTS[:2], [[]] * 2, suffix_ids=SUFFIX, stop_ids=[], seeds=[3, 4],
+  inp = prompt_lib.prepare_inputs(model, PROMPTS[:2], [[]] * 2, suffix_ids=SUFFIX, stop_ids=[], seeds=[3, 4],
                                   rows=2, **BUCKETS)
   shapes = EngineShapes(rows=2, prompt_len=inp.prompt.length, answer_len=24, suffix_len=len(SUFFIX), stops=1,
                         stop_len=1)
-  reqs = generation.requests(inp, row_settings(st, 24, st.block_length), len(SUFFIX))
-  return reqs, st.engine(max_transfer_ratio=bound), shapes
+  reqs = prompt_lib.requests(inp, st.row_params(24, st.block_length), len(SUFFIX))
+  return reqs, st.engine_config(max_transfer_ratio=bound), shapes
 
 
 def test_dllm_cache_is_exact_when_prompt_and_response_refresh_and_its_settings_are_values(model):
   base = settings(gen_length=24, block_length=8, steps=12, cfg_scale=1.0, temperature=0.5)
   reqs, cfg, shapes = _requests(model, base, 0.0)
-  want = [r["gen"].tolist() for r in generation.run_engine(model, reqs, cfg, shapes)]
+  want = [r.response.tolist() for r in runner_lib.run_engine(model, reqs, cfg, shapes)]
   dl = dataclasses.replace(base, cache="dllm")
   runs = {}
   for name, kw in dict(exact_ratio=dict(prompt_interval=1, gen_interval=7, transfer_ratio=1.0),
                        exact_gen=dict(prompt_interval=1, gen_interval=1, transfer_ratio=0.25),
                        demo=dict(), other=dict(prompt_interval=4, gen_interval=2, transfer_ratio=0.5)).items():
     reqs, cfg, shapes = _requests(model, dataclasses.replace(dl, **kw), 1.0)
-    runs[name] = [r["gen"].tolist() for r in generation.run_engine(model, reqs, cfg, shapes)]
+    runs[name] = [r.response.tolist() for r in runner_lib.run_engine(model, reqs, cfg, shapes)]
     if name == "exact_ratio":
       before = len(COMPILES)
   assert len(COMPILES) == before, COMPILES[before:]  # Kp, Kr and rho under the engine's bound are values
@@ -173,12 +173,12 @@ def test_dllm_cache_is_exact_when_prompt_and_response_refresh_and_its_settings_a
   # this model's repeated tokens have near-equal confidences and cache similarities, so that at LLVM -O1 a later
   # step commits or refreshes another position.
   reqs, cfg, shapes = _requests(model, dl, 1.0)
-  whole, grouped = (generation.EngineRunner(model, c, shapes) for c in (cfg, dataclasses.replace(cfg, forward_rows=2)))
+  whole, grouped = (runner_lib.EngineRunner(model, c, shapes) for c in (cfg, dataclasses.replace(cfg, forward_rows=2)))
   for r in reqs:
     assert whole.insert(r) == grouped.insert(r)
   for n in range(2):
     a, b = whole.advance(1), grouped.advance(1)
-    np.testing.assert_array_equal(b["gen"], a["gen"])
+    np.testing.assert_array_equal(b.response, a.response)
     for seg in ("prompt", "response"):
       for f in ("k", "v", "attn", "ffn"):
         u, v = (np.asarray(getattr(getattr(r.state.cache, seg), f), np.float32) for r in (whole, grouped))
@@ -188,6 +188,6 @@ def test_dllm_cache_is_exact_when_prompt_and_response_refresh_and_its_settings_a
 def test_transfer_ratio_above_the_engines_bound_is_refused(model):
   reqs, cfg, shapes = _requests(model, settings(cache="dllm", transfer_ratio=0.5), 0.25)
   with pytest.raises(ValueError, match="transfer_ratio=0.5 is above the engine's max_transfer_ratio=0.25"):
-    generation.run_engine(model, reqs, cfg, shapes)
+    runner_lib.run_engine(model, reqs, cfg, shapes)
   with pytest.raises(ValueError, match="transfer_ratio"):
     settings(cache="dllm", transfer_ratio=1.5).validate()

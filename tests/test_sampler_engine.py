@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lladav_jax import generation
-from lladav_jax.sampling import EngineShapes, decide, decode, engine, first_occurrences, row_settings, update_stop
+from lladav_jax.inference import engine, generation, prompts as prompt_lib
+from lladav_jax.inference.engine import EngineShapes, decode
+from lladav_jax.inference.engine.decode import decide, first_occurrences, update_stop
 from tests.test_sampler import BUCKETS, model, settings  # noqa: F401
 
 COMPILES = []
@@ -27,15 +28,15 @@ PROMPTS = [[7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39], [40,
 
 
 def test_a_sweep_of_every_value_setting_compiles_nothing(model):
-  warm = generation.generate_ids(model, PROMPTS[:2], None, settings=BASE, **RUN)
+  warm = generation.generate_ids(model, PROMPTS[:2], None, params=BASE, **RUN)
   before = len(COMPILES)
   sweep = dict(temperature=dict(temperature=0.8), random=dict(remasking="random", temperature=0.5),
                cfg=dict(cfg_scale=2.5), threshold=dict(threshold=0.0), factor=dict(factor=100.0), steps24=dict(steps=24),
                steps3=dict(steps=3), gen16=dict(gen_length=16, steps=8), gen8=dict(gen_length=8, steps=4),
                shift=dict(schedule="shift", shift=0.5), refresh=dict(refresh_interval=1),
                original=dict(stop_rule="original"))
-  outs = {name: generation.generate_ids(model, PROMPTS[:2], None, settings=dataclasses.replace(BASE, **kw),
-                                        seed=5, **RUN) for name, kw in sweep.items()}
+  outs = {name: generation.generate_ids(model, PROMPTS[:2], None, params=dataclasses.replace(BASE, seed=5, **kw),
+                                        **RUN) for name, kw in sweep.items()}
   assert len(COMPILES) == before, COMPILES[before:]
   # the values reached the compiled loop
   assert outs["steps24"][0].nfe == 2 * 24 and outs["steps24"][0].steps == 24 > warm[0].steps == 12
@@ -52,9 +53,9 @@ def _requests(model):
   kinds = [dict(), dict(temperature=0.9), dict(gen_length=16, steps=8, remasking="random", temperature=0.3),
            dict(threshold=0.5, refresh_interval=1), dict(gen_length=8, steps=4, cfg_scale=0.0)]
   prompts = PROMPTS + [PROMPTS[1]]
-  inp = generation.prepare_inputs(model, prompts, [[]] * 5, suffix_ids=[60, 61], stop_ids=[[7, 8]],
+  inp = prompt_lib.prepare_inputs(model, prompts, [[]] * 5, suffix_ids=[60, 61], stop_ids=[[7, 8]],
                                   seeds=[11, 12, 13, 14, 15], rows=5, **BUCKETS)
-  rows = [generation.requests(inp, row_settings(dataclasses.replace(BASE, **kw), 24, 8), 2)[k]
+  rows = [prompt_lib.requests(inp, dataclasses.replace(BASE, **kw).row_params(24, 8), 2)[k]
           for k, kw in enumerate(kinds)]
   return rows, EngineShapes(rows=2, prompt_len=inp.prompt.length, answer_len=24, suffix_len=2, stops=1, stop_len=2)
 
@@ -62,7 +63,7 @@ def _requests(model):
 def _run(model, reqs, shapes, order, rng, cfg=None, head=False):
   """Requests arrive in `order`, each after a random number of steps of the running ones. `head`: also
   each request's head_tokens and steps."""
-  cfg = cfg or BASE.engine()
+  cfg = cfg or BASE.engine_config()
   st = engine.init(model.graphdef, cfg, shapes, model.state)
   out, running, queue = {}, {}, list(order)
   while queue or running:
@@ -73,7 +74,7 @@ def _run(model, reqs, shapes, order, rng, cfg=None, head=False):
       running[free[0]] = k
     st = engine.advance(model.graphdef, cfg, model.state, st, np.int32(rng.integers(1, 4) if queue else 1 << 20))
     for r in np.nonzero(np.asarray(st.live & st.done))[0]:
-      out[running.pop(int(r))] = (np.asarray(st.gen[r]).tolist(), int(st.stop[r]), int(st.nfe[r])) + (
+      out[running.pop(int(r))] = (np.asarray(st.response[r]).tolist(), int(st.stop[r]), int(st.nfe[r])) + (
           (int(st.head_tokens[r]), int(st.steps[r])) if head else ())
   return out
 
@@ -94,7 +95,7 @@ def test_the_lean_head_gives_the_full_blocks_tokens(model):
   reqs, shapes = _requests(model)
   lean = _run(model, reqs, shapes, [0, 1, 2, 3, 4], np.random.default_rng(1), head=True)
   full = _run(model, reqs, shapes, [0, 1, 2, 3, 4], np.random.default_rng(1),
-              cfg=dataclasses.replace(BASE.engine(), head_rungs=1), head=True)
+              cfg=dataclasses.replace(BASE.engine_config(), head_rungs=1), head=True)
   assert {k: v[:3] for k, v in lean.items()} == {k: v[:3] for k, v in full.items()}
   for k in full:  # the decision's length is the largest over the running rows: a neighbour may keep it at 8
     assert lean[k][3] <= full[k][3] == 8 * full[k][4], (k, lean[k], full[k])
@@ -127,7 +128,7 @@ def head():
 
 def _decide(h, w, keys, temp, scale, chunk):
   return jax.jit(lambda h, w, k, t, s: decide(h, w, k, t, s, jnp.zeros(t.shape, bool), banned_ids=(3, 4), chunk=chunk,
-                                              cfg=True, dtype=jnp.float32))(h, w, keys, temp, scale)
+                                              guidance=True, dtype=jnp.float32))(h, w, keys, temp, scale)
 
 
 def test_chunked_decision_equals_the_full_one_at_temperature_0(head):
@@ -167,7 +168,7 @@ def test_chunked_gumbel_samples_the_tempered_softmax(head):
 @functools.partial(jax.jit, static_argnums=(8,))
 def _decide_block(h, w, elig, start, keys, temp, scale, rand, sizes):
   return decode.decide_block(h, elig, start, w, keys, temp, scale, rand, sizes=sizes, banned_ids=(3, 4), chunk=64,
-                             cfg=True, dtype=jnp.float32)
+                             guidance=True, dtype=jnp.float32)
 
 
 def test_the_lean_decision_equals_the_full_blocks(head):
@@ -183,7 +184,7 @@ def test_the_lean_decision_equals_the_full_blocks(head):
   scale = np.asarray([0.0, 1.5, 0.5], np.float32)
   temp = np.asarray([0.0, 0.8, 1.3], np.float32)
   rand = np.asarray([False, False, True])
-  full_x0, full_conf = jax.jit(lambda *a: decide(*a, banned_ids=(3, 4), chunk=64, cfg=True, dtype=jnp.float32,
+  full_x0, full_conf = jax.jit(lambda *a: decide(*a, banned_ids=(3, 4), chunk=64, guidance=True, dtype=jnp.float32,
                                                  positions=start[:, None] + np.arange(l)[None]))(
       h, w, keys, temp, scale, rand)
   for counts, want in (([3, 0, 2], 4), ([7, 5, 1], 8), ([1, 0, 1], 4), ([16, 3, 9], 16), ([9, 2, 2], 16)):
@@ -203,7 +204,7 @@ def test_the_lean_decision_runs_the_head_on_each_rung():
   b, l, d, v = 2, 32, 8, 128
   f = lambda h, e: decode.decide_block(  # noqa: E731
       h, e, jnp.zeros(b, jnp.int32), jnp.ones((d, v)), jax.vmap(jax.random.key)(jnp.arange(b)), jnp.zeros(b),
-      jnp.zeros(b), jnp.zeros(b, bool), sizes=decode.ladder(l, 3), banned_ids=(), chunk=64, cfg=True, dtype=jnp.float32)
+      jnp.zeros(b), jnp.zeros(b, bool), sizes=decode.ladder(l, 3), banned_ids=(), chunk=64, guidance=True, dtype=jnp.float32)
   jaxpr = jax.make_jaxpr(f)(jnp.ones((2 * b, l, d)), jnp.ones((b, l), bool))
   shapes = []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import dataclasses
 import io
 import json
 import re
@@ -18,6 +19,8 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+
+from lladav_jax.inference import SamplingParams
 
 from tests.serving import ServerProcess, write_tiny_model
 
@@ -92,8 +95,8 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
   a = Image.open(images / "a.png")
   webp, webp_url = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 90, 3), np.uint8)), "WEBP")
   jpeg, jpeg_url = encoded(Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 90, 3), np.uint8)), "JPEG")
-  kw = dict(gen_length=16, block_length=8, steps=16)
-  plain = model.generate(["How many shapes are there?"], **kw)[0].text.split()
+  params = SamplingParams(gen_length=16, block_length=8, steps=16)
+  plain = model.generate(["How many shapes are there?"], params=params)[0].text.split()
   stop = " " + next(w for w in plain if w != plain[0])  # a later word of that answer ends it early
   cases = [  # (question, images, their URLs, extra settings); two prompt buckets: text, two images
       ("What color is the circle?", [], [], {}),
@@ -103,7 +106,7 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
   ]
   with cf.ThreadPoolExecutor(len(cases)) as ex:  # the server works while this process runs generate
     futs = [ex.submit(chat, client, user(q, *urls), temperature=0, **SHORT, **extra) for q, _, urls, extra in cases]
-    want = {q: model.generate([q], [ims], **kw)[0] for q, ims, _, _ in cases}
+    want = {q: model.generate([q], [ims], params)[0] for q, ims, _, _ in cases}
     got = [f.result() for f in futs]
   for (q, _, _, extra), resp in zip(cases, got):
     c, w = resp.choices[0], want[q]
@@ -119,12 +122,12 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
   # a system message of its own replaces the default one
   own = chat(client, [{"role": "system", "content": "Answer in one word."}] + user("What color is the circle?"),
              temperature=0, **SHORT)
-  mine = model.generate(["What color is the circle?"], system="Answer in one word.", **kw)[0]
+  mine = model.generate(["What color is the circle?"], params=params, system="Answer in one word.")[0]
   assert own.choices[0].message.content == mine.text
   assert own.usage.prompt_tokens < got[0].usage.prompt_tokens  # the default system prompt is longer
   # n choices at a temperature: choice i is generate's prompt i (seed + i)
   resp = chat(client, user("Where is the square?"), temperature=0.9, seed=7, n=2, **SHORT)
-  want = model.generate(["Where is the square?"] * 2, gen_length=16, block_length=8, steps=16, temperature=0.9, seed=7)
+  want = model.generate(["Where is the square?"] * 2, params=dataclasses.replace(params, temperature=0.9, seed=7))
   assert [c.message.content for c in resp.choices] == [w.text for w in want]
   assert want[0].text != want[1].text
 

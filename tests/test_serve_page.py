@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lladav_jax.inference import SamplingParams
+
 from tests.serving import ServerProcess, write_tiny_model
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -67,8 +69,8 @@ def test_the_page_answers_and_shows_the_denoising(server, browser, tmp_path):
   WebDriverWait(browser, 240).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant[data-done]"),
                                     message=str(browser.get_log("browser")))
   assert browser.find_element(By.ID, "err").text == ""
-  want = model.generate(["What shape is the red object?"], [[Image.open(img)]], gen_length=16, block_length=8,
-                        steps=16)[0]
+  want = model.generate(["What shape is the red object?"], [[Image.open(img)]],
+                        SamplingParams(gen_length=16, block_length=8, steps=16))[0]
   meta = browser.find_element(By.CSS_SELECTOR, ".assistant .meta").text
   assert meta.startswith("final: ") and f'"{want.text}"' in meta and "NFE 16" in meta
   live = browser.find_element(By.ID, "live")

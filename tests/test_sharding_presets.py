@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from lladav_jax import config, generation, sharding
+from lladav_jax import config, sharding
 from lladav_jax.api import LLaDAV
 from lladav_jax.model import abstract_model
-from lladav_jax.sampling import SamplerSettings
+from lladav_jax.inference import SamplingParams, generation
 from lladav_jax.training import loss as L, state as st, step as stp, synthetic
 from tests.models import host_params
 from tests.train_helpers import optim_cfg
@@ -38,7 +38,7 @@ def _step(setup, params, batch):
   return compiled, float(m["loss"]), float(m["grad_norm"])
 
 
-SETTINGS = SamplerSettings(gen_length=8, block_length=8, steps=4, mask_id=config.tiny().mask_token_id, eot_id=3)
+SETTINGS = SamplingParams(gen_length=8, block_length=8, steps=4, mask_id=config.tiny().mask_token_id, eot_id=3)
 PROMPTS = [[5 + i, 6, 7, 8 + i] for i in range(8)]  # a row a device under dp
 
 
@@ -52,7 +52,7 @@ def one_device():
   batch = synthetic.make_batch(np.random.default_rng(0), batch=8, seq_len=48, vocab_size=512, mask_token_id=500)
   _, loss, gnorm = _step(setup, params, batch)
   model = LLaDAV.init_random(config.tiny(), seed=2, mesh=mesh)
-  tokens = [r.token_ids for r in generation.generate_ids(model, PROMPTS, settings=SETTINGS)]
+  tokens = [r.token_ids for r in generation.generate_ids(model, PROMPTS, params=SETTINGS)]
   return dict(params=params, batch=batch, loss=loss, gnorm=gnorm, model=model, tokens=tokens)
 
 
@@ -77,7 +77,7 @@ def test_every_preset_gives_the_single_device_numbers(preset, one_device):
   # the sampler on the same mesh: the same tokens, rows sharded over the batch axes
   one = ref["model"]
   many = LLaDAV(one.cfg, one.graphdef, jax.device_put(one.state, sharding.state_shardings(one.state, mesh)), mesh=mesh)
-  assert [r.token_ids for r in generation.generate_ids(many, PROMPTS, settings=SETTINGS)] == ref["tokens"]
+  assert [r.token_ids for r in generation.generate_ids(many, PROMPTS, params=SETTINGS)] == ref["tokens"]
 
 
 # ----------------------------------------------------------------------------- the released model's sizes

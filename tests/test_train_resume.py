@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from lladav_jax.inference import SamplingParams
 from lladav_jax.training.metrics import read_metrics
 from tests.train_helpers import PYTHON, REPO, subprocess_env
 
@@ -110,8 +111,8 @@ def test_finished_run_exports_a_loadable_model(uninterrupted, monkeypatch):
   assert sorted(got) == sorted(want)
   for k in got:
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
-  out = model.generate(["How many shapes are there?"], images=[[_scene(tmp / "demo")]], gen_length=8,
-                       block_length=8, steps=8)
+  out = model.generate(["How many shapes are there?"], images=[[_scene(tmp / "demo")]],
+                       params=SamplingParams(gen_length=8))
   assert out[0].nfe >= 1 and len(out[0].token_ids) <= 8
 
 

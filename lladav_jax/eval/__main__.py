@@ -66,7 +66,7 @@ def main(argv=None, generate_fn=None, process_index: int | None = None, process_
     results = R.run_sweep(task, rr.samples, generate_fn, param, values, base_overrides=overrides,
                           shard_dir=shard_dir, **common)
   else:
-    results = R.evaluate(task, rr.samples, generate_fn, gen_kwargs=overrides, shard_dir=shard_dir, **common)
+    results = R.evaluate(task, rr.samples, generate_fn, overrides=overrides, shard_dir=shard_dir, **common)
   if results is None:  # not process 0
     return None
   results.update(checkpoint=args.checkpoint, data=os.path.abspath(args.data), limit=args.limit)

@@ -12,7 +12,7 @@ Request handling follows the original (`llava_onevision_llada.py`): `loglikeliho
 (the negative ELBO: lmms-eval's multiple choice picks the argmin; `LLaDAV.elbo` gives the ELBO itself),
 and gen_kwargs `until` is ignored (only "stopping_criteria" and "<|eot_id|>" stop, which keeps
 MathVista's multi-paragraph answers; model_arg honor_until=true adds `until` to the stops). The plugin
-passes the task's own stops; "<|eot_id|>" is added once after them by generation.stop_list.
+passes the task's own stops; "<|eot_id|>" is added once after them by inference.text.stop_list.
 Video tasks (doc_to_visual gives a path) get `max_frames_num` uniformly sampled frames, passed to
 the model as one video: a per-prompt visual that is a list of frames (one placeholder, the frames
 pooled by `multimodal.process_video`, as the original). Multi-round tasks follow lmms-eval's
@@ -34,7 +34,7 @@ from lladav_jax.api import LLaDAV
 from lladav_jax.data import records
 from lladav_jax.multimodal import to_rgb
 from lladav_jax.eval import answers as ans
-from lladav_jax.eval.run import validate_schedule
+from lladav_jax.inference import SamplingParams
 from lladav_jax.eval import tasks
 
 
@@ -172,15 +172,15 @@ class LLaDAVJax(_Base):
     return self.batch_size_per_device
 
   # ---------------------------------------------------------------- settings
-  def generation_settings(self, gen_kwargs: dict | None) -> tuple[dict, str | None]:
-    """lmms-eval gen_kwargs -> LLaDAV.generate kwargs, and the think mode.
+  def sampling_params(self, gen_kwargs: dict | None) -> tuple[SamplingParams, str | None]:
+    """lmms-eval gen_kwargs -> SamplingParams, and the think mode.
 
     gen_length: "gen_length", else the model_args default, else max_new_tokens, else 2 (the
     original's default); rounded up to a multiple of block_length. block_length defaults to
     gen_length (one block, as every original setting). steps ("steps" or the original's
     "gen_steps") defaults to gen_length. Stops: "stopping_criteria", and `until` before it only with
     honor_until (lmms-eval fills it with "\n\n" when a task names none; the original ignores it);
-    "<|eot_id|>" follows them and repeats are dropped, both in generation.stop_list.
+    "<|eot_id|>" follows them and repeats are dropped, both in inference.text.stop_list.
     """
     gk = dict(gen_kwargs or {})
     d = self.defaults
@@ -190,19 +190,18 @@ class LLaDAVJax(_Base):
     block = min(block, gen) if block else gen
     gen = math.ceil(gen / block) * block
     steps = int(gk.get("steps") or gk.get("gen_steps") or d["steps"] or gen)
-    validate_schedule(gen, block, steps)
     stops = []
     for key in ("until", "stopping_criteria")[0 if self.honor_until else 1:]:
       v = gk.get(key)
       stops += [v] if isinstance(v, str) else list(v or [])
     stops = [s for s in stops if s]
     temperature = float(gk.get("temperature") or 0.0)  # lmms-eval tasks use 0 / do_sample False
-    kw = dict(gen_length=gen, block_length=block, steps=steps, temperature=temperature,
-              remasking=gk.get("remasking", "low_confidence"),
-              cfg_scale=float(gk.get("cfg_scale", 0.0)),  # the original's "cfg" key never reached the sampler
-              threshold=gk.get("threshold", d["threshold"]), cache=gk.get("cache", d["cache"]),
-              stop_strings=stops, stop_rule="original", seed=self.seed)  # token-id stops, searched as the original
-    return kw, gk.get("think_mode", self.think_mode)
+    params = SamplingParams(gen_length=gen, block_length=block, steps=steps, temperature=temperature,
+                            remasking=gk.get("remasking", "low_confidence"),
+                            cfg_scale=float(gk.get("cfg_scale", 0.0)),  # the original's "cfg" never reached it
+                            threshold=gk.get("threshold", d["threshold"]), cache=gk.get("cache", d["cache"]),
+                            stop=tuple(stops), stop_rule="original", seed=self.seed)  # searched as the original
+    return params.validate(), gk.get("think_mode", self.think_mode)
 
   def _visuals(self, doc_to_visual, doc_id, task, split):
     """The request's visuals, to be built when its batch runs (doc_to_visual decodes images, a video
@@ -223,25 +222,23 @@ class LLaDAVJax(_Base):
     return [v.convert("RGB") if hasattr(v, "convert") and v.mode != "RGB" else v for v in vis]  # RGB: no copy
 
   def _prepare(self, context: str, gen_kwargs, visuals):
-    """One prompt: (context, visuals (a list, or a callable that builds it), sampler kwargs, think mode)."""
-    kw, think = self.generation_settings(gen_kwargs)
-    return context, visuals, kw, think
+    """One prompt: (context, visuals (a list, or a callable that builds it), SamplingParams, think mode)."""
+    params, think = self.sampling_params(gen_kwargs)
+    return context, visuals, params, think
 
   def _generate(self, prepared: list) -> list[str]:
     """Prepared prompts -> cleaned answers in the same order; same-settings prompts are batched, and
     each batch's visuals are built just before its call."""
-    groups = {}
-    for i, (_, _, kw, _) in enumerate(prepared):
-      key = repr(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kw.items()))
-      groups.setdefault(key, []).append(i)
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, (_, _, params, _) in enumerate(prepared):
+      groups.setdefault(params, []).append(i)
     res: list[str | None] = [None] * len(prepared)
-    for idxs in groups.values():
-      kw = prepared[idxs[0]][2]
+    for params, idxs in groups.items():
       for s in range(0, len(idxs), self.batch_size):
         chunk = idxs[s:s + self.batch_size]
         images = [_built(prepared[i][1]) for i in chunk]
         prompts = [tasks.with_think(prepared[i][0], prepared[i][3], bool(im)) for i, im in zip(chunk, images)]
-        outs = self.model.generate(prompts, images, **kw)
+        outs = self.model.generate(prompts, images, params)
         del images  # freed before the next batch is built, not after
         for i, out in zip(chunk, outs):
           text = out if isinstance(out, str) else out.text
@@ -292,8 +289,7 @@ class LLaDAVJax(_Base):
     n = len(getattr(enc, "ids", enc))
     if n == 0:
       return False
-    out = self.model.generate([context], [images], gen_length=n, block_length=n, steps=n, temperature=0.0,
-                              remasking="low_confidence", seed=self.seed)[0]  # eot stops (stop_list)
+    out = self.model.generate([context], [images], SamplingParams(gen_length=n, seed=self.seed))[0]  # eot stops
     text = out if isinstance(out, str) else out.text
     return text.strip() == cont.strip()
 

@@ -1,7 +1,7 @@
 """Running a task: batches through an injected generate function, scoring, sharding across JAX
 processes, results JSON, parameter sweeps.
 
-`generate_fn(prompts, images, **gen_kwargs)` has LLaDAV.generate's signature and returns one
+`generate_fn(prompts, images, params)` has LLaDAV.generate's signature (a `SamplingParams`) and returns one
 object per prompt with `.text` and `.nfe` (dicts with those keys, or plain strings, also work).
 Injecting it keeps this module free of the model, so tests drive it with a fake.
 
@@ -12,6 +12,7 @@ sharded over hosts needs all processes in every call. Each process writes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from lladav_jax.eval import answers as ans
 from lladav_jax.eval.readers import ImageDecodeError, load_images, read_samples
 from lladav_jax.eval.sample import EvalSample
 from lladav_jax.eval.tasks import Task, get_task
+from lladav_jax.inference import SamplingParams
 
 GenerateFn = Callable[..., Sequence[Any]]
 # Meta fields copied into each prediction record (aggregation reads them: MME pairs, MMBench rotations).
@@ -32,30 +34,20 @@ SWEEP_TYPES = {"steps": int, "gen_length": int, "block_length": int, "threshold"
 
 # ------------------------------------------------------------------------------ generation settings
 
-def validate_schedule(gen_length: int, block_length: int, steps: int) -> None:
-  """The original sampler asserts these; failing here names the flags instead of a traced error."""
-  if gen_length <= 0 or block_length <= 0 or steps <= 0:
-    raise ValueError(f"gen_length, block_length, steps must be positive (got {gen_length}, {block_length}, {steps})")
-  if gen_length % block_length:
-    raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
-  blocks = gen_length // block_length
-  if steps % blocks:
-    raise ValueError(f"steps {steps} is not a multiple of the number of blocks {blocks} "
-                     f"(gen_length {gen_length} / block_length {block_length})")
+def resolve_params(task: Task, overrides: dict | None = None) -> SamplingParams:
+  """The task's SamplingParams with every non-None override (a field of SamplingParams; cache "none" /
+  "off" / "" is no cache). "<|eot_id|>" is not added here: it always stops, added once by
+  inference.text.stop_list after the task's stop strings."""
+  over = {k: v for k, v in (overrides or {}).items() if v is not None}
+  if isinstance(over.get("cache"), str) and over["cache"].lower() in ("", "none", "off"):
+    over["cache"] = None
+  return dataclasses.replace(task.sampling_params(), **over).validate()
 
 
-def resolve_gen_kwargs(task: Task, overrides: dict | None = None) -> dict:
-  """Task defaults, then every non-None override. "<|eot_id|>" is not added here: it always stops, added
-  once by generation.stop_list after the task's stop strings."""
-  kw = task.gen_kwargs()
-  kw.update(threshold=None, cache=None, seed=0)
-  for k, v in (overrides or {}).items():
-    if v is not None:
-      kw[k] = v
-  if isinstance(kw.get("cache"), str) and kw["cache"].lower() in ("", "none", "off"):
-    kw["cache"] = None
-  validate_schedule(kw["gen_length"], kw["block_length"], kw["steps"])
-  return kw
+def params_record(params: SamplingParams) -> dict:
+  """The settings a results file records: every user-facing field (not the model's token ids)."""
+  skip = ("mask_id", "banned_ids", "eot_id")
+  return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in skip}
 
 
 def _out_fields(out) -> tuple[str, int | None, int | None]:
@@ -101,7 +93,7 @@ def _batch_images(batch: list, n_real: int, skipped: list) -> tuple[list, set]:
 
 
 def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: GenerateFn, *,
-             gen_kwargs: dict | None = None, batch_size: int = 1, process_index: int = 0,
+             overrides: dict | None = None, batch_size: int = 1, process_index: int = 0,
              process_count: int = 1, presharded: bool = False, num_batches: int | None = None,
              shard_dir: str | None = None, skipped: Sequence[dict] = (), merge_timeout_s: float = 3600.0,
              log: Callable[[str], None] | None = None) -> dict | None:
@@ -113,7 +105,7 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
     whose image fails to decode here: images are decoded a batch at a time, readers keep them encoded).
   """
   task = get_task(task) if isinstance(task, str) else task
-  kw = resolve_gen_kwargs(task, gen_kwargs)
+  params = resolve_params(task, overrides)
   mine = list(samples) if presharded or process_count == 1 else list(samples)[process_index::process_count]
   records, gen_seconds, skipped = [], 0.0, list(skipped)
   batches = _batches(mine, batch_size, pad_to_full=process_count > 1, num_batches=num_batches)
@@ -125,7 +117,7 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
     for j in bad:  # the call keeps its size (every process makes the same calls); the output is dropped
       prompts[j], images[j] = (prompts[good], images[good]) if good is not None else ("", [])
     t0 = time.perf_counter()
-    outs = list(generate_fn(prompts, images, **kw))
+    outs = list(generate_fn(prompts, images, params))
     del images  # this batch's pixels go before the next batch is decoded
     dt = time.perf_counter() - t0
     gen_seconds += dt
@@ -155,17 +147,17 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
   records.sort(key=lambda r: tuple(r["_order"]))
   for r in records:
     r.pop("_order", None)
-  return build_results(task, records, skipped, kw, batch_size, process_count, gen_seconds)
+  return build_results(task, records, skipped, params, batch_size, process_count, gen_seconds)
 
 
-def build_results(task: Task, records: list[dict], skipped: list[dict], kw: dict, batch_size: int,
+def build_results(task: Task, records: list[dict], skipped: list[dict], params: SamplingParams, batch_size: int,
                   process_count: int, gen_seconds: float) -> dict:
   n = len(records)
   nfes = [r["nfe"] for r in records if r.get("nfe") is not None]
   return {
       "task": task.name,
       "primary_metric": task.metric,
-      "config": {**kw, "batch_size": batch_size, "process_count": process_count, "think": task.think},
+      "config": {**params_record(params), "batch_size": batch_size, "process_count": process_count, "think": task.think},
       "metrics": task.aggregate(records),
       "num_samples": n,
       "num_skipped": len(skipped),
@@ -242,7 +234,7 @@ def run_sweep(task: Task, samples: Sequence[EvalSample], generate_fn: GenerateFn
   for v in values:
     over = {**(base_overrides or {}), param: v}
     sd = os.path.join(shard_dir, f"{param}={v}") if shard_dir else None
-    res = evaluate(task, samples, generate_fn, gen_kwargs=over, shard_dir=sd, **evaluate_kwargs)
+    res = evaluate(task, samples, generate_fn, overrides=over, shard_dir=sd, **evaluate_kwargs)
     if res is not None:
       res["sweep_value"] = v
       runs.append(res)
@@ -308,7 +300,7 @@ def evaluate_during_training(model_or_generate_fn, task_names: Sequence[str], da
   for name in task_names:
     task = get_task(name)
     rr = read_samples(paths[name], task, limit=limit)
-    res = evaluate(task, rr.samples, fn, gen_kwargs=gen_overrides, batch_size=batch_size, skipped=rr.skipped)
+    res = evaluate(task, rr.samples, fn, overrides=gen_overrides, batch_size=batch_size, skipped=rr.skipped)
     for k, v in res["metrics"].items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         logs[f"eval/{name}/{k}"] = float(v)

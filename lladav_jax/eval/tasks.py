@@ -1,8 +1,8 @@
 """Benchmark task definitions: the original's generation settings, lmms-eval's prompts, scoring.
 
-Generation settings are LLaDA-V's `eval/scripts/evaluate.sh` (REFERENCE.md section 7): always
+Generation settings are LLaDA-V's `eval/scripts/evaluate.sh` (docs/ORIGINAL.md, "Evaluation"): always
 temperature 0 and low_confidence remasking; "<|eot_id|>" always stops (added once, after a task's own
-stop strings, by generation.stop_list). Prompts follow
+stop strings, by inference.text.stop_list). Prompts follow
 lmms-eval's `doc_to_text` for each task with its default `lmms_eval_specific_kwargs`.
 
 Scores are in percent (as the published table), except MME (its own 0-2000 / 0-800 scale).
@@ -18,6 +18,7 @@ from typing import Sequence
 from lladav_jax.eval import answers as ans
 from lladav_jax.eval import metrics as M
 from lladav_jax.eval.sample import EvalSample
+from lladav_jax.inference import SamplingParams
 
 EOT = "<|eot_id|>"
 MCQ_DIRECT = "Answer with the option's letter from the given choices directly."
@@ -44,7 +45,7 @@ class Task:
   think: str | None       # "think" | "no_think" | None (no suffix)
   prompt_style: str       # see build_prompt
   post_prompt: str = ""
-  stop_strings: tuple[str, ...] = ()  # the task's own stops; generation.stop_list adds "<|eot_id|>" after them
+  stop_strings: tuple[str, ...] = ()  # the task's own stops; inference.text.stop_list adds "<|eot_id|>" after them
   mcq_parser: str = "generic"      # generic | mmmu
   answer_is_index: bool = False    # AI2D (HF) stores the answer as an option index
   needs_choices: bool = False      # a row without options is a data error
@@ -55,12 +56,11 @@ class Task:
   dtype: str | None = "float16"
 
   # ---------------------------------------------------------------- generation
-  def gen_kwargs(self) -> dict:
-    """The original's settings, as keyword arguments of LLaDAV.generate (its multi-stop rule
-    included: the stop strings are searched in order, see SamplerSettings.stop_rule)."""
-    return dict(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
-                temperature=0.0, remasking="low_confidence", cfg_scale=0.0,
-                stop_strings=list(self.stop_strings), stop_rule="original")
+  def sampling_params(self) -> SamplingParams:
+    """The original's settings (temperature 0, low-confidence remasking, its multi-stop rule: the stop
+    strings are searched in order, see SamplingParams.stop_rule)."""
+    return SamplingParams(gen_length=self.gen_length, block_length=self.block_length, steps=self.steps,
+                          stop=self.stop_strings, stop_rule="original")
 
   def model_prompt(self, sample: EvalSample) -> str:
     """prompt_text plus the think suffix (see `with_think`)."""

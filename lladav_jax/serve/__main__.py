@@ -16,7 +16,8 @@ from typing import Sequence
 import uvicorn
 
 from lladav_jax.api import LLaDAV
-from lladav_jax.serve.app import ServeConfig, create_app
+from lladav_jax.serve.app import create_app
+from lladav_jax.serve.config import ServeConfig
 
 API_KEY_ENV = "LLADAV_API_KEY"
 log = logging.getLogger("lladav_jax.serve")

@@ -15,7 +15,7 @@ from typing import Optional
 from PIL import Image
 
 from lladav_jax.data import records
-from lladav_jax.serve.schema import FieldError
+from lladav_jax.serve.protocol import FieldError
 
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.S)

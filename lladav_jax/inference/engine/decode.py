@@ -9,7 +9,7 @@ position, vocabulary chunk) only: the Gumbel noise of position j in chunk c is d
 fold_in(fold_in(fold_in(key, 0), j), c), the `random` confidence of position j from
 fold_in(fold_in(key, 1), j); so a position's draw does not depend on where it sits in the decision's
 [rows, positions] array (see `decide_block`). A different stream from one draw over the whole
-vocabulary (and from this module's earlier per-row draw of [positions, chunk]), the same distribution.
+vocabulary, the same distribution.
 
 `decide_block` runs the decision only on the positions of each row's block that can still be
 committed: they are gathered (ascending) into Q' slots, Q' the smallest rung of a short static ladder
@@ -49,13 +49,13 @@ def _per_position(keys_B, positions_BQ, tag: int):
 
 
 def decide(h_RQD, lm_head_DV, keys, temperature, cfg_scale, random_remask, *, banned_ids: tuple, chunk: int,
-           cfg: bool, dtype, positions=None):
+           guidance: bool, dtype, positions=None):
   """x0 and confidence [B, Q] of the hidden states `h_RQD` (R = B, or 2B stacked [cond; uncond]
-  with `cfg`); per-row `keys`, `temperature`, `cfg_scale`, `random_remask` [B]; `positions` [B, Q]:
+  with `guidance`); per-row `keys`, `temperature`, `cfg_scale`, `random_remask` [B]; `positions` [B, Q]:
   the absolute answer position of each slot, which (with the row's key) picks its noise (default:
   0 .. Q - 1)."""
   r, q, _ = h_RQD.shape
-  b = r // 2 if cfg else r
+  b = r // 2 if guidance else r
   v = lm_head_DV.shape[1]
   if v % chunk:
     raise ValueError(f"vocab_chunk={chunk} does not divide the vocabulary {v}")
@@ -70,7 +70,7 @@ def decide(h_RQD, lm_head_DV, keys, temperature, cfg_scale, random_remask, *, ba
     best, best_idx, best_logit, m, s = carry
     w = jax.lax.dynamic_slice_in_dim(lm_head_DV, c * chunk, chunk, axis=1).astype(dtype)
     logits = common.einsum_f32("RQD,DC->RQC", h_RQD, w)  # the model's head (float16: rounded as the original's)
-    if cfg:  # un + (scale + 1) (cond - un) where the row asks for CFG, else the conditional logits
+    if guidance:  # un + (scale + 1) (cond - un) where the row asks for CFG, else the conditional logits
       cond, un = logits[:b], logits[b:]
       scale = cfg_scale[:, None, None]
       logits = jnp.where(scale > 0, un + (scale + 1.0) * (cond - un), cond)
@@ -100,7 +100,7 @@ def decide(h_RQD, lm_head_DV, keys, temperature, cfg_scale, random_remask, *, ba
 
 
 def decide_block(h_RLD, eligible_BL, start_B, lm_head_DV, keys, temperature, cfg_scale, random_remask, *,
-                 sizes: tuple, banned_ids: tuple, chunk: int, cfg: bool, dtype):
+                 sizes: tuple, banned_ids: tuple, chunk: int, guidance: bool, dtype):
   """`decide` over a block of L positions [s, s + L) of each row, run only on its eligible ones:
   x0 [B, L], confidence [B, L] (-inf where not eligible) and the decision's length Q' (int32), the
   smallest of `sizes` (static, `ladder`; the largest must be L) that holds every row's eligible
@@ -115,7 +115,7 @@ def decide_block(h_RLD, eligible_BL, start_B, lm_head_DV, keys, temperature, cfg
   rung = jnp.sum(jnp.asarray(sizes[1:], jnp.int32) >= jnp.max(count), dtype=jnp.int32)  # the smallest that holds
   order = jnp.argsort(jnp.where(eligible_BL, 0, 1), axis=-1, stable=True).astype(jnp.int32)  # eligible first
   slot_of = jnp.argsort(order, axis=-1).astype(jnp.int32)  # each block position's slot
-  kw = dict(banned_ids=banned_ids, chunk=chunk, cfg=cfg, dtype=dtype)
+  kw = dict(banned_ids=banned_ids, chunk=chunk, guidance=guidance, dtype=dtype)
 
   def branch(q):
     def run():
@@ -124,7 +124,7 @@ def decide_block(h_RLD, eligible_BL, start_B, lm_head_DV, keys, temperature, cfg
                           positions=start_B[:, None] + jnp.arange(l, dtype=jnp.int32)[None], **kw)
         return x0, jnp.where(eligible_BL, conf, NEG_INF)
       idx = order[:, :q]
-      h = jnp.take_along_axis(h_RLD, (jnp.concatenate([idx, idx]) if cfg else idx)[..., None], axis=1)
+      h = jnp.take_along_axis(h_RLD, (jnp.concatenate([idx, idx]) if guidance else idx)[..., None], axis=1)
       x0, conf = decide(h, lm_head_DV, keys, temperature, cfg_scale, random_remask,
                         positions=start_B[:, None] + idx, **kw)
       conf = jnp.where(jnp.arange(q)[None] < count[:, None], conf, NEG_INF)

@@ -1,8 +1,8 @@
-"""The engine loop of the server: one thread owns the engines and the device; HTTP handlers (asyncio)
-hand it prepared jobs and read events back.
+"""The engine loop of a server: one thread owns the engines and the device; request handlers (asyncio)
+hand it prepared jobs and read typed events back (`Prefix`, `Denoise`, `Done`, `Failed`).
 
 Requests of the same compiled shape (engine config, prompt bucket, answer length) share an engine
-(`generation.EngineRunner`); every tick each engine with running rows advances `steps_per_tick` steps,
+(`runner.EngineRunner`); every tick each engine with running rows advances `steps_per_tick` steps,
 then the thread reads every row back: a finished row goes to its job and frees its row, a running one
 reports the prefix of its answer that is final (committed, and past any stop that could still start
 there). Between ticks waiting jobs take free rows (at most `max_rows` running in all) and abandoned
@@ -18,13 +18,44 @@ import logging
 import threading
 from typing import Any, Callable
 
+from typing import Union
+
 import numpy as np
 
-from lladav_jax import generation
-from lladav_jax.sampling.engine import EngineShapes, Request
-from lladav_jax.sampling.settings import EngineConfig
+from lladav_jax.inference.engine import EngineConfig, EngineShapes, Request
+from lladav_jax.inference.model import InferenceModel
+from lladav_jax.inference.runner import EngineRunner, RowResult
+from lladav_jax.inference.text import answer_ids
 
 log = logging.getLogger("lladav_jax.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+  """More of the answer is final: committed, and past any stop that could still start there."""
+  ids: list  # the final answer prefix (every id so far, not only the new ones)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoise:
+  """Every step of a job that asked for it: the whole answer region as it stands."""
+  response: np.ndarray  # int32 [G] (mask_id where not committed)
+  commit_step: np.ndarray  # int32 [G]
+  steps: int
+  stop: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+  result: RowResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+  message: str
+
+
+Event = Union[Prefix, Denoise, Done, Failed]
 
 
 @dataclasses.dataclass
@@ -37,8 +68,7 @@ class Job:
   stop_len: int  # the longest of its stop sequences (a prefix this close to the front may still become a stop)
   mask_id: int
   denoise: bool  # report every step's answer positions
-  emit: Callable[[tuple], None]  # thread-safe: ("prefix", ids) / ("denoise", gen, commit_step, steps, stop)
-  # / ("done", row dict) / ("error", message)
+  emit: Callable[[Event], None]  # thread-safe
   cancelled: bool = False
   final: int = 0  # answer positions already reported final
   nfe: int = 0  # forward evaluations so far
@@ -48,7 +78,7 @@ class Job:
     return self.cfg, self.shapes
 
 
-def asyncio_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: Any) -> Callable[[tuple], None]:
+def asyncio_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: Any) -> Callable[[Event], None]:
   """An `emit` that puts (tag, event) on an asyncio queue from the scheduler thread (nothing once the loop
   is closed: the request is gone)."""
   def emit(ev):
@@ -62,13 +92,13 @@ def asyncio_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: 
 class Scheduler:
   """Continuous batching over engines of `max_rows` rows; `max_queue` jobs wait at most."""
 
-  def __init__(self, model, *, max_rows: int, max_queue: int, steps_per_tick: int = 1,
+  def __init__(self, model: InferenceModel, *, max_rows: int, max_queue: int, steps_per_tick: int = 1,
                on_tokens: Callable[[int, int], None] = lambda tokens, nfe: None):
     self.model, self.max_rows, self.max_queue, self.steps_per_tick = model, max_rows, max_queue, steps_per_tick
     self.on_tokens = on_tokens  # metrics: (answer tokens, forward evaluations) of each job that ends
     self.waiting: collections.deque[Job] = collections.deque()
     self.running: dict[tuple, Job] = {}  # (engine key, row) -> job
-    self.runners: dict[tuple, generation.EngineRunner] = {}
+    self.runners: dict[tuple, EngineRunner] = {}
     self.cv = threading.Condition()
     self.admitting = 0  # jobs taken from the queue, not yet in a row
     self.stopping = False
@@ -122,7 +152,7 @@ class Scheduler:
         with self.cv:
           jobs, self.running, self.runners, self.admitting = list(self.running.values()), {}, {}, 0
         for job in jobs:
-          job.emit(("error", f"{type(e).__name__}: {e}"))
+          job.emit(Failed(f"{type(e).__name__}: {e}"))
 
   def _tick(self):
     with self.cv:
@@ -154,15 +184,15 @@ class Scheduler:
     try:
       runner = self.runners.get(job.key)
       if runner is None:
-        runner = self.runners[job.key] = generation.EngineRunner(self.model, job.cfg, job.shapes)
+        runner = self.runners[job.key] = EngineRunner(self.model, job.cfg, job.shapes)
       row = runner.insert(job.request)
     except Exception as e:  # a request the engine refuses ends alone; the server goes on
       log.exception("insert failed")
-      job.emit(("error", f"{type(e).__name__}: {e}"))
+      job.emit(Failed(f"{type(e).__name__}: {e}"))
       return
     self.running[job.key, row] = job
 
-  def _advance(self, key, runner: generation.EngineRunner):
+  def _advance(self, key, runner: EngineRunner):
     try:
       got = runner.advance(self.steps_per_tick)
     except Exception as e:
@@ -170,26 +200,26 @@ class Scheduler:
       for (k, row), job in list(self.running.items()):
         if k == key:
           del self.running[k, row]
-          job.emit(("error", f"{type(e).__name__}: {e}"))
+          job.emit(Failed(f"{type(e).__name__}: {e}"))
       del self.runners[key]
       return
     for (k, row), job in list(self.running.items()):
       if k != key:
         continue
-      job.nfe = int(got["nfe"][row])
-      gen, stop = got["gen"][row][:job.gen_length], int(got["stop"][row])
+      job.nfe = int(got.nfe[row])
+      response, stop = got.response[row][:job.gen_length], int(got.stop[row])
       if job.denoise:
-        job.emit(("denoise", gen, got["commit_step"][row][:job.gen_length], int(got["steps"][row]), stop))
-      if got["done"][row]:
+        job.emit(Denoise(response, got.commit_step[row][:job.gen_length], int(got.steps[row]), stop))
+      if got.done[row]:
         del self.running[k, row]
         runner.release(row)
-        out = {f: got[f][row] for f in generation.READ_FIELDS[2:]}
-        self.on_tokens(len(generation.answer_ids(out, job.gen_length)), job.nfe)
-        job.emit(("done", out))
+        result = got.row(row)
+        self.on_tokens(len(answer_ids(result.response, result.stop, job.gen_length)), job.nfe)
+        job.emit(Done(result))
         continue
-      masked = np.flatnonzero(gen == job.mask_id)
+      masked = np.flatnonzero(response == job.mask_id)
       committed = int(masked[0]) if masked.size else job.gen_length
       final = min(stop, committed - (job.stop_len - 1))
       if final > job.final:
         job.final = final
-        job.emit(("prefix", gen[:final].tolist()))
+        job.emit(Prefix(response[:final].tolist()))

@@ -1,0 +1,18 @@
+"""What a server fixes at launch (the command line's flags, `python -m lladav_jax.serve --help`)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  served_model_name: str
+  api_key: Optional[str] = None
+  image_root: Optional[str] = None
+  max_num_seqs: int = 8  # engine rows (running answers in all)
+  max_queue: int = 64  # answers waiting for a row; beyond: 429
+  max_image_bytes: int = 20 << 20
+  max_body_bytes: int = 64 << 20  # a request with its data: URLs (beyond: 413)
+  max_image_pixels: int = 89478485  # PIL's decompression-bomb limit, as the training data's default
+  retry_after_s: int = 1

@@ -1,0 +1,46 @@
+"""The Prometheus series of one server (its own registry), served at /metrics."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from lladav_jax.inference.scheduler import Scheduler
+
+
+class Metrics:
+
+  def __init__(self, sched: Scheduler, window_s: float = 10.0):
+    r = self.registry = CollectorRegistry()
+    self.requests = Counter("lladav_requests", "Chat completion requests by HTTP status", ["status"], registry=r)
+    Gauge("lladav_queue_depth", "Answers waiting for an engine row", registry=r).set_function(lambda: sched.queue_depth)
+    Gauge("lladav_busy_rows", "Engine rows holding an answer", registry=r).set_function(lambda: sched.busy_rows)
+    self.tokens = Counter("lladav_generated_tokens", "Answer tokens generated", registry=r)
+    self.nfe = Counter("lladav_forward_evaluations", "Forward evaluations (2 a step with CFG)", registry=r)
+    Gauge("lladav_tokens_per_second", f"Answer tokens a second over the last {window_s:g} s",
+          registry=r).set_function(lambda: self._rate(1))
+    Gauge("lladav_forward_evaluations_per_second", f"Forward evaluations a second over the last {window_s:g} s",
+          registry=r).set_function(lambda: self._rate(2))
+    buckets = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, float("inf"))
+    self.latency = Histogram("lladav_request_latency_seconds", "Arrival to the last answer", buckets=buckets,
+                             registry=r)
+    self.ttft = Histogram("lladav_time_to_first_token_seconds", "Arrival to the first final answer text",
+                          buckets=buckets, registry=r)
+    self.window_s = window_s
+    self.recent: collections.deque = collections.deque()  # (time, tokens, nfe) of recent job ends
+    self.lock = threading.Lock()
+
+  def job_ended(self, tokens: int, nfe: int):
+    self.tokens.inc(tokens)
+    self.nfe.inc(nfe)
+    with self.lock:
+      self.recent.append((time.monotonic(), tokens, nfe))
+
+  def _rate(self, k: int) -> float:
+    now = time.monotonic()
+    with self.lock:
+      while self.recent and self.recent[0][0] < now - self.window_s:
+        self.recent.popleft()
+      return sum(e[k] for e in self.recent) / self.window_s

@@ -1,0 +1,196 @@
+"""The wire format of the OpenAI-compatible API (pydantic): the request body of POST /v1/chat/completions,
+with the diffusion settings as extra fields, and the response and stream chunk bodies. Unknown request
+fields are refused (a misspelt setting is an error, not silently the default). `ChatRequest.to_sampling_params`
+is the one conversion from a request to the inference code's `SamplingParams`."""
+from __future__ import annotations
+
+import random
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lladav_jax.inference import ParamsError, SamplingParams
+
+MAX_STOPS = 4  # OpenAI's limit; the eot stop comes on top
+STOP_TOKENS = 16  # the longest stop sequence in tokens (the engine's fixed stop bucket)
+
+
+class _Strict(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+  url: str
+  detail: Optional[Literal["auto", "low", "high"]] = None  # accepted, ignored: the model's own tiling applies
+
+
+class TextPart(_Strict):
+  type: Literal["text"]
+  text: str
+
+
+class ImagePart(_Strict):
+  type: Literal["image_url"]
+  image_url: ImageURL
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Strict):
+  role: Literal["system", "user", "assistant"]
+  content: Union[str, list[Part]]
+  name: Optional[str] = None  # accepted, ignored
+
+
+class StreamOptions(_Strict):
+  include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+  """Unset optional fields take `SamplingParams`'s defaults."""
+  model: str
+  messages: list[Message] = Field(min_length=1)
+  max_tokens: Optional[int] = Field(None, gt=0)  # SamplingParams.gen_length
+  temperature: Optional[float] = Field(None, ge=0)
+  seed: Optional[int] = None  # None: a random seed per request (an explicit one reproduces generate's)
+  stop: Union[str, list[str], None] = None
+  n: int = Field(1, ge=1, le=16)
+  stream: bool = False
+  stream_options: Optional[StreamOptions] = None
+  user: Optional[str] = None  # accepted, ignored
+  # diffusion settings (extra body fields)
+  steps: Optional[int] = Field(None, gt=0)
+  block_length: Optional[int] = Field(None, gt=0)
+  cfg_scale: Optional[float] = Field(None, ge=0)
+  threshold: Optional[float] = Field(None, ge=0, le=1)
+  factor: Optional[float] = Field(None, gt=0)
+  remasking: Optional[Literal["low_confidence", "random"]] = None
+  cache: Optional[Literal["prefix", "dual"]] = None
+  refresh_interval: Optional[int] = Field(None, ge=1)
+  denoise: bool = False  # streaming: every step's answer positions too (the web page's live view)
+
+  @model_validator(mode="after")
+  def _consistent(self):
+    if self.denoise and not self.stream:
+      raise _field_error("denoise", "denoise needs stream: true")
+    if len(self.stops) > MAX_STOPS:
+      raise _field_error("stop", f"at most {MAX_STOPS} stop strings")
+    if self.messages[-1].role != "user":
+      raise _field_error("messages", "the last message must be the user's")
+    return self
+
+  @property
+  def stops(self) -> list[str]:
+    return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+  def to_sampling_params(self) -> SamplingParams:
+    """This request's SamplingParams (the model's token ids not yet set: `for_model`); a setting that
+    does not fit raises FieldError naming the request's field."""
+    given = {"gen_length": self.max_tokens, "steps": self.steps, "block_length": self.block_length,
+             "temperature": self.temperature, "cfg_scale": self.cfg_scale, "threshold": self.threshold,
+             "factor": self.factor, "remasking": self.remasking, "cache": self.cache,
+             "refresh_interval": self.refresh_interval}
+    params = SamplingParams(**{k: v for k, v in given.items() if v is not None}, stop=tuple(self.stops),
+                            seed=self.seed if self.seed is not None else random.getrandbits(31))
+    try:
+      return params.validate()
+    except ParamsError as e:
+      field = {"gen_length": "max_tokens"}.get(e.field, e.field)
+      raise FieldError(field, "; ".join(m for _, m in e.problems)) from None
+
+
+# ----------------------------------------------------------------------------- responses
+
+class _Out(BaseModel):
+  model_config = ConfigDict(extra="allow")  # the diffusion counters (nfe, steps, denoise) ride along
+
+
+class Usage(_Out):
+  prompt_tokens: int
+  completion_tokens: int
+  total_tokens: int
+
+
+class AssistantMessage(_Out):
+  role: Literal["assistant"] = "assistant"
+  content: str
+
+
+class Choice(_Out):
+  index: int
+  message: AssistantMessage
+  finish_reason: Optional[Literal["stop", "length"]]
+  nfe: int  # forward evaluations of this choice
+  steps: int  # denoising steps
+
+
+class ChatCompletion(_Out):
+  id: str
+  object: Literal["chat.completion"] = "chat.completion"
+  created: int
+  model: str
+  choices: list[Choice]
+  usage: Usage
+  nfe: int
+
+
+class Delta(_Out):
+  role: Optional[Literal["assistant"]] = None
+  content: Optional[str] = None
+
+
+class ChunkChoice(_Out):
+  index: int
+  delta: Delta
+  finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(_Out):
+  id: str
+  object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+  created: int
+  model: str
+  choices: list[ChunkChoice]
+
+
+def wire(body: BaseModel) -> dict[str, Any]:
+  """A response model as JSON: the fields it was built with (an OpenAI body has no nulls it did not set)."""
+  return body.model_dump(exclude_unset=True)
+
+
+class FieldError(ValueError):
+  """A request field that is well-typed but wrong; `param` names it as OpenAI's error bodies do."""
+
+  def __init__(self, param: Optional[str], message: str, status: int = 400):
+    super().__init__(message)
+    self.param, self.message, self.status = param, message, status
+
+
+def _field_error(param: str, message: str) -> ValueError:
+  # raised inside a validator: pydantic wraps a ValueError into its error list; the prefix keeps the field
+  return ValueError(f"{param}: {message}")
+
+
+def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+  """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+  kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+          503: "service_unavailable"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+  return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def validation_error(e) -> tuple[str, Optional[str]]:
+  """The message and dotted field of a pydantic ValidationError's first error (a model-level check names
+  its field as 'field: message')."""
+  err = e.errors()[0]
+  msg = str(err.get("msg", "")).removeprefix("Value error, ")
+  loc = [str(x) for x in err.get("loc", ()) if not (isinstance(x, str) and x in ("str", "list[...]"))]
+  loc = [x for x in loc if not x.startswith(("function-", "tagged-union"))]
+  if loc:
+    param = ".".join(loc)
+  else:
+    head = msg.split(":", 1)
+    param = head[0] if len(head) == 2 and head[0].isidentifier() else None
+  msg = msg if msg.startswith(f"{param}:") else f"{param or 'body'}: {msg}"
+  more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
+  return msg + more, param

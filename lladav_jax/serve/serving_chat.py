@@ -1,0 +1,300 @@
+"""Chat completions: messages -> the prompt, the request -> engine jobs, the jobs' events -> the response or
+its stream of chunks, failures -> OpenAI's error bodies.
+
+Every request is checked and prepared (template, images decoded through the training loader, expanded and
+bucketed by `inference.prompts.prepare_inputs`) before it is queued, so a bad one is a 400 naming its field
+and never reaches the engine thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Optional
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from lladav_jax.data import template
+from lladav_jax.inference.engine import EngineShapes
+from lladav_jax.inference.model import InferenceModel
+from lladav_jax.inference.prompts import prepare_inputs, requests
+from lladav_jax.inference.scheduler import Denoise, Done, Event, Failed, Job, Prefix, Scheduler, asyncio_emitter
+from lladav_jax.inference.text import answer_ids, answer_text, stop_list, token_pieces
+from lladav_jax.serve import images
+from lladav_jax.serve.config import ServeConfig
+from lladav_jax.serve.metrics import Metrics
+from lladav_jax.serve.protocol import (MAX_STOPS, STOP_TOKENS, AssistantMessage, ChatCompletion, ChatCompletionChunk,
+                                       ChatRequest, Choice, ChunkChoice, Delta, FieldError, Usage, error_body, wire)
+
+log = logging.getLogger("lladav_jax.serve")
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
+
+
+class ServingChat:
+  """The model, its scheduler and metrics, and the chat completions on them."""
+
+  def __init__(self, model: InferenceModel, cfg: ServeConfig):
+    if model.tokenizer is None:
+      raise ValueError("the model has no tokenizer (tokenizer.json next to the checkpoint); the server needs one")
+    self.model, self.cfg, self.tok = model, cfg, model.tokenizer
+    self.sched = Scheduler(model, max_rows=cfg.max_num_seqs, max_queue=cfg.max_queue,
+                           on_tokens=lambda t, n: self.metrics.job_ended(t, n))
+    self.metrics = Metrics(self.sched)
+    self.ready = False  # loaded and warmed up
+    self.draining = False  # SIGTERM: no new requests, in-flight ones finish
+    self.open_streams = 0
+
+  # ------------------------------------------------------------ preparation (a worker thread)
+  def prompt_ids(self, req: ChatRequest) -> tuple[list[int], list]:
+    """The chat template of the messages (the default system prompt unless one is given, as
+    LLaDAV.generate) with `<image>` placeholders, and the decoded images in order."""
+    msgs, imgs = [], []
+    for i, m in enumerate(req.messages):
+      if isinstance(m.content, str):
+        text, ims = m.content, []
+      else:
+        texts, ims = [], []
+        for j, part in enumerate(m.content):
+          if part.type == "text":
+            texts.append(part.text)
+            continue
+          where = f"messages.{i}.content.{j}.image_url.url"
+          if m.role != "user":
+            raise FieldError(where, f"images go in user messages, not {m.role} ones")
+          ims.append(images.load(part.image_url.url, where, image_root=self.cfg.image_root,
+                                 max_bytes=self.cfg.max_image_bytes, max_pixels=self.cfg.max_image_pixels))
+        text = "\n".join(texts)
+      text = template.question_with_images(text, len(ims))  # as generate: the tags first unless written
+      if text.count(template.IMAGE_TAG) != len(ims):
+        raise FieldError(f"messages.{i}.content", f"{text.count(template.IMAGE_TAG)} {template.IMAGE_TAG} tags "
+                         f"but {len(ims)} images")
+      msgs.append((m.role, text))
+      imgs += ims
+    if not any(r == "system" for r, _ in msgs):
+      msgs.insert(0, ("system", template.DEFAULT_SYSTEM))
+    return template.render_inference(self.tok, msgs), imgs
+
+  def prepare(self, req: ChatRequest, emit_for) -> tuple[list[Job], int]:
+    """The request's jobs (one a choice; choice i gets seed + i, as generate's prompt i) and its prompt
+    length in tokens (image features included)."""
+    if req.model != self.cfg.served_model_name:
+      raise FieldError("model", f"the model {req.model!r} does not exist; this server serves "
+                       f"{self.cfg.served_model_name!r}", status=404)
+    if req.n > self.cfg.max_queue:
+      raise FieldError("n", f"n={req.n} is more than the queue holds ({self.cfg.max_queue})")
+    params = req.to_sampling_params()
+    ids, imgs = self.prompt_ids(req)
+    params = params.for_model(self.model)
+    try:
+      stop_ids = self.tok.encode_stop_strings(list(params.stop))
+    except ValueError as e:
+      raise FieldError("stop", str(e)) from None
+    if any(len(s) > STOP_TOKENS for s in stop_ids):
+      raise FieldError("stop", f"a stop string is longer than {STOP_TOKENS} tokens")
+    stops = stop_list(params.eot_id, stop_ids)
+    try:
+      inputs = prepare_inputs(self.model, [ids] * req.n, [imgs] * req.n, stop_ids=stops,
+                              seeds=[params.seed + i for i in range(req.n)], rows=req.n,
+                              stop_shape=(MAX_STOPS + 1, STOP_TOKENS))
+    except ValueError as e:
+      raise FieldError("messages", str(e)) from None
+    plen = int(np.sum(inputs.prompt.valid[0]))
+    g = params.gen_length
+    limit = self.model.cfg.llm.max_position_embeddings
+    if plen + g > limit:
+      raise FieldError("max_tokens", f"the prompt ({plen} tokens, images included) and max_tokens="
+                       f"{g} exceed the model's {limit} positions")
+    shapes = EngineShapes(rows=self.cfg.max_num_seqs, prompt_len=inputs.prompt.length, answer_len=g,
+                          stops=MAX_STOPS + 1, stop_len=STOP_TOKENS)
+    stop_len = max(len(s) for s in stops)
+    jobs = [Job(request=r, cfg=params.engine_config(), shapes=shapes, gen_length=g, stop_len=stop_len,
+                mask_id=params.mask_id, denoise=req.denoise, emit=emit_for(i))
+            for i, r in enumerate(requests(inputs, params.row_params(g, params.block_length), 0))]
+    return jobs, plen
+
+  def text(self, ids) -> str:
+    return answer_text(self.tok, ids, self.model.cfg.mask_token_id)
+
+  def warm_up(self):
+    """Compiles the default request's engine (one step) before /health says ready."""
+    req = ChatRequest(model=self.cfg.served_model_name, messages=[{"role": "user", "content": "Hello"}], steps=1)
+    done = threading.Event()
+    jobs, _ = self.prepare(req, lambda i: lambda ev: done.set() if isinstance(ev, (Done, Failed)) else None)
+    if not self.sched.submit(jobs):
+      raise RuntimeError("no queue room for the warm-up request")
+    done.wait()
+    self.ready = True
+    log.info("warmed up: ready")
+
+  # ------------------------------------------------------------ a request (the event loop)
+  async def create(self, req: ChatRequest, request: Request, t0: float) -> Response:
+    """The response to a validated request: JSON, a stream, or an error body."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    try:
+      jobs, plen = await asyncio.to_thread(self.prepare, req, lambda i: asyncio_emitter(loop, events, i))
+    except FieldError as e:
+      return self.fail(e.status, e.message, e.param, "model_not_found" if e.status == 404 else None)
+    except Exception as e:  # a preparation bug fails this request only
+      log.exception("preparing a request failed")
+      return self.fail(500, f"the request could not be prepared: {type(e).__name__}: {e}")
+    if not self.sched.submit(jobs):
+      return self.fail(429, f"the queue is full ({self.cfg.max_queue} answers waiting); retry later",
+                       headers={"Retry-After": str(self.cfg.retry_after_s)})
+    run = _Run(self, req, jobs, plen, events, t0)
+    if req.stream:
+      return StreamingResponse(run.sse(), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await run.complete(request)
+
+  def fail(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+           headers=None) -> JSONResponse:
+    self.metrics.requests.labels(str(status)).inc()
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+class _Run:
+  """One accepted request: its jobs' events -> text deltas, the response, the metrics."""
+
+  def __init__(self, srv: ServingChat, req: ChatRequest, jobs: list[Job], plen: int, events: asyncio.Queue,
+               t0: float):
+    self.srv, self.req, self.jobs, self.plen, self.events, self.t0 = srv, req, jobs, plen, events, t0
+    self.id = f"chatcmpl-{uuid.uuid4().hex}"
+    self.created = int(time.time())
+    self.sent = [""] * len(jobs)  # text already given out, per choice
+    self.results: dict[int, Done] = {}
+    self.first: Optional[float] = None
+    self.ended = False
+
+  def _delta(self, i: int, ids, final: bool) -> str:
+    """New text of choice i: its final prefix (or whole answer) past what was sent. A prefix's trailing
+    replacement characters (a character split across tokens) and whitespace (the decoder may fold it into
+    what follows) wait for the next token."""
+    text = self.srv.text(ids)
+    if not final:
+      text = text.rstrip("\ufffd").rstrip()
+    if not text.startswith(self.sent[i]):
+      log.warning("choice %d: the answer's text does not extend the streamed prefix", i)
+      return ""
+    new = text[len(self.sent[i]):]
+    self.sent[i] = text
+    if new and self.first is None:
+      self.first = time.monotonic()
+      self.srv.metrics.ttft.observe(self.first - self.t0)
+    return new
+
+  def _take(self, item) -> tuple[int, Event]:
+    """(choice, event) from the queue: an engine failure raises; a done choice is recorded."""
+    i, ev = item
+    if isinstance(ev, Failed):
+      raise RuntimeError(ev.message)
+    if isinstance(ev, Done):
+      self.results[i] = ev
+    return i, ev
+
+  async def _events(self):
+    """(choice, event) until every choice is done."""
+    while len(self.results) < len(self.jobs):
+      yield self._take(await self.events.get())
+
+  def _finish(self, status: int = 200):
+    self.ended = True
+    m = self.srv.metrics
+    m.requests.labels(str(status)).inc()
+    if status == 200:
+      m.latency.observe(time.monotonic() - self.t0)
+
+  def _cancel(self):
+    for j in self.jobs:
+      self.srv.sched.cancel(j)
+
+  def _choice_end(self, i: int) -> tuple[list[int], str]:
+    out = self.results[i].result
+    g = self.jobs[i].gen_length
+    return answer_ids(out.response, out.stop, g), ("stop" if out.stop < g else "length")
+
+  def _usage(self) -> Usage:
+    done = sum(len(self._choice_end(i)[0]) for i in self.results)
+    return Usage(prompt_tokens=self.plen, completion_tokens=done, total_tokens=self.plen + done)
+
+  def _nfe(self) -> int:
+    return sum(d.result.nfe for d in self.results.values())
+
+  async def complete(self, request: Request):
+    """The non-streamed response; a client that leaves cancels its answers."""
+    try:
+      while len(self.results) < len(self.jobs):
+        try:  # Queue.get is safe to cancel: no event is lost on a timeout
+          i, ev = self._take(await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S))
+        except asyncio.TimeoutError:
+          if await request.is_disconnected():
+            self._cancel()
+            self._finish(499)
+            return Response(status_code=499)
+          continue
+        if isinstance(ev, Prefix):
+          self._delta(i, ev.ids, False)
+    except RuntimeError as e:
+      self._finish(500)
+      return JSONResponse(error_body(500, f"the engine failed: {e}"), status_code=500)
+    choices = []
+    for i in range(len(self.jobs)):
+      ids, reason = self._choice_end(i)
+      text = self.srv.text(ids)
+      if self.first is None and text:
+        self._delta(i, ids, True)
+      r = self.results[i].result
+      choices.append(Choice(index=i, message=AssistantMessage(role="assistant", content=text), finish_reason=reason,
+                            nfe=r.nfe, steps=r.steps))
+    self._finish()
+    return wire(ChatCompletion(id=self.id, object="chat.completion", created=self.created, model=self.req.model,
+                               choices=choices, usage=self._usage(), nfe=self._nfe()))
+
+  def _chunk(self, choices: list[ChunkChoice], **extra) -> str:
+    body = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
+                               model=self.req.model, choices=choices, **extra)
+    return f"data: {json.dumps(wire(body))}\n\n"
+
+  def _denoise(self, ev: Denoise) -> dict:
+    """The page's live view of one step: each answer position's text (None while masked)."""
+    ids = ev.response.tolist()
+    pieces = [None if t == self.srv.model.cfg.mask_token_id else p for t, p in zip(ids, token_pieces(self.srv.tok, ids))]
+    return {"step": ev.steps, "tokens": pieces, "commit_step": ev.commit_step.tolist(), "stop": ev.stop}
+
+  async def sse(self):
+    """Server-Sent Events: a role chunk per choice, then a delta whenever more of an answer is final, a
+    chunk with finish_reason (and nfe) per choice, the usage chunk if asked for, then [DONE]."""
+    self.srv.open_streams += 1
+    try:
+      for i in range(len(self.jobs)):
+        yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""), finish_reason=None)])
+      try:
+        async for i, ev in self._events():
+          if isinstance(ev, Denoise):
+            yield self._chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=None)], denoise=self._denoise(ev))
+          elif isinstance(ev, Prefix):
+            new = self._delta(i, ev.ids, False)
+            if new:
+              yield self._chunk([ChunkChoice(index=i, delta=Delta(content=new), finish_reason=None)])
+          elif isinstance(ev, Done):
+            ids, reason = self._choice_end(i)
+            new = self._delta(i, ids, True)
+            yield self._chunk([ChunkChoice(index=i, delta=Delta(content=new) if new else Delta(),
+                                           finish_reason=reason)], nfe=ev.result.nfe, steps=ev.result.steps)
+      except RuntimeError as e:
+        self._finish(500)
+        yield f"data: {json.dumps(error_body(500, f'the engine failed: {e}'))}\n\n"
+        return
+      if self.req.stream_options and self.req.stream_options.include_usage:
+        yield self._chunk([], usage=wire(self._usage()), nfe=self._nfe())
+      self._finish()
+      yield "data: [DONE]\n\n"
+    finally:
+      self.srv.open_streams -= 1
+      if not self.ended:  # the client left mid-stream: its rows are freed
+        self._cancel()
+        self._finish(499)
