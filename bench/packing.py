@@ -75,17 +75,16 @@ def lognormal(batches: int, rows: int, seed: int = 0, seq_len: int = 8192):
     labels = np.where(np.arange(m) >= m // 2, toks, IGNORE_INDEX).astype(np.int32)
     e = multimodal.Expanded(tokens=toks, labels=labels, pixels=np.zeros((0, 384, 384, 3), np.uint8),
                             merge_idx=np.ones((m, TAPS), np.int32), merge_w=np.zeros((m, TAPS), np.float32))
-    return {"sample": e, "pre_len": np.int32(m), "id": str(i)}
+    return pipeline.Sample(e, pre_len=m, id=str(i))
 
   samples = [sample(i, int(m)) for i, m in enumerate(lengths)]
   out = []
   for packing in (False, True):
-    spec = pipeline.BatchSpec(batch_size=rows, buckets=(1024, 2048, 4096, seq_len), seq_len=seq_len, tile_budget=0,
-                              image_cfg=icfg, pad_id=0, eos_id=eos, pad_with_eos=True, label_eos_padding=True,
-                              pad_group_size=1, packing=packing)
+    data = pipeline.DataConfig(buckets=(1024, 2048, 4096, seq_len), seq_len=seq_len, tile_budget=0, pad_group_size=1,
+                               packing=packing, max_skip_fraction=1.0, skip_check_min_samples=0, drop_remainder=True)
+    spec = pipeline.Batching(data, batch_size=rows, image_cfg=icfg, pad_id=0, eos_id=eos)
     parent = grain.MapDataset.source(samples).to_iter_dataset().__iter__()
-    it = pipeline.BatchIterator(parent, spec, max_skip_fraction=1.0, min_samples=0, drop_remainder=True,
-                                num_batches=None, log_first=0)
+    it = pipeline.BatchIterator(parent, spec, log_first=0)
     bs = [next(it) for _ in range(batches)]
     convs = sum(int(b.inputs.segments.max(axis=1).sum()) for b in bs)
     out.append((f"lognormal 100..{seq_len}", rows, packing, useful(bs, eos), convs / batches))

@@ -39,7 +39,7 @@ def cfg_for(folder, **kw):
 
 
 def run(tok, folder, record, **kw):
-  proc = pipeline.SampleProcessor(tok, demo_image_config(), pipeline.SampleSettings.from_config(cfg_for(folder, **kw)))
+  proc = pipeline.SampleProcessor(tok, demo_image_config(), cfg_for(folder, **kw))
   raw = record if isinstance(record, bytes) else json.dumps(record).encode()
   return proc(("data.jsonl:7", raw))
 
@@ -53,79 +53,79 @@ def rec(image="good.png", q="<image>\nWhat color is the circle?", a="red", **ext
 
 def test_good_sample_is_kept(tok, folder):
   out = run(tok, folder, rec())
-  assert "skip" not in out and out["id"] == "x1 (data.jsonl:7)"
+  assert isinstance(out, pipeline.Sample) and out.id == "x1 (data.jsonl:7)"
 
 
 def test_missing_image(tok, folder):
   out = run(tok, folder, rec("nope.png"))
-  assert out["skip"] == "missing_image" and "nope.png" in out["detail"] and out["id"].startswith("x1")
+  assert out.reason == "missing_image" and "nope.png" in out.detail and out.id.startswith("x1")
 
 
 def test_corrupt_image(tok, folder):
-  assert run(tok, folder, rec("corrupt.png"))["skip"] == "corrupt_image"
+  assert run(tok, folder, rec("corrupt.png")).reason == "corrupt_image"
 
 
 def test_truncated_image(tok, folder):
   out = run(tok, folder, rec("truncated.png"))
-  assert out["skip"] == "corrupt_image" and "truncated" in out["detail"]
+  assert out.reason == "corrupt_image" and "truncated" in out.detail
   # the original's ImageFile.LOAD_TRUNCATED_IMAGES = True behaviour, behind a switch
-  assert "skip" not in run(tok, folder, rec("truncated.png"), allow_truncated_images=True)
+  assert isinstance(run(tok, folder, rec("truncated.png"), allow_truncated_images=True), pipeline.Sample)
 
 
 def test_zero_size_image(tok, folder):
-  assert run(tok, folder, rec("empty.png"))["skip"] == "zero_size_image"
+  assert run(tok, folder, rec("empty.png")).reason == "zero_size_image"
   arr = rec("a.png")
   arr["_arrays"] = {"a.png": np.zeros((0, 5, 3), np.uint8)}
-  proc = pipeline.SampleProcessor(tok, demo_image_config(), pipeline.SampleSettings.from_config(cfg_for(folder)))
-  assert proc(("k", arr))["skip"] == "zero_size_image"  # a decoded (TFDS) array with no pixels
+  proc = pipeline.SampleProcessor(tok, demo_image_config(), cfg_for(folder))
+  assert proc(("k", arr)).reason == "zero_size_image"  # a decoded (TFDS) array with no pixels
 
 
 def test_decompression_bomb(tok, folder, monkeypatch):
   out = run(tok, folder, rec("big.png"), max_image_pixels=1000)  # our limit: checked on the header
-  assert out["skip"] == "decompression_bomb" and "4096" in out["detail"]
+  assert out.reason == "decompression_bomb" and "4096" in out.detail
   # PIL's own limit: its DecompressionBombWarning (> limit) is turned into an error, and its
   # DecompressionBombError (> 2x limit) is caught; both are counted as decompression_bomb.
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-  assert run(tok, folder, rec("mid.png"))["skip"] == "decompression_bomb"  # 1600 px: the warning
-  assert run(tok, folder, rec("big.png"))["skip"] == "decompression_bomb"  # 4096 px: the error
+  assert run(tok, folder, rec("mid.png")).reason == "decompression_bomb"  # 1600 px: the warning
+  assert run(tok, folder, rec("big.png")).reason == "decompression_bomb"  # 4096 px: the error
 
 
 def test_malformed_json_line(tok, folder):
   out = run(tok, folder, b'{"id": "x1", "conversations": [')
-  assert out["skip"] == "malformed_json" and out["id"] == "data.jsonl:7"
-  assert run(tok, folder, b"[1, 2]")["skip"] == "malformed_json"
+  assert out.reason == "malformed_json" and out.id == "data.jsonl:7"
+  assert run(tok, folder, b"[1, 2]").reason == "malformed_json"
 
 
 def test_no_answer_turn(tok, folder):
   r = rec()
   r["conversations"] = r["conversations"][:1]
-  assert run(tok, folder, r)["skip"] == "no_answer"
-  assert run(tok, folder, {"id": "x", "conversations": []})["skip"] == "bad_record"
+  assert run(tok, folder, r).reason == "no_answer"
+  assert run(tok, folder, {"id": "x", "conversations": []}).reason == "bad_record"
 
 
 def test_image_tag_count_mismatch(tok, folder):
-  assert run(tok, folder, rec(q="<image> <image>\nWhat?"))["skip"] == "image_tag_mismatch"
-  assert run(tok, folder, rec(q="What?"))["skip"] == "image_tag_mismatch"
-  assert run(tok, folder, rec(image=None))["skip"] == "image_tag_mismatch"  # text only with a tag
-  assert run(tok, folder, rec(["good.png", "good.png"]))["skip"] == "image_tag_mismatch"
+  assert run(tok, folder, rec(q="<image> <image>\nWhat?")).reason == "image_tag_mismatch"
+  assert run(tok, folder, rec(q="What?")).reason == "image_tag_mismatch"
+  assert run(tok, folder, rec(image=None)).reason == "image_tag_mismatch"  # text only with a tag
+  assert run(tok, folder, rec(["good.png", "good.png"])).reason == "image_tag_mismatch"
 
 
 def test_too_long_after_expansion(tok, folder):
-  full = run(tok, folder, rec())["sample"].tokens
+  full = run(tok, folder, rec()).expanded.tokens
   last_img = int(np.nonzero(full == -200)[0][-1])
   # the image fits, the whole sample does not: the original truncates the text after expansion
   out = run(tok, folder, rec(), seq_len=len(full) - 3)
-  assert "skip" not in out and len(out["sample"].tokens) == len(full) - 3
-  np.testing.assert_array_equal(out["sample"].tokens, full[:len(full) - 3])
-  assert run(tok, folder, rec(), seq_len=len(full) - 3, truncate=False)["skip"] == "too_long"
+  assert isinstance(out, pipeline.Sample) and len(out.expanded.tokens) == len(full) - 3
+  np.testing.assert_array_equal(out.expanded.tokens, full[:len(full) - 3])
+  assert run(tok, folder, rec(), seq_len=len(full) - 3, truncate=False).reason == "too_long"
   # the image itself would be cut: skipped, never a partial image
   out = run(tok, folder, rec(), seq_len=last_img)
-  assert out["skip"] == "too_long" and "after image expansion" in out["detail"]
-  assert "skip" not in run(tok, folder, rec(), seq_len=last_img + 1)
+  assert out.reason == "too_long" and "after image expansion" in out.detail
+  assert isinstance(run(tok, folder, rec(), seq_len=last_img + 1), pipeline.Sample)
   # a text-only sample over seq_len: truncated as the original (labels remain), or skipped
   long = {"id": "t", "conversations": [{"from": "human", "value": "yes " * 200}, {"from": "gpt", "value": "no"}]}
-  assert len(run(tok, folder, long, seq_len=64)["sample"].tokens) == 64
-  assert run(tok, folder, long, seq_len=64, truncate=False)["skip"] == "too_long"
+  assert len(run(tok, folder, long, seq_len=64).expanded.tokens) == 64
+  assert run(tok, folder, long, seq_len=64, truncate=False).reason == "too_long"
 
 
 def test_truncation_leaving_no_labels(tok, folder):
@@ -133,12 +133,12 @@ def test_truncation_leaving_no_labels(tok, folder):
                                                              {"from": "gpt", "value": ""}]}
   cfg = cfg_for(folder, seq_len=16, format="plain")
   img_cfg = demo_image_config().__class__(image_size=56, patch_size=14, aspect="square")  # stage 1: 16 tokens
-  proc = pipeline.SampleProcessor(tok, img_cfg, pipeline.SampleSettings.from_config(cfg))
+  proc = pipeline.SampleProcessor(tok, img_cfg, cfg)
   out = proc(("k", json.dumps(plain).encode()))  # <image>(16) + "\n" -> 17 -> cut to 16: nothing labelled
-  assert out["skip"] == "no_labels"
+  assert out.reason == "no_labels"
   cfg = cfg.replace(seq_len=17)
-  proc = pipeline.SampleProcessor(tok, img_cfg, pipeline.SampleSettings.from_config(cfg))
-  assert "skip" not in proc(("k", json.dumps(plain).encode()))
+  proc = pipeline.SampleProcessor(tok, img_cfg, cfg)
+  assert isinstance(proc(("k", json.dumps(plain).encode())), pipeline.Sample)
 
 
 def _write(folder, recs):

@@ -25,7 +25,7 @@ def tok(tmp_path_factory):
 def processor(tok, folder, image_cfg=None, **kw):
   """The training pipeline's per-record map (demo 56 px tiles unless `image_cfg`); `kw` sets data fields."""
   cfg = pipeline.DataConfig(path="x.json", image_folder=str(folder), seq_len=512, tile_budget=16).replace(**kw)
-  return pipeline.SampleProcessor(tok, image_cfg or demo_image_config(), pipeline.SampleSettings.from_config(cfg))
+  return pipeline.SampleProcessor(tok, image_cfg or demo_image_config(), cfg)
 
 
 def rec(image=None, video=None, q="<image>\nWhat color is the circle?"):
@@ -50,14 +50,14 @@ def test_anyres_tiles_match_transformers(tok, tmp_path):
     img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     img.save(tmp_path / f"{w}x{h}.png")
     out = proc(rec(f"{w}x{h}.png"))
-    assert "skip" not in out, out
+    assert isinstance(out, pipeline.Sample), out
     ref = hf(img, return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
-    n = out["sample"].pixels.shape[0]
+    n = out.expanded.pixels.shape[0]
     assert n == ref.shape[0] or np.all(ref[n:] == 0), (w, h)
-    pixels = np.asarray(normalize_pixels(out["sample"].pixels, VisionConfig()))  # as the model normalises them
+    pixels = np.asarray(normalize_pixels(out.expanded.pixels, VisionConfig()))  # as the model normalises them
     np.testing.assert_allclose(pixels, ref[:n], atol=1e-6, err_msg=f"{w}x{h}")
     # token count of the spliced image: base + unpadded grid with row newlines (LLaVA-NeXT's formula)
-    assert (out["sample"].tokens == IMG).sum() == reference_token_count(w, h, demo_image_config()), (w, h)
+    assert (out.expanded.tokens == IMG).sum() == reference_token_count(w, h, demo_image_config()), (w, h)
 
 
 def reference_token_count(w, h, cfg):
@@ -100,14 +100,14 @@ def test_modes_are_converted_not_skipped(tok, tmp_path):
   expect = multimodal.process_image(rgb, demo_image_config()).tiles
   for name in ("palette.png", "rgba.png", "cmyk.tiff"):
     out = proc(rec(name))
-    assert "skip" not in out, (name, out)
-    np.testing.assert_allclose(out["sample"].pixels, expect, atol=1e-6, err_msg=name)
+    assert isinstance(out, pipeline.Sample), (name, out)
+    np.testing.assert_allclose(out.expanded.pixels, expect, atol=1e-6, err_msg=name)
   out = proc(rec("palette_t.png"))
-  assert "skip" not in out
+  assert isinstance(out, pipeline.Sample)
   assert Image.open(tmp_path / "white16.png").mode.startswith("I")
   for name, v in (("white16.png", 255), ("gray16.png", 128)):  # 16-bit scaled to 8 bits, not clipped
     ref = multimodal.process_image(Image.new("RGB", (60, 40), (v, v, v)), demo_image_config()).tiles
-    np.testing.assert_allclose(proc(rec(name))["sample"].pixels, ref, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(proc(rec(name)).expanded.pixels, ref, atol=1e-6, err_msg=name)
 
 
 def test_multi_image_pad_text_only_and_budget(tok, tmp_path):
@@ -115,19 +115,19 @@ def test_multi_image_pad_text_only_and_budget(tok, tmp_path):
   Image.new("RGB", (30, 60), (0, 0, 255)).save(tmp_path / "b.png")
   proc = processor(tok, tmp_path)
   out = proc(rec(["a.png", "b.png"], q="<image> <image>\nWhich image has more shapes?"))
-  assert out["sample"].pixels.shape == (2, S, S, 3)  # "pad" path: one tile each
-  assert (out["sample"].tokens == IMG).sum() == 2 * (16 + 1)  # 16 + 1 newline each
+  assert out.expanded.pixels.shape == (2, S, S, 3)  # "pad" path: one tile each
+  assert (out.expanded.tokens == IMG).sum() == 2 * (16 + 1)  # 16 + 1 newline each
   pad = multimodal.expand2square(Image.open(tmp_path / "a.png"), (127, 127, 127))
-  np.testing.assert_array_equal(out["sample"].pixels[0], multimodal.tile(pad, demo_image_config()))
+  np.testing.assert_array_equal(out.expanded.pixels[0], multimodal.tile(pad, demo_image_config()))
   # text only: no tiles at all, merge plan all "zero" rows
   t = proc(("k", json.dumps({"conversations": [{"from": "human", "value": "Hi"},
                                               {"from": "gpt", "value": "yes"}]}).encode()))
   # (the sample's own table: no tiles, then the newline row 0 and the zero row 1; collate re-packs it)
-  assert t["sample"].pixels.shape[0] == 0 and (t["sample"].merge_w == 0).all() and (t["sample"].merge_idx == 1).all()
+  assert t.expanded.pixels.shape[0] == 0 and (t.expanded.merge_w == 0).all() and (t.expanded.merge_idx == 1).all()
   # budget: a 300x57 image needs more than 4 tiles
   Image.new("RGB", (300, 57)).save(tmp_path / "wide.png")
   small = processor(tok, tmp_path, tile_budget=4)
-  assert small(rec("wide.png"))["skip"] == "too_many_tiles"
+  assert small(rec("wide.png")).reason == "too_many_tiles"
 
 
 def test_video_gif_and_frame_list(tok, tmp_path):
@@ -137,19 +137,19 @@ def test_video_gif_and_frame_list(tok, tmp_path):
     f.save(tmp_path / f"f{i}.png")
   proc = processor(tok, tmp_path, frames_upbound=4, tile_budget=8)
   g = proc(rec(video="v.gif"))
-  assert "skip" not in g, g
-  assert g["sample"].pixels.shape[0] == 4  # 10 frames at 1 fps -> 10 > 4 -> linspace(0, 9, 4) = 0, 3, 6, 9
-  reds = g["sample"].pixels[:, 0, 0, 0].astype(int)
+  assert isinstance(g, pipeline.Sample), g
+  assert g.expanded.pixels.shape[0] == 4  # 10 frames at 1 fps -> 10 > 4 -> linspace(0, 9, 4) = 0, 3, 6, 9
+  reds = g.expanded.pixels[:, 0, 0, 0].astype(int)
   np.testing.assert_array_equal(reds, [0, 60, 120, 180])
-  assert (g["sample"].tokens == IMG).sum() == 4 * 2 * 3  # 4x4 grid pooled to 2x2, + a newline per row
+  assert (g.expanded.tokens == IMG).sum() == 4 * 2 * 3  # 4x4 grid pooled to 2x2, + a newline per row
   # a list of frame files is sampled as a frame folder: with force_sample, frames_upbound of them
   lst = processor(tok, tmp_path, frames_upbound=4, force_sample=True, tile_budget=8)(
       rec(video=[f"f{i}.png" for i in range(10)]))
-  np.testing.assert_allclose(lst["sample"].pixels, g["sample"].pixels, atol=1e-6)
+  np.testing.assert_allclose(lst.expanded.pixels, g.expanded.pixels, atol=1e-6)
   mp4 = tmp_path / "v.mp4"
   mp4.write_bytes(b"\x00\x00\x00\x18ftypmp42")
   out = proc(rec(video="v.mp4"))
-  assert out["skip"] == "corrupt_video" and "v.mp4" in out["detail"]
+  assert out.reason == "corrupt_video" and "v.mp4" in out.detail
 
 
 def _frame_folder(path, n, corrupt=()):

@@ -54,7 +54,7 @@ def opened(monkeypatch):
 def process(tok, folder, video_folder="", **kw):
   cfg = pipeline.DataConfig(path="x.json", image_folder=str(folder), video_folder=str(video_folder), seq_len=512,
                             tile_budget=16, **kw)
-  proc = pipeline.SampleProcessor(tok, demo_image_config(), pipeline.SampleSettings.from_config(cfg))
+  proc = pipeline.SampleProcessor(tok, demo_image_config(), cfg)
 
   def run(**media):
     r = {"id": "r", "conversations": [{"from": "human", "value": "<image>\nWhat color?"},
@@ -68,19 +68,19 @@ def test_paths_outside_the_folders_are_skipped_unopened(tok, tree, opened):
   run = process(tok, tree / "images", tree / "videos")
   for ref in ("../secret/x.png", str(tree / "secret" / "x.png"), "link.png", "../../../../../../etc/passwd"):
     out = run(image=ref)
-    assert out.get("skip") == "outside_image_folder" and ref in out["detail"], (ref, out)
-  assert "data.allow_absolute_paths=True" in run(image=str(tree / "secret" / "x.png"))["detail"]
+    assert out.reason == "outside_image_folder" and ref in out.detail, (ref, out)
+  assert "data.allow_absolute_paths=True" in run(image=str(tree / "secret" / "x.png")).detail
   for video in ("../secret/frames", "linked_frames", "mixed", ["frames/0.png", "../secret/frames/1.png"],
                 str(tree / "secret" / "frames")):
     out = run(video=video)
-    assert out.get("skip") == "outside_video_folder", (video, out)
+    assert out.reason == "outside_video_folder", (video, out)
   # a record with one good and one escaping image opens neither
   out = run(image=["in.png", "../secret/x.png"], conversations=[
       {"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "no"}])
-  assert out.get("skip") == "outside_image_folder", out
+  assert out.reason == "outside_image_folder", out
   assert not [p for p in opened if p.startswith(secret) or p == "/etc/passwd"], opened
   # the spy sees what the opener reads: inside the folders everything is opened and used
-  assert "skip" not in run(image="in.png") and "skip" not in run(video="frames")
+  assert isinstance(run(image="in.png"), pipeline.Sample) and isinstance(run(video="frames"), pipeline.Sample)
   assert str(tree / "images" / "in.png") in opened and str(tree / "videos" / "frames" / "2.png") in opened
 
 
@@ -88,21 +88,21 @@ def test_an_empty_image_folder_is_the_working_directory(tok, tree, opened, monke
   # image_folder "" (the default): relative paths as given, but none leaves the working directory
   monkeypatch.chdir(tree / "images")
   run = process(tok, "")
-  assert "skip" not in run(image="in.png")
+  assert isinstance(run(image="in.png"), pipeline.Sample)
   for ref in ("../secret/x.png", "../../../../../../etc/passwd", "link.png"):
-    assert run(image=ref).get("skip") == "outside_image_folder", ref
+    assert run(image=ref).reason == "outside_image_folder", ref
   assert not [p for p in opened if p.startswith(str(tree / "secret")) or p == "/etc/passwd"], opened
 
 
 def test_allow_absolute_paths_opens_absolute_paths_only(tok, tree, opened):
   run = process(tok, tree / "images", tree / "videos", allow_absolute_paths=True)
-  assert "skip" not in run(image=str(tree / "secret" / "x.png"))
-  assert "skip" not in run(video=str(tree / "secret" / "frames"))
+  assert isinstance(run(image=str(tree / "secret" / "x.png")), pipeline.Sample)
+  assert isinstance(run(video=str(tree / "secret" / "frames")), pipeline.Sample)
   assert str(tree / "secret" / "x.png") in opened
   # relative paths are still held inside their folder
-  assert run(image="../secret/x.png").get("skip") == "outside_image_folder"
-  assert run(image="link.png").get("skip") == "outside_image_folder"
-  assert run(video="linked_frames").get("skip") == "outside_video_folder"
+  assert run(image="../secret/x.png").reason == "outside_image_folder"
+  assert run(image="link.png").reason == "outside_image_folder"
+  assert run(video="linked_frames").reason == "outside_video_folder"
 
 
 def test_allow_absolute_paths_is_a_validated_bool():

@@ -13,7 +13,7 @@ from PIL import Image
 
 from configs import finetune
 from lladav_jax import batch as batch_lib, config, multimodal
-from lladav_jax.data import pipeline
+from lladav_jax.data import pipeline, template
 from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.model.lladav import LLaDAVModel
@@ -101,13 +101,14 @@ def test_compiles_once_per_tile_bucket():
     traces.append(pixels.shape)
     return nnx.merge(graphdef, state).image_table(pixels).sum()
 
-  spec = pipeline.BatchSpec(batch_size=1, buckets=(8,), seq_len=8, tile_budget=37, image_cfg=ICFG, pad_id=0, eos_id=0,
-                            pad_with_eos=False, label_eos_padding=False, tile_buckets=(1, 2, 5, 10, 17, 26, 32, 37))
+  data = pipeline.DataConfig(buckets=(8,), seq_len=8, tile_budget=37, tile_buckets=(1, 2, 5, 10, 17, 26, 32, 37),
+                             labels=template.LabelConfig(pad_with_eos=False, label_eos_padding=False))
+  spec = pipeline.Batching(data, batch_size=1, image_cfg=ICFG, pad_id=0, eos_id=0)
   for n in (1, 2, 3, 4, 2, 37, 30, 33, 1):
     e = multimodal.Expanded(tokens=np.arange(1, 9, dtype=np.int32), labels=np.full(8, -100, np.int32),
                             merge_idx=np.zeros((8, 4), np.int32), merge_w=np.zeros((8, 4), np.float32),
                             pixels=np.zeros((n, 384, 384, 3), np.uint8))
-    b = pipeline.collate([{"sample": e, "pre_len": np.int32(8)}], spec)
+    b = pipeline.collate([pipeline.Sample(e, pre_len=8, id=str(n))], spec)
     assert b.inputs.tiles == batch_lib.bucket_tiles(n)
     table(state, jnp.asarray(b.inputs.pixels))
   assert sorted(t[1] for t in traces) == [1, 2, 5, 32, 37]  # 9 batches, 5 buckets: one compile each

@@ -128,12 +128,12 @@ def rec(video):
 def test_a_training_sample_from_an_mp4(tok, tmp_path):
   encode(tmp_path / "clip.mp4", 120, 30)  # 4 frames at 1 fps: 0, 30, 60, 90
   out = processor(tok, tmp_path)(rec("clip.mp4"))
-  assert "skip" not in out, out
-  assert out["sample"].pixels.shape == (4, 384, 384, 3)
-  assert (out["sample"].tokens == IMG).sum() == 4 * 14 * 15  # 27 -> 14 per side, a newline after every row
+  assert isinstance(out, pipeline.Sample), out
+  assert out.expanded.pixels.shape == (4, 384, 384, 3)
+  assert (out.expanded.tokens == IMG).sum() == 4 * 14 * 15  # 27 -> 14 per side, a newline after every row
   want = [multimodal.tile(Image.new("RGB", (64, 48), colour(i)), multimodal.ImageConfig()) for i in (0, 30, 60, 90)]
   # H.264 keeps flat colours within a few levels
-  assert np.abs(out["sample"].pixels.astype(int) - np.stack(want).astype(int)).max() <= 12
+  assert np.abs(out.expanded.pixels.astype(int) - np.stack(want).astype(int)).max() <= 12
 
 
 def test_bad_videos_are_named_skips(tok, tmp_path):
@@ -159,10 +159,10 @@ def test_bad_videos_are_named_skips(tok, tmp_path):
             str(outside): "outside_video_folder"}
   for ref, reason in expect.items():
     out = proc(rec(ref))
-    assert out.get("skip") == reason and os.path.basename(ref) in out["detail"], (ref, out)
+    assert out.reason == reason and os.path.basename(ref) in out.detail, (ref, out)
   huge = processor(tok, tmp_path, max_image_pixels=64 * 48 - 1)(rec("good.mp4"))
-  assert huge.get("skip") == "decompression_bomb" and "64x48" in huge["detail"], huge
-  assert "skip" not in proc(rec("good.mp4"))
+  assert huge.reason == "decompression_bomb" and "64x48" in huge.detail, huge
+  assert isinstance(proc(rec("good.mp4")), pipeline.Sample)
 
 
 def test_a_grain_training_batch_with_a_video_record(tok, tmp_path):

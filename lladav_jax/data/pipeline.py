@@ -12,7 +12,7 @@ input_ids *and* labels with EOS before image expansion; those positions are vali
 pad id (segment 0: padding). With `packing` (training only) a row holds several conversations (greedy
 first-fit, `BatchIterator._next_packed`), one segment each, and no EOS padding.
 
-Skipped samples (bad files, too long, ...) travel as small sentinel records through the workers
+Skipped samples (bad files, too long, ...) travel as small `Skipped` records through the workers
 and are dropped and counted by reason in the main process (`iterator_stats(it)`); the counters
 are part of the checkpointed iterator state. Once more than `max_skip_fraction` of the samples
 seen (after `skip_check_min_samples`) were skipped, a DataError names the counts and sample ids.
@@ -151,38 +151,29 @@ def make_source(cfg: DataConfig, seed: int = 0):
 # ----------------------------------------------------------------------------- per sample
 
 @dataclasses.dataclass(frozen=True)
-class SampleSettings:
-  fmt: str
-  seq_len: int
-  tile_budget: int
-  truncate: bool
-  image_folder: str
-  video_folder: str
-  allow_absolute_paths: bool
-  frames_upbound: int
-  video_fps: float
-  force_sample: bool
-  max_image_pixels: int
-  allow_truncated_images: bool
-  labels: template.LabelConfig
+class Sample:
+  """A usable conversation, expanded (image tokens in place) and truncated to data.seq_len."""
+  expanded: multimodal.Expanded
+  pre_len: int  # tokens before image expansion: the original EOS-pads each batch to its longest such length
+  id: str  # the record's id and where it came from (logs, `BatchIterator.last_ids`)
 
-  @classmethod
-  def from_config(cls, cfg: DataConfig) -> "SampleSettings":
-    return cls(fmt=cfg.format, seq_len=cfg.seq_len, tile_budget=cfg.tile_budget, truncate=cfg.truncate,
-               image_folder=cfg.image_folder, video_folder=cfg.video_folder or cfg.image_folder,
-               allow_absolute_paths=cfg.allow_absolute_paths,
-               frames_upbound=cfg.frames_upbound, video_fps=cfg.video_fps, force_sample=cfg.force_sample,
-               max_image_pixels=cfg.max_image_pixels,
-               allow_truncated_images=cfg.allow_truncated_images, labels=cfg.labels)
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A record that cannot be used. It goes through the workers like a sample (an exception would stop the
+  pipeline) and is counted by `reason` (records.Skip's) in the main process."""
+  reason: str
+  id: str
+  detail: str
 
 
 class SampleProcessor:
-  """(key, raw record) -> one sample dict, or a skip sentinel {"skip": reason, "id", "detail"}."""
+  """(key, raw record) -> a Sample, or a Skipped naming why not."""
 
-  def __init__(self, tokenizer, image_cfg: multimodal.ImageConfig, settings: SampleSettings):
+  def __init__(self, tokenizer, image_cfg: multimodal.ImageConfig, cfg: DataConfig):
     self.tok = tokenizer
     self.image_cfg = image_cfg
-    self.s = settings
+    self.cfg = cfg
 
   def __call__(self, elem):
     key, raw = elem
@@ -193,161 +184,165 @@ class SampleProcessor:
         rid = f"{rec['id']} ({key})"
       return self.process(rec, rid)
     except Skip as e:
-      return {"skip": e.reason, "id": rid, "detail": e.detail[:300]}
+      return Skipped(e.reason, rid, e.detail[:300])
 
   # -- text
   def tokens_and_labels(self, rec: dict):
-    s = self.s
+    c = self.cfg
     msgs = records.conversation(rec)
     kind, refs = records.media_refs(rec)
-    if s.fmt == "plain":
+    if c.format == "plain":
       if kind == "text" or len(refs) != 1:
         raise Skip("image_tag_mismatch", f"a plain (stage-1) record needs exactly one image, has {len(refs)}")
-      msgs = template.normalize_image_tags(msgs, s.labels)
+      msgs = template.normalize_image_tags(msgs, c.labels)
       try:
-        ids, labels = template.render_plain(self.tok, msgs, s.labels)
+        ids, labels = template.render_plain(self.tok, msgs, c.labels)
       except ValueError as e:
         raise Skip("bad_record", str(e)) from None
       return ids, labels, kind, refs
     if kind != "text":
-      msgs = template.normalize_image_tags(msgs, s.labels)
-    msgs = template.training_messages(msgs, s.labels)
+      msgs = template.normalize_image_tags(msgs, c.labels)
+    msgs = template.training_messages(msgs, c.labels)
     if not template.has_answer(msgs):
       raise Skip("no_answer", "no assistant turn")
-    n_tags = sum(c.count(template.IMAGE_TAG) for _, c in msgs)
+    n_tags = sum(text.count(template.IMAGE_TAG) for _, text in msgs)
     if n_tags != len(refs):
       raise Skip("image_tag_mismatch", f"{n_tags} <image> tags but {len(refs)} {kind if refs else 'image'}s")
-    ids, labels = template.render_training(self.tok, msgs, s.labels)
+    ids, labels = template.render_training(self.tok, msgs, c.labels)
     return ids, labels, kind, refs
 
   # -- images
   def media_inputs(self, rec: dict, kind: str, refs: list) -> list[multimodal.ImageInput]:
-    s = self.s
+    c = self.cfg
     if kind == "text":
       return []
-    opener = records.Opener(rec, s.image_folder, s.video_folder, allow_absolute_paths=s.allow_absolute_paths)
+    opener = records.Opener(rec, c.image_folder, c.video_folder or c.image_folder,
+                            allow_absolute_paths=c.allow_absolute_paths)
     try:
       if kind == "video":
-        frames = records.load_video_frames(opener, refs[0], video_fps=s.video_fps, frames_upbound=s.frames_upbound,
-                                           force_sample=s.force_sample,
-                                           max_pixels=s.max_image_pixels, allow_truncated=s.allow_truncated_images)
+        frames = records.load_video_frames(opener, refs[0], video_fps=c.video_fps, frames_upbound=c.frames_upbound,
+                                           force_sample=c.force_sample,
+                                           max_pixels=c.max_image_pixels, allow_truncated=c.allow_truncated_images)
         return [multimodal.process_video(frames, self.image_cfg)]
       datas = [opener.data(r, "image") for r in refs]  # all present before decoding any
-      imgs = [records.open_image(d, r, max_pixels=s.max_image_pixels, allow_truncated=s.allow_truncated_images)
+      imgs = [records.open_image(d, r, max_pixels=c.max_image_pixels, allow_truncated=c.allow_truncated_images)
               for d, r in zip(datas, refs)]
       return multimodal.process_sample_images(imgs, self.image_cfg)
     except (OSError, ValueError) as e:  # decoding that failed past PIL's header check
       raise Skip(f"corrupt_{kind}", f"{refs}: {type(e).__name__}: {e}") from None
 
-  def process(self, rec: dict, rid: str) -> dict:
-    s = self.s
+  def process(self, rec: dict, rid: str) -> Sample:
+    c = self.cfg
     ids, labels, kind, refs = self.tokens_and_labels(rec)
     n_media = len(refs)
-    if len(ids) > s.seq_len:  # the collator's truncation, before image expansion
-      if not s.truncate:
-        raise Skip("too_long", f"{len(ids)} tokens before image expansion > seq_len {s.seq_len}")
-      ids, labels = ids[:s.seq_len], labels[:s.seq_len]
+    if len(ids) > c.seq_len:  # the collator's truncation, before image expansion
+      if not c.truncate:
+        raise Skip("too_long", f"{len(ids)} tokens before image expansion > seq_len {c.seq_len}")
+      ids, labels = ids[:c.seq_len], labels[:c.seq_len]
       if sum(1 for t in ids if t == IMAGE_TOKEN_INDEX) < n_media:
         raise Skip("too_long", "truncation to seq_len cuts an image placeholder")
     pre_len = len(ids)
     inputs = self.media_inputs(rec, kind, refs)
     n_tiles = sum(x.num_tiles for x in inputs)
-    if n_tiles > s.tile_budget:
-      raise Skip("too_many_tiles", f"{n_tiles} tiles > tile_budget {s.tile_budget}")
+    if n_tiles > c.tile_budget:
+      raise Skip("too_many_tiles", f"{n_tiles} tiles > tile_budget {c.tile_budget}")
     exp = multimodal.expand(ids, inputs, self.image_cfg, labels=labels)
-    if len(exp.tokens) > s.seq_len:  # the original's second truncation, after expansion
+    if len(exp.tokens) > c.seq_len:  # the original's second truncation, after expansion
       img = np.nonzero(exp.tokens == IMAGE_TOKEN_INDEX)[0]
-      if not s.truncate or (img.size and img[-1] >= s.seq_len):
-        raise Skip("too_long", f"{len(exp.tokens)} tokens after image expansion > seq_len {s.seq_len}")
-      exp = batch_lib.truncate(exp, s.seq_len)
+      if not c.truncate or (img.size and img[-1] >= c.seq_len):
+        raise Skip("too_long", f"{len(exp.tokens)} tokens after image expansion > seq_len {c.seq_len}")
+      exp = batch_lib.truncate(exp, c.seq_len)
     if not (exp.labels != IGNORE_INDEX).any():
       raise Skip("no_labels", "no labelled token left after truncation")
-    return {"sample": exp, "pre_len": np.int32(pre_len), "id": rid}
+    return Sample(exp, pre_len, rid)
 
 
 # ----------------------------------------------------------------------------- batching
 
 @dataclasses.dataclass(frozen=True)
-class BatchSpec:
+class Batching:
+  """What batching reads: the DataConfig and what is not in it (the rows of a process batch, the image
+  geometry, the tokenizer's ids, and whether these are training batches: only those are packed)."""
+  data: DataConfig
   batch_size: int
-  buckets: tuple
-  seq_len: int
-  tile_budget: int
   image_cfg: multimodal.ImageConfig
   pad_id: int
   eos_id: int
-  pad_with_eos: bool
-  label_eos_padding: bool
-  pad_group_size: int = 0
-  tile_buckets: tuple = ()  # the batch tile counts (tile_buckets(cfg)); the last is tile_budget
-  packing: bool = False
+  train: bool = True
+
+  @property
+  def packing(self) -> bool:
+    return bool(self.data.packing) and self.train
+
+  @property
+  def buckets(self) -> list[int]:
+    return _buckets(self.data)
 
 
-def collate(rows: list, spec: BatchSpec) -> batch_lib.TrainBatch:
+def collate(rows: list, spec: Batching) -> batch_lib.TrainBatch:
   """Samples -> one static-shape batch (missing rows: all padding, no labels, segment 0 throughout).
   Packing: `rows` holds a list of samples a row, laid out as they are (no EOS padding)."""
+  c = spec.data
   if spec.packing:
-    packs = [[r["sample"] for r in row] for row in rows]
+    packs = [[s.expanded for s in row] for row in rows]
     need = max([sum(len(e.tokens) for e in p) for p in packs], default=1)
     length = next(x for x in spec.buckets if x >= need)
-    tiles = _tile_bucket(spec, [sum(e.pixels.shape[0] for e in p) for p in packs])
+    tiles = _tile_bucket(c, [sum(e.pixels.shape[0] for e in p) for p in packs])
     return batch_lib.collate_train(packs, spec.image_cfg, rows=spec.batch_size, length=length, tiles=tiles,
                                    pad_id=spec.pad_id)
-  pre = [int(r["pre_len"]) for r in rows]
+  pre = [s.pre_len for s in rows]
   # The original pads input_ids and labels with EOS to the longest *pre-expansion* sample of its
   # (per-device) batch, then expands images and truncates to model_max_length.
-  g = spec.pad_group_size or spec.batch_size
+  g = c.pad_group_size or spec.batch_size
   group_max = [max(pre[j - j % g:j - j % g + g]) for j in range(len(pre))]
-  label = spec.eos_id if spec.label_eos_padding else IGNORE_INDEX
+  label = spec.eos_id if c.labels.label_eos_padding else IGNORE_INDEX
   samples = []
-  for r, m, p in zip(rows, group_max, pre):
-    e = r["sample"]
-    n = min(m - p, spec.seq_len - len(e.tokens)) if spec.pad_with_eos else 0
+  for s, m in zip(rows, group_max):
+    e = s.expanded
+    n = min(m - s.pre_len, c.seq_len - len(e.tokens)) if c.labels.pad_with_eos else 0
     samples.append(batch_lib.extend(e, n, spec.eos_id, label, spec.image_cfg.tokens_per_tile))
   need = max([len(e.tokens) for e in samples], default=1)
   length = next(x for x in spec.buckets if x >= need)
-  tiles = _tile_bucket(spec, [e.pixels.shape[0] for e in samples])
+  tiles = _tile_bucket(c, [e.pixels.shape[0] for e in samples])
   return batch_lib.collate_train(samples, spec.image_cfg, rows=spec.batch_size, length=length, tiles=tiles,
                                  pad_id=spec.pad_id)
 
 
-def _tile_bucket(spec: BatchSpec, row_tiles: list) -> int:
+def _tile_bucket(cfg: DataConfig, row_tiles: list) -> int:
   """The smallest tile bucket holding the batch's fullest row; a text-only batch takes the smallest too
   (one compiled shape fewer than a tile-less batch)."""
   need = max(row_tiles + [1])
-  return next(t for t in spec.tile_buckets or (spec.tile_budget,) if t >= need) if spec.tile_budget else 0
+  return next(t for t in tile_buckets(cfg) if t >= need) if cfg.tile_budget else 0
 
 
 class _BatchDataset(grain.IterDataset):
-  def __init__(self, parent, spec: BatchSpec, *, max_skip_fraction: float, min_samples: int,
-               drop_remainder: bool, num_batches: int | None, log_first: int = 3):
+  def __init__(self, parent, spec: Batching, *, num_batches: int | None):
     super().__init__(parent)
     self.spec = spec
-    self.kw = dict(max_skip_fraction=max_skip_fraction, min_samples=min_samples, drop_remainder=drop_remainder,
-                   num_batches=num_batches, log_first=log_first)
+    self.num_batches = num_batches
 
   def __iter__(self):
-    return BatchIterator(self._parent.__iter__(), self.spec, **self.kw)
+    return BatchIterator(self._parent.__iter__(), self.spec, num_batches=self.num_batches)
 
   def __str__(self):
     return f"LLaVABatch(batch_size={self.spec.batch_size}, buckets={list(self.spec.buckets)})"
 
 
 class BatchIterator(grain.DatasetIterator):
-  """Drops and counts skip sentinels, enforces max_skip_fraction, collates static batches.
+  """Drops and counts Skipped records, enforces data.max_skip_fraction, collates static batches.
 
   `num_batches` (eval): exactly this many batches, the last ones filled with padding rows
   (labels all -100, segments all 0) so every process yields the same number of batches.
+  `log_first`: how many skips of each reason are logged.
   """
   MAX_IDS = 8
 
-  def __init__(self, parent, spec: BatchSpec, *, max_skip_fraction, min_samples, drop_remainder, num_batches,
-               log_first):
+  def __init__(self, parent, spec: Batching, *, num_batches: int | None = None, log_first: int = 3):
     super().__init__(parent)
     self.spec = spec
-    self.max_skip_fraction = max_skip_fraction
-    self.min_samples = min_samples
-    self.drop_remainder = drop_remainder
+    self.max_skip_fraction = float(spec.data.max_skip_fraction)
+    self.min_samples = int(spec.data.skip_check_min_samples)
+    self.drop_remainder = bool(spec.data.drop_remainder)
     self.num_batches = num_batches
     self.log_first = log_first
     self._seen = 0
@@ -357,17 +352,17 @@ class BatchIterator(grain.DatasetIterator):
     self._exhausted = False
     # packing: the sample that fitted no row of the last batch opens the next one; the state is taken from
     # before it was read, so a restore reads it again
-    self._pending: dict | None = None
+    self._pending: Sample | None = None
     self._pending_state: dict | None = None
     self.last_ids: list[str] = []  # record ids of the rows of the last batch (debugging, tests)
 
-  def _count_skip(self, el):
-    reason = el["skip"]
+  def _count_skip(self, el: Skipped):
+    reason = el.reason
     self._skipped[reason] += 1
     if len(self._ids[reason]) < self.MAX_IDS:
-      self._ids[reason].append(str(el["id"]))
+      self._ids[reason].append(str(el.id))
     if self._skipped[reason] <= self.log_first:
-      log.warning("skipped sample %s (%s): %s", el["id"], reason, el.get("detail", ""))
+      log.warning("skipped sample %s (%s): %s", el.id, reason, el.detail)
     skipped = sum(self._skipped.values())
     if self._seen >= self.min_samples and skipped > self.max_skip_fraction * self._seen:
       raise DataError(
@@ -388,7 +383,7 @@ class BatchIterator(grain.DatasetIterator):
         self._exhausted = True
         break
       self._seen += 1
-      if "skip" in el:
+      if isinstance(el, Skipped):
         self._count_skip(el)
         continue
       return el, before
@@ -399,7 +394,7 @@ class BatchIterator(grain.DatasetIterator):
     sample that fits no row closes the batch (and opens the next)."""
     spec = self.spec
     rows = [[] for _ in range(spec.batch_size)]
-    free = np.full((spec.batch_size, 2), (spec.seq_len, spec.tile_budget))
+    free = np.full((spec.batch_size, 2), (spec.data.seq_len, spec.data.tile_budget))
     el, before = self._pending, self._pending_state
     self._pending = None
     while True:
@@ -407,7 +402,7 @@ class BatchIterator(grain.DatasetIterator):
         el, before = self._next_good()
         if el is None:
           break
-      need = (len(el["sample"].tokens), el["sample"].pixels.shape[0])
+      need = (len(el.expanded.tokens), el.expanded.pixels.shape[0])
       fits = np.nonzero((free >= need).all(axis=1))[0]
       if not fits.size:
         self._pending, self._pending_state = el, before
@@ -419,7 +414,7 @@ class BatchIterator(grain.DatasetIterator):
     if not used or (len(used) < spec.batch_size and self.drop_remainder and self._pending is None):
       raise StopIteration  # the tail of a finite source, as unpacked
     self._batches += 1
-    self.last_ids = [r["id"] for row in rows for r in row]
+    self.last_ids = [s.id for row in rows for s in row]
     return collate(rows, spec)
 
   def __next__(self):
@@ -438,7 +433,7 @@ class BatchIterator(grain.DatasetIterator):
       if not rows or self.drop_remainder:
         raise StopIteration
     self._batches += 1
-    self.last_ids = [r["id"] for r in rows]
+    self.last_ids = [s.id for s in rows]
     return collate(rows, self.spec)
 
   def get_state(self) -> dict[str, Any]:
@@ -480,7 +475,6 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
   validate_config(data_cfg)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  settings = SampleSettings.from_config(data_cfg)
   source = make_source(data_cfg, seed)
   if len(source) == 0:
     raise DataError(f"no records in {data_cfg.path}")
@@ -490,7 +484,7 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
   if train:
     ds = ds.repeat()  # a new permutation every epoch
   ds = ds[process_index::process_count]
-  ds = ds.map(SampleProcessor(tokenizer, image_cfg, settings))
+  ds = ds.map(SampleProcessor(tokenizer, image_cfg, data_cfg))
   read = grain.ReadOptions(num_threads=max(1, int(data_cfg.read_threads)),
                            prefetch_buffer_size=max(1, int(data_cfg.prefetch_buffer)))
   it = ds.to_iter_dataset(read)
@@ -505,16 +499,9 @@ def _build(data_cfg, tokenizer, image_cfg, *, batch_size_per_process, process_in
     per_proc = math.ceil(len(source) / process_count) if not data_cfg.drop_remainder else len(source) // process_count
     num_batches = (math.ceil(per_proc / batch_size_per_process) if not data_cfg.drop_remainder
                    else per_proc // batch_size_per_process)
-  spec = BatchSpec(batch_size=int(batch_size_per_process), buckets=tuple(_buckets(data_cfg)),
-                   seq_len=int(data_cfg.seq_len), tile_budget=int(data_cfg.tile_budget),
-                   image_cfg=image_cfg,
-                   pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, pad_with_eos=settings.labels.pad_with_eos,
-                   label_eos_padding=settings.labels.label_eos_padding,
-                   pad_group_size=data_cfg.pad_group_size, tile_buckets=tuple(tile_buckets(data_cfg)),
-                   packing=bool(data_cfg.packing) and train)
-  return iter(_BatchDataset(it, spec, max_skip_fraction=float(data_cfg.max_skip_fraction),
-                            min_samples=int(data_cfg.skip_check_min_samples),
-                            drop_remainder=bool(data_cfg.drop_remainder), num_batches=num_batches))
+  spec = Batching(data_cfg, batch_size=int(batch_size_per_process), image_cfg=image_cfg, pad_id=tokenizer.pad_id,
+                  eos_id=tokenizer.eos_id, train=train)
+  return iter(_BatchDataset(it, spec, num_batches=num_batches))
 
 
 def build_train_iterator(data_cfg: DataConfig, tokenizer, image_cfg: multimodal.ImageConfig, *,

@@ -238,174 +238,248 @@ def host_shapes_agreed(host, process_count: int) -> tuple[int, int]:
   return int(l_need), int(t_need)
 
 
-def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
-  pi, pc = jax.process_index(), jax.process_count()
-  is_main = pi == 0
-  mesh = shd.make_mesh(*r.mesh.shape, preset=r.mesh.preset)
-  gb, accum, total = r.train.global_batch_size, r.train.grad_accum_steps, r.train.num_steps
-  per_process = gb // pc
-  setup = state_lib.make_setup(r.model, mesh, r.optim, total)
-  data_iter = build_data_iterator(r, per_process=per_process)
+# Final-eval metrics that are printed once more as a headline, with the eval's and the whole run's wall time:
+# metric -> label.
+HEADLINES = {"eval/demo/exact_match": "demo test exact-match"}
 
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = None
-  c = r.checkpoint
-  if c.enabled:
-    ckpt = at.ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), every_steps=c.every_steps,
-                                                keep=c.keep, async_save=c.async_save)
-  latest = ckpt.latest_step() if ckpt else None
-  t0 = time.perf_counter()
-  if latest is not None:
-    saved, data_iter = ckpt.restore(latest, state_lib.checkpoint_abstract(setup), data_iter)
-    state = state_lib.from_checkpoint(setup, saved, seed=r.seed, init_checkpoint=r.init_checkpoint)
-    start = int(jax.device_get(state["step"]))
-    log.info("resumed from %s at step %d", ckpt.directory, start)
-  else:
-    state = state_lib.init_state(setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
-    start = 0
-  at.step = start
-  n_tr, n_fr = state_lib.num_params(state["params"]), state_lib.num_params(state["frozen"])
-  log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
-           (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - t0)
 
-  # ---- ahead-of-time compile for the largest bucket (length x tiles); the others compile on first use
-  lengths = batch_lengths(r)
+def largest_batch_shapes(r: RunConfig) -> batch_lib.TrainBatch:
+  """The global batch of the largest length bucket and tile budget: compiled before the first step."""
   tiles = r.data.synthetic_tiles if r.data.kind == "synthetic" else r.data.pipeline.tile_budget
-  shapes = batch_lib.shapes(gb, lengths[-1], tiles, r.model.vision.image_size)
-  compiled = {}
+  return batch_lib.shapes(r.train.global_batch_size, batch_lengths(r)[-1], tiles, r.model.vision.image_size)
 
-  def get_compiled(shp):
-    key = tuple((v.shape, v.dtype) for v in jax.tree.leaves(shp))
-    if key not in compiled:
-      tc = time.perf_counter()
-      compiled[key], mem = step_lib.compile_train_step(setup, r.loss, accum=accum, batch_shapes=shp)
-      log.info("compiled the train step for tokens %s in %.1fs", shp.inputs.tokens.shape, time.perf_counter() - tc)
-      if mem:
-        log.info("per-device memory (compiled.memory_analysis): arguments %.1f MiB, outputs %.1f MiB, aliased %.1f MiB, "
-                 "temporaries %.1f MiB, peak estimate %.1f MiB", *(mem[k] / 2 ** 20 for k in (
-                     "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                     "peak_estimate_bytes")))
-    return compiled[key]
 
-  get_compiled(shapes)
-
-  # ---- throughput accounting
-  n_dev = jax.device_count()
-  kind = jax.devices()[0].device_kind
-  peak = r.peak_flops_per_device or flops_lib.peak_flops(kind)
+def peak_flops_per_device(r: RunConfig) -> float:
+  """r.peak_flops_per_device, else the device kind's table entry; on CPU a measured matmul (0: unknown, no MFU)."""
+  peak = r.peak_flops_per_device or flops_lib.peak_flops(jax.devices()[0].device_kind)
   if not peak and jax.devices()[0].platform == "cpu":
     peak = flops_lib.measure_matmul_flops() / max(1, jax.local_device_count())
     log.info("CPU peak FLOP/s per device taken as a measured float32 matmul: %.1f GFLOP/s", peak / 1e9)
+  return peak
 
-  lg = r.log
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=lg.tensorboard, resume_step=latest)
-  progress = metrics_lib.Progress(total, start, enabled=is_main and lg.progress)
-  stop = StopSignal()
-  pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, static info)
-  last: dict = {}
-  good_step = latest if latest is not None else 0
-  t_last = time.perf_counter()
 
-  def flush():
-    nonlocal t_last, last
-    for stp, m, info in pending:
+def print_final_evals(evals: dict, *, eval_start: float, run_start: float) -> None:
+  for k, v in evals.items():
+    print(f"final eval {k}: {v:.4g}", flush=True)
+  for k, label in HEADLINES.items():
+    if k in evals:
+      print(f"{label}: {evals[k]:.1f}% (eval {time.perf_counter() - eval_start:.0f}s, "
+            f"total {time.perf_counter() - run_start:.0f}s)", flush=True)
+
+
+class CompiledSteps:
+  """The train step compiled once per global batch shape (length bucket x tile bucket), each compile logged."""
+
+  def __init__(self, setup, r: RunConfig):
+    self.setup, self.loss, self.accum = setup, r.loss, r.train.grad_accum_steps
+    self._fns = {}
+
+  def __call__(self, shapes: batch_lib.TrainBatch):
+    key = tuple((v.shape, v.dtype) for v in jax.tree.leaves(shapes))
+    if key not in self._fns:
+      tc = time.perf_counter()
+      self._fns[key], mem = step_lib.compile_train_step(self.setup, self.loss, accum=self.accum, batch_shapes=shapes)
+      log.info("compiled the train step for tokens %s in %.1fs", shapes.inputs.tokens.shape, time.perf_counter() - tc)
+      if mem:
+        log.info("per-device memory (compiled.memory_analysis): arguments %.1f MiB, outputs %.1f MiB, "
+                 "aliased %.1f MiB, temporaries %.1f MiB, peak estimate %.1f MiB", *(mem[k] / 2 ** 20 for k in (
+                     "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                     "peak_estimate_bytes")))
+    return self._fns[key]
+
+
+class StepMetrics:
+  """The metrics of dispatched steps, fetched once the next step is dispatched (`flush`): each gets its step time
+  and throughput, is written every log.every_steps and at the end, and a non-finite one raises NonFiniteError."""
+
+  def __init__(self, writer: metrics_lib.MetricWriter, progress: metrics_lib.Progress, *, total: int,
+               every_steps: int, peak: float):
+    self.writer, self.progress = writer, progress
+    self.total, self.every_steps = total, max(1, every_steps)
+    self.n_dev, self.peak = jax.device_count(), peak
+    self.pending: list[tuple[int, dict, dict]] = []  # (step, device metrics, static info)
+    self.last: dict = {}  # the last step's row
+    self.t_last = time.perf_counter()
+
+  def add(self, step: int, m: dict, info: dict):
+    self.pending.append((step, m, info))
+
+  def flush(self):
+    for stp, m, info in self.pending:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       now = time.perf_counter()
-      dt, t_last = now - t_last, now
+      dt, self.t_last = now - self.t_last, now
       if m["finite"] < 1:
-        pending.clear()
-        raise NonFiniteError(f"non-finite loss or gradient at step {stp} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-                             "the update was not applied")
-      fl = info["flops"]
+        self.pending.clear()
+        raise NonFiniteError(f"non-finite loss or gradient at step {stp} (loss={m['loss']}, "
+                             f"grad_norm={m['grad_norm']}); the update was not applied")
+      fl, n_dev = info["flops"], self.n_dev
       m.update(step_time=dt, tokens_per_s_per_device=info["tokens"] / dt / n_dev,
                valid_tokens_per_s_per_device=m["valid_tokens"] / dt / n_dev,
                tflops_per_device=fl / dt / n_dev / 1e12)
-      if peak:
-        m["mfu"] = fl / dt / n_dev / peak
+      if self.peak:
+        m["mfu"] = fl / dt / n_dev / self.peak
       m.pop("finite")
-      if stp % max(1, lg.every_steps) == 0 or stp == total:
-        writer.write(stp, m)
-      progress.update(1, loss=m["loss"], lr=m["lr"])
-      last = {"step": stp, **m}
-    pending.clear()
+      if stp % self.every_steps == 0 or stp == self.total:
+        self.writer.write(stp, m)
+      self.progress.update(1, loss=m["loss"], lr=m["lr"])
+      self.last = {"step": stp, **m}
+    self.pending.clear()
 
-  step = start
-  exit_reason = "done"
-  profiling = False
-  try:
-    while step < total:
-      if lg.profile_start_step == step + 1 and is_main:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        profiling = True
-      host = next_batch(data_iter, pc)
-      if pc > 1:  # every process's rows go into one global array: the largest length and tile bucket
-        l_need, t_need = host_shapes_agreed(host, pc)
-        host = batch_lib.pad_length(host, l_need, r.image.tokens_per_tile)
-        host = batch_lib.pad_tiles(host, t_need, r.image.tokens_per_tile)
-      batch = to_global(host, mesh, pc)
-      fn = get_compiled(global_shapes(host, pc))
-      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-        state, m = fn(state, batch)
-      step = at.step = step + 1
-      b, l = batch.inputs.tokens.shape
-      # attention counted per segment (packing, padding) from this process's host rows; with several
-      # processes these stand for the others' (an estimate: no extra collective a step)
-      pairs = pc * flops_lib.attention_pairs(host.inputs.segments)
-      info = {"tokens": b * l, "flops": flops_lib.step_flops(r.model, batch=b, seq_len=l, tiles=batch.inputs.tiles,
-                                                             trainable=setup.trainable, attention_pairs=pairs)["total"]}
-      flush()  # the previous step's metrics (this step is already dispatched)
-      pending.append((step, m, info))
-      if profiling and step >= lg.profile_start_step + lg.profile_num_steps - 1:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        profiling = False
-      want_eval = r.eval.every_steps > 0 and step % r.eval.every_steps == 0 and step < total
-      want_save = ckpt is not None and step % max(1, c.every_steps) == 0
-      preempted = stop.reached(step)
-      if want_save or want_eval or preempted:
-        flush()  # every step up to here is finite before anything is saved
-      if want_save or (preempted and ckpt is not None):
-        ckpt.save(step, state_lib.checkpoint_tree(setup, state), data_iter, force=preempted)
-        good_step = step
-      if want_eval:
-        evals = run_evals(setup, r, state, step=step, workdir=workdir)
-        writer.write(step, evals)
-        progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
-      if preempted:
-        exit_reason = "preempted"
-        log.warning("SIGTERM: saved step %d and stopping", step)
-        break
-    flush()
-    if ckpt is not None and exit_reason == "done" and good_step != step:
-      ckpt.save(step, state_lib.checkpoint_tree(setup, state), data_iter, force=True)
-      good_step = step
-    progress.close()
-    if ckpt is not None:
-      ckpt.wait()
-    if exit_reason == "done" and c.export_model:
-      out = weights.save_model(os.path.join(workdir, "model"), r.model, state_lib.full_params(state), r.tokenizer_dir,
-                               image_cfg=r.eval_image)
-      if is_main:
-        log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
 
-    if exit_reason == "done" and r.eval.at_end and r.eval.tasks:
-      te = time.perf_counter()
-      evals = run_evals(setup, r, state, step=step, workdir=workdir)
-      writer.write(step, evals)
-      if is_main:
-        for k, v in evals.items():
-          print(f"final eval {k}: {v:.4g}", flush=True)
-        if "eval/demo/exact_match" in evals:
-          print(f"demo test exact-match: {evals['eval/demo/exact_match']:.1f}% "
-                f"(eval {time.perf_counter() - te:.0f}s, total {time.perf_counter() - t0:.0f}s)", flush=True)
-      last.update(evals)
-    if ckpt is not None:
-      ckpt.close()
-      at.ckpt = None
-  finally:
-    stop.restore()
-    if profiling:
+class Training:
+  """One run, its stages as methods that `_train` calls in order. `step`: the steps done; `good_step`: the last
+  step checkpointed (or restored)."""
+
+  def __init__(self, r: RunConfig, workdir: str, at: _Where):
+    self.r, self.workdir, self.at = r, workdir, at
+    self.pc = jax.process_count()
+    self.is_main = jax.process_index() == 0
+    self.total = r.train.num_steps
+    self.mesh = shd.make_mesh(*r.mesh.shape, preset=r.mesh.preset)
+    self.setup = state_lib.make_setup(r.model, self.mesh, r.optim, self.total)
+    self.data_iter = build_data_iterator(r, per_process=r.train.global_batch_size // self.pc)
+    os.makedirs(workdir, exist_ok=True)
+    c = r.checkpoint
+    self.ckpt = None
+    if c.enabled:
+      self.ckpt = at.ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), every_steps=c.every_steps,
+                                                       keep=c.keep, async_save=c.async_save)
+    self.compiled = CompiledSteps(self.setup, r)
+    self.preempted = False
+    self.profiling = False
+
+  def restore_or_init(self):
+    """The workdir's latest checkpoint (state and data iterator), else a new state (random or converted weights)."""
+    r, setup, ckpt = self.r, self.setup, self.ckpt
+    self.latest = ckpt.latest_step() if ckpt else None
+    self.t0 = time.perf_counter()
+    if self.latest is not None:
+      saved, self.data_iter = ckpt.restore(self.latest, state_lib.checkpoint_abstract(setup), self.data_iter)
+      self.state = state_lib.from_checkpoint(setup, saved, seed=r.seed, init_checkpoint=r.init_checkpoint)
+      self.step = int(jax.device_get(self.state["step"]))
+      log.info("resumed from %s at step %d", ckpt.directory, self.step)
+    else:
+      self.state = state_lib.init_state(setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
+      self.step = 0
+    self.at.step = self.step
+    self.good_step = self.latest if self.latest is not None else 0
+    n_tr, n_fr = state_lib.num_params(self.state["params"]), state_lib.num_params(self.state["frozen"])
+    log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
+             (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - self.t0)
+
+  def open_outputs(self):
+    """The metrics writer, the progress bar and the SIGTERM handler (the step clock starts here)."""
+    lg = self.r.log
+    peak = peak_flops_per_device(self.r)
+    self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main, tensorboard=lg.tensorboard,
+                                           resume_step=self.latest)
+    self.progress = metrics_lib.Progress(self.total, self.step, enabled=self.is_main and lg.progress)
+    self.stop = StopSignal()
+    self.metrics = StepMetrics(self.writer, self.progress, total=self.total, every_steps=lg.every_steps, peak=peak)
+
+  def next_global_batch(self):
+    """(this process's host rows, the global batch); with several processes every process pads its rows to the
+    largest length and tile bucket of any."""
+    host = next_batch(self.data_iter, self.pc)
+    if self.pc > 1:
+      tpt = self.r.image.tokens_per_tile
+      l_need, t_need = host_shapes_agreed(host, self.pc)
+      host = batch_lib.pad_tiles(batch_lib.pad_length(host, l_need, tpt), t_need, tpt)
+    return host, to_global(host, self.mesh, self.pc)
+
+  def train_one_step(self):
+    """Dispatches the next step; the metrics of the one before are fetched while it runs."""
+    lg = self.r.log
+    if lg.profile_start_step == self.step + 1 and self.is_main:
+      jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+      self.profiling = True
+    host, batch = self.next_global_batch()
+    fn = self.compiled(global_shapes(host, self.pc))
+    with jax.profiler.StepTraceAnnotation("train", step_num=self.step + 1):
+      self.state, m = fn(self.state, batch)
+    self.step = self.at.step = self.step + 1
+    b, l = batch.inputs.tokens.shape
+    # attention counted per segment (packing, padding) from this process's host rows; with several
+    # processes these stand for the others' (an estimate: no extra collective a step)
+    pairs = self.pc * flops_lib.attention_pairs(host.inputs.segments)
+    flops = flops_lib.step_flops(self.r.model, batch=b, seq_len=l, tiles=batch.inputs.tiles,
+                                 trainable=self.setup.trainable, attention_pairs=pairs)["total"]
+    info = {"tokens": b * l, "flops": flops}
+    self.metrics.flush()  # the previous step's metrics (this step is already dispatched)
+    self.metrics.add(self.step, m, info)
+    if self.profiling and self.step >= lg.profile_start_step + lg.profile_num_steps - 1:
+      jax.block_until_ready(self.state)
       jax.profiler.stop_trace()
-    progress.close()
-    writer.close()
-  return last
+      self.profiling = False
+
+  def at_step_boundary(self) -> bool:
+    """The checkpoint, eval and SIGTERM due after this step; True: preempted (saved), stop."""
+    r, step = self.r, self.step
+    want_eval = r.eval.every_steps > 0 and step % r.eval.every_steps == 0 and step < self.total
+    want_save = self.ckpt is not None and step % max(1, r.checkpoint.every_steps) == 0
+    self.preempted = self.stop.reached(step)
+    if want_save or want_eval or self.preempted:
+      self.metrics.flush()  # every step up to here is finite before anything is saved
+    if want_save or (self.preempted and self.ckpt is not None):
+      self.save(force=self.preempted)
+    if want_eval:
+      evals = run_evals(self.setup, r, self.state, step=step, workdir=self.workdir)
+      self.writer.write(step, evals)
+      self.progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in evals.items()))
+    if self.preempted:
+      log.warning("SIGTERM: saved step %d and stopping", step)
+    return self.preempted
+
+  def save(self, force: bool):
+    self.ckpt.save(self.step, state_lib.checkpoint_tree(self.setup, self.state), self.data_iter, force=force)
+    self.good_step = self.step
+
+  def finish(self):
+    """The last metrics and checkpoint; when not preempted, the exported model and the final evals."""
+    r, done = self.r, not self.preempted
+    self.metrics.flush()
+    if self.ckpt is not None and done and self.good_step != self.step:
+      self.save(force=True)
+    self.progress.close()
+    if self.ckpt is not None:
+      self.ckpt.wait()
+    if done and r.checkpoint.export_model:
+      out = weights.save_model(os.path.join(self.workdir, "model"), r.model, state_lib.full_params(self.state),
+                               r.tokenizer_dir, image_cfg=r.eval_image)
+      if self.is_main:
+        log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
+    if done and r.eval.at_end and r.eval.tasks:
+      te = time.perf_counter()
+      evals = run_evals(self.setup, r, self.state, step=self.step, workdir=self.workdir)
+      self.writer.write(self.step, evals)
+      if self.is_main:
+        print_final_evals(evals, eval_start=te, run_start=self.t0)
+      self.metrics.last.update(evals)
+    if self.ckpt is not None:
+      self.ckpt.close()
+      self.at.ckpt = None
+
+  def close_outputs(self):
+    self.stop.restore()
+    if self.profiling:
+      jax.profiler.stop_trace()
+    self.progress.close()
+    self.writer.close()
+
+
+def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
+  """restore or init -> compile -> loop {step, then checkpoint / eval / SIGTERM} -> finish; the last metrics."""
+  t = Training(r, workdir, at)  # mesh, state setup, this process's data iterator, checkpointer
+  t.restore_or_init()
+  t.compiled(largest_batch_shapes(r))  # ahead of time; the other buckets compile on first use
+  t.open_outputs()
+  try:
+    while t.step < t.total:
+      t.train_one_step()
+      if t.at_step_boundary():
+        break
+    t.finish()
+  finally:
+    t.close_outputs()
+  return t.metrics.last
