@@ -45,7 +45,7 @@ from lladav_jax.api import LLaDAV  # noqa: E402
 from lladav_jax.model import abstract_model  # noqa: E402
 from lladav_jax.model.common import random_like  # noqa: E402
 from lladav_jax.inference import SamplingParams, engine, generation, prompts as prompt_lib, runner as runner_lib  # noqa: E402
-from lladav_jax.inference.engine import EngineConfig, EngineShapes  # noqa: E402
+from lladav_jax.inference.engine import EngineConfig, EngineShapes, state as engine_state  # noqa: E402
 from lladav_jax.inference.engine.schedule import uniform_counts  # noqa: E402
 from lladav_jax.training.step import ANALYSIS_ONLY, memory_stats  # noqa: E402
 
@@ -252,7 +252,7 @@ def memory(rows=64, answer=256, prompt=1024, block=32, caches=(None, "prefix", "
     ec = EngineConfig(mask_id=cfg.mask_token_id, banned_ids=(126081, 126080, 126346, 126347), block_length=block,
                       cache=cache, forward_rows=groups, max_transfer_ratio=0.25 if cache == "dllm" else 0.0)
     shapes = EngineShapes(rows=rows, prompt_len=prompt, answer_len=answer)
-    state = jax.eval_shape(lambda p: engine._init(graphdef, ec, shapes, p), params)
+    state = jax.eval_shape(lambda p: engine_state._init(graphdef, ec, shapes, p), params)
     kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
     rest = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) - kv
     t = time.perf_counter()

@@ -61,13 +61,13 @@ def test_no_buffer_holds_the_global_batch(compiled8):
 def compile_sampler(devices: int, per_device: int = 1):
   """The engine's `advance` for rows sharded over the mesh (a prompt bucket of 1536 positions)."""
   from lladav_jax.inference import engine
-  from lladav_jax.inference.engine import EngineConfig, EngineShapes
+  from lladav_jax.inference.engine import EngineConfig, EngineShapes, state as engine_state
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
   graphdef, params = abstract_model(CFG, mesh)
   cfg = EngineConfig(mask_id=CFG.mask_token_id, banned_ids=(1, 2), block_length=32)
   shapes = EngineShapes(rows=devices * per_device, prompt_len=L, answer_len=64)
   with jax.set_mesh(mesh):
-    state = stp.abstract_batch(mesh, jax.eval_shape(lambda p: engine._init(graphdef, cfg, shapes, p), params))
+    state = stp.abstract_batch(mesh, jax.eval_shape(lambda p: engine_state._init(graphdef, cfg, shapes, p), params))
     compiled = engine.advance.lower(graphdef, cfg, params, state, np.int32(1)).compile(stp.ANALYSIS_ONLY)
   return compiled, stp.memory_stats(compiled)
 

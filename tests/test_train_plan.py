@@ -83,7 +83,7 @@ def test_saved_activations_are_what_jax_keeps():
   kernel (its custom-VJP residuals are recomputed with the layer) and for dense: the MLP's output is never kept."""
   for impl in ("blockwise", "dense"):
     cfg = config.tiny(attention_impl=impl, attention_block_q=32, attention_block_kv=32)
-    settings, rngs = attn.Settings.from_config(cfg), nnx.Rngs(0)
+    settings, rngs = attn.AttentionConfig.from_config(cfg), nnx.Rngs(0)
     modules = (llm_lib.LLaDA(cfg.llm, attention=settings, rngs=rngs),
                vision_lib.SigLIPVision(cfg.vision, attention=settings, rngs=rngs))
     for policy, names in config.REMAT_POLICIES.items():

@@ -41,7 +41,7 @@ _NEG = -1e30  # a finite "minus infinity": masked scores never make a NaN (exp(-
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class AttentionConfig:
   """The static attention choice a module holds (from ModelConfig): implementation and block sizes."""
   impl: str = "auto"
   block_q: int = 512
@@ -49,7 +49,7 @@ class Settings:
   interpret: bool = False  # Pallas kernels in interpret mode (CPU tests of splash / pallas_gpu)
 
   @classmethod
-  def from_config(cls, cfg) -> "Settings":
+  def from_config(cls, cfg) -> "AttentionConfig":
     return cls(canonical(cfg.attention_impl), cfg.attention_block_q, cfg.attention_block_kv)
 
   def __call__(self, q, k, v, q_segments, kv_segments, cached=None):

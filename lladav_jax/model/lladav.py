@@ -47,7 +47,7 @@ class LLaDAVModel(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    attention = attn.Settings.from_config(cfg)
+    attention = attn.AttentionConfig.from_config(cfg)
     self.vision = SigLIPVision(cfg.vision, dtype=dtype, param_dtype=pdtype, attention=attention,
                                scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, rngs=rngs)
     self.projector = Projector(cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=dtype, param_dtype=pdtype,

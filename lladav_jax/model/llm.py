@@ -36,7 +36,7 @@ def rope(x_BLNH, positions_BL, theta: float):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: LLMConfig, attention: attn.Settings, dtype, param_dtype, *, rngs: nnx.Rngs,
+  def __init__(self, cfg: LLMConfig, attention: attn.AttentionConfig, dtype, param_dtype, *, rngs: nnx.Rngs,
                lora: LoraConfig = LoraConfig()):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init_normal = jax.nn.initializers.normal(cfg.initializer_range)
@@ -111,7 +111,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: LLMConfig, attention: attn.Settings, dtype, param_dtype, *, rngs: nnx.Rngs,
+  def __init__(self, cfg: LLMConfig, attention: attn.AttentionConfig, dtype, param_dtype, *, rngs: nnx.Rngs,
                lora: LoraConfig = LoraConfig()):
     ones = jax.nn.initializers.ones
     self.attn_norm = common.param(rngs, ones, (cfg.hidden_size,), ("replicated",), param_dtype)
@@ -131,7 +131,7 @@ class Block(nnx.Module):
 
 class LLaDA(nnx.Module):
   def __init__(self, cfg: LLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention: attn.Settings = attn.Settings(), scan_layers: bool = True, remat_policy: str = "none",
+               attention: attn.AttentionConfig = attn.AttentionConfig(), scan_layers: bool = True, remat_policy: str = "none",
                lora: LoraConfig = LoraConfig(), rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype

@@ -21,7 +21,7 @@ zeros, ones = jax.nn.initializers.zeros, jax.nn.initializers.ones
 
 
 class VisionBlock(nnx.Module):
-  def __init__(self, cfg: VisionConfig, dtype, param_dtype, *, attention: attn.Settings = attn.Settings(),
+  def __init__(self, cfg: VisionConfig, dtype, param_dtype, *, attention: attn.AttentionConfig = attn.AttentionConfig(),
                rngs: nnx.Rngs):
     d, n, f = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
     h = d // n
@@ -68,7 +68,7 @@ def normalize_pixels(pixels, cfg: VisionConfig):
 
 class SigLIPVision(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention: attn.Settings = attn.Settings(),
+               attention: attn.AttentionConfig = attn.AttentionConfig(),
                scan_layers: bool = True, remat_policy: str = "none", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
