@@ -6,7 +6,7 @@ from lladav_jax.eval.tasks import TASKS, get_task, with_think
 
 MCQ = ["mmmu_val", "mmmu_pro_standard", "mmstar", "ai2d", "seedbench", "mmbench_en_dev", "muirbench", "mme",
        "realworldqa"]
-# the tasks' own stops; "<|eot_id|>" follows them in every task (generation.stop_list: the original's order)
+# the tasks' own stops; "<|eot_id|>" follows them in every task (inference.text.stop_list: the original's order)
 EXPECTED = {**{t: (2, 2, 2, "no_think", ()) for t in MCQ},
             "chartqa": (16, 16, 16, "no_think", ("\n",)),
             "docvqa_val": (32, 32, 16, "no_think", ()),
@@ -20,8 +20,9 @@ EXPECTED = {**{t: (2, 2, 2, "no_think", ()) for t in MCQ},
 def test_original_generation_settings(name):
   t = get_task(name)
   assert (t.gen_length, t.block_length, t.steps, t.think, t.stop_strings) == EXPECTED[name]
-  kw = t.gen_kwargs()
-  assert kw["temperature"] == 0.0 and kw["remasking"] == "low_confidence" and kw["cfg_scale"] == 0.0
+  p = t.sampling_params()
+  assert (p.gen_length, p.block_length, p.steps, p.stop) == EXPECTED[name][:3] + (EXPECTED[name][4],)
+  assert p.temperature == 0.0 and p.remasking == "low_confidence" and p.cfg_scale == 0.0 and p.stop_rule == "original"
 
 
 def test_registry_is_exactly_the_issue_list():
