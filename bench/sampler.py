@@ -249,7 +249,7 @@ def memory(rows=64, answer=256, prompt=1024, block=32, caches=(None, "prefix", "
     cfg = config.llada_v_8b().replace(dtype=dtype, param_dtype=dtype)
     graphdef, params = abstract_model(cfg)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    ec = EngineConfig(mask_id=cfg.mask_token_id, banned_ids=(126081, 126080, 126346, 126347), block_length=block,
+    ec = EngineConfig(mask_id=cfg.mask_token_id, banned_ids=(126081, 126080, 126346, 126347), max_block_length=block,
                       cache=cache, forward_rows=groups, max_transfer_ratio=0.25 if cache == "dllm" else 0.0)
     shapes = EngineShapes(rows=rows, prompt_len=prompt, answer_len=answer)
     state = jax.eval_shape(lambda p: engine_state._init(graphdef, ec, shapes, p), params)

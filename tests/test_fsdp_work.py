@@ -64,7 +64,7 @@ def compile_sampler(devices: int, per_device: int = 1):
   from lladav_jax.inference.engine import EngineConfig, EngineShapes, state as engine_state
   mesh = sharding.make_mesh(1, devices, 1, devices=jax.devices()[:devices])
   graphdef, params = abstract_model(CFG, mesh)
-  cfg = EngineConfig(mask_id=CFG.mask_token_id, banned_ids=(1, 2), block_length=32)
+  cfg = EngineConfig(mask_id=CFG.mask_token_id, banned_ids=(1, 2), max_block_length=32)
   shapes = EngineShapes(rows=devices * per_device, prompt_len=L, answer_len=64)
   with jax.set_mesh(mesh):
     state = stp.abstract_batch(mesh, jax.eval_shape(lambda p: engine_state._init(graphdef, cfg, shapes, p), params))

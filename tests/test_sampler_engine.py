@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lladav_jax.inference import engine, generation, prompts as prompt_lib
-from lladav_jax.inference.engine import EngineShapes, decode
+from lladav_jax.inference import engine, generation, prompts as prompt_lib, runner as runner_lib
+from lladav_jax.inference.engine import TRACE_COUNTS, EngineShapes, decode
 from lladav_jax.inference.engine.decode import decide, first_occurrences, update_stop
 from tests.test_sampler import BUCKETS, model, settings  # noqa: F401
 
@@ -271,3 +271,29 @@ def test_stop_slots_longer_than_the_answer():
   lens = np.asarray([[2, 5], [2, 5]], np.int32)
   occ = first_occurrences(ans, jnp.asarray(ids), jnp.asarray(lens))
   assert occ.tolist() == [[1, 4], [0, 4]]
+
+
+def test_block_length_is_a_row_value(model):
+  """Requests of blocks 4, 8 and 24 (with a temperature, a threshold) run in one engine of blocks up to 24 and
+  each gives its tokens alone, in an engine of its own block length; the mixed engine compiles once for all."""
+  inp = prompt_lib.prepare_inputs(model, PROMPTS[:3], [[]] * 3, suffix_ids=[60, 61], stop_ids=[[7, 8]],
+                                  seeds=[21, 22, 23], rows=3, **BUCKETS)
+  base = dataclasses.replace(BASE, cache=None)
+  ps = [dataclasses.replace(base, block_length=4), dataclasses.replace(base, block_length=8, temperature=0.7),
+        dataclasses.replace(base, block_length=24, threshold=0.5)]
+  shapes = EngineShapes(rows=2, prompt_len=inp.prompt.length, answer_len=24, suffix_len=2, stops=1, stop_len=2)
+  mixed = [prompt_lib.requests(inp, p.row_params(24, 24), 2)[k] for k, p in enumerate(ps)]
+  cfg = base.engine_config(max_block_length=24)
+  got = runner_lib.run_engine(model, mixed, cfg, shapes)
+  assert TRACE_COUNTS["advance", cfg] == 1
+  for k, p in enumerate(ps):
+    (alone,) = runner_lib.run_engine(model, [prompt_lib.requests(inp, p.row_params(24, p.block_length), 2)[k]],
+                                     p.engine_config(), shapes)
+    assert got[k].response.tolist() == alone.response.tolist(), k
+    assert (got[k].stop, got[k].nfe, got[k].steps) == (alone.stop, alone.nfe, alone.steps), k
+    assert got[k].commit_step.tolist() == alone.commit_step.tolist(), k
+  # the blocks were the rows' own: a row of block 4 never committed past its block's end before leaving it
+  cs = got[0].commit_step
+  for b in range(1, 6):
+    if (cs[4 * b:4 * b + 4] >= 0).any() and (cs[4 * b - 4:4 * b] >= 0).any():
+      assert cs[4 * b:4 * b + 4][cs[4 * b:4 * b + 4] >= 0].min() > cs[4 * b - 4:4 * b].max()

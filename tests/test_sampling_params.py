@@ -53,15 +53,23 @@ def test_engine_config_and_row_params():
   p = SamplingParams(gen_length=16, block_length=8, steps=8, temperature=0.5, cfg_scale=1.5, threshold=0.9,
                      cache="dllm", transfer_ratio=0.5, stop_rule="original", mask_id=7, banned_ids=(1,))
   cfg = p.engine_config()
-  assert (cfg.mask_id, cfg.banned_ids, cfg.block_length, cfg.cache, cfg.guidance, cfg.max_transfer_ratio) == \
+  assert (cfg.mask_id, cfg.banned_ids, cfg.max_block_length, cfg.cache, cfg.guidance, cfg.max_transfer_ratio) == \
       (7, (1,), 8, "dllm", True, 0.5)
   assert not dataclasses.replace(p, cfg_scale=0.0).engine_config().guidance
-  rp = p.row_params(answer_bucket=24, block_length=8)
-  assert (int(rp.answer_len), int(rp.steps_per_block), float(rp.temperature), int(rp.mode)) == \
-      (16, 4, 0.5, MODES["threshold"])
+  rp = p.row_params(answer_bucket=24, max_block_length=8)
+  assert (int(rp.answer_len), int(rp.block_length), int(rp.steps_per_block), float(rp.temperature), int(rp.mode)) == \
+      (16, 8, 4, 0.5, MODES["threshold"])
   assert bool(rp.original_stops) and np.isclose(float(rp.value), 0.9) and rp.table.shape == (9, 8)
+  # an engine of longer blocks takes the row: its table padded with steps that commit nothing
+  wide = p.row_params(answer_bucket=24, max_block_length=16)
+  assert wide.table.shape == (17, 16) and int(wide.block_length) == 8
+  np.testing.assert_array_equal(wide.table[:9, :8], rp.table)
+  assert not wide.table[9:].any() and not wide.table[:, 8:].any()
+  assert p.engine_config(max_block_length=16).max_block_length == 16
   with pytest.raises(ValueError, match="answer bucket"):
-    p.row_params(answer_bucket=8, block_length=8)
+    p.row_params(answer_bucket=8, max_block_length=8)
+  with pytest.raises(ValueError, match="max_block_length"):
+    p.row_params(answer_bucket=24, max_block_length=4)
 
 
 def test_chat_request_is_one_conversion_onto_sampling_params():

@@ -139,30 +139,36 @@ class SamplingParams:
     return self
 
   def engine_config(self, vocab_chunk: Optional[int] = None, forward_rows: Optional[int] = None,
-                    max_transfer_ratio: Optional[float] = None) -> EngineConfig:
+                    max_transfer_ratio: Optional[float] = None, max_block_length: Optional[int] = None,
+                    head_rungs: int = 2) -> EngineConfig:
     """The static part. `max_transfer_ratio` (dllm): the largest transfer_ratio the engine's rows may
-    ask for (default: this request's); rows asking less leave some recompute slots unused."""
+    ask for (default: this request's); rows asking less leave some recompute slots unused. The same for
+    `max_block_length` (default: this request's block length)."""
     if self.mask_id is None:
       raise ValueError("mask_id is not set: SamplingParams.for_model(model) sets the model's token ids")
     ratio = 0.0 if self.cache != "dllm" else self.transfer_ratio if max_transfer_ratio is None else max_transfer_ratio
     return EngineConfig(mask_id=self.mask_id, banned_ids=tuple(self.banned_ids or ()),
-                        block_length=self.block_length, cache=self.cache, guidance=self.cfg_scale > 0,
-                        vocab_chunk=vocab_chunk, forward_rows=forward_rows, max_transfer_ratio=ratio)
+                        max_block_length=max_block_length or self.block_length, cache=self.cache,
+                        guidance=self.cfg_scale > 0, vocab_chunk=vocab_chunk, forward_rows=forward_rows,
+                        max_transfer_ratio=ratio, head_rungs=head_rungs)
 
-  def row_params(self, answer_bucket: int, block_length: int) -> RowParams:
-    """Host NumPy values of this request for an engine of `block_length` and `answer_bucket` positions."""
+  def row_params(self, answer_bucket: int, max_block_length: int) -> RowParams:
+    """Host NumPy values of this request for an engine of `answer_bucket` answer positions whose blocks are
+    at most `max_block_length` long."""
     self.validate()
-    if self.block_length != block_length:
-      raise ValueError(f"block_length={self.block_length} but the engine runs blocks of {block_length}")
+    if self.block_length > max_block_length:
+      raise ValueError(f"block_length={self.block_length} is longer than the engine's max_block_length="
+                       f"{max_block_length}")
     if self.gen_length > answer_bucket:
       raise ValueError(f"gen_length={self.gen_length} is longer than the engine's answer bucket {answer_bucket}")
-    bl, spb = block_length, self.steps_per_block
-    table = np.zeros((bl + 1, bl), np.int32)  # steps past block_length commit nothing (the block is full by then)
+    bl, spb, mbl = self.block_length, self.steps_per_block, max_block_length
+    table = np.zeros((mbl + 1, mbl), np.int32)  # steps past block_length commit nothing (the block is full by then)
     t = count_table(bl, spb, self.schedule, float(self.shift))
-    table[:, :min(spb, bl)] = t[:, :bl]
+    table[:bl + 1, :min(spb, bl)] = t[:, :bl]
     mode = "threshold" if self.threshold is not None else "factor" if self.factor is not None else "steps"
     value = self.threshold if self.threshold is not None else self.factor if self.factor is not None else 0.0
-    return RowParams(answer_len=np.int32(self.gen_length), steps_per_block=np.int32(spb), table=table,
+    return RowParams(answer_len=np.int32(self.gen_length), block_length=np.int32(bl), steps_per_block=np.int32(spb),
+                     table=table,
                      temperature=np.float32(self.temperature), cfg_scale=np.float32(self.cfg_scale),
                      random_remask=np.bool_(self.remasking == "random"), mode=np.int32(MODES[mode]),
                      value=np.float32(value), refresh=np.int32(self.refresh_interval),

@@ -18,8 +18,9 @@ CACHES = (None, "prefix", "dual", "dllm")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-  """What a compiled engine fixes: the model's token ids, the block length, the cache mode and whether
-  the unconditional classifier-free-guidance pass runs (`guidance`). `vocab_chunk`: vocabulary columns
+  """What a compiled engine fixes: the model's token ids, the longest block a row may use
+  (`max_block_length`: each row's own block length is a value, `RowParams.block_length`), the cache mode
+  and whether the unconditional classifier-free-guidance pass runs (`guidance`). `vocab_chunk`: vocabulary columns
   per step of the chunked LM head (None: the largest divisor of the vocabulary up to 8192).
   `forward_rows`: the forward passes run on groups of this many rows in turn (None: all at once;
   fewer temporaries, for large batches on one device; it must divide the rows of a pass).
@@ -27,11 +28,11 @@ class EngineConfig:
   recomputes is floor(max_transfer_ratio * response bucket); a row's own transfer_ratio (a value, at
   most this) picks how many of those slots it uses. `head_rungs`: the LM head's decision runs only
   on the positions that can still be committed, gathered into the smallest of this many static
-  lengths (the block, then halves: `decode.ladder`) that holds them; 1: the whole block always
+  lengths (the longest block, then halves: `decode.ladder`) that holds them; 1: the longest block always
   (each rung is one more copy of the decision to compile: bench/sampler.py's notes)."""
   mask_id: int
   banned_ids: tuple = ()
-  block_length: int = 32
+  max_block_length: int = 32
   cache: Optional[str] = None
   guidance: bool = False
   vocab_chunk: Optional[int] = None
@@ -44,6 +45,8 @@ class EngineConfig:
       raise ValueError(f"cache={self.cache!r} must be one of {CACHES}")
     if not 0.0 <= self.max_transfer_ratio <= 1.0:
       raise ValueError(f"max_transfer_ratio={self.max_transfer_ratio} must be in [0, 1]")
+    if self.max_block_length < 1:
+      raise ValueError(f"max_block_length={self.max_block_length} must be >= 1")
     if self.head_rungs < 1:
       raise ValueError(f"head_rungs={self.head_rungs} must be >= 1")
 
@@ -53,8 +56,9 @@ class RowParams:
   """One request's sampling values as the engine reads them ([B] arrays in the engine, scalars in a
   request)."""
   answer_len: jax.Array  # int32: answer positions of this row (a multiple of block_length, <= the bucket)
+  block_length: jax.Array  # int32: this row's block length (<= the engine's max_block_length)
   steps_per_block: jax.Array  # int32
-  table: jax.Array  # int32 [block_length + 1, block_length]: step counts by the masked count at block start
+  table: jax.Array  # int32 [max_block_length + 1, max_block_length]: step counts by the masked count at block start
   temperature: jax.Array  # float32
   cfg_scale: jax.Array  # float32 (0: the conditional logits only)
   random_remask: jax.Array  # bool

@@ -25,6 +25,7 @@ class PassRows:
   response_positions: jax.Array  # int32 [R, G + Ls]: RoPE positions (the suffix right after the row's answer)
   response_valid: jax.Array  # bool [R, G + Ls]: answer columns < the row's answer length, the suffix's length
   block_start: jax.Array  # int32 [R]: the current block's first answer column
+  block_length: jax.Array  # int32 [R]: the row's own block length (<= the engine's max_block_length)
   recompute: jax.Array  # int32 [R]: dllm: response positions recomputed at a step without refresh
 
 
@@ -37,7 +38,8 @@ def _segments(keymask, q_len):
 class Forward:
   """The model passes of one step over R rows (R = 2B with CFG, stacked [cond; uncond]). `full`: the
   whole sequence (its K/V replace the cache's rows where `pick`); `window`: a window from each row's
-  block start against the cache. Both give the hidden states of each row's current block [R, bl, D].
+  block start against the cache. Both give the hidden states of each row's current block [R, bl, D], bl the
+  engine's max_block_length (a row's positions past its own block length are there, never committed).
   With `EngineConfig.forward_rows` the passes run on groups of that many rows in turn (the cache
   updated in place), so that the temporaries are those of one group."""
 
@@ -47,7 +49,7 @@ class Forward:
     self.b, self.p = st.prompt_valid.shape
     self.g = st.commit_step.shape[1]
     self.lg = st.response.shape[1]
-    self.bl = cfg.block_length
+    self.bl = cfg.max_block_length
     col = jnp.arange(self.lg)
     glen = st.row_params.answer_len[:, None]
     # answer columns < the row's answer length, then the suffix right after them (RoPE positions)
@@ -64,7 +66,8 @@ class Forward:
     n_use = jnp.floor(st.row_params.transfer_ratio * (glen[:, 0] + st.suffix_len)).astype(jnp.int32)
     self.rows = PassRows(prompt_emb=emb, prompt_valid=x(st.prompt_valid), prompt_positions=x(st.prompt_positions),
                          response=x(st.response), response_positions=x(gen_pos), response_valid=x(col_valid),
-                         block_start=x(jnp.maximum(st.block, 0) * self.bl), recompute=x(jnp.minimum(n_use, self.slots)))
+                         block_start=x(jnp.maximum(st.block, 0) * st.row_params.block_length),
+                         block_length=x(st.row_params.block_length), recompute=x(jnp.minimum(n_use, self.slots)))
 
   @property
   def window_len(self) -> int:
@@ -123,7 +126,7 @@ class Forward:
     """The hidden states of each row's current block [r, bl, D] of h over [prompt | response] (h over
     the response only: `start` = 0)."""
     idx = (self.p if start is None else start) + rw.block_start[:, None] + jnp.arange(self.bl)[None]
-    return jnp.take_along_axis(h, idx[..., None], axis=1)
+    return jnp.take_along_axis(h, jnp.minimum(idx, h.shape[1] - 1)[..., None], axis=1)  # past the end: not committed
 
   def _sequence(self, rw):
     """Embeddings, RoPE positions and key mask of [prompt | response]."""
@@ -187,10 +190,12 @@ class Forward:
         q_valid = (q_col < lg) & jnp.take_along_axis(col_valid, qc, axis=1)
         cached = col_valid & (col < s)
         q_pos = jnp.take_along_axis(rw.response_positions, qc, axis=1) + jnp.maximum(q_col - (lg - 1), 0)
-      else:  # dual: only the block [s, s + bl); every other position comes from the cache
-        qc = s + jnp.arange(bl)[None]
-        q_valid = jnp.ones(qc.shape, bool)
-        cached = col_valid & ((col < s) | (col >= s + bl))
+      else:  # dual: only the row's block [s, s + its length); every other position comes from the cache
+        q_col = s + jnp.arange(bl)[None]
+        own = rw.block_length[:, None]
+        qc = jnp.minimum(q_col, lg - 1)
+        q_valid = (q_col < s + own) & (q_col < lg)  # the window past the row's block: key-masked padding
+        cached = col_valid & ((col < s) | (col >= s + own))
         q_pos = jnp.take_along_axis(rw.response_positions, qc, axis=1)
       q_tok = jnp.where(q_valid, jnp.take_along_axis(rw.response, qc, axis=1), mask_id)
       keymask = jnp.concatenate([rw.prompt_valid, cached, q_valid], axis=1)  # the cache's keys, then the window's

@@ -8,9 +8,9 @@
 `advance` runs denoising steps over every row until `max_steps` or until a row finishes (returns
 then, so that the host reads the row out and refills it: continuous batching). A row that finished
 stays readable until the next `advance`, which frees it. Only shapes (`EngineShapes`) and
-`EngineConfig` (token ids, block length, cache mode, CFG on/off) are static; each row carries its
-own prompt length, answer length, block index, step within the block, step counts, stop, RNG seed
-and settings (`RowParams`), so a request's tokens do not depend on its batch neighbours or on
+`EngineConfig` (token ids, the longest block, cache mode, CFG on/off) are static; each row carries its
+own prompt length, answer length, block length, block index, step within the block, step counts, stop,
+RNG seed and settings (`RowParams`), so a request's tokens do not depend on its batch neighbours or on
 when it arrived (its random stream is key(seed) folded with its own step count).
 
 Each row follows the original's `generate_with_embeds` (docs/ORIGINAL.md, "Generation"):
@@ -89,13 +89,13 @@ from lladav_jax.inference.engine.state import TRACE_COUNTS, EngineState, Request
 
 def _normalize(st: EngineState, cfg: EngineConfig) -> EngineState:
   """Moves each running row to the block its next step works on, or marks it done (idempotent)."""
-  bl, g = cfg.block_length, st.commit_step.shape[1]
+  bl, g = st.row_params.block_length, st.commit_step.shape[1]  # bl: each row's own [B]
   j = jnp.arange(g)[None]
   masked = (st.response[:, :g] == cfg.mask_id) & (j < st.row_params.answer_len[:, None])
 
   def in_block(block):
     s = (block * bl)[:, None]
-    return masked & (j >= s) & (j < s + bl)
+    return masked & (j >= s) & (j < s + bl[:, None])
 
   running = st.live & ~st.done
   found = st.stop < g
@@ -140,10 +140,11 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
   """One denoising step of every running row."""
   st = by_row(st)
   fw = Forward(model, cfg, st)
-  b, g, bl = fw.b, fw.g, fw.bl
+  b, g, bl = fw.b, fw.g, fw.bl  # bl: the engine's max_block_length, the decision's static length
   row_params = st.row_params
+  own = row_params.block_length  # each row's block length [B]
   active = st.live & ~st.done
-  s = jnp.maximum(st.block, 0) * bl
+  s = jnp.maximum(st.block, 0) * own
   keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(st.seed, st.steps)
   full_len = fw.p + fw.lg
   dup = (lambda a: jnp.concatenate([a, a])) if cfg.guidance else (lambda a: a)  # noqa: E731
@@ -178,12 +179,12 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
     q_len = jnp.where(refresh, full_len, fw.window_len)
   # eligible = masked, before the block end or, once a stop was found, before the stop (inside the block)
   j = jnp.arange(g)[None]
-  in_blk = (j >= s[:, None]) & (j < s[:, None] + bl)
+  in_blk = (j >= s[:, None]) & (j < (s + own)[:, None])
   ans = st.response[:, :g]
   masked = ans == cfg.mask_id
-  limit = jnp.minimum(st.stop, s + bl)
+  limit = jnp.minimum(st.stop, s + own)
   eligible = active[:, None] & masked & in_blk & (j < limit[:, None])
-  blk = s[:, None] + jnp.arange(bl)[None]  # the block's positions, [B, bl]
+  blk = s[:, None] + jnp.arange(bl)[None]  # the block's positions, [B, bl] (past the row's own: never eligible)
   eligible_blk = jnp.take_along_axis(eligible, jnp.minimum(blk, g - 1), axis=1) & (blk < g)
   # the decision on the eligible positions only, in the smallest static length that holds them
   x0_q, conf_q, head_q = decode.decide_block(

@@ -62,7 +62,7 @@ class EngineState:
   done: jax.Array  # bool [B]: finished
   block: jax.Array  # int32 [B]: the block the next step works on (-1 before the first)
   block_step: jax.Array  # int32 [B]: steps taken in that block
-  counts: jax.Array  # int32 [B, bl]: the positions each step of this block commits
+  counts: jax.Array  # int32 [B, max_block_length]: the positions each step of this block commits
   stop: jax.Array  # int32 [B]: earliest stop start in the answer, G if none
   commit_step: jax.Array  # int32 [B, G]: the row's step that committed each position, -1 if none
   nfe: jax.Array  # int32 [B]: forward evaluations
@@ -86,13 +86,13 @@ def _init(graphdef, cfg: EngineConfig, shapes: EngineShapes, weights) -> EngineS
   TRACE_COUNTS["init", cfg] += 1
   model = nnx.merge(graphdef, weights)
   c = model.llm.cfg
-  b, p, g, ls, bl = shapes.rows, shapes.prompt_len, shapes.answer_len, shapes.suffix_len, cfg.block_length
-  if g % bl:
-    raise ValueError(f"answer bucket {g} is not a multiple of block_length={bl}")
+  b, p, g, ls, bl = shapes.rows, shapes.prompt_len, shapes.answer_len, shapes.suffix_len, cfg.max_block_length
+  if bl > g:
+    raise ValueError(f"max_block_length={bl} is longer than the answer bucket {g}")
   i32 = lambda *s: jnp.zeros(s, jnp.int32)  # noqa: E731
   f32 = lambda *s: jnp.zeros(s, jnp.float32)  # noqa: E731
   row_params = RowParams(
-      answer_len=i32(b), steps_per_block=i32(b), table=i32(b, bl + 1, bl), temperature=f32(b), cfg_scale=f32(b),
+      answer_len=i32(b), block_length=jnp.ones((b,), jnp.int32), steps_per_block=i32(b), table=i32(b, bl + 1, bl), temperature=f32(b), cfg_scale=f32(b),
       random_remask=jnp.zeros((b,), bool), mode=i32(b), value=f32(b), refresh=jnp.ones((b,), jnp.int32),
       prompt_interval=jnp.ones((b,), jnp.int32), gen_interval=jnp.ones((b,), jnp.int32), transfer_ratio=f32(b),
       original_stops=jnp.zeros((b,), bool))
