@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
   server = ServerProcess(model_dir, "--max-num-seqs", "2", "--max-queue", "4", "--image-root", str(images),
                          "--max-image-bytes", str(MAX_IMAGE_BYTES), env={"LLADAV_API_KEY": KEY},
                          log_path=str(root / "server.log"))
-  yield dict(server=server, model=model, images=images, root=root)
+  yield dict(server=server, model=model, model_dir=model_dir, images=images, root=root)
   server.stop()
 
 
@@ -240,12 +240,57 @@ def test_a_client_that_leaves_frees_its_row(setup, client):
   assert chat(client, user("next"), **SHORT).choices[0].message.content
 
 
+def test_block_lengths_and_step_counts_compile_nothing_new(setup, client):
+  """A request's block length and step count are values: after the first of one answer length and prompt
+  bucket, others of other blocks and steps run on the same programs, each with generate's text."""
+  url, model = setup["server"].url, setup["model"]
+  q = "Which shape is largest?"
+  first = chat(client, user(q), temperature=0, max_tokens=16, block_length=16, steps=16)
+  programs = lambda: (metric(url, "lladav_compiles"), metric(url, "lladav_compile_cache_hits"))  # noqa: E731
+  before = programs()
+  assert sum(before) > 0  # the warm-up's and the first request's programs, compiled or read from the cache
+  for block, steps in ((8, 16), (4, 8), (2, 16)):
+    got = chat(client, user(q), temperature=0, max_tokens=16, block_length=block, steps=steps)
+    want = model.generate([q], params=SamplingParams(gen_length=16, block_length=block, steps=steps))[0]
+    assert got.choices[0].message.content == want.text and got.model_extra["nfe"] == want.nfe, (block, steps)
+  assert programs() == before
+  assert first.choices[0].message.content
+
+
+def test_a_non_streamed_client_that_leaves_frees_its_row(setup, client):
+  url = setup["server"].url
+  nfe0, left0 = metric(url, "lladav_forward_evaluations_total"), metric(url, "lladav_requests_total", '{status="499"}')
+  # four answers of 128 steps in two rows: two waves, longer than the client waits
+  body = {"model": NAME, "messages": user("Describe everything, slowly."), "n": 4}
+  with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+    httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+  deadline = time.monotonic() + 30
+  while metric(url, "lladav_requests_total", '{status="499"}') < left0 + 1 or metric(url, "lladav_busy_rows") > 0:
+    assert time.monotonic() < deadline, "the row was not freed"
+    time.sleep(0.1)
+  assert metric(url, "lladav_forward_evaluations_total") - nfe0 < 4 * 128  # stopped before its 4 x 128 steps
+  assert chat(client, user("next"), **SHORT).choices[0].message.content
+
+
+def test_a_restart_reads_its_programs_from_the_compilation_cache(setup, tmp_path):
+  """--compilation-cache-dir: the second start of the same server compiles nothing (the log says so)."""
+  warmups = []
+  for k in range(2):
+    s = ServerProcess(setup["model_dir"], "--max-num-seqs", "2", "--compilation-cache-dir", str(tmp_path / "xla"),
+                      log_path=str(tmp_path / f"server{k}.log"))
+    s.stop()
+    log = (tmp_path / f"server{k}.log").read_text()
+    warmups.append(re.search(r"warmed up in ([0-9.]+) s \((\d+) programs compiled\)", log))
+  assert all(warmups), warmups
+  assert int(warmups[0].group(2)) > 0 and int(warmups[1].group(2)) == 0
+
+
 def test_metrics(setup):
   text = httpx.get(setup["server"].url + "/metrics").text
   for name in ("lladav_requests_total{status=\"200\"}", "lladav_queue_depth", "lladav_busy_rows",
                "lladav_tokens_per_second", "lladav_forward_evaluations_per_second",
                "lladav_request_latency_seconds_bucket", "lladav_time_to_first_token_seconds_bucket",
-               "lladav_generated_tokens_total"):
+               "lladav_generated_tokens_total", "lladav_compiles", "lladav_compile_cache_hits"):
     assert name in text, name
   assert metric(setup["server"].url, "lladav_time_to_first_token_seconds_count") > 0
 

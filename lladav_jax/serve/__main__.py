@@ -1,5 +1,5 @@
 """python -m lladav_jax.serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--dtype D] [--api-key KEY]
-[--served-model-name NAME] [--image-root DIR] [--max-num-seqs N] [--max-queue N]
+[--served-model-name NAME] [--image-root DIR] [--max-num-seqs N] [--max-queue N] [--compilation-cache-dir DIR]
 
 Flags are vLLM's where it has one. The key may also come from $LLADAV_API_KEY. SIGTERM: new requests get
 503, the running and queued ones finish, then the process exits 0."""
@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Sequence
 
+import jax
 import uvicorn
 
 from lladav_jax.api import LLaDAV
@@ -20,6 +21,9 @@ from lladav_jax.serve.app import create_app
 from lladav_jax.serve.config import ServeConfig
 
 API_KEY_ENV = "LLADAV_API_KEY"
+# A second start of the same server reads its compiled programs from here instead of compiling them again.
+DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "lladav_jax", "xla")
 log = logging.getLogger("lladav_jax.serve")
 
 
@@ -37,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-num-seqs", type=int, default=8, help="engine rows: answers generated at once")
   p.add_argument("--max-queue", type=int, default=64, help="answers waiting for a row; beyond: 429")
   p.add_argument("--max-image-bytes", type=int, default=20 << 20)
+  p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE,
+                 help="persistent XLA compilation cache: a restart skips compiling (default: $JAX_COMPILATION_CACHE_DIR "
+                      "or ~/.cache/lladav_jax/xla; 'none': off)")
   p.add_argument("--log-level", default="info")
   return p
 
@@ -69,6 +76,8 @@ def main(argv: Sequence[str] | None = None):
       raise SystemExit(f"{name} must be >= 1")
   if args.image_root and not os.path.isdir(args.image_root):
     raise SystemExit(f"--image-root {args.image_root} is not a directory")
+  if args.compilation_cache_dir.lower() != "none":
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
   model = LLaDAV.from_pretrained(args.model, dtype=args.dtype)
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
   app = create_app(model, ServeConfig(served_model_name=name, api_key=args.api_key or None,

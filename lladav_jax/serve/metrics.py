@@ -5,9 +5,31 @@ import collections
 import threading
 import time
 
+import jax
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lladav_jax.inference.scheduler import Scheduler
+
+_COUNTS = {"programs": 0, "cache_hits": 0}  # XLA programs built by this process; of them, read from the cache
+
+
+def _count_program(event: str, *args, **kwargs):
+  if event == "/jax/core/compile/backend_compile_duration":  # a compile or a persistent-cache read
+    _COUNTS["programs"] += 1
+
+
+def _count_cache_hit(event: str, *args, **kwargs):
+  if event == "/jax/compilation_cache/cache_hits":
+    _COUNTS["cache_hits"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_program)
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def compiles() -> int:
+  """Programs compiled by this process (one read from the persistent compilation cache is not compiled)."""
+  return _COUNTS["programs"] - _COUNTS["cache_hits"]
 
 
 class Metrics:
@@ -19,6 +41,10 @@ class Metrics:
     Gauge("lladav_busy_rows", "Engine rows holding an answer", registry=r).set_function(lambda: sched.busy_rows)
     self.tokens = Counter("lladav_generated_tokens", "Answer tokens generated", registry=r)
     self.nfe = Counter("lladav_forward_evaluations", "Forward evaluations (2 a step with CFG)", registry=r)
+    Gauge("lladav_compiles", "XLA programs compiled since the process started (warm-up included)",
+          registry=r).set_function(compiles)
+    Gauge("lladav_compile_cache_hits", "XLA programs read from the persistent compilation cache",
+          registry=r).set_function(lambda: _COUNTS["cache_hits"])
     Gauge("lladav_tokens_per_second", f"Answer tokens a second over the last {window_s:g} s",
           registry=r).set_function(lambda: self._rate(1))
     Gauge("lladav_forward_evaluations_per_second", f"Forward evaluations a second over the last {window_s:g} s",

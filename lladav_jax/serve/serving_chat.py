@@ -27,7 +27,7 @@ from lladav_jax.inference.scheduler import Denoise, Done, Event, Failed, Job, Pr
 from lladav_jax.inference.text import answer_ids, answer_text, stop_list, token_pieces
 from lladav_jax.serve import images
 from lladav_jax.serve.config import ServeConfig
-from lladav_jax.serve.metrics import Metrics
+from lladav_jax.serve.metrics import Metrics, compiles
 from lladav_jax.serve.protocol import (MAX_STOPS, STOP_TOKENS, AssistantMessage, ChatCompletion, ChatCompletionChunk,
                                        ChatRequest, Choice, ChunkChoice, Delta, FieldError, Usage, error_body, wire)
 
@@ -112,9 +112,12 @@ class ServingChat:
     shapes = EngineShapes(rows=self.cfg.max_num_seqs, prompt_len=inputs.prompt.length, answer_len=g,
                           stops=MAX_STOPS + 1, stop_len=STOP_TOKENS)
     stop_len = max(len(s) for s in stops)
-    jobs = [Job(request=r, cfg=params.engine_config(), shapes=shapes, gen_length=g, stop_len=stop_len,
-                mask_id=params.mask_id, denoise=req.denoise, emit=emit_for(i))
-            for i, r in enumerate(requests(inputs, params.row_params(g, params.block_length), 0))]
+    # blocks up to the whole answer: a request's block length is a value, not another engine (the dual
+    # cache's window is the longest block, so there it stays the request's own)
+    mbl = params.block_length if params.cache == "dual" else g
+    jobs = [Job(request=r, cfg=params.engine_config(max_block_length=mbl), shapes=shapes, gen_length=g,
+                stop_len=stop_len, mask_id=params.mask_id, denoise=req.denoise, emit=emit_for(i))
+            for i, r in enumerate(requests(inputs, params.row_params(g, mbl), 0))]
     return jobs, plen
 
   def text(self, ids) -> str:
@@ -123,13 +126,14 @@ class ServingChat:
   def warm_up(self):
     """Compiles the default request's engine (one step) before /health says ready."""
     req = ChatRequest(model=self.cfg.served_model_name, messages=[{"role": "user", "content": "Hello"}], steps=1)
+    t0, c0 = time.monotonic(), compiles()
     done = threading.Event()
     jobs, _ = self.prepare(req, lambda i: lambda ev: done.set() if isinstance(ev, (Done, Failed)) else None)
     if not self.sched.submit(jobs):
       raise RuntimeError("no queue room for the warm-up request")
     done.wait()
+    log.info("warmed up in %.1f s (%d programs compiled): ready", time.monotonic() - t0, compiles() - c0)
     self.ready = True
-    log.info("warmed up: ready")
 
   # ------------------------------------------------------------ a request (the event loop)
   async def create(self, req: ChatRequest, request: Request, t0: float) -> Response:
