@@ -197,6 +197,8 @@ def test_bad_inputs_get_their_status_and_the_server_keeps_serving(setup, client)
       (img("http://127.0.0.1:1/cat.png"), 400, where),
       ({**good, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
       ({**good, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+      ({**good, "cfg_scale": 1.5}, 400, "cfg_scale"),  # started without --enable-cfg
+      ({**good, "cache": "prefix"}, 400, "cache"),  # started without --cache prefix
   ]
   for body, status, param in cases:
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -240,19 +242,20 @@ def test_a_client_that_leaves_frees_its_row(setup, client):
   assert chat(client, user("next"), **SHORT).choices[0].message.content
 
 
-def test_block_lengths_and_step_counts_compile_nothing_new(setup, client):
-  """A request's block length and step count are values: after the first of one answer length and prompt
-  bucket, others of other blocks and steps run on the same programs, each with generate's text."""
+def test_block_lengths_step_counts_and_answer_lengths_compile_nothing_new(setup, client):
+  """A request's block length, step count and answer length (within its power-of-two bucket) are values:
+  after the first of one bucket, others run on the same programs, each with generate's text."""
   url, model = setup["server"].url, setup["model"]
   q = "Which shape is largest?"
   first = chat(client, user(q), temperature=0, max_tokens=16, block_length=16, steps=16)
   programs = lambda: (metric(url, "lladav_compiles"), metric(url, "lladav_compile_cache_hits"))  # noqa: E731
   before = programs()
   assert sum(before) > 0  # the warm-up's and the first request's programs, compiled or read from the cache
-  for block, steps in ((8, 16), (4, 8), (2, 16)):
-    got = chat(client, user(q), temperature=0, max_tokens=16, block_length=block, steps=steps)
-    want = model.generate([q], params=SamplingParams(gen_length=16, block_length=block, steps=steps))[0]
-    assert got.choices[0].message.content == want.text and got.model_extra["nfe"] == want.nfe, (block, steps)
+  for gen, block, steps in ((16, 8, 16), (16, 4, 8), (16, 2, 16), (12, 4, 12), (9, 9, 9)):
+    got = chat(client, user(q), temperature=0, max_tokens=gen, block_length=block, steps=steps)
+    want = model.generate([q], params=SamplingParams(gen_length=gen, block_length=block, steps=steps))[0]
+    assert got.choices[0].message.content == want.text and got.model_extra["nfe"] == want.nfe, (gen, block, steps)
+    assert got.usage.completion_tokens == len(want.token_ids) <= gen
   assert programs() == before
   assert first.choices[0].message.content
 
@@ -272,13 +275,23 @@ def test_a_non_streamed_client_that_leaves_frees_its_row(setup, client):
   assert chat(client, user("next"), **SHORT).choices[0].message.content
 
 
-def test_a_restart_reads_its_programs_from_the_compilation_cache(setup, tmp_path):
-  """--compilation-cache-dir: the second start of the same server compiles nothing (the log says so)."""
-  warmups = []
+def test_launch_options_and_a_restart_from_the_compilation_cache(setup, tmp_path):
+  """--compilation-cache-dir: the second start of the same server compiles nothing (the log says so).
+  --enable-cfg --cache prefix: rows with and without guidance share the engines and each answers as generate."""
+  warmups, model, q = [], setup["model"], "What color is the circle?"
   for k in range(2):
     s = ServerProcess(setup["model_dir"], "--max-num-seqs", "2", "--compilation-cache-dir", str(tmp_path / "xla"),
-                      log_path=str(tmp_path / f"server{k}.log"))
-    s.stop()
+                      "--enable-cfg", "--cache", "prefix", log_path=str(tmp_path / f"server{k}.log"))
+    try:
+      if k:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0, timeout=120)
+        for scale in (1.5, 0.0):
+          got = chat(c, user(q), temperature=0, cfg_scale=scale, **SHORT)
+          want = model.generate([q], params=SamplingParams(gen_length=16, block_length=8, steps=16, cfg_scale=scale,
+                                                           cache="prefix"))[0]
+          assert got.choices[0].message.content == want.text and got.model_extra["nfe"] == want.nfe, scale
+    finally:
+      s.stop()
     log = (tmp_path / f"server{k}.log").read_text()
     warmups.append(re.search(r"warmed up in ([0-9.]+) s \((\d+) programs compiled\)", log))
   assert all(warmups), warmups

@@ -140,16 +140,18 @@ class SamplingParams:
 
   def engine_config(self, vocab_chunk: Optional[int] = None, forward_rows: Optional[int] = None,
                     max_transfer_ratio: Optional[float] = None, max_block_length: Optional[int] = None,
-                    head_rungs: int = 2) -> EngineConfig:
+                    head_rungs: int = 2, guidance: Optional[bool] = None) -> EngineConfig:
     """The static part. `max_transfer_ratio` (dllm): the largest transfer_ratio the engine's rows may
     ask for (default: this request's); rows asking less leave some recompute slots unused. The same for
-    `max_block_length` (default: this request's block length)."""
+    `max_block_length` (default: this request's block length). `guidance`: whether the engine runs the
+    unconditional pass (default: this request's cfg_scale > 0; a row of cfg_scale 0 in such an engine
+    takes the conditional logits, its tokens the same)."""
     if self.mask_id is None:
       raise ValueError("mask_id is not set: SamplingParams.for_model(model) sets the model's token ids")
     ratio = 0.0 if self.cache != "dllm" else self.transfer_ratio if max_transfer_ratio is None else max_transfer_ratio
     return EngineConfig(mask_id=self.mask_id, banned_ids=tuple(self.banned_ids or ()),
                         max_block_length=max_block_length or self.block_length, cache=self.cache,
-                        guidance=self.cfg_scale > 0, vocab_chunk=vocab_chunk, forward_rows=forward_rows,
+                        guidance=self.cfg_scale > 0 if guidance is None else guidance, vocab_chunk=vocab_chunk, forward_rows=forward_rows,
                         max_transfer_ratio=ratio, head_rungs=head_rungs)
 
   def row_params(self, answer_bucket: int, max_block_length: int) -> RowParams:

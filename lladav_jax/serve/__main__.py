@@ -1,5 +1,6 @@
 """python -m lladav_jax.serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--dtype D] [--api-key KEY]
-[--served-model-name NAME] [--image-root DIR] [--max-num-seqs N] [--max-queue N] [--compilation-cache-dir DIR]
+[--served-model-name NAME] [--image-root DIR] [--max-num-seqs N] [--max-queue N] [--cache none|prefix|dual]
+[--enable-cfg] [--compilation-cache-dir DIR]
 
 Flags are vLLM's where it has one. The key may also come from $LLADAV_API_KEY. SIGTERM: new requests get
 503, the running and queued ones finish, then the process exits 0."""
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-num-seqs", type=int, default=8, help="engine rows: answers generated at once")
   p.add_argument("--max-queue", type=int, default=64, help="answers waiting for a row; beyond: 429")
   p.add_argument("--max-image-bytes", type=int, default=20 << 20)
+  p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
+                 help="the engines' KV cache (Fast-dLLM prefix / dual); requests cannot pick another")
+  p.add_argument("--enable-cfg", action="store_true",
+                 help="run the unconditional pass so that requests may set cfg_scale > 0 (twice the work a step)")
   p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE,
                  help="persistent XLA compilation cache: a restart skips compiling (default: $JAX_COMPILATION_CACHE_DIR "
                       "or ~/.cache/lladav_jax/xla; 'none': off)")
@@ -82,7 +87,9 @@ def main(argv: Sequence[str] | None = None):
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
   app = create_app(model, ServeConfig(served_model_name=name, api_key=args.api_key or None,
                                       image_root=args.image_root, max_num_seqs=args.max_num_seqs,
-                                      max_queue=args.max_queue, max_image_bytes=args.max_image_bytes))
+                                      max_queue=args.max_queue, max_image_bytes=args.max_image_bytes,
+                                      cache=None if args.cache == "none" else args.cache,
+                                      enable_cfg=args.enable_cfg))
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
   DrainingServer(config, app.state.server).run()
 

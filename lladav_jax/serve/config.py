@@ -16,3 +16,6 @@ class ServeConfig:
   max_body_bytes: int = 64 << 20  # a request with its data: URLs (beyond: 413)
   max_image_pixels: int = 89478485  # PIL's decompression-bomb limit, as the training data's default
   retry_after_s: int = 1
+  cache: Optional[str] = None  # the engines' cache mode: None, "prefix" or "dual" (a request may not pick another)
+  enable_cfg: bool = False  # engines run the unconditional pass: requests may set cfg_scale > 0
+  min_answer_bucket: int = 16  # answers run in power-of-two buckets from this many positions

@@ -8,6 +8,7 @@ and never reaches the engine thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -87,7 +88,7 @@ class ServingChat:
                        f"{self.cfg.served_model_name!r}", status=404)
     if req.n > self.cfg.max_queue:
       raise FieldError("n", f"n={req.n} is more than the queue holds ({self.cfg.max_queue})")
-    params = req.to_sampling_params()
+    params = self.launch_settings(req, req.to_sampling_params())
     ids, imgs = self.prompt_ids(req)
     params = params.for_model(self.model)
     try:
@@ -109,16 +110,30 @@ class ServingChat:
     if plen + g > limit:
       raise FieldError("max_tokens", f"the prompt ({plen} tokens, images included) and max_tokens="
                        f"{g} exceed the model's {limit} positions")
-    shapes = EngineShapes(rows=self.cfg.max_num_seqs, prompt_len=inputs.prompt.length, answer_len=g,
+    # Engines by prompt bucket and answer bucket (powers of two) only: the answer length, block length and
+    # step count are the row's values. Blocks go up to the whole bucket, except under the dual cache, whose
+    # window is the longest block.
+    bucket = max(self.cfg.min_answer_bucket, 1 << (g - 1).bit_length())
+    shapes = EngineShapes(rows=self.cfg.max_num_seqs, prompt_len=inputs.prompt.length, answer_len=bucket,
                           stops=MAX_STOPS + 1, stop_len=STOP_TOKENS)
     stop_len = max(len(s) for s in stops)
-    # blocks up to the whole answer: a request's block length is a value, not another engine (the dual
-    # cache's window is the longest block, so there it stays the request's own)
-    mbl = params.block_length if params.cache == "dual" else g
-    jobs = [Job(request=r, cfg=params.engine_config(max_block_length=mbl), shapes=shapes, gen_length=g,
-                stop_len=stop_len, mask_id=params.mask_id, denoise=req.denoise, emit=emit_for(i))
-            for i, r in enumerate(requests(inputs, params.row_params(g, mbl), 0))]
+    mbl = params.block_length if params.cache == "dual" else bucket
+    cfg = params.engine_config(max_block_length=mbl, guidance=self.cfg.enable_cfg)
+    jobs = [Job(request=r, cfg=cfg, shapes=shapes, gen_length=g, stop_len=stop_len, mask_id=params.mask_id,
+                denoise=req.denoise, emit=emit_for(i))
+            for i, r in enumerate(requests(inputs, params.row_params(bucket, mbl), 0))]
     return jobs, plen
+
+  def launch_settings(self, req: ChatRequest, params):
+    """The cache mode and classifier-free guidance are the server's (its flags): a request that asks for
+    another gets 400 naming the flag."""
+    if req.cache is not None and req.cache != self.cfg.cache:
+      raise FieldError("cache", f"this server runs cache={self.cfg.cache or 'none'}; start it with --cache "
+                       f"{req.cache} for cache={req.cache}")
+    if params.cfg_scale > 0 and not self.cfg.enable_cfg:
+      raise FieldError("cfg_scale", f"cfg_scale={params.cfg_scale} needs classifier-free guidance, which this "
+                       "server runs only when started with --enable-cfg")
+    return dataclasses.replace(params, cache=self.cfg.cache)
 
   def text(self, ids) -> str:
     return answer_text(self.tok, ids, self.model.cfg.mask_token_id)
