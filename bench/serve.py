@@ -13,6 +13,15 @@ this process (the server idle): a batch starts once its last request has arrived
 is done; every request of it gets its answer at the batch's end (latency = time to first token).
 Compiles are excluded on both sides (a warm-up request of the same shape). At most
 `--requests` x len(rates) requests are sent; each has a timeout.
+
+`--mix`: the server alone under mixed traffic against homogeneous traffic of the same mean answer length and
+concurrency, at one arrival rate (`--rates`' first; above the server's capacity, e.g. 100, so that the waves
+measure it): homogeneous = 32-token answers in one block, short text
+questions; mixed = `max_tokens` 8 to 56 (mean 32), blocks of 8, 16 or the whole answer, short or long text
+questions (a prompt bucket of 64 or of 128 positions). The mixed wave runs twice: cold (the programs its
+shapes need are compiled on the way) and warm. Per wave: answer positions a second (the requests' max_tokens
+over the span), p50 / p99 latency and time to first token, and the programs compiled during it (`/metrics`'
+lladav_compiles).
 """
 from __future__ import annotations
 
@@ -92,6 +101,50 @@ def summary(rows: list[dict]) -> dict:
           "p50_ttft": float(np.percentile(ttft, 50)), "p99_ttft": float(np.percentile(ttft, 99))}
 
 
+LONG = " ".join(["Look at the picture carefully, count every shape and say which colour each one has."] * 6)
+
+
+def compiles(url: str) -> float:
+  text = httpx.get(url + "/metrics").text
+  return float(next(line.split()[1] for line in text.splitlines() if line.startswith("lladav_compiles ")))
+
+
+def mix(url: str, args) -> None:
+  """Mixed against homogeneous traffic on one server (see the module docstring)."""
+  rng = np.random.default_rng(args.seed)
+  rate, n = float(args.rates.split(",")[0]), args.requests
+
+  def body(q, gen, block):
+    return {"model": "tiny-lladav", "messages": [{"role": "user", "content": q}], "temperature": 0,
+            "max_tokens": gen, "block_length": block, "steps": gen, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+  homogeneous = [body(QUESTIONS[k % len(QUESTIONS)], 32, 32) for k in range(n)]
+  mixed = []
+  lengths = rng.permutation([(8, 56, 16, 48, 24, 40, 32, 32)[k % 8] for k in range(n)])  # 8 .. 56, mean 32
+  for k, gen in enumerate(int(g) for g in lengths):
+    block = int(rng.choice([b for b in (8, 16, gen) if gen % b == 0]))
+    q = QUESTIONS[k % len(QUESTIONS)] if k % 2 else LONG + " " + QUESTIONS[k % len(QUESTIONS)]
+    mixed.append(body(q, gen, block))
+  print(f"tiny model, {args.max_num_seqs} rows, {n} requests a wave at {rate:g}/s (Poisson, the same arrivals each "
+        f"wave), {jax_device()}; mean answer {sum(b['max_tokens'] for b in mixed) / n:g} tokens in both")
+  print("| wave | answer positions/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s | compiles |")
+  print("|---|---|---|---|---|---|---|")
+  rows = {}
+  arrivals = np.cumsum(rng.exponential(1 / rate, n))
+  arrivals -= arrivals[0]
+  for name, bodies in (("homogeneous", homogeneous), ("mixed, cold", mixed), ("mixed, warm", mixed)):
+    c0 = compiles(url)
+    served = asyncio.run(load(url, bodies, arrivals))
+    ok = [(r, b) for r, b in zip(served, bodies) if r["status"] == 200]
+    span = max(r["end"] for r, _ in ok) - min(r["send"] for r, _ in ok)
+    s = summary([r for r, _ in ok])
+    rows[name] = sum(b["max_tokens"] for _, b in ok) / span
+    print(f"| {name} | {rows[name]:.1f} | {s['p50_latency']:.2f} | {s['p99_latency']:.2f} | {s['p50_ttft']:.2f} | "
+          f"{s['p99_ttft']:.2f} | {compiles(url) - c0:g} |" + ("" if len(ok) == n else f" ({n - len(ok)} refused)"))
+  print(f"mixed (warm) / homogeneous answer positions a second: {rows['mixed, warm'] / rows['homogeneous']:.2f}x")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--rates", default="2,4,8", help="arrival rates, requests a second")
@@ -101,6 +154,7 @@ def main():
   p.add_argument("--block-length", type=int, default=8)
   p.add_argument("--steps", type=int, default=32)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mix", action="store_true", help="mixed against homogeneous traffic (the docstring)")
   args = p.parse_args()
   params = SamplingParams(gen_length=args.max_tokens, block_length=args.block_length, steps=args.steps)
   with tempfile.TemporaryDirectory() as root:
@@ -114,6 +168,8 @@ def main():
                 "stream": True, "stream_options": {"include_usage": True}}
 
       asyncio.run(load(srv.url, [body(QUESTIONS[0])], np.zeros(1)))  # compile
+      if args.mix:
+        return mix(srv.url, args)
       from lladav_jax.api import LLaDAV
       model = LLaDAV.from_pretrained(model_dir)
       model.generate(QUESTIONS[:args.max_num_seqs], None, params, batch_size=args.max_num_seqs)  # compile
