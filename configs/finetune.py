@@ -182,6 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.gen_length = config_dict.placeholder(int)  # None: the task's own settings
   c.eval.block_length = config_dict.placeholder(int)
   c.eval.steps = config_dict.placeholder(int)
+  c.eval.image_folder = ""  # relative image paths of eval.data ("": each data file's folder)
 
   c.peak_flops_per_device = 0.0  # 0: from the device-kind table (CPU: measured with a matmul)
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1))

@@ -175,6 +175,24 @@ def test_llava_conversation_rows_for_demo(tmp_path):
   assert s.images[0].getpixel((0, 0)) == RED
 
 
+def test_a_llava_split_with_its_image_folder_as_training_reads_it(tmp_path):
+  """A user's own LLaVA-format split, image paths relative to a separate image folder (data.image_folder):
+  read under --image_folder; relative to the file, the same rows are skipped naming the file."""
+  (tmp_path / "images" / "test").mkdir(parents=True)
+  Image.new("RGB", (5, 5), BLUE).save(tmp_path / "images" / "test" / "b.png")
+  (tmp_path / "splits").mkdir()
+  rows = [{"id": "u0", "image": "test/b.png", "conversations": [
+      {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "blue"}]}]
+  split = write_jsonl(tmp_path / "splits" / "test.jsonl", rows)
+  for task in ("llava_exact_match", "llava_anls"):
+    rr = R.read_samples(split, get_task(task), image_folder=str(tmp_path / "images"))
+    assert [s.images[0].getpixel((0, 0)) for s in rr.samples] == [BLUE] and rr.samples[0].answers == ["blue"]
+  rr = R.read_samples(split, get_task("llava_exact_match"))
+  assert not rr.samples and "b.png" in rr.skipped[0]["reason"]
+  with pytest.raises(FileNotFoundError, match="image folder"):
+    R.read_samples(split, get_task("llava_exact_match"), image_folder=str(tmp_path / "nope"))
+
+
 def test_mathvista_prompt_from_fields(tmp_path):
   rows = [{"pid": "1", "question": "How many cubes?", "answer": "3", "question_type": "free_form",
            "answer_type": "integer", "precision": None, "image": b64_png(RED)},

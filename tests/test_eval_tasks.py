@@ -13,7 +13,9 @@ EXPECTED = {**{t: (2, 2, 2, "no_think", ()) for t in MCQ},
             "infovqa_val": (32, 32, 16, "no_think", ()),
             "mathvista_testmini": (96, 96, 48, "think", ()),
             "mathverse_testmini_vision": (64, 64, 32, "think", ()),
-            "demo": (8, 8, 8, None, ())}
+            "demo": (8, 8, 8, None, ()),
+            "llava_exact_match": (32, 32, 32, None, ()),
+            "llava_anls": (32, 32, 32, None, ())}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

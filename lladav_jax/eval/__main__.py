@@ -19,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m lladav_jax.eval", description=__doc__)
   p.add_argument("--checkpoint", required=True, help="LLaDA-V checkpoint dir (HF or converted Orbax)")
   p.add_argument("--task", required=True, choices=sorted(TASKS))
-  p.add_argument("--data", required=True, help="benchmark file: .tsv (VLMEvalKit) or .jsonl/.json")
+  p.add_argument("--data", required=True, help="benchmark file: .tsv (VLMEvalKit) or .jsonl/.json (LLaVA format too)")
+  p.add_argument("--image_folder", default=None,
+                 help="relative image paths are read under this folder, as training's data.image_folder "
+                      "(default: the data file's folder)")
   p.add_argument("--limit", type=int, default=None, help="use the first N rows of the file")
   p.add_argument("--batch_size", type=int, default=1)
   p.add_argument("--gen_length", type=int, default=None, help="default: the task's (original) setting")
@@ -54,7 +57,8 @@ def main(argv=None, generate_fn=None, process_index: int | None = None, process_
   output = args.output or os.path.join("runs", "eval", f"{task.name}.json")
   shard_dir = os.path.splitext(output)[0] + ".shards"
 
-  rr = read_samples(args.data, task, limit=args.limit, shard_index=process_index, shard_count=process_count)
+  rr = read_samples(args.data, task, limit=args.limit, shard_index=process_index, shard_count=process_count,
+                    image_folder=args.image_folder)
   overrides = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps,
                "threshold": args.threshold, "cache": args.cache, "temperature": args.temperature, "seed": args.seed}
   common = dict(batch_size=args.batch_size, process_index=process_index, process_count=process_count,

@@ -176,7 +176,8 @@ def _shard_take(i: int, shard_index: int, shard_count: int) -> bool:
 
 # ------------------------------------------------------------------------------ TSV (VLMEvalKit)
 
-def read_tsv(path: str, task: Task, limit: int | None = None, shard_index: int = 0, shard_count: int = 1) -> ReadResult:
+def read_tsv(path: str, task: Task, limit: int | None = None, shard_index: int = 0, shard_count: int = 1,
+             image_folder: str | None = None) -> ReadResult:
   csv.field_size_limit(sys.maxsize)  # base64 images are far larger than csv's 128 KiB default
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f, delimiter="\t"))
@@ -205,7 +206,7 @@ def read_tsv(path: str, task: Task, limit: int | None = None, shard_index: int =
     if task.needs_choices and not choices:
       raise DataFormatError(f"{path}: row {i + 1} (index {rid}): no option columns A.. with values")
     try:
-      images, image_key = _tsv_images(row, by_index, os.path.dirname(path), shared)
+      images, image_key = _tsv_images(row, by_index, image_folder or os.path.dirname(path), shared)
     except ImageDecodeError as e:
       skipped.append({"id": rid, "row": i + 1, "reason": str(e)})
       continue
@@ -285,8 +286,9 @@ def _json_rows(path: str) -> Iterator[tuple[int, dict]]:
 _ID_KEYS = ("id", "question_id", "questionId", "index", "idx", "pid", "sample_id")
 
 
-def read_json(path: str, task: Task, limit: int | None = None, shard_index: int = 0, shard_count: int = 1) -> ReadResult:
-  base_dir = os.path.dirname(os.path.abspath(path))
+def read_json(path: str, task: Task, limit: int | None = None, shard_index: int = 0, shard_count: int = 1,
+              image_folder: str | None = None) -> ReadResult:
+  base_dir = image_folder or os.path.dirname(os.path.abspath(path))
   samples, skipped, n_rows = [], [], 0
   for i, (line_no, row) in enumerate(_json_rows(path)):
     if limit is not None and i >= limit:
@@ -367,13 +369,16 @@ def _json_images(row: dict, question: str, choices: list[str], base_dir: str) ->
 # ------------------------------------------------------------------------------ dispatch
 
 def read_samples(path: str, task: Task, limit: int | None = None, shard_index: int = 0,
-                 shard_count: int = 1) -> ReadResult:
+                 shard_count: int = 1, image_folder: str | None = None) -> ReadResult:
   """Read `path` for `task`. `limit` keeps the first N rows of the file; rows are then dealt to
-  shards round-robin (row i -> shard i % shard_count) so each process decodes only its own."""
+  shards round-robin (row i -> shard i % shard_count) so each process decodes only its own. Relative image
+  paths are read under `image_folder` (a training set's `data.image_folder`), by default the file's folder."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"data file not found: {path}")
+  if image_folder and not os.path.isdir(image_folder):
+    raise FileNotFoundError(f"image folder not found: {image_folder}")
   if path.endswith(".tsv"):
-    return read_tsv(path, task, limit, shard_index, shard_count)
+    return read_tsv(path, task, limit, shard_index, shard_count, image_folder)
   if path.endswith((".jsonl", ".json")):
-    return read_json(path, task, limit, shard_index, shard_count)
+    return read_json(path, task, limit, shard_index, shard_count, image_folder)
   raise DataFormatError(f"{path}: unknown data format (expected .tsv, .jsonl or .json)")

@@ -286,12 +286,13 @@ def format_summary(results: dict) -> str:
 
 def evaluate_during_training(model_or_generate_fn, task_names: Sequence[str], data_paths, limit: int | None = 64,
                              batch_size: int = 8, gen_overrides: dict | None = None,
-                             results_path: str | None = None) -> dict[str, float]:
+                             results_path: str | None = None, image_folder: str | None = None) -> dict[str, float]:
   """Small evals for the trainer's logs: {"eval/<task>/<metric>": value, ...}.
 
   Every process runs the same samples (no sharding), so a model sharded over hosts sees identical
   calls everywhere and no gathering is needed. `data_paths`: {task: path} or a list aligned with
-  `task_names`. Task-default generation settings unless `gen_overrides`. With `results_path` (a
+  `task_names`. Task-default generation settings unless `gen_overrides`; relative image paths under
+  `image_folder` (default: each data file's folder). With `results_path` (a
   format string with `{task}`) each task's full results, predictions included, are written there.
   """
   fn = model_or_generate_fn.generate if hasattr(model_or_generate_fn, "generate") else model_or_generate_fn
@@ -299,7 +300,7 @@ def evaluate_during_training(model_or_generate_fn, task_names: Sequence[str], da
   logs: dict[str, float] = {}
   for name in task_names:
     task = get_task(name)
-    rr = read_samples(paths[name], task, limit=limit)
+    rr = read_samples(paths[name], task, limit=limit, image_folder=image_folder)
     res = evaluate(task, rr.samples, fn, overrides=gen_overrides, batch_size=batch_size, skipped=rr.skipped)
     for k, v in res["metrics"].items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):

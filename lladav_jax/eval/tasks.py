@@ -291,6 +291,13 @@ TASKS: dict[str, Task] = {t.name: t for t in [
   Task("demo", kind="open", metric="exact_match", gen_length=8, block_length=8, steps=8, think=None,
        prompt_style="plain", dtype=None, description="test split of the built-in synthetic data "
        "(lladav_jax/data/demo_data.py); answers are 1-3 words, so 8 positions suffice"),
+  # A user's own LLaVA-format split (the first human turn asks, the first gpt turn answers), as trained on:
+  Task("llava_exact_match", kind="open", metric="exact_match", gen_length=32, block_length=32, steps=32,
+       think=None, prompt_style="plain", dtype=None,
+       description="a LLaVA-format split scored by exact match of the answer (--gen_length for longer answers)"),
+  Task("llava_anls", kind="open", metric="anls", gen_length=32, block_length=32, steps=32, think=None,
+       prompt_style="plain", open_metric="anls", dtype=None,
+       description="a LLaVA-format split scored by ANLS (average normalised Levenshtein similarity)"),
 ]}
 
 

@@ -261,6 +261,8 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
         problems.append(f"eval.data.{t}={eval_data[t]!r} does not exist")
     if tokenizer is None:
       problems.append("eval.tasks need a tokenizer (tokenizer_dir)")
+    if e.image_folder and not os.path.isdir(e.image_folder):
+      problems.append(f"eval.image_folder={e.image_folder!r} is not a directory")
 
   # ---- steps
   num_steps = int(cfg.train.num_steps)
@@ -288,7 +290,7 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
                              profile_start_step=int(lg.profile_start_step), profile_num_steps=int(lg.profile_num_steps)),
       eval=settings.EvalConfig(tasks=tuple(e.tasks), data=eval_data, every_steps=int(e.every_steps), at_end=bool(e.at_end),
                                limit=int(e.limit), batch_size=int(e.batch_size), gen_length=e.gen_length,
-                               block_length=e.block_length, steps=e.steps),
+                               block_length=e.block_length, steps=e.steps, image_folder=e.image_folder or ""),
       distributed=distributed_config(cfg), init_checkpoint=cfg.init.checkpoint, tokenizer_dir=tok_dir or None,
       peak_flops_per_device=float(cfg.peak_flops_per_device), tokenizer=tokenizer)
 

@@ -79,6 +79,7 @@ class EvalConfig:
   gen_length: int | None  # None: the task's own settings
   block_length: int | None
   steps: int | None
+  image_folder: str  # relative image paths of the eval data are read here ("": each data file's folder)
 
   @property
   def gen_overrides(self) -> dict[str, int]:

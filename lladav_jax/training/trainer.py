@@ -174,7 +174,8 @@ def run_evals(setup, r: RunConfig, state, *, step: int = 0, workdir: str | None 
     return {}
   path = os.path.join(workdir, "eval", f"{{task}}_step{step}.json") if workdir and jax.process_index() == 0 else None
   return evaluate_during_training(lladav_model(setup, r, state), list(e.tasks), dict(e.data), limit=e.limit or None,
-                                  batch_size=e.batch_size, gen_overrides=e.gen_overrides, results_path=path)
+                                  batch_size=e.batch_size, gen_overrides=e.gen_overrides, results_path=path,
+                                  image_folder=e.image_folder or None)
 
 
 # ----------------------------------------------------------------------------- main loop
