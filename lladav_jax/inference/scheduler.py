@@ -1,7 +1,7 @@
 """The engine loop of a server: one thread owns the engines and the device; request handlers (asyncio)
 hand it prepared jobs and read typed events back (`Prefix`, `Denoise`, `Done`, `Failed`).
 
-Requests of the same compiled shape (engine config, prompt bucket, answer length) share an engine
+Requests of the same compiled shape (engine config, prompt bucket, answer bucket) share an engine
 (`runner.EngineRunner`); every tick each engine with running rows advances `steps_per_tick` steps,
 then the thread reads every row back: a finished row goes to its job and frees its row, a running one
 reports the prefix of its answer that is final (committed, and past any stop that could still start
@@ -16,9 +16,7 @@ import collections
 import dataclasses
 import logging
 import threading
-from typing import Any, Callable
-
-from typing import Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
