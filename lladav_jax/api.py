@@ -96,11 +96,12 @@ class LLaDAV:
     Samples are expanded (each placeholder -> that image's tokens) and right-padded to the longest;
     padded keys are masked out. Returns host `ModelInputs`.
     """
-    rows = [np.asarray(r, np.int64) for r in (input_ids if not isinstance(input_ids, np.ndarray)
-                                              or input_ids.ndim == 2 else [input_ids])]
+    rows = [np.asarray(r) for r in (input_ids if not isinstance(input_ids, np.ndarray)
+                                    or input_ids.ndim == 2 else [input_ids])]
     images = images if images is not None else [[] for _ in rows]
     if len(images) != len(rows):
       raise ValueError(f"{len(rows)} samples but {len(images)} image lists")
+    rows = [_checked_ids(i, r, ims, self.cfg.llm.vocab_size) for i, (r, ims) in enumerate(zip(rows, images))]
     exp = [multimodal.expand(r, multimodal.process_sample_images(ims, self.image_cfg) if ims else [],
                              self.image_cfg) for r, ims in zip(rows, images)]
     return batch_lib.collate(exp, self.image_cfg)
@@ -120,6 +121,30 @@ class LLaDAV:
   def elbo(self, prompts: Sequence[str], images, answers: Sequence[str], **kw) -> list[float]:
     """Monte-Carlo lower bound of log p(answer | prompt, images), as the original's loglikelihood."""
     return elbo.elbo(self, prompts, images, answers, **kw)
+
+
+def _checked_ids(i: int, ids: np.ndarray, images, vocab_size: int) -> np.ndarray:
+  """Sample i's token ids as int64, checked on the host: inside the jitted forward an id outside the
+  embedding table raises nothing (ids past it give non-finite logits, negative ones another row's)."""
+  if ids.ndim != 1:
+    raise ValueError(f"input_ids[{i}]: expected a 1-D sequence of token ids per sample, got shape {ids.shape} "
+                     f"(one sample is [[id, ...]])")
+  if ids.size and ids.dtype.kind not in "iu":
+    raise ValueError(f"input_ids[{i}]: token ids must be integers, got dtype {ids.dtype}")
+  ids = ids.astype(np.int64)
+  bad = np.flatnonzero(((ids < 0) & (ids != IMAGE_TOKEN_INDEX)) | (ids >= vocab_size))
+  if bad.size:
+    pos = int(bad[0])
+    more = f" ({bad.size - 1} more bad ids in this sample)" if bad.size > 1 else ""
+    raise ValueError(f"input_ids[{i}][{pos}] = {int(ids[pos])} is not a token id of this model: valid ids are "
+                     f"0..{vocab_size - 1} (vocab_size={vocab_size}), or {IMAGE_TOKEN_INDEX} for an image{more}")
+  if isinstance(images, Image.Image):
+    raise ValueError(f"images[{i}] is one image: give a list of images per sample (images=[[img], ...])")
+  n_ph, n_im = int((ids == IMAGE_TOKEN_INDEX).sum()), len(images) if images else 0
+  if n_ph != n_im:
+    raise ValueError(f"input_ids[{i}] has {n_ph} image placeholders ({IMAGE_TOKEN_INDEX}) but images[{i}] "
+                     f"has {n_im} images: each image needs one placeholder where it goes")
+  return ids
 
 
 def _forward_logits(graphdef, state, x: ModelInputs):

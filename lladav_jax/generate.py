@@ -20,6 +20,7 @@ import dataclasses
 import html
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -34,9 +35,11 @@ from lladav_jax.inference.text import token_pieces
 MASK_GLYPH = "░"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(checkpoint_required: bool = True) -> argparse.ArgumentParser:
+  """`checkpoint_required=False` when the caller passes a model object instead (main(argv, model=...))."""
   p = argparse.ArgumentParser(prog="python -m lladav_jax.generate", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=False, help="Hugging Face LLaDA-V directory or converted Orbax directory")
+  p.add_argument("--checkpoint", required=checkpoint_required, metavar="DIR",
+                 help="Hugging Face LLaDA-V directory or converted Orbax directory")
   p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
   p.add_argument("--prompt", required=True, help="the user question (<image> tags are added if absent)")
   p.add_argument("--dtype", default=None,
@@ -179,10 +182,15 @@ draw(last);
 def main(argv: Sequence[str] | None = None, model=None, out=None):
   """Runs the CLI. `model` (an LLaDAV) replaces --checkpoint (tests, notebooks)."""
   out = out or sys.stdout
-  args = build_parser().parse_args(argv)
+  parser = build_parser(checkpoint_required=model is None)
+  args = parser.parse_args(argv)
+  # before the checkpoint is read (minutes for the released model), with argparse's usage and exit status 2
+  for path in args.image:
+    if not os.path.isfile(path):
+      parser.error(f"--image {path!r}: no such file")
   if model is None:
-    if not args.checkpoint:
-      raise SystemExit("--checkpoint DIR is required")
+    if not os.path.isdir(args.checkpoint):
+      parser.error(f"--checkpoint {args.checkpoint!r}: no such directory")
     model = LLaDAV.from_pretrained(args.checkpoint, dtype=args.dtype)
   imgs = [Image.open(p) for p in args.image]
   live = not args.json and not args.no_live and hasattr(out, "isatty") and out.isatty()

@@ -1,5 +1,8 @@
 r"""Train LLaDA-V: `python -m lladav_jax.train --config=configs/finetune.py[:PRESET] --workdir=DIR`.
 
+usage: python -m lladav_jax.train [--help] --config=FILE[:PRESET] (--workdir=DIR | --print_config | --dry_run)
+                                  [--config.SECTION.FIELD=VALUE ...]
+
     python -m lladav_jax.train --config=configs/finetune.py --workdir=runs/demo          # the CPU demo
     python -m lladav_jax.train --config=configs/finetune.py:finetune --workdir=runs/ft \
         --config.init.checkpoint=model/LLaDA-V-orbax --config.data.path=my_data.json \
@@ -12,7 +15,7 @@ and data-iterator position) and continues with exactly the losses of an uninterr
 Presets and every field: configs/finetune.py. Multi-host: run the same command on every host
 (launch/tpu_pod.sh, launch/slurm_gpu.sbatch); jax.distributed is initialised automatically.
 
-Exit status: 0 done (or stopped by SIGTERM after a save), 2 a bad config, 3 a non-finite loss, 4 too many
+Exit status: 0 done (or stopped by SIGTERM after a save, or --help), 2 a bad config, 3 a non-finite loss, 4 too many
 bad samples (data.max_skip_fraction), 130 Ctrl-C, 1 any other failure; each prints one `error:` message.
 
 This is the edge: the ConfigDict is resolved here into `training.settings.RunConfig` (validated
@@ -91,5 +94,20 @@ def main(argv):
     sys.exit(e.exit_code)
 
 
+_HELP = {"--help": True, "-h": True, "-?": True, "--helpshort": True, "--helpfull": False}
+
+
+def _parse_flags(argv):
+  """absl's parser, except that help exits 0 as argparse's does (absl's help flags exit 1) and -h is one."""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if arg in _HELP:
+      app.usage(shorthelp=_HELP[arg], writeto_stdout=True)
+      print("Try --helpfull to get a list of all flags." if _HELP[arg] else "")
+      sys.exit(0)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

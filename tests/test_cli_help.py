@@ -1,0 +1,65 @@
+"""Every command line answers --help with its usage and exit status 0 (absl's own help exits 1: train.py
+overrides it), its usage line showing the required arguments; generate's argument errors exit 2 as
+argparse's do, before any checkpoint is read."""
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lladav_jax import generate
+from tests.train_helpers import PYTHON, REPO, subprocess_env
+
+# (command line, what its usage must show: the required arguments without brackets)
+HELP = [
+    (["lladav_jax.train", "--help"], ["usage: python -m lladav_jax.train", "--config=FILE[:PRESET]",
+                                      "(--workdir=DIR | --print_config | --dry_run)", "--dry_run_meshes"]),
+    (["lladav_jax.train", "-h"], ["usage: python -m lladav_jax.train"]),
+    (["lladav_jax.convert", "--help"], ["usage: python -m lladav_jax.convert", "{hf-to-orbax,orbax-to-hf}"]),
+    (["lladav_jax.convert", "hf-to-orbax", "--help"], ["usage: python -m lladav_jax.convert hf-to-orbax", "src dst"]),
+    (["lladav_jax.convert", "orbax-to-hf", "--help"], ["usage: python -m lladav_jax.convert orbax-to-hf", "src dst"]),
+    (["lladav_jax.generate", "--help"], ["usage: python -m lladav_jax.generate [-h] --checkpoint DIR",
+                                         "--prompt PROMPT"]),
+    (["lladav_jax.eval", "--help"], ["usage: python -m lladav_jax.eval [-h] --checkpoint CHECKPOINT --task"]),
+    (["lladav_jax.serve", "--help"], ["usage: python -m lladav_jax.serve", "MODEL_DIR"]),
+]
+
+
+def _run(argv):
+  return subprocess.run([PYTHON, "-m", *argv], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.fixture(scope="module")
+def helps():
+  # imports only (jax and the package), a few seconds each: run side by side
+  with ThreadPoolExecutor(4) as pool:
+    return dict(zip((" ".join(a) for a, _ in HELP), pool.map(_run, [a for a, _ in HELP])))
+
+
+@pytest.mark.parametrize("argv, shown", HELP, ids=[" ".join(a) for a, _ in HELP])
+def test_help_exits_0_with_the_usage(helps, argv, shown):
+  r = helps[" ".join(argv)]
+  out = " ".join((r.stdout + r.stderr).split())  # argparse wraps long usage lines
+  assert r.returncode == 0, out[-2000:]
+  assert "usage" in out.lower()
+  for s in shown:
+    assert s in out, (s, out[:2000])
+
+
+def test_generate_needs_a_checkpoint_unless_given_a_model(capsys, tmp_path):
+  with pytest.raises(SystemExit) as e:
+    generate.main(["--prompt", "What is in the image?"])
+  assert e.value.code == 2
+  assert "the following arguments are required: --checkpoint" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    generate.main(["--checkpoint", str(tmp_path / "absent"), "--prompt", "hi"])
+  assert e.value.code == 2
+  assert f"--checkpoint '{tmp_path / 'absent'}': no such directory" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:  # the images are looked at before the checkpoint is read
+    generate.main(["--checkpoint", str(tmp_path), "--image", "absent.png", "--prompt", "hi"])
+  assert e.value.code == 2
+  assert "--image 'absent.png': no such file" in capsys.readouterr().err
+  # with a model object --checkpoint is optional: parsing gets as far as the images
+  with pytest.raises(SystemExit) as e:
+    generate.main(["--image", "absent.png", "--prompt", "hi"], model=object())
+  assert e.value.code == 2
