@@ -120,3 +120,18 @@ def _scene(demo_root):
   from PIL import Image
   (d,) = [p for p in demo_root.iterdir() if (p / "DONE").exists()]
   return Image.open(next((d / "images" / "test").iterdir())).convert("RGB")
+
+
+def test_a_finished_run_run_again_says_so_and_recomputes_nothing(uninterrupted):
+  """The README's command run a second time: it restores, says the run is finished (with the model and the
+  final evals it wrote) and exits 0 without compiling a step, training, exporting or evaluating again."""
+  tmp, env, want = uninterrupted
+  a = tmp / "a"
+  before = {p: os.path.getmtime(p) for p in [a / "metrics.jsonl", a / "model"] + sorted((a / "eval").glob("*"))}
+  r = subprocess.run(_args("a", tmp / "demo"), cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr
+  out = r.stdout + r.stderr
+  assert f"already finished at step {STEPS} of {STEPS}" in out, out
+  assert "compiled the train step" not in out.lower() and "final eval:" not in out
+  assert {p: os.path.getmtime(p) for p in before} == before
+  assert read_metrics(os.path.join(a, "metrics.jsonl")) == want

@@ -16,6 +16,7 @@ to it with the `tokenizers` library.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -195,6 +196,8 @@ def ensure_demo_data(root: str, num_train: int = 4000, num_val: int = 200, num_t
   if os.path.exists(os.path.join(final, "DONE")):
     return paths(final)
   os.makedirs(os.path.dirname(final), exist_ok=True)
+  logging.getLogger(__name__).info("generating the demo data set (first use: %d + %d + %d pictures and their "
+                                   "questions, a tokenizer) in %s", num_train, num_val, num_test, final)
   tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=os.path.dirname(final))
   try:
     rng = random.Random(seed)

@@ -15,6 +15,7 @@ with the reason, what to change and the step re-running the command resumes from
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -369,6 +370,32 @@ class Training:
     log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
              (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - self.t0)
 
+  def finished_before(self) -> bool:
+    """True (and says so) when the workdir holds this run finished: the last step checkpointed, and what
+    `finish` makes (the exported model, the final evals) already written; re-running it recomputes nothing."""
+    r, step = self.r, self.step
+    if step < self.total or self.latest != step:
+      return False
+    made = []
+    if r.checkpoint.export_model:
+      made.append(os.path.join(self.workdir, "model"))
+    if r.eval.at_end:
+      made += [os.path.join(self.workdir, "eval", f"{t}_step{step}.json") for t in r.eval.tasks]
+    if not all(os.path.exists(p) for p in made):
+      return False
+    if self.is_main:
+      log.info("already finished at step %d of %d: %s (a larger train.num_steps trains on, a new --workdir starts "
+               "over)", step, self.total, ", ".join(made) or self.workdir)
+      for p in made[1 if r.checkpoint.export_model else 0:]:
+        with open(p) as fh:
+          res = json.load(fh)
+        print(f"final eval {res['task']} {res['primary_metric']}: {res['metrics'][res['primary_metric']]:.4g} "
+              f"(from {p})", flush=True)
+    if self.ckpt is not None:
+      self.ckpt.close()
+      self.at.ckpt = None
+    return True
+
   def open_outputs(self):
     """The metrics writer, the progress bar and the SIGTERM handler (the step clock starts here)."""
     lg = self.r.log
@@ -451,6 +478,9 @@ class Training:
       if self.is_main:
         log.info("model written to %s (python -m lladav_jax.eval --checkpoint %s ...)", out, out)
     if done and r.eval.at_end and r.eval.tasks:
+      if self.is_main:
+        log.info("final eval: %s, %s samples each with the sampler (the eval section's settings)",
+                 ", ".join(r.eval.tasks), r.eval.limit or "all")
       te = time.perf_counter()
       evals = run_evals(self.setup, r, self.state, step=self.step, workdir=self.workdir)
       self.writer.write(self.step, evals)
@@ -473,6 +503,8 @@ def _train(r: RunConfig, workdir: str, at: _Where) -> dict:
   """restore or init -> compile -> loop {step, then checkpoint / eval / SIGTERM} -> finish; the last metrics."""
   t = Training(r, workdir, at)  # mesh, state setup, this process's data iterator, checkpointer
   t.restore_or_init()
+  if t.finished_before():
+    return {}
   t.compiled(largest_batch_shapes(r))  # ahead of time; the other buckets compile on first use
   t.open_outputs()
   try:
