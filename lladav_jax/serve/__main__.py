@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--compilation-cache-dir", default=DEFAULT_COMPILATION_CACHE,
                  help="persistent XLA compilation cache: a restart skips compiling (default: $JAX_COMPILATION_CACHE_DIR "
                       "or ~/.cache/lladav_jax/xla; 'none': off)")
-  p.add_argument("--log-level", default="info")
+  p.add_argument("--log-level", default="info", help="debug also shows other libraries' INFO lines")
   return p
 
 
@@ -76,6 +76,9 @@ class DrainingServer(uvicorn.Server):
 def main(argv: Sequence[str] | None = None):
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  if args.log_level.lower() != "debug":  # other libraries' INFO lines (checkpoint restore, backend probing)
+    for noisy in ("absl", "orbax", "jax._src", "etils"):
+      logging.getLogger(noisy).setLevel(logging.WARNING)
   for name, v in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
     if v < 1:
       raise SystemExit(f"{name} must be >= 1")
@@ -83,7 +86,10 @@ def main(argv: Sequence[str] | None = None):
     raise SystemExit(f"--image-root {args.image_root} is not a directory")
   if args.compilation_cache_dir.lower() != "none":
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+  t0 = time.monotonic()
+  log.info("loading %s", args.model)
   model = LLaDAV.from_pretrained(args.model, dtype=args.dtype)
+  log.info("loaded in %.1f s", time.monotonic() - t0)
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
   app = create_app(model, ServeConfig(served_model_name=name, api_key=args.api_key or None,
                                       image_root=args.image_root, max_num_seqs=args.max_num_seqs,

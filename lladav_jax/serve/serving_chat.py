@@ -142,6 +142,7 @@ class ServingChat:
     """Compiles the default request's engine (one step) before /health says ready."""
     req = ChatRequest(model=self.cfg.served_model_name, messages=[{"role": "user", "content": "Hello"}], steps=1)
     t0, c0 = time.monotonic(), compiles()
+    log.info("warming up: the default request's programs (read from the compilation cache when there)")
     done = threading.Event()
     jobs, _ = self.prepare(req, lambda i: lambda ev: done.set() if isinstance(ev, (Done, Failed)) else None)
     if not self.sched.submit(jobs):
