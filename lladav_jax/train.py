@@ -48,6 +48,8 @@ _DRY = flags.DEFINE_bool("dry_run", False, "Compile the train step ahead of time
                          "buffers (lladav_jax/training/plan.py). No data, no weights, no training.")
 _DRY_MESHES = flags.DEFINE_multi_string("dry_run_meshes", list(plan.DEFAULT_MESHES),
                                         "Meshes for --dry_run, each PRESET:DATA,FSDP,TENSOR.")
+_DRY_GIB = flags.DEFINE_list("dry_run_device_gib", [f"{g:g}" for g in plan.DEVICE_GIB],
+                             "Device memories (GiB) the --dry_run table checks each plan's peak against.")
 _DRY_MESH = flags.DEFINE_string("dry_run_mesh", None, "(internal) plan one mesh on this process's devices.")
 _DRY_DUMP = flags.DEFINE_string("dry_run_dump", None, "(internal) XLA dump folder of --dry_run_mesh.")
 flags.mark_flag_as_required("config")
@@ -72,7 +74,7 @@ def main(argv):
       return
     if _DRY.value:
       plans = plan.run_plans(sys.argv[1:], _DRY_MESHES.value)
-      print(plan.table(plans))
+      print(plan.table(plans, [float(g) for g in _DRY_GIB.value]))
       for p in plans:
         print(json.dumps(p))
       sys.exit(1 if any("error" in p for p in plans) else 0)

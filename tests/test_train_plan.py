@@ -31,8 +31,20 @@ def test_plan_one_mesh_per_device_bytes():
   assert plan.saved_activation_bytes(cfg.replace(remat_policy="minimal"), 1, 1536, 1, 2) == \
       4 * (2 * 1536 * (64 + 8 * 16 / 2 + 64 + 2 * 128 / 2) + 2 * 729 * 32)  # "mlp_out" is never read: not kept
   assert plan.saved_activation_bytes(cfg.replace(remat_policy="none"), 1, 1536, 1, 1) is None
-  text = plan.table([full, tp, {"mesh": "fsdp:1,3,1", "error": "x"}])
+  text = plan.table([full, tp, {"mesh": "fsdp:1,3,1", "error": "x"}], device_gib=(16, 80))
   assert "| fsdp_tp 1x4x2 | 8 | 4 x 2 | 1536, 1 |" in text and "failed: x" in text
+  assert "| fits 16 GiB | fits 80 GiB |" in text and text.count("| yes | yes |") == 2  # the tiny model fits
+  assert "| 0.00 |" not in text.split("\n")[2]  # a tiny model's figures in significant digits, not 0.00
+
+
+def test_plan_of_the_finetune_preset_plans_its_packed_rows():
+  """`finetune` packs conversations into rows: the plan compiles the same step on its full rows (seq_len tokens,
+  tile_budget tiles) instead of refusing the preset."""
+  cfg = finetune.get_config("finetune,model.preset=tiny,model.vocab_from_tokenizer=False,model.dtype=float32,"
+                            "model.param_dtype=float32,data.seq_len=1536,data.tile_budget=2,train.global_batch_size=8")
+  p = plan.plan_one(cfg, "fsdp_tp", (1, 8, 1))
+  assert (p["tokens"], p["tiles"]) == (1536, 2) and p["temporaries"] > 0
+  assert any("data.packing" in n for n in p["notes"])
 
 
 @pytest.mark.slow  # a second compile in a subprocess; the in-process plan test covers the plan in the default run

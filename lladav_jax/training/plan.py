@@ -71,6 +71,10 @@ def dry_run_config(cfg, preset: str, shape: Sequence[int]):
   if c.data.kind == "llava":
     c.data.kind = "synthetic"  # shapes only: the plan reads no records
     c.data.synthetic_tiles = 1
+    if c.data.packing:  # the step is the same program packed or not: rows of seq_len tokens, tile_budget tiles
+      c.data.packing = False
+      notes.append(f"data.packing: planned as the full rows it packs ({c.data.seq_len} tokens, "
+                   f"{c.data.tile_budget} tiles a row)")
   if int(c.train.num_steps) <= 0:
     c.train.num_steps = 1000
   c.eval.tasks = ()
@@ -219,22 +223,31 @@ def run_plans(argv: Sequence[str], meshes: Sequence[str], *, timeout: int = 3600
   return out
 
 
-def table(plans: Sequence[dict], limit_gib: float = 16.0) -> str:
-  """The plans as a Markdown table (GiB per device) + each one's largest buffers."""
+DEVICE_GIB = (16, 24, 40, 80, 95)  # TPU v5e / L4 / A100-40G / A100-80G and H100 / TPU v5p: device memory in GiB
+
+
+def _gib(b: float) -> str:
+  v = b / GIB
+  return f"{v:.2f}" if v >= 0.1 or v == 0 else f"{v:.2g}"
+
+
+def table(plans: Sequence[dict], device_gib: Sequence[float] = DEVICE_GIB) -> str:
+  """The plans as a Markdown table (GiB per device; small models in significant digits) + each one's largest
+  buffers; a column per device memory says whether the peak fits it."""
+  fits = " | ".join(f"fits {g:g} GiB" for g in device_gib)
   rows = ["| mesh | devices | batch x accum | tokens, tiles | remat | parameters | optimizer | batch | temporaries "
-          "(saved activations) | peak | fits " + f"{limit_gib:g} GiB |", "|---" * 11 + "|"]
+          f"(saved activations) | peak | {fits} |", "|---" * (10 + len(device_gib)) + "|"]
   detail = []
   for p in plans:
     if "error" in p:
-      rows.append(f"| {p['mesh']} | failed: {p['error']} |" + " |" * 9)
+      rows.append(f"| {p['mesh']} | failed: {p['error']} |" + " |" * (8 + len(device_gib)))
       continue
-    g = lambda k: p[k] / GIB
-    saved = "-" if p["saved_activations"] is None else f"{g('saved_activations'):.2f}"
+    saved = "-" if p["saved_activations"] is None else _gib(p["saved_activations"])
     mesh = f"{p['preset']} {'x'.join(map(str, p['mesh']))}"
+    verdicts = " | ".join("yes" if p["peak"] <= g * GIB else "no" for g in device_gib)
     rows.append(f"| {mesh} | {p['devices']} | {p['global_batch'] // p['accum']} x {p['accum']} | {p['tokens']}, "
-                f"{p['tiles']} | {p['remat']} | {g('parameters'):.2f} | {g('optimizer'):.2f} | {g('batch'):.3f} | "
-                f"{g('temporaries'):.2f} ({saved}) | {g('peak'):.2f} | "
-                f"{'yes' if p['peak'] <= limit_gib * GIB else 'no'} |")
+                f"{p['tiles']} | {p['remat']} | {_gib(p['parameters'])} | {_gib(p['optimizer'])} | {_gib(p['batch'])} | "
+                f"{_gib(p['temporaries'])} ({saved}) | {_gib(p['peak'])} | {verdicts} |")
     if p["largest"]:
       detail.append(f"{mesh}: " + "; ".join(f"{s / GIB:.2f} GiB {shape} ({op})" for s, shape, op in p["largest"][:5]))
     for n in p.get("notes", ()):
