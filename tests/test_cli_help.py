@@ -63,3 +63,26 @@ def test_generate_needs_a_checkpoint_unless_given_a_model(capsys, tmp_path):
   with pytest.raises(SystemExit) as e:
     generate.main(["--image", "absent.png", "--prompt", "hi"], model=object())
   assert e.value.code == 2
+
+
+def test_eval_and_serve_argument_errors_exit_2_naming_the_argument(capsys, tmp_path):
+  from lladav_jax.eval.__main__ import main as eval_main
+  from lladav_jax.serve.__main__ import main as serve_main
+  data = tmp_path / "test.json"
+  data.write_text("[]")
+  cases = [
+      (eval_main, ["--checkpoint", str(tmp_path), "--task", "demo", "--data", str(tmp_path / "absent.json")],
+       "--data"),
+      (eval_main, ["--checkpoint", str(tmp_path / "absent"), "--task", "demo", "--data", str(data)], "--checkpoint"),
+      (eval_main, ["--checkpoint", str(tmp_path), "--task", "llava_anls", "--data", str(data),
+                   "--image_folder", str(tmp_path / "absent")], "--image_folder"),
+      (serve_main, [str(tmp_path / "absent")], "MODEL_DIR"),
+      (serve_main, [str(tmp_path), "--max-num-seqs", "0"], "--max-num-seqs 0: must be >= 1"),
+      (serve_main, [str(tmp_path), "--image-root", str(tmp_path / "absent")], "--image-root"),
+  ]
+  for main, argv, named in cases:
+    with pytest.raises(SystemExit) as e:
+      main(argv)
+    assert e.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert named in err and "usage:" in err, (argv, err)

@@ -48,9 +48,16 @@ def _load_model(args, task):
 def main(argv=None, generate_fn=None, process_index: int | None = None, process_count: int | None = None) -> dict | None:
   """Runs the CLI. `generate_fn` (tests) replaces the real model; the process topology then
   defaults to a single process."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   task = get_task(args.task)
+  if not os.path.isfile(args.data):
+    parser.error(f"--data {args.data!r}: no such file")
+  if args.image_folder and not os.path.isdir(args.image_folder):
+    parser.error(f"--image_folder {args.image_folder!r}: no such directory")
   if generate_fn is None:
+    if not os.path.isdir(args.checkpoint):
+      parser.error(f"--checkpoint {args.checkpoint!r}: no such directory")
     generate_fn = _load_model(args, task).generate
     process_index, process_count = jax.process_index(), jax.process_count()
   process_index, process_count = process_index or 0, process_count or 1

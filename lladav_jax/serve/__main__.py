@@ -74,16 +74,19 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: Sequence[str] | None = None):
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  for name, v in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
+    if v < 1:
+      parser.error(f"{name} {v}: must be >= 1")
+  if args.image_root and not os.path.isdir(args.image_root):
+    parser.error(f"--image-root {args.image_root!r}: no such directory")
+  if not os.path.isdir(args.model):
+    parser.error(f"MODEL_DIR {args.model!r}: no such directory")
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
   if args.log_level.lower() != "debug":  # other libraries' INFO lines (checkpoint restore, backend probing)
     for noisy in ("absl", "orbax", "jax._src", "etils"):
       logging.getLogger(noisy).setLevel(logging.WARNING)
-  for name, v in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
-    if v < 1:
-      raise SystemExit(f"{name} must be >= 1")
-  if args.image_root and not os.path.isdir(args.image_root):
-    raise SystemExit(f"--image-root {args.image_root} is not a directory")
   if args.compilation_cache_dir.lower() != "none":
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
   t0 = time.monotonic()
