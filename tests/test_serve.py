@@ -20,7 +20,8 @@ import openai
 import pytest
 from PIL import Image
 
-from lladav_jax.inference import SamplingParams
+from lladav_jax.data import template
+from lladav_jax.inference import SamplingParams, generation, text
 
 from tests.serving import ServerProcess, write_tiny_model
 
@@ -140,6 +141,24 @@ def _stream(url: str, body: dict) -> tuple[list[dict], list[str]]:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
   return [json.loads(ln[6:]) for ln in lines if ln != "data: [DONE]"], lines
+
+
+def test_a_multi_turn_chat_with_its_image_resent_answers_as_generate_on_the_whole_conversation(setup, client):
+  """A chat's second turn re-sends the first turn's image and carries the assistant's answer: the server's
+  text equals token-level generation on the same rendered conversation (template, one image placeholder)."""
+  model, images = setup["model"], setup["images"]
+  a = Image.open(images / "a.png")
+  first = chat(client, user("What shape is it?", "a.png"), temperature=0, **SHORT).choices[0].message.content
+  messages = user("What shape is it?", "a.png") + [{"role": "assistant", "content": first},
+                                                    {"role": "user", "content": "And its colour?"}]
+  got = chat(client, messages, temperature=0, **SHORT).choices[0].message.content
+  tok = model.tokenizer
+  ids = template.render_inference(tok, [("system", template.DEFAULT_SYSTEM),
+                                        ("user", template.question_with_images("What shape is it?", 1)),
+                                        ("assistant", first), ("user", "And its colour?")])
+  params = SamplingParams(gen_length=16, block_length=8, steps=16).for_model(model)
+  (want,) = generation.generate_ids(model, [ids], [[a]], params=params)
+  assert got == text.answer_text(tok, want.token_ids, params.mask_id) and got
 
 
 def test_streamed_text_equals_non_streamed(setup, client):
