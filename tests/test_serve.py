@@ -161,6 +161,28 @@ def test_a_multi_turn_chat_with_its_image_resent_answers_as_generate_on_the_whol
   assert got == text.answer_text(tok, want.token_ids, params.mask_id) and got
 
 
+def test_completions_continue_a_raw_prompt_as_generate_ids(setup, client):
+  """/v1/completions with the real client: BOS + the prompt's tokens, no chat template; the text equals
+  token-level generation on the same ids, streamed or not; an image tag in the prompt is a 400 naming it."""
+  model, tok = setup["model"], setup["model"].tokenizer
+  prompt = "The red circle is next to the"
+  got = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0,
+                                  extra_body={"block_length": 8, "steps": 16})
+  params = SamplingParams(gen_length=16, block_length=8, steps=16).for_model(model)
+  (want,) = generation.generate_ids(model, [[tok.bos_id] + tok.encode(prompt)], params=params)
+  c = got.choices[0]
+  assert got.object == "text_completion" and c.text == text.answer_text(tok, want.token_ids, params.mask_id)
+  assert c.finish_reason in ("stop", "length") and got.usage.completion_tokens == len(want.token_ids)
+  stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                     extra_body={"block_length": 8, "steps": 16})
+  chunks = list(stream)
+  assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+  assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == c.finish_reason
+  with pytest.raises(openai.BadRequestError) as e:
+    client.completions.create(model=NAME, prompt="<image> what is it?", max_tokens=16)
+  assert e.value.body["param"] == "prompt"
+
+
 def test_streamed_text_equals_non_streamed(setup, client):
   q = user("What shape is the red object?")
   kw = SHORT

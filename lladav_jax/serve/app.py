@@ -1,5 +1,5 @@
-"""The HTTP routes: `/v1/chat/completions` (JSON or SSE stream), `/v1/models`, `/health`, `/metrics` and the
-chat page `/`, over one `ServingChat`."""
+"""The HTTP routes: `/v1/chat/completions` and `/v1/completions` (JSON or SSE stream), `/v1/models`, `/health`,
+`/metrics` and the chat page `/`, over one `ServingChat`."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lladav_jax.inference.model import InferenceModel
 from lladav_jax.serve.config import ServeConfig
-from lladav_jax.serve.protocol import ChatRequest, validation_error
+from lladav_jax.serve.protocol import ChatRequest, CompletionRequest, validation_error
 from lladav_jax.serve.serving_chat import ServingChat
 
 PAGE = os.path.join(os.path.dirname(__file__), "page.html")
@@ -67,6 +67,13 @@ def create_app(model: InferenceModel, cfg: ServeConfig) -> FastAPI:
 
   @app.post("/v1/chat/completions")
   async def chat(request: Request):
+    return await generation(request, ChatRequest)
+
+  @app.post("/v1/completions")
+  async def completions(request: Request):
+    return await generation(request, CompletionRequest)
+
+  async def generation(request: Request, kind):
     if not authorized(request):
       return unauthorized()
     if srv.draining or not srv.ready:
@@ -78,7 +85,7 @@ def create_app(model: InferenceModel, cfg: ServeConfig) -> FastAPI:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       return srv.fail(400, f"the body is not valid JSON: {e}")
     try:
-      req = ChatRequest.model_validate(body)
+      req = kind.model_validate(body)
     except pydantic.ValidationError as e:
       return srv.fail(400, *validation_error(e))
     return await srv.create(req, request, t0)

@@ -47,10 +47,9 @@ class StreamOptions(_Strict):
   include_usage: bool = False
 
 
-class ChatRequest(_Strict):
-  """Unset optional fields take `SamplingParams`'s defaults."""
+class _SamplingRequest(_Strict):
+  """The fields of a request that set its sampling; unset optional ones take `SamplingParams`'s defaults."""
   model: str
-  messages: list[Message] = Field(min_length=1)
   max_tokens: Optional[int] = Field(None, gt=0)  # SamplingParams.gen_length
   temperature: Optional[float] = Field(None, ge=0)
   seed: Optional[int] = None  # None: a random seed per request (an explicit one reproduces generate's)
@@ -76,8 +75,6 @@ class ChatRequest(_Strict):
       raise _field_error("denoise", "denoise needs stream: true")
     if len(self.stops) > MAX_STOPS:
       raise _field_error("stop", f"at most {MAX_STOPS} stop strings")
-    if self.messages[-1].role != "user":
-      raise _field_error("messages", "the last message must be the user's")
     return self
 
   @property
@@ -98,6 +95,22 @@ class ChatRequest(_Strict):
     except ParamsError as e:
       field = {"gen_length": "max_tokens"}.get(e.field, e.field)
       raise FieldError(field, "; ".join(m for _, m in e.problems)) from None
+
+
+class ChatRequest(_SamplingRequest):
+  """POST /v1/chat/completions."""
+  messages: list[Message] = Field(min_length=1)
+
+  @model_validator(mode="after")
+  def _last_is_the_users(self):
+    if self.messages[-1].role != "user":
+      raise _field_error("messages", "the last message must be the user's")
+    return self
+
+
+class CompletionRequest(_SamplingRequest):
+  """POST /v1/completions: a raw text prompt, continued without the chat template."""
+  prompt: str = Field(min_length=1)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -152,6 +165,39 @@ class ChatCompletionChunk(_Out):
   created: int
   model: str
   choices: list[ChunkChoice]
+
+
+class CompletionChoice(_Out):
+  index: int
+  text: str
+  finish_reason: Optional[Literal["stop", "length"]]
+  logprobs: None = None
+  nfe: int
+  steps: int
+
+
+class Completion(_Out):
+  id: str
+  object: Literal["text_completion"] = "text_completion"
+  created: int
+  model: str
+  choices: list[CompletionChoice]
+  usage: Usage
+  nfe: int
+
+
+class CompletionChunkChoice(_Out):
+  index: int
+  text: str
+  finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class CompletionChunk(_Out):
+  id: str
+  object: Literal["text_completion"] = "text_completion"
+  created: int
+  model: str
+  choices: list[CompletionChunkChoice]
 
 
 def wire(body: BaseModel) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Chat completions: messages -> the prompt, the request -> engine jobs, the jobs' events -> the response or
-its stream of chunks, failures -> OpenAI's error bodies.
+"""Chat completions and completions: messages (or a raw prompt) -> the prompt ids, the request -> engine jobs,
+the jobs' events -> the response or its stream of chunks, failures -> OpenAI's error bodies.
 
 Every request is checked and prepared (template, images decoded through the training loader, expanded and
 bucketed by `inference.prompts.prepare_inputs`) before it is queued, so a bad one is a 400 naming its field
@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from lladav_jax.config import IMAGE_TOKEN_INDEX
 from lladav_jax.data import template
 from lladav_jax.inference.engine import EngineShapes
 from lladav_jax.inference.model import InferenceModel
@@ -30,7 +31,9 @@ from lladav_jax.serve import images
 from lladav_jax.serve.config import ServeConfig
 from lladav_jax.serve.metrics import Metrics, compiles
 from lladav_jax.serve.protocol import (MAX_STOPS, STOP_TOKENS, AssistantMessage, ChatCompletion, ChatCompletionChunk,
-                                       ChatRequest, Choice, ChunkChoice, Delta, FieldError, Usage, error_body, wire)
+                                       ChatRequest, Choice, ChunkChoice, Completion, CompletionChoice, CompletionChunk,
+                                       CompletionChunkChoice, CompletionRequest, Delta, FieldError, Usage, error_body,
+                                       wire)
 
 log = logging.getLogger("lladav_jax.serve")
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
@@ -80,7 +83,15 @@ class ServingChat:
       msgs.insert(0, ("system", template.DEFAULT_SYSTEM))
     return template.render_inference(self.tok, msgs), imgs
 
-  def prepare(self, req: ChatRequest, emit_for) -> tuple[list[Job], int]:
+  def completion_ids(self, req: CompletionRequest) -> list[int]:
+    """A raw prompt: BOS and its tokens, no chat template (images only through /v1/chat/completions)."""
+    ids = [self.tok.bos_id] + self.tok.encode(req.prompt)
+    if IMAGE_TOKEN_INDEX in ids:
+      raise FieldError("prompt", f"{template.IMAGE_TAG} in a completion prompt: images go through "
+                       "/v1/chat/completions (image_url parts)")
+    return ids
+
+  def prepare(self, req: ChatRequest | CompletionRequest, emit_for) -> tuple[list[Job], int]:
     """The request's jobs (one a choice; choice i gets seed + i, as generate's prompt i) and its prompt
     length in tokens (image features included)."""
     if req.model != self.cfg.served_model_name:
@@ -89,7 +100,8 @@ class ServingChat:
     if req.n > self.cfg.max_queue:
       raise FieldError("n", f"n={req.n} is more than the queue holds ({self.cfg.max_queue})")
     params = self.launch_settings(req, req.to_sampling_params())
-    ids, imgs = self.prompt_ids(req)
+    chat = isinstance(req, ChatRequest)
+    ids, imgs = self.prompt_ids(req) if chat else (self.completion_ids(req), [])
     params = params.for_model(self.model)
     try:
       stop_ids = self.tok.encode_stop_strings(list(params.stop))
@@ -103,7 +115,7 @@ class ServingChat:
                               seeds=[params.seed + i for i in range(req.n)], rows=req.n,
                               stop_shape=(MAX_STOPS + 1, STOP_TOKENS))
     except ValueError as e:
-      raise FieldError("messages", str(e)) from None
+      raise FieldError("messages" if chat else "prompt", str(e)) from None
     plen = int(np.sum(inputs.prompt.valid[0]))
     g = params.gen_length
     limit = self.model.cfg.llm.max_position_embeddings
@@ -124,7 +136,7 @@ class ServingChat:
             for i, r in enumerate(requests(inputs, params.row_params(bucket, mbl), 0))]
     return jobs, plen
 
-  def launch_settings(self, req: ChatRequest, params):
+  def launch_settings(self, req: ChatRequest | CompletionRequest, params):
     """The cache mode and classifier-free guidance are the server's (its flags): a request that asks for
     another gets 400 naming the flag."""
     if req.cache is not None and req.cache != self.cfg.cache:
@@ -152,7 +164,7 @@ class ServingChat:
     self.ready = True
 
   # ------------------------------------------------------------ a request (the event loop)
-  async def create(self, req: ChatRequest, request: Request, t0: float) -> Response:
+  async def create(self, req: ChatRequest | CompletionRequest, request: Request, t0: float) -> Response:
     """The response to a validated request: JSON, a stream, or an error body."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     try:
@@ -180,10 +192,11 @@ class ServingChat:
 class _Run:
   """One accepted request: its jobs' events -> text deltas, the response, the metrics."""
 
-  def __init__(self, srv: ServingChat, req: ChatRequest, jobs: list[Job], plen: int, events: asyncio.Queue,
-               t0: float):
+  def __init__(self, srv: ServingChat, req: ChatRequest | CompletionRequest, jobs: list[Job], plen: int,
+               events: asyncio.Queue, t0: float):
     self.srv, self.req, self.jobs, self.plen, self.events, self.t0 = srv, req, jobs, plen, events, t0
-    self.id = f"chatcmpl-{uuid.uuid4().hex}"
+    self.chat = isinstance(req, ChatRequest)
+    self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
     self.created = int(time.time())
     self.sent = [""] * len(jobs)  # text already given out, per choice
     self.results: dict[int, Done] = {}
@@ -268,16 +281,32 @@ class _Run:
       if self.first is None and text:
         self._delta(i, ids, True)
       r = self.results[i].result
-      choices.append(Choice(index=i, message=AssistantMessage(role="assistant", content=text), finish_reason=reason,
-                            nfe=r.nfe, steps=r.steps))
+      if self.chat:
+        choices.append(Choice(index=i, message=AssistantMessage(role="assistant", content=text),
+                              finish_reason=reason, nfe=r.nfe, steps=r.steps))
+      else:
+        choices.append(CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=None, nfe=r.nfe,
+                                        steps=r.steps))
     self._finish()
-    return wire(ChatCompletion(id=self.id, object="chat.completion", created=self.created, model=self.req.model,
-                               choices=choices, usage=self._usage(), nfe=self._nfe()))
+    kind = (ChatCompletion, "chat.completion") if self.chat else (Completion, "text_completion")
+    return wire(kind[0](id=self.id, object=kind[1], created=self.created, model=self.req.model, choices=choices,
+                        usage=self._usage(), nfe=self._nfe()))
 
-  def _chunk(self, choices: list[ChunkChoice], **extra) -> str:
-    body = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
-                               model=self.req.model, choices=choices, **extra)
+  def _chunk(self, choices: list, **extra) -> str:
+    if self.chat:
+      body = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created,
+                                 model=self.req.model, choices=choices, **extra)
+    else:
+      body = CompletionChunk(id=self.id, object="text_completion", created=self.created, model=self.req.model,
+                             choices=choices, **extra)
     return f"data: {json.dumps(wire(body))}\n\n"
+
+  def _choice(self, i: int, text: str | None = None, role: bool = False, finish_reason=None):
+    """A chunk's choice: a chat delta (its role once, at the start) or a completion's text."""
+    if not self.chat:
+      return CompletionChunkChoice(index=i, text=text or "", finish_reason=finish_reason)
+    delta = Delta(role="assistant", content="") if role else Delta(content=text) if text else Delta()
+    return ChunkChoice(index=i, delta=delta, finish_reason=finish_reason)
 
   def _denoise(self, ev: Denoise) -> dict:
     """The page's live view of one step: each answer position's text (None while masked)."""
@@ -290,21 +319,20 @@ class _Run:
     chunk with finish_reason (and nfe) per choice, the usage chunk if asked for, then [DONE]."""
     self.srv.open_streams += 1
     try:
-      for i in range(len(self.jobs)):
-        yield self._chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""), finish_reason=None)])
+      for i in range(len(self.jobs) if self.chat else 0):
+        yield self._chunk([self._choice(i, role=True)])
       try:
         async for i, ev in self._events():
           if isinstance(ev, Denoise):
-            yield self._chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=None)], denoise=self._denoise(ev))
+            yield self._chunk([self._choice(i)], denoise=self._denoise(ev))
           elif isinstance(ev, Prefix):
             new = self._delta(i, ev.ids, False)
             if new:
-              yield self._chunk([ChunkChoice(index=i, delta=Delta(content=new), finish_reason=None)])
+              yield self._chunk([self._choice(i, new)])
           elif isinstance(ev, Done):
             ids, reason = self._choice_end(i)
             new = self._delta(i, ids, True)
-            yield self._chunk([ChunkChoice(index=i, delta=Delta(content=new) if new else Delta(),
-                                           finish_reason=reason)], nfe=ev.result.nfe, steps=ev.result.steps)
+            yield self._chunk([self._choice(i, new, finish_reason=reason)], nfe=ev.result.nfe, steps=ev.result.steps)
       except RuntimeError as e:
         self._finish(500)
         yield f"data: {json.dumps(error_body(500, f'the engine failed: {e}'))}\n\n"
