@@ -67,13 +67,13 @@ def create_app(model: InferenceModel, cfg: ServeConfig) -> FastAPI:
 
   @app.post("/v1/chat/completions")
   async def chat(request: Request):
-    return await generation(request, ChatRequest)
+    return await respond(request, ChatRequest)
 
   @app.post("/v1/completions")
   async def completions(request: Request):
-    return await generation(request, CompletionRequest)
+    return await respond(request, CompletionRequest)
 
-  async def generation(request: Request, kind):
+  async def respond(request: Request, kind):
     if not authorized(request):
       return unauthorized()
     if srv.draining or not srv.ready:

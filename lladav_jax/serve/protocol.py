@@ -138,11 +138,16 @@ class Choice(_Out):
   steps: int  # denoising steps
 
 
-class ChatCompletion(_Out):
+class _Body(_Out):
+  """What every response and chunk body starts with; `object` names its kind."""
   id: str
-  object: Literal["chat.completion"] = "chat.completion"
+  object: str
   created: int
   model: str
+
+
+class ChatCompletion(_Body):
+  object: Literal["chat.completion"] = "chat.completion"
   choices: list[Choice]
   usage: Usage
   nfe: int
@@ -159,11 +164,8 @@ class ChunkChoice(_Out):
   finish_reason: Optional[Literal["stop", "length"]] = None
 
 
-class ChatCompletionChunk(_Out):
-  id: str
+class ChatCompletionChunk(_Body):
   object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-  created: int
-  model: str
   choices: list[ChunkChoice]
 
 
@@ -176,11 +178,8 @@ class CompletionChoice(_Out):
   steps: int
 
 
-class Completion(_Out):
-  id: str
+class Completion(_Body):
   object: Literal["text_completion"] = "text_completion"
-  created: int
-  model: str
   choices: list[CompletionChoice]
   usage: Usage
   nfe: int
@@ -192,11 +191,8 @@ class CompletionChunkChoice(_Out):
   finish_reason: Optional[Literal["stop", "length"]] = None
 
 
-class CompletionChunk(_Out):
-  id: str
+class CompletionChunk(_Body):
   object: Literal["text_completion"] = "text_completion"
-  created: int
-  model: str
   choices: list[CompletionChunkChoice]
 
 

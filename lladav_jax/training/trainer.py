@@ -376,17 +376,15 @@ class Training:
     r, step = self.r, self.step
     if step < self.total or self.latest != step:
       return False
-    made = []
-    if r.checkpoint.export_model:
-      made.append(os.path.join(self.workdir, "model"))
-    if r.eval.at_end:
-      made += [os.path.join(self.workdir, "eval", f"{t}_step{step}.json") for t in r.eval.tasks]
+    model = [os.path.join(self.workdir, "model")] if r.checkpoint.export_model else []
+    evals = [os.path.join(self.workdir, "eval", f"{t}_step{step}.json") for t in r.eval.tasks] if r.eval.at_end else []
+    made = model + evals
     if not all(os.path.exists(p) for p in made):
       return False
     if self.is_main:
       log.info("already finished at step %d of %d: %s (a larger train.num_steps trains on, a new --workdir starts "
                "over)", step, self.total, ", ".join(made) or self.workdir)
-      for p in made[1 if r.checkpoint.export_model else 0:]:
+      for p in evals:
         with open(p) as fh:
           res = json.load(fh)
         print(f"final eval {res['task']} {res['primary_metric']}: {res['metrics'][res['primary_metric']]:.4g} "
