@@ -76,8 +76,8 @@ def test_loss_matches_numpy_formula():
   @jax.jit
   def both(params, batch, jb, t, u):
     model = nnx.merge(graphdef, params)
-    loss, aux = L.diffusion_loss(model, batch, t, u, mask_token_id=cfg.mask_token_id, cfg=L.LossConfig(logits_chunk=16),
-                                 conversations=4)
+    loss, aux = L.diffusion_loss(model, batch, t, u, mask_token_id=cfg.mask_token_id,
+                                 cfg=L.LossConfig(logits_chunk=16, padding_ids=(511,)), conversations=4)
     # the reference: replace masked embeddings *after* splicing the images, full float32 logits
     _, masked, _, _ = L.corrupt(jb["tokens"], jb["labels"], jb["segments"], t, u, cfg.mask_token_id, 1e-3)
     x = model.embed(jb["tokens"], jb["pixels"], jb["merge_idx"], jb["merge_w"])
@@ -90,6 +90,14 @@ def test_loss_matches_numpy_formula():
   want = numpy_loss(np.asarray(logits), bt["tokens"], bt["labels"], bt["segments"] > 0, np.asarray(t), np.asarray(u))
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   assert float(aux["masked_tokens"]) == float(np.asarray(masked).sum())
+  # the answer-word counts: masked positions whose label is not the EOS padding (synthetic's eos: 511)
+  masked, lab = np.asarray(masked), bt["labels"]
+  words = masked & (lab != 511)
+  assert 0 < words.sum() <= masked.sum() and (lab == 511).any()
+  right = np.asarray(logits).argmax(-1) == lab
+  assert float(aux["answer_masked"]) == words.sum()
+  assert float(aux["answer_correct"]) == (right & words).sum()
+  assert float(aux["correct"]) == (right & masked).sum()
 
 
 @pytest.mark.parametrize("chunk", [7, 16])
@@ -112,6 +120,38 @@ def test_chunked_ce_equals_unchunked(chunk):
   lab = np.where(np.asarray(labels) < 0, 0, np.asarray(labels))
   ce = lse - np.take_along_axis(logits, lab[..., None], -1)[..., 0]
   np.testing.assert_allclose(float(full), float((ce * np.asarray(w)).sum()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_answer_accuracy_leaves_padding_ids_out(chunk):
+  """The metric counts (#right over weights > 0; the same over labels that are not padding) against NumPy's
+  argmax, on a batch where the padding labels are all right and the answer words half: the count with padding
+  is the easy one, the one without it the answer's."""
+  rng = np.random.default_rng(4)
+  v, pad = 24, (20, 21)  # e.g. the demo tokenizer's EOS and <|eot_id|>
+  labels = rng.integers(0, 20, (3, 30))
+  labels[:, 18:] = rng.choice(pad, (3, 12))  # a short answer, then <|eot_id|> / EOS padding
+  labels[:, :4] = IGNORE_INDEX  # the prompt
+  # the logits' argmax: the label at every padding position and at half the answer words, another id elsewhere
+  target = np.where((labels >= 20) | (rng.random(labels.shape) < 0.5), labels, (labels + 1) % 20)
+  target = np.where(labels < 0, 0, target)
+  h = rng.standard_normal((3, 30, v)) * 0.1 + 3.0 * np.eye(v)[target]
+  head = np.eye(v) + rng.standard_normal((v, v)) * 0.01
+  w = (rng.random((3, 30)) < 0.7) * (labels != IGNORE_INDEX) * rng.random((3, 30))
+  got = jax.jit(lambda h, head: L.weighted_ce(h, head, jnp.asarray(labels, jnp.int32), jnp.asarray(w, jnp.float32),
+                                              chunk=chunk, padding_ids=pad))(jnp.asarray(h, jnp.float32),
+                                                                             jnp.asarray(head, jnp.float32))
+  right = (h @ head).argmax(-1) == labels
+  on = w > 0
+  words = on & ~np.isin(labels, pad)
+  assert float(got[2]) == (right & on).sum()
+  assert float(got[3]) == (right & words).sum()
+  acc_all, acc_words = (right & on).sum() / on.sum(), (right & words).sum() / words.sum()
+  assert acc_all > 0.7 and acc_words < 0.7  # the premise: padding inflates the count that includes it
+  # no padding ids: the same count as with padding
+  none = jax.jit(lambda h, head: L.weighted_ce(h, head, jnp.asarray(labels, jnp.int32), jnp.asarray(w, jnp.float32),
+                                               chunk=chunk))(jnp.asarray(h, jnp.float32), jnp.asarray(head, jnp.float32))
+  assert float(none[3]) == float(none[2]) == float(got[2])
 
 
 def test_head_matmuls_run_once_under_value_and_grad():

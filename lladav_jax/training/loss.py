@@ -51,6 +51,9 @@ class LossConfig:
   eps: float = 1e-3
   antithetic: bool = False  # md4: t_b = (t0 + b / B) mod 1 over the global batch
   logits_chunk: int = 1024  # positions per LM-head chunk; <= 0 = one chunk (unchunked)
+  # Label ids that are padding, not answer words (the tokenizer's EOS and <|eot_id|>: the original labels the
+  # EOS padding and each turn's end): the metric `answer_acc` leaves them out. The loss does not read it.
+  padding_ids: tuple[int, ...] = ()
 
 
 def conversations(segments_BL):
@@ -106,11 +109,12 @@ def corrupt(tokens_BL, labels_BL, segments_BL, t_BL, u_BL, mask_token_id: int, e
   return noisy, masked, p_BL, weights
 
 
-def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None):
+def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None, padding_ids=()):
   """sum_{b,i} weights_bi * CE(h_bi @ head, label_bi) with float32 logits, in chunks of positions.
 
   Returns (weighted CE sum, unweighted CE sum over weights > 0, #positions over weights > 0 whose label has the
-  largest logit); only the first is differentiable (the other two are metrics).
+  largest logit, the same count over those whose label is not one of `padding_ids`); only the first is
+  differentiable (the others are metrics).
   """
   l = h_BLD.shape[1]
   dtype = jnp.dtype(dtype or h_BLD.dtype)
@@ -121,8 +125,9 @@ def weighted_ce(h_BLD, head_DV, labels_BL, weights_BL, *, chunk: int, dtype=None
     h_BLD = jnp.pad(h_BLD, ((0, 0), (0, pad), (0, 0)))
     labels_BL = jnp.pad(labels_BL, ((0, 0), (0, pad)))
     weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
-  wsum, ce_sum, correct = _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype)
-  return wsum, jax.lax.stop_gradient(ce_sum), jax.lax.stop_gradient(correct)
+  wsum, ce_sum, correct, answer_correct = _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype,
+                                                   tuple(int(i) for i in padding_ids))
+  return (wsum, jax.lax.stop_gradient(ce_sum), jax.lax.stop_gradient(correct), jax.lax.stop_gradient(answer_correct))
 
 
 def _chunks(x, c):
@@ -130,9 +135,17 @@ def _chunks(x, c):
   return jnp.moveaxis(x.reshape((x.shape[0], x.shape[1] // c, c) + x.shape[2:]), 1, 0)
 
 
-def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype):
+def not_padding(labels, padding_ids):
+  """Where a label is none of `padding_ids` (a static tuple)."""
+  out = jnp.ones(labels.shape, bool)
+  for i in padding_ids:
+    out &= labels != i
+  return out
+
+
+def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype, padding_ids):
   """One chunk (the head already in the compute dtype): (float32 logits, log-sum-exp, per-position CE,
-  (weighted sum, CE sum, #correct) per row)."""
+  (weighted sum, CE sum, #correct, #correct but padding) per row)."""
   logits = shd.constrain(common.einsum_f32("BCD,DV->BCV", h_BCD.astype(dtype), head_DV), shd.BLV)
   lse = jax.nn.logsumexp(logits, axis=-1)
   label_logit = jnp.take_along_axis(logits, lab_BC[..., None], axis=-1)[..., 0]
@@ -142,21 +155,23 @@ def _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype):
   # argmax would be one more pass over the [B, C, V] logits carrying indices
   correct = (label_logit >= logits.max(axis=-1)) & on
   # per row: summed over the batch after the chunk scan, so that the scan's only cross-device sum is d head's
-  return logits, lse, ce, ((ce * w_BC).sum(1), jnp.where(on, ce, 0.0).sum(1), correct.astype(jnp.float32).sum(1))
+  answer_correct = correct & not_padding(lab_BC, padding_ids)
+  return logits, lse, ce, ((ce * w_BC).sum(1), jnp.where(on, ce, 0.0).sum(1), correct.astype(jnp.float32).sum(1),
+                           answer_correct.astype(jnp.float32).sum(1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ce_sums(h_BLD, head_DV, labels_BL, weights_BL, c, dtype, padding_ids):
   head_DV = head_DV.astype(dtype)
 
   def body(_, xs):
-    return None, _chunk_ce(head_DV, *xs, dtype)[3]
+    return None, _chunk_ce(head_DV, *xs, dtype, padding_ids)[3]
 
   sums = jax.lax.scan(body, None, (_chunks(h_BLD, c), _chunks(labels_BL, c), _chunks(weights_BL, c)))[1]
   return tuple(x.sum() for x in sums)
 
 
-def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
+def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype, padding_ids):
   """The sums and, per unit cotangent of the weighted sum, its gradients: d logits = w * (softmax - onehot),
   rounded to the compute dtype as a half-precision head's backward takes it (both matmuls half x half with
   float32 accumulation); d head accumulates over chunks in float32, sharded as the head."""
@@ -165,7 +180,7 @@ def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
 
   def body(dhead, xs):
     h_BCD, lab_BC, w_BC = xs
-    logits, lse, ce, sums = _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype)
+    logits, lse, ce, sums = _chunk_ce(head_DV, h_BCD, lab_BC, w_BC, dtype, padding_ids)
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
     p = jnp.exp(logits - lse[..., None])
     g_BCV = shd.constrain((w_BC[..., None] * jnp.where(vocab == lab_BC[..., None], p - 1.0, p)).astype(dtype),
@@ -181,9 +196,9 @@ def _ce_sums_fwd(h_BLD, head_DV, labels_BL, weights_BL, c, dtype):
   return tuple(x.sum() for x in sums), (unchunk(dh), dhead, head_dtype, unchunk(ce))
 
 
-def _ce_sums_bwd(c, dtype, res, g):
+def _ce_sums_bwd(c, dtype, padding_ids, res, g):
   dh, dhead, head_dtype, ce = res
-  g_w = g[0]  # the CE sum and the count are metrics (stop_gradient in weighted_ce): their cotangents are zero
+  g_w = g[0]  # the CE sum and the counts are metrics (stop_gradient in weighted_ce): their cotangents are zero
   return ((g_w * dh).astype(dh.dtype), (g_w * dhead).astype(head_dtype.dtype),
           np.zeros(ce.shape, jax.dtypes.float0), g_w * ce)  # labels: integers, [B, L] as the CE
 
@@ -201,10 +216,13 @@ def diffusion_loss(model, batch, t_BL, u_BL, *, mask_token_id: int, cfg: LossCon
   noisy, masked, _, w_BL = corrupt(x.tokens, labels, x.segments, t_BL, u_BL, mask_token_id, cfg.eps)
   emb = model.embed(noisy, x.pixels, x.merge_idx, x.merge_w)
   h = model.llm(emb, x.positions, x.segments, dropout_key=dropout_key)
-  wsum, ce_sum, correct = weighted_ce(h, model.llm.lm_head[...], labels, w_BL,
-                                      chunk=cfg.logits_chunk, dtype=model.llm.dtype)
+  wsum, ce_sum, correct, answer_correct = weighted_ce(h, model.llm.lm_head[...], labels, w_BL, chunk=cfg.logits_chunk,
+                                                      dtype=model.llm.dtype, padding_ids=cfg.padding_ids)
   answer = ((labels != IGNORE_INDEX) & x.valid).sum()
   aux = {"masked_tokens": masked.sum().astype(jnp.float32), "answer_tokens": answer.astype(jnp.float32),
          "ce_sum": ce_sum, "correct": correct, "valid_tokens": x.valid.sum().astype(jnp.float32),
+         # the masked positions that are answer words (their label not padding), and how many of them are right
+         "answer_masked": (masked & not_padding(labels, cfg.padding_ids)).sum().astype(jnp.float32),
+         "answer_correct": answer_correct,
          "conversations": x.segments.max(axis=1).sum().astype(jnp.float32)}
   return wsum / jnp.maximum(conversations, 1).astype(jnp.float32), aux

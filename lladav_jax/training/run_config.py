@@ -244,7 +244,10 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
       problems.append(f"train.global_batch_size / train.grad_accum_steps = {gb // max(acc, 1)} rows per micro-batch "
                       f"is not a multiple of {axes} = {rows} (the batch axes of mesh.preset={preset!r})")
   # ---- loss / optimizer / eval
-  loss = LossConfig(eps=float(cfg.loss.eps), antithetic=bool(cfg.loss.antithetic), logits_chunk=int(cfg.loss.logits_chunk))
+  # answer_acc leaves out the labels that pad (batch.extend's EOS) and end a turn (<|eot_id|>)
+  padding_ids = tuple(sorted({tokenizer.eos_id, tokenizer.pad_id, tokenizer.eot_id})) if tokenizer is not None else ()
+  loss = LossConfig(eps=float(cfg.loss.eps), antithetic=bool(cfg.loss.antithetic), logits_chunk=int(cfg.loss.logits_chunk),
+                    padding_ids=padding_ids)
   if not 0 < loss.eps < 1:
     problems.append(f"loss.eps={loss.eps} must be in (0, 1)")
   optim = optim_config(cfg.optim)

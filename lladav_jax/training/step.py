@@ -44,7 +44,8 @@ def _to_micro(x, accum: int):
 
 
 DROPOUT_STREAM = 0x4C6F5241  # fold_in constant of the LoRA dropout key ("LoRA")
-AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens", "conversations")
+AUX_KEYS = ("masked_tokens", "answer_tokens", "ce_sum", "correct", "valid_tokens", "conversations", "answer_masked",
+            "answer_correct")
 
 
 def make_loss_and_grad(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
@@ -112,6 +113,10 @@ def make_train_step(setup: Setup, loss_cfg: loss_lib.LossConfig, *, accum: int):
       metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok.astype(jnp.float32),
                  "lr": setup.schedules[lr_group](state["step"]),
                  "masked_ce": aux["ce_sum"] / masked, "masked_acc": aux["correct"] / masked,
+                 # masked_acc counts the EOS padding and <|eot_id|> too (easy: most of a short answer's labels);
+                 # answer_acc only the answer's own tokens (loss.padding_ids left out)
+                 "answer_acc": aux["answer_correct"] / jnp.maximum(aux["answer_masked"], 1.0),
+                 "answer_masked": aux["answer_masked"],
                  "masked_tokens": aux["masked_tokens"], "answer_tokens": aux["answer_tokens"],
                  "valid_tokens": aux["valid_tokens"], "conversations": aux["conversations"], "param_norm": optax.tree.norm(new_state["params"])}
       for g, s in setup.schedules.items():
