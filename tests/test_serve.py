@@ -97,8 +97,8 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
   webp, webp_url = encoded(Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 90, 3), np.uint8)), "WEBP")
   jpeg, jpeg_url = encoded(Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 90, 3), np.uint8)), "JPEG")
   params = SamplingParams(gen_length=16, block_length=8, steps=16)
-  plain = model.generate(["How many shapes are there?"], params=params)[0].text.split()
-  stop = " " + next(w for w in plain if w != plain[0])  # a later word of that answer ends it early
+  plain = model.generate(["How many shapes are there?"], params=params)[0]
+  stop = token_stop(model.tokenizer, plain.token_ids)  # a later token of that answer ends it early
   cases = [  # (question, images, their URLs, extra settings); two prompt buckets: text, two images
       ("What color is the circle?", [], [], {}),
       ("How many shapes are there?", [], [], dict(stop=[stop])),
@@ -107,13 +107,13 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
   ]
   with cf.ThreadPoolExecutor(len(cases)) as ex:  # the server works while this process runs generate
     futs = [ex.submit(chat, client, user(q, *urls), temperature=0, **SHORT, **extra) for q, _, urls, extra in cases]
-    want = {q: model.generate([q], [ims], params)[0] for q, ims, _, _ in cases}
+    want = {q: model.generate([q], [ims], dataclasses.replace(params, **extra))[0] for q, ims, _, extra in cases}
     got = [f.result() for f in futs]
   for (q, _, _, extra), resp in zip(cases, got):
     c, w = resp.choices[0], want[q]
-    if extra:  # the stop word cuts generate's answer where it first occurs
-      assert c.finish_reason == "stop" and c.message.content == w.text[:w.text.index(stop)], (c, w.text)
-      assert c.message.content
+    if extra:  # the stop ends generate's answer before it
+      assert c.finish_reason == w.finish_reason == "stop" and c.message.content == w.text, (c, w.text)
+      assert w.text and stop not in w.text
       continue
     assert c.message.content == w.text and c.message.content, q
     assert resp.model_extra["nfe"] == w.nfe and c.finish_reason == "length"
@@ -131,6 +131,103 @@ def test_concurrent_answers_at_temperature_0_equal_generate_alone(setup, client)
   want = model.generate(["Where is the square?"] * 2, params=dataclasses.replace(params, temperature=0.9, seed=7))
   assert [c.message.content for c in resp.choices] == [w.text for w in want]
   assert want[0].text != want[1].text
+
+
+def _contains(ids, seq) -> bool:
+  return any(list(ids[k:k + len(seq)]) == list(seq) for k in range(len(ids) - len(seq) + 1))
+
+
+def token_stop(tok, ids) -> str:
+  """A stop string the engine finds by its tokens: the text of a later answer token, unlike the first."""
+  pieces = [tok.decode([i], skip_special=True) for i in ids]
+  first = next(p for p in pieces if p.strip())
+  return next(p for i, p in zip(ids, pieces) if p.strip() and p != first and tok.encode(p) == [i])
+
+
+def text_only_stop(tok, ids, text: str) -> str:
+  """A stop string in `text`, after some of it, whose tokens are nowhere in `ids`: only the text rule finds it
+  (the demo tokenizer is word-level: "circle" and " circle" are two tokens, "TT" none: <|unk|>)."""
+  pieces = [tok.decode([i], skip_special=True) for i in ids]
+  for a in range(len(pieces)):
+    for b in range(a + 1, min(a + 3, len(pieces)) + 1):
+      s = "".join(pieces[a:b])
+      for c in (s.strip(), s[1:], s):
+        at = text.find(c) if c.strip() else -1
+        if at > 0 and text[:at].strip() and not _contains(ids, tok.encode(c)):
+          return c
+  raise AssertionError(f"no stop string in {text!r} that only the text rule finds")
+
+
+def test_stop_strings_cut_the_text_whatever_the_tokens_streamed_or_not(setup, client):
+  """OpenAI's stops: a stop string whose tokens are not the answer's (only the text rule finds it) cuts the
+  text where it first occurs, as generate's, finish_reason "stop"; a stream's deltas add up to that text (never
+  a part of the stop string); with a stop the engine finds by its tokens as well, the earlier one cuts; the
+  completions endpoint the same; the original's stop rule (generate only) leaves the text uncut."""
+  model, tok = setup["model"], setup["model"].tokenizer
+  q = "What shape is the red object?"
+  params = SamplingParams(gen_length=16, block_length=8, steps=16)
+  plain = model.generate([q], params=params)[0]
+  stop = text_only_stop(tok, plain.token_ids, plain.text)
+  want = model.generate([q], params=dataclasses.replace(params, stop=(stop,)))[0]
+  assert want.token_ids == plain.token_ids and want.finish_reason == "stop"  # the engine found nothing
+  assert want.text == plain.text[:plain.text.index(stop)] and want.text.strip(), (stop, plain.text)
+  got = chat(client, user(q), temperature=0, stop=[stop], **SHORT)
+  assert got.choices[0].message.content == want.text and got.choices[0].finish_reason == "stop"
+  chunks = list(chat(client, user(q), temperature=0, stop=stop, stream=True, **SHORT))
+  deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+  assert "".join(deltas) == want.text and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+  both = [stop, token_stop(tok, plain.token_ids)]
+  want2 = model.generate([q], params=dataclasses.replace(params, stop=tuple(both)))[0]
+  assert want2.finish_reason == "stop" and not any(s in want2.text for s in both)
+  got2 = chat(client, user(q), temperature=0, stop=both, **SHORT).choices[0]
+  assert (got2.message.content, got2.finish_reason) == (want2.text, "stop")
+  orig = model.generate([q], params=dataclasses.replace(params, stop=(stop,), stop_rule="original"))[0]
+  assert orig.text == plain.text and orig.finish_reason == plain.finish_reason
+  # /v1/completions: a raw prompt's answer, cut as well, streamed or not
+  prompt = "The red circle is next to the"
+  p = params.for_model(model)
+  (ids,) = generation.generate_ids(model, [[tok.bos_id] + tok.encode(prompt)], params=p)
+  raw = text.answer_text(tok, ids.token_ids, p.mask_id)
+  cstop = text_only_stop(tok, ids.token_ids, raw)
+  kw = dict(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[cstop],
+            extra_body={"block_length": 8, "steps": 16})
+  c = client.completions.create(**kw).choices[0]
+  assert (c.text, c.finish_reason) == (raw[:raw.index(cstop)], "stop")
+  streamed = [ch.choices[0] for ch in client.completions.create(**kw, stream=True) if ch.choices]
+  assert "".join(ch.text for ch in streamed) == c.text and streamed[-1].finish_reason == "stop"
+
+
+def test_fields_this_server_does_not_implement_get_400_naming_them(setup, client):
+  """OpenAI's fields with nothing behind them here: 400 saying so and naming the field (the real client and raw
+  bodies); harmless ones (user, metadata, store, parallel_tool_calls, logprobs false, n) are accepted."""
+  refused = [
+      (lambda: chat(client, user("hi"), logprobs=True, top_logprobs=2, **SHORT),
+       "logprobs: not supported by this server (only false)"),
+      (lambda: chat(client, user("hi"), tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                    **SHORT), "tools: not supported by this server (no tool calls)"),
+      (lambda: chat(client, user("hi"), response_format={"type": "json_object"}, **SHORT),
+       'response_format: not supported by this server (only {"type": "text"})'),
+      (lambda: chat(client, user("hi"), presence_penalty=0.5, **SHORT),
+       "presence_penalty: not supported by this server (only 0)"),
+      (lambda: client.completions.create(model=NAME, prompt="The red", max_tokens=16, echo=True),
+       "echo: not supported by this server (only false)"),
+      (lambda: client.completions.create(model=NAME, prompt="The red", max_tokens=16, best_of=2),
+       "best_of: not supported by this server (only best_of equal to n)"),
+  ]
+  for call, message in refused:
+    with pytest.raises(openai.BadRequestError) as e:
+      call()
+    assert (e.value.body["message"], e.value.body["param"]) == (message, message.split(":")[0])
+  url, auth = setup["server"].url, {"Authorization": f"Bearer {KEY}"}
+  for route, body, param in (("chat/completions", {"messages": user("hi"), "logit_bias": {"5": 10}}, "logit_bias"),
+                             ("chat/completions", {"messages": user("hi"), "top_p": 0.5}, "top_p"),
+                             ("completions", {"prompt": "The red", "logprobs": 1}, "logprobs")):
+    r = httpx.post(f"{url}/v1/{route}", json={"model": NAME, **SHORT, **body}, headers=auth, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.json()["error"]["message"].startswith(f"{param}: not supported by this server"), r.text
+  ok = chat(client, user("hi"), user="u-1", metadata={"k": "v"}, store=False, parallel_tool_calls=True,
+            logprobs=False, n=2, temperature=0, **SHORT)
+  assert len(ok.choices) == 2 and ok.choices[0].message.content == ok.choices[1].message.content
 
 
 def _stream(url: str, body: dict) -> tuple[list[dict], list[str]]:

@@ -16,7 +16,7 @@ from lladav_jax.inference.model import InferenceModel
 from lladav_jax.inference.params import SamplingParams
 from lladav_jax.inference.prompts import bucket_pow2, prepare_inputs, requests
 from lladav_jax.inference.runner import run_engine
-from lladav_jax.inference.text import answer_ids, answer_text, stop_list
+from lladav_jax.inference.text import answer_ids, finished_text, stop_list
 
 
 @dataclasses.dataclass
@@ -30,12 +30,13 @@ class Trajectory:
 
 @dataclasses.dataclass
 class GenerationResult:
-  text: str  # decoded token_ids ("" without a tokenizer)
+  text: str  # decoded token_ids, cut at a stop string (text.finished_text; "" without a tokenizer)
   token_ids: list  # the answer before the stop, then the suffix
   nfe: int  # forward evaluations (2 per step with CFG)
   steps: int  # denoising steps
   query_tokens: int = 0  # positions run through the transformer, summed over forwards
   trajectory: Optional[Trajectory] = None
+  finish_reason: str = "length"  # "stop": a stop sequence ended the answer (or a stop string cut its text)
 
 
 def generate_ids(model: InferenceModel, prompt_ids: Sequence[Sequence[int]], images: Optional[Sequence[Sequence]] = None,
@@ -71,7 +72,8 @@ def generate_ids(model: InferenceModel, prompt_ids: Sequence[Sequence[int]], ima
     traj = (Trajectory(r.response[:g].tolist(), r.commit_step[:g].tolist(), min(r.stop, g), params.mask_id)
             if return_trajectory else None)
     out.append(GenerationResult(text="", token_ids=answer_ids(r.response, r.stop, g, suffix_ids), nfe=r.nfe,
-                                steps=r.steps, query_tokens=r.query_tokens, trajectory=traj))
+                                steps=r.steps, query_tokens=r.query_tokens, trajectory=traj,
+                                finish_reason="stop" if r.stop < g else "length"))
   return out
 
 
@@ -82,7 +84,8 @@ def generate(model: InferenceModel, prompts: Sequence[str], images: Optional[Seq
   """Answers to user questions about images (one list of PIL images per prompt).
 
   The chat template (system prompt, `<image>` tags, assistant header) is applied as the original's
-  demo/eval do; `params.stop` strings are tokenised and stop, then `<|eot_id|>` (always; see stop_list);
+  demo/eval do; `params.stop` strings are tokenised and stop, then `<|eot_id|>` (always; see stop_list), and
+  the text is cut at the earliest stop string (`params.text_stops`: none under stop_rule="original");
   `params.suffix` is a fixed text after the answer positions (never overwritten, appended to the output).
   `system`: "default" (the template's), None (no system turn) or the text.
   """
@@ -101,5 +104,8 @@ def generate(model: InferenceModel, prompts: Sequence[str], images: Optional[Seq
                       batch_size=batch_size, return_trajectory=return_trajectory, length_multiple=length_multiple,
                       tiles=tiles)
   for o in outs:
-    o.text = answer_text(tok, o.token_ids, params.mask_id, params.skip_special_tokens)
+    o.text, cut = finished_text(tok, o.token_ids, params.mask_id, params.text_stops, len(suffix_ids),
+                                params.skip_special_tokens)
+    if cut:
+      o.finish_reason = "stop"
   return outs

@@ -33,7 +33,9 @@ class SamplingParams:
   without a tokenizer. `stop_rule`: "earliest" (default) stops at the earliest occurrence of any stop
   sequence; "original" reproduces the original generate's multi-stop quirk: sequences are searched in
   order and the first one found anywhere sets the stop; once a stop is set only the first sequence is
-  searched again."""
+  searched again. Under "earliest" the answer's text is also cut at the earliest stop string, as OpenAI's
+  stops (`text.finished_text`: never a stop string in the text, however it is tokenised); under "original"
+  stops are token ids only, as the original's (`text_stops`)."""
   gen_length: int = DEFAULT_LENGTH
   block_length: Optional[int] = None  # None: gen_length
   steps: Optional[int] = None  # None: gen_length
@@ -68,6 +70,11 @@ class SamplingParams:
     object.__setattr__(self, "stop", tuple(self.stop or ()))
     if self.banned_ids is not None:
       object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
+
+  @property
+  def text_stops(self) -> tuple:
+    """The stop strings that cut the answer's text: all of them, none under stop_rule="original"."""
+    return () if self.stop_rule == "original" else self.stop
 
   @property
   def num_blocks(self) -> int:

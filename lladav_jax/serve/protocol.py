@@ -1,11 +1,15 @@
-"""The wire format of the OpenAI-compatible API (pydantic): the request body of POST /v1/chat/completions,
-with the diffusion settings as extra fields, and the response and stream chunk bodies. Unknown request
-fields are refused (a misspelt setting is an error, not silently the default). `ChatRequest.to_sampling_params`
-is the one conversion from a request to the inference code's `SamplingParams`."""
+"""The wire format of the OpenAI-compatible API (pydantic): the request bodies of POST /v1/chat/completions and
+/v1/completions, with the diffusion settings as extra fields, and the response and stream chunk bodies. Unknown
+request fields are refused (a misspelt setting is an error, not silently the default); OpenAI's fields this
+server does not implement (`UNSUPPORTED`: logprobs, tools, penalties, ...) are refused with a message saying so,
+unless their value asks for nothing (`logprobs: false`, `presence_penalty: 0`, `tools: []`, ...); harmless
+ones (`user`, `metadata`, `store`, `parallel_tool_calls`, ...) are accepted and ignored.
+`_SamplingRequest.to_sampling_params` is the one conversion from a request to the inference code's
+`SamplingParams`."""
 from __future__ import annotations
 
 import random
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,10 +49,46 @@ class Message(_Strict):
 
 class StreamOptions(_Strict):
   include_usage: bool = False
+  include_obfuscation: Optional[bool] = None  # accepted, ignored: chunks carry no obfuscation padding
+
+
+# OpenAI request fields this server does not implement: field -> (the values that ask for nothing, accepted and
+# ignored like a null or a missing field; a note on what is accepted). Any other value: 400 naming the field.
+_UNSUPPORTED_BOTH = {
+    "top_p": ((1,), "only 1"),
+    "presence_penalty": ((0,), "only 0"),
+    "frequency_penalty": ((0,), "only 0"),
+    "logit_bias": (({},), None),
+}
+_UNSUPPORTED_CHAT = {
+    **_UNSUPPORTED_BOTH,
+    "logprobs": ((False,), "only false"),
+    "top_logprobs": ((0,), "only 0"),
+    "tools": (([],), "no tool calls"),
+    "tool_choice": (("none", "auto"), 'only "none" or "auto", without tools'),
+    "functions": (([],), "no function calls"),
+    "function_call": (("none", "auto"), 'only "none" or "auto", without functions'),
+    "response_format": (({"type": "text"},), 'only {"type": "text"}'),
+    "modalities": ((["text"],), 'only ["text"]'),
+    "audio": ((), "text output only"),
+    "prediction": ((), None),
+    "reasoning_effort": ((), None),
+    "verbosity": ((), None),
+    "web_search_options": ((), None),
+    "moderation": ((), None),
+}
+_UNSUPPORTED_COMPLETION = {
+    **_UNSUPPORTED_BOTH,
+    "logprobs": ((), None),
+    "echo": ((False,), "only false"),
+    "best_of": ((), "only best_of equal to n"),  # (n itself: see _unsupported)
+    "suffix": ((), None),
+}
 
 
 class _SamplingRequest(_Strict):
   """The fields of a request that set its sampling; unset optional ones take `SamplingParams`'s defaults."""
+  UNSUPPORTED: ClassVar[dict] = _UNSUPPORTED_BOTH
   model: str
   max_tokens: Optional[int] = Field(None, gt=0)  # SamplingParams.gen_length
   temperature: Optional[float] = Field(None, ge=0)
@@ -68,6 +108,19 @@ class _SamplingRequest(_Strict):
   cache: Optional[Literal["prefix", "dual"]] = None
   refresh_interval: Optional[int] = Field(None, ge=1)
   denoise: bool = False  # streaming: every step's answer positions too (the web page's live view)
+
+  @model_validator(mode="before")
+  @classmethod
+  def _unsupported(cls, body):
+    """OpenAI's fields this server does not implement: refused naming the field, unless their value asks for
+    nothing (then dropped)."""
+    if not isinstance(body, dict):
+      return body
+    for name, (unused, note) in cls.UNSUPPORTED.items():
+      v = body.get(name)
+      if not (v is None or v in unused or (name == "best_of" and v == body.get("n", 1))):
+        raise _field_error(name, "not supported by this server" + (f" ({note})" if note else ""))
+    return {k: v for k, v in body.items() if k not in cls.UNSUPPORTED}
 
   @model_validator(mode="after")
   def _consistent(self):
@@ -99,17 +152,33 @@ class _SamplingRequest(_Strict):
 
 class ChatRequest(_SamplingRequest):
   """POST /v1/chat/completions."""
+  UNSUPPORTED: ClassVar[dict] = _UNSUPPORTED_CHAT
   messages: list[Message] = Field(min_length=1)
+  max_completion_tokens: Optional[int] = Field(None, gt=0)  # OpenAI's newer name of max_tokens
+  # accepted, ignored: nothing is stored, no tool is called, no tier or prompt cache to choose
+  metadata: Optional[dict[str, str]] = None
+  store: Optional[bool] = None
+  parallel_tool_calls: Optional[bool] = None
+  safety_identifier: Optional[str] = None
+  prompt_cache_key: Optional[str] = None
+  prompt_cache_retention: Optional[str] = None
+  service_tier: Optional[str] = None
 
   @model_validator(mode="after")
   def _last_is_the_users(self):
     if self.messages[-1].role != "user":
       raise _field_error("messages", "the last message must be the user's")
+    if self.max_completion_tokens is not None:
+      if self.max_tokens not in (None, self.max_completion_tokens):
+        raise _field_error("max_completion_tokens", f"max_completion_tokens={self.max_completion_tokens} and "
+                           f"max_tokens={self.max_tokens} differ (give one)")
+      self.max_tokens = self.max_completion_tokens
     return self
 
 
 class CompletionRequest(_SamplingRequest):
   """POST /v1/completions: a raw text prompt, continued without the chat template."""
+  UNSUPPORTED: ClassVar[dict] = _UNSUPPORTED_COMPLETION
   prompt: str = Field(min_length=1)
 
 

@@ -26,7 +26,7 @@ from lladav_jax.inference.engine import EngineShapes
 from lladav_jax.inference.model import InferenceModel
 from lladav_jax.inference.prompts import prepare_inputs, requests
 from lladav_jax.inference.scheduler import Denoise, Done, Event, Failed, Job, Prefix, Scheduler, asyncio_emitter
-from lladav_jax.inference.text import answer_ids, answer_text, stop_list, token_pieces
+from lladav_jax.inference.text import answer_ids, finished_text, stop_list, streamable, token_pieces
 from lladav_jax.serve import images
 from lladav_jax.serve.config import ServeConfig
 from lladav_jax.serve.metrics import Metrics, compiles
@@ -147,8 +147,10 @@ class ServingChat:
                        "server runs only when started with --enable-cfg")
     return dataclasses.replace(params, cache=self.cfg.cache)
 
-  def text(self, ids) -> str:
-    return answer_text(self.tok, ids, self.model.cfg.mask_token_id)
+  def text(self, ids, stops=()) -> tuple[str, bool]:
+    """The text of answer ids cut before the earliest of the stop strings, and whether one cut it (the rule of
+    LLaDAV.generate: text.finished_text)."""
+    return finished_text(self.tok, ids, self.model.cfg.mask_token_id, stops)
 
   def warm_up(self):
     """Compiles the default request's engine (one step) before /health says ready."""
@@ -199,17 +201,20 @@ class _Run:
     self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
     self.created = int(time.time())
     self.sent = [""] * len(jobs)  # text already given out, per choice
+    self.stops = tuple(req.stops)  # they cut the text too, wherever the tokens split them (text.finished_text)
     self.results: dict[int, Done] = {}
     self.first: Optional[float] = None
     self.ended = False
 
-  def _delta(self, i: int, ids, final: bool) -> str:
-    """New text of choice i: its final prefix (or whole answer) past what was sent. A prefix's trailing
-    replacement characters (a character split across tokens) and whitespace (the decoder may fold it into
-    what follows) wait for the next token."""
-    text = self.srv.text(ids)
-    if not final:
-      text = text.rstrip("\ufffd").rstrip()
+  def _prefix_text(self, ids) -> str:
+    """What may be sent of a final answer prefix: its text less the trailing replacement characters (a
+    character split across tokens) and whitespace (the decoder may fold it into what follows), which wait for
+    the next token, then before any stop string and less the characters that could start one
+    (text.streamable): never a part of a stop string, and always a prefix of the finished text."""
+    return streamable(self.srv.text(ids)[0].rstrip("\ufffd").rstrip(), self.stops)
+
+  def _delta(self, i: int, text: str) -> str:
+    """New text of choice i past what was sent: `text` is its finished text or `_prefix_text`'s."""
     if not text.startswith(self.sent[i]):
       log.warning("choice %d: the answer's text does not extend the streamed prefix", i)
       return ""
@@ -245,13 +250,18 @@ class _Run:
     for j in self.jobs:
       self.srv.sched.cancel(j)
 
-  def _choice_end(self, i: int) -> tuple[list[int], str]:
+  def _ids(self, i: int) -> list[int]:
     out = self.results[i].result
-    g = self.jobs[i].gen_length
-    return answer_ids(out.response, out.stop, g), ("stop" if out.stop < g else "length")
+    return answer_ids(out.response, out.stop, self.jobs[i].gen_length)
+
+  def _choice_end(self, i: int) -> tuple[str, str]:
+    """Choice i's finished text and finish reason: "stop" when a stop sequence ended it or a stop string cut
+    its text."""
+    text, cut = self.srv.text(self._ids(i), self.stops)
+    return text, ("stop" if cut or self.results[i].result.stop < self.jobs[i].gen_length else "length")
 
   def _usage(self) -> Usage:
-    done = sum(len(self._choice_end(i)[0]) for i in self.results)
+    done = sum(len(self._ids(i)) for i in self.results)
     return Usage(prompt_tokens=self.plen, completion_tokens=done, total_tokens=self.plen + done)
 
   def _nfe(self) -> int:
@@ -270,16 +280,15 @@ class _Run:
             return Response(status_code=499)
           continue
         if isinstance(ev, Prefix):
-          self._delta(i, ev.ids, False)
+          self._delta(i, self._prefix_text(ev.ids))
     except RuntimeError as e:
       self._finish(500)
       return JSONResponse(error_body(500, f"the engine failed: {e}"), status_code=500)
     choices = []
     for i in range(len(self.jobs)):
-      ids, reason = self._choice_end(i)
-      text = self.srv.text(ids)
+      text, reason = self._choice_end(i)
       if self.first is None and text:
-        self._delta(i, ids, True)
+        self._delta(i, text)
       r = self.results[i].result
       if self.chat:
         choices.append(Choice(index=i, message=AssistantMessage(role="assistant", content=text),
@@ -326,12 +335,12 @@ class _Run:
           if isinstance(ev, Denoise):
             yield self._chunk([self._choice(i)], denoise=self._denoise(ev))
           elif isinstance(ev, Prefix):
-            new = self._delta(i, ev.ids, False)
+            new = self._delta(i, self._prefix_text(ev.ids))
             if new:
               yield self._chunk([self._choice(i, new)])
           elif isinstance(ev, Done):
-            ids, reason = self._choice_end(i)
-            new = self._delta(i, ids, True)
+            text, reason = self._choice_end(i)
+            new = self._delta(i, text)
             yield self._chunk([self._choice(i, new, finish_reason=reason)], nfe=ev.result.nfe, steps=ev.result.steps)
       except RuntimeError as e:
         self._finish(500)
