@@ -256,7 +256,7 @@ def memory(rows=64, answer=256, prompt=1024, block=32, caches=(None, "prefix", "
     kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
     rest = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) - kv
     t = time.perf_counter()
-    m = memory_stats(engine.advance.lower(graphdef, ec, params, state, np.int32(1)).compile(ANALYSIS_ONLY))
+    m = memory_stats(engine.advance.lower(graphdef, (ec,), params, (state,), np.int32(1)).compile(ANALYSIS_ONLY))
     gb = lambda b: f"{b / 2**30:6.2f} GiB"  # noqa: E731
     print(f"  {dtype} cache={cache}, forward_rows={groups}: weights {gb(weights)}, cache {gb(kv)}, "
           f"other state {gb(rest)}, temporaries {gb(m['temp_size_in_bytes'])} "
@@ -277,9 +277,10 @@ def bench_arrivals(args, n=24, rows=8):
   base = SamplingParams(mask_id=cfg.mask_token_id, banned_ids=(1, 2, 3, 4), gen_length=64, block_length=32, steps=32)
   sts = [SamplingParams(**{**base.__dict__, "gen_length": g, "steps": g // 2}) for g in lens]
   inp = prompt_lib.prepare_inputs(model, ids, [[]] * n, seeds=list(range(n)), rows=n)
-  reqs = [prompt_lib.requests(inp, generation.st.row_params(64, 32), 0)[k] for k, st in enumerate(sts)]
+  reqs = [prompt_lib.requests(inp, st.row_params(64, 32), 0)[k] for k, st in enumerate(sts)]
   ec = base.engine_config()
-  shapes = EngineShapes(rows=rows, prompt_len=inp.prompt.length, answer_len=64, stops=1, stop_len=1)
+  shapes = EngineShapes(rows=rows, prompt_len=inp.prompt.length, answer_len=64, stops=1, stop_len=1,
+                       tiles=inp.prompt.pixels.shape[1])
 
   def fixed(arrive):
     t0, now, done = time.perf_counter(), 0.0, {}
@@ -294,17 +295,17 @@ def bench_arrivals(args, n=24, rows=8):
 
   def continuous(arrive):
     t0, done, running = time.perf_counter(), {}, {}
-    runner = runner_lib.EngineRunner(model, ec, shapes)
+    runner = runner_lib.EngineRunner(model, [runner_lib.Lane(ec, shapes)])
     nxt = 0
     while len(done) < n:
       now = time.perf_counter() - t0
-      while nxt < n and arrive[nxt] <= now and runner.free:
+      while nxt < n and arrive[nxt] <= now and runner.free[0]:
         running[runner.insert(reqs[nxt])] = nxt
         nxt += 1
       if not running:
         time.sleep(0.001)
         continue
-      got = runner.advance(4)
+      (got,) = runner.advance(4)
       for r in got.finished():
         done[running.pop(r)] = time.perf_counter() - t0
         runner.release(r)

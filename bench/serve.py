@@ -14,14 +14,18 @@ is done; every request of it gets its answer at the batch's end (latency = time 
 Compiles are excluded on both sides (a warm-up request of the same shape). At most
 `--requests` x len(rates) requests are sent; each has a timeout.
 
+The server runs with the launch limits MIX_LIMITS (6 lanes: prompt buckets 128, 512, 2048 x answer buckets
+32, 128), every program compiled at warm-up.
+
 `--mix`: the server alone under mixed traffic against homogeneous traffic of the same mean answer length and
 concurrency, at one arrival rate (`--rates`' first; above the server's capacity, e.g. 100, so that the waves
-measure it): homogeneous = 32-token answers in one block, short text
-questions; mixed = `max_tokens` 8 to 56 (mean 32), blocks of 8, 16 or the whole answer, short or long text
-questions (a prompt bucket of 64 or of 128 positions). The mixed wave runs twice: cold (the programs its
-shapes need are compiled on the way) and warm. Per wave: answer positions a second (the requests' max_tokens
-over the span), p50 / p99 latency and time to first token, and the programs compiled during it (`/metrics`'
-lladav_compiles).
+measure it). Both waves send the same prompts at the same times (a quarter each: a short text question, a
+long one, one picture, two pictures; three distinct pictures, so that the encoder cache has hits):
+homogeneous = 64-token answers in blocks of 32; mixed = `max_tokens` 8 to 120 (mean 64), blocks of 8, 16 or
+the whole answer. Per wave: answer positions a second (the requests' max_tokens over the span), p50 / p99
+latency and time to first token, the programs compiled during it (`/metrics`' lladav_compiles), useful
+positions (the requests' own prompt and answer positions over the positions the passes ran) and the
+encoder cache's hits.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from lladav_jax.inference import SamplingParams  # noqa: E402
 from tests.serving import ServerProcess, write_tiny_model  # noqa: E402
@@ -104,45 +109,65 @@ def summary(rows: list[dict]) -> dict:
 LONG = " ".join(["Look at the picture carefully, count every shape and say which colour each one has."] * 6)
 
 
-def compiles(url: str) -> float:
+def metric(url: str, name: str) -> float:
   text = httpx.get(url + "/metrics").text
-  return float(next(line.split()[1] for line in text.splitlines() if line.startswith("lladav_compiles ")))
+  return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-def mix(url: str, args) -> None:
+def compiles(url: str) -> float:
+  return metric(url, "lladav_compiles")
+
+
+MIX_LIMITS = ("--max-model-len", "2048", "--max-answer-tokens", "128", "--max-tiles", "5")
+
+
+def mix(url: str, args, image_dir: str) -> None:
   """Mixed against homogeneous traffic on one server (see the module docstring)."""
   rng = np.random.default_rng(args.seed)
   rate, n = float(args.rates.split(",")[0]), args.requests
+  for k in range(3):  # three pictures, each sent by several requests (the encoder cache's hits)
+    Image.fromarray(rng.integers(0, 255, (96 + 32 * k, 128, 3), np.uint8)).save(os.path.join(image_dir, f"{k}.png"))
 
-  def body(q, gen, block):
-    return {"model": "tiny-lladav", "messages": [{"role": "user", "content": q}], "temperature": 0,
+  def body(q, ims, gen, block):
+    content = [{"type": "text", "text": q}] + [{"type": "image_url", "image_url": {"url": f"{i}.png"}} for i in ims]
+    return {"model": "tiny-lladav", "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": gen, "block_length": block, "steps": gen, "stream": True,
             "stream_options": {"include_usage": True}}
 
-  homogeneous = [body(QUESTIONS[k % len(QUESTIONS)], 32, 32) for k in range(n)]
+  kinds = [(QUESTIONS[k % len(QUESTIONS)], ()) if k % 4 == 0 else (LONG + " " + QUESTIONS[k % len(QUESTIONS)], ())
+           if k % 4 == 1 else (QUESTIONS[k % len(QUESTIONS)], (k % 3,)) if k % 4 == 2
+           else (QUESTIONS[k % len(QUESTIONS)], (k % 3, (k + 1) % 3)) for k in range(n)]
+  homogeneous = [body(q, ims, 64, 32) for q, ims in kinds]
+  lengths = rng.permutation([8 + 16 * (k % 8) for k in range(n)])  # 8, 24, ..., 120: mean 64
   mixed = []
-  lengths = rng.permutation([(8, 56, 16, 48, 24, 40, 32, 32)[k % 8] for k in range(n)])  # 8 .. 56, mean 32
-  for k, gen in enumerate(int(g) for g in lengths):
-    block = int(rng.choice([b for b in (8, 16, gen) if gen % b == 0]))
-    q = QUESTIONS[k % len(QUESTIONS)] if k % 2 else LONG + " " + QUESTIONS[k % len(QUESTIONS)]
-    mixed.append(body(q, gen, block))
-  print(f"tiny model, {args.max_num_seqs} rows, {n} requests a wave at {rate:g}/s (Poisson, the same arrivals each "
-        f"wave), {jax_device()}; mean answer {sum(b['max_tokens'] for b in mixed) / n:g} tokens in both")
-  print("| wave | answer positions/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s | compiles |")
-  print("|---|---|---|---|---|---|---|")
+  for (q, ims), gen in zip(kinds, (int(g) for g in lengths)):
+    mixed.append(body(q, ims, gen, int(rng.choice([b for b in (8, 16, gen) if gen % b == 0]))))
+  print(f"tiny model, {args.max_num_seqs} rows, {n} requests a wave at {rate:g}/s (Poisson, the same arrivals and "
+        f"prompts each wave: a quarter each short text, long text, one image, two images), {jax_device()}; "
+        f"mean answer {sum(b['max_tokens'] for b in mixed) / n:g} tokens in both; limits {' '.join(MIX_LIMITS)}")
+  print(f"warm-up: {metric(url, 'lladav_compiles'):g} programs compiled")
+  print("| wave | answer positions/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s | compiles | "
+        "useful positions | encoder cache hits |")
+  print("|---|---|---|---|---|---|---|---|---|")
   rows = {}
   arrivals = np.cumsum(rng.exponential(1 / rate, n))
   arrivals -= arrivals[0]
-  for name, bodies in (("homogeneous", homogeneous), ("mixed, cold", mixed), ("mixed, warm", mixed)):
-    c0 = compiles(url)
+  for name, bodies in (("homogeneous (64 tokens, blocks of 32)", homogeneous),
+                       ("mixed (8 to 120 tokens, blocks of 8, 16 or whole)", mixed)):
+    c0, u0, p0 = compiles(url), metric(url, "lladav_useful_positions"), metric(url, "lladav_processed_positions")
+    h0, m0 = metric(url, "lladav_mm_cache_hits"), metric(url, "lladav_mm_cache_misses")
     served = asyncio.run(load(url, bodies, arrivals))
     ok = [(r, b) for r, b in zip(served, bodies) if r["status"] == 200]
     span = max(r["end"] for r, _ in ok) - min(r["send"] for r, _ in ok)
     s = summary([r for r, _ in ok])
     rows[name] = sum(b["max_tokens"] for _, b in ok) / span
+    useful = (metric(url, "lladav_useful_positions") - u0) / max(1.0, metric(url, "lladav_processed_positions") - p0)
+    hits, misses = metric(url, "lladav_mm_cache_hits") - h0, metric(url, "lladav_mm_cache_misses") - m0
     print(f"| {name} | {rows[name]:.1f} | {s['p50_latency']:.2f} | {s['p99_latency']:.2f} | {s['p50_ttft']:.2f} | "
-          f"{s['p99_ttft']:.2f} | {compiles(url) - c0:g} |" + ("" if len(ok) == n else f" ({n - len(ok)} refused)"))
-  print(f"mixed (warm) / homogeneous answer positions a second: {rows['mixed, warm'] / rows['homogeneous']:.2f}x")
+          f"{s['p99_ttft']:.2f} | {compiles(url) - c0:g} | {useful:.0%} | {hits:g} of {hits + misses:g} tiles |"
+          + ("" if len(ok) == n else f" ({n - len(ok)} refused)"))
+  a, b = rows.values()
+  print(f"mixed / homogeneous answer positions a second: {b / a:.2f}x")
 
 
 def main():
@@ -159,8 +184,10 @@ def main():
   params = SamplingParams(gen_length=args.max_tokens, block_length=args.block_length, steps=args.steps)
   with tempfile.TemporaryDirectory() as root:
     model_dir, _ = write_tiny_model(root)
+    image_dir = os.path.join(root, "images")
+    os.makedirs(image_dir)
     srv = ServerProcess(model_dir, "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.requests),
-                        log_path=os.path.join(root, "server.log"))
+                        "--image-root", image_dir, limits=MIX_LIMITS, log_path=os.path.join(root, "server.log"))
     try:
       def body(q):
         return {"model": "tiny-lladav", "messages": [{"role": "user", "content": q}], "temperature": 0,
@@ -169,7 +196,7 @@ def main():
 
       asyncio.run(load(srv.url, [body(QUESTIONS[0])], np.zeros(1)))  # compile
       if args.mix:
-        return mix(srv.url, args)
+        return mix(srv.url, args, image_dir)
       from lladav_jax.api import LLaDAV
       model = LLaDAV.from_pretrained(model_dir)
       model.generate(QUESTIONS[:args.max_num_seqs], None, params, batch_size=args.max_num_seqs)  # compile

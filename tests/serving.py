@@ -18,6 +18,10 @@ from tests.models import random_model
 from tests.train_helpers import inference_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The test servers' launch limits: 4 lanes (prompt buckets 128 and 2048 x answer buckets 16 and 128) and
+# up to 5 tiles a request, so that warm-up compiles few programs. A server's own flags come after (and win).
+TEST_LIMITS = ("--max-model-len", "2048", "--max-answer-tokens", "128", "--prompt-buckets", "128",
+               "--answer-buckets", "16", "--max-tiles", "5")
 
 
 def write_tiny_model(root: str):
@@ -38,11 +42,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-  """`python -m lladav_jax.serve MODEL_DIR ARGS` on a free port (CPU, served from the first device), ready (warm)
-  on return."""
+  """`python -m lladav_jax.serve MODEL_DIR LIMITS ARGS` on a free port (CPU, served from the first device),
+  ready (warm) on return."""
 
   def __init__(self, model_dir: str, *args: str, env: dict | None = None, log_path: str | None = None,
-               timeout: float = 300):
+               timeout: float = 300, limits: tuple = TEST_LIMITS):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     e = inference_env()
@@ -50,7 +54,7 @@ class ServerProcess:
     self.log_path = log_path
     self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
     self.proc = subprocess.Popen([sys.executable, "-m", "lladav_jax.serve", model_dir, "--port", str(self.port),
-                                  *args], env=e, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                  *limits, *args], env=e, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + timeout
     while True:
       if self.proc.poll() is not None:

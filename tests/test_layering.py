@@ -27,7 +27,7 @@ LAYERS = [
 
 # Inside packages that are layered themselves, lowest first; the package's __init__ may import any of them.
 SUBLAYERS = {
-    "inference": [("engine",), ("model", "params", "text"), ("prompts",), ("runner",),
+    "inference": [("engine",), ("model", "params", "text"), ("prompts",), ("features",), ("runner",),
                   ("generation", "elbo", "scheduler")],
     "inference.engine": [("config",), ("schedule", "decode", "dllm_cache"), ("state",), ("forward",), ("loop",)],
     "serve": [("config", "protocol", "images"), ("metrics",), ("serving_chat",), ("app",), ("__main__",)],

@@ -16,6 +16,7 @@ from flax import nnx
 from lladav_jax.inference import engine, generation, prompts as prompt_lib
 from lladav_jax.inference.engine import EngineShapes
 from lladav_jax.inference.engine.forward import Forward
+from lladav_jax.inference.features import TileFeatures
 from lladav_jax.inference.engine.schedule import count_table, shift_counts
 from tests.test_sampler import (BUCKETS, IMAGES, PROMPTS, SUFFIX, assert_same, model, run_reference,  # noqa: F401
                                 settings, stop_setup)
@@ -100,13 +101,14 @@ def test_window_pass_on_a_fresh_cache_equals_the_full_pass(model, mode):
   a row of block 4 in an engine of blocks up to 8, whose dual window past its block is padding)."""
   st = settings(cache=mode, cfg_scale=0.5, gen_length=24, block_length=8, steps=12)
   inp = prompt_lib.prepare_inputs(model, PROMPTS, IMAGES, suffix_ids=SUFFIX, seeds=[0, 1, 2], rows=3)
-  shapes = EngineShapes(rows=3, prompt_len=inp.prompt.length, answer_len=24, suffix_len=2)
+  shapes = EngineShapes(rows=3, prompt_len=inp.prompt.length, answer_len=24, suffix_len=2,
+                        tiles=inp.prompt.pixels.shape[1])
   cfg = st.engine_config()
   state = engine.init(model.graphdef, cfg, shapes, model.state)
   lengths, blocks = (24, 16, 24), (8, 8, 4)
   for k, r in enumerate(prompt_lib.requests(inp, st.row_params(24, 8), 2)):
     r = r.replace(row_params=r.row_params.replace(answer_len=np.int32(lengths[k]), block_length=np.int32(blocks[k])))
-    state = engine.insert(model.graphdef, cfg, model.state, state, np.int32(k), r)
+    state = engine.insert(model.graphdef, cfg, model.state, state, np.int32(k), TileFeatures(model).attach(r, shapes.tiles))
   rng = np.random.default_rng(0)
   gen = rng.integers(5, 400, (3, 26)).astype(np.int32)
   gen[:, 9:24] = 500  # committed first block + a bit, masked rest, then the suffix

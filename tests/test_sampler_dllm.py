@@ -14,6 +14,7 @@ from flax import nnx
 
 from lladav_jax.inference import engine, prompts as prompt_lib, runner as runner_lib
 from lladav_jax.inference.engine import EngineShapes
+from lladav_jax.inference.features import TileFeatures
 from tests.test_sampler import BUCKETS, model, reference_generate, settings  # noqa: F401
 from tests.test_sampler_engine import COMPILES, PROMPTS
 
@@ -109,7 +110,7 @@ def _engine_rows(model, st, prompt_ids, cfg, answer_bucket):
   shapes = EngineShapes(rows=1, prompt_len=inp.prompt.length, answer_len=answer_bucket, suffix_len=len(SUFFIX),
                         stops=inp.stop_ids.shape[1], stop_len=inp.stop_ids.shape[2])
   state = engine.init(model.graphdef, cfg, shapes, model.state)
-  return engine.insert(model.graphdef, cfg, model.state, state, np.int32(0), req), shapes
+  return engine.insert(model.graphdef, cfg, model.state, state, np.int32(0), TileFeatures(model).attach(req, 0)), shapes
 
 
 def test_dllm_cache_follows_the_numpy_transcription_of_the_hook(model):
@@ -127,7 +128,7 @@ def test_dllm_cache_follows_the_numpy_transcription_of_the_hook(model):
   # engine columns of the reference's [prompt | answer | suffix]: the prompt segment's, then the response's
   cols = np.concatenate([np.arange(p - plen, p), p + np.arange(16), p + 24 + np.arange(len(SUFFIX))])
   for n in range(8):
-    state = engine.advance(model.graphdef, cfg, model.state, state, np.int32(1))
+    (state,) = engine.advance(model.graphdef, (cfg,), model.state, (state,), np.int32(1))
     assert int(state.steps[0]) == n + 1
     c = state.cache
     got = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=2)[:, 0][:, cols].astype(np.float32),
@@ -173,15 +174,16 @@ def test_dllm_cache_is_exact_when_prompt_and_response_refresh_and_its_settings_a
   # this model's repeated tokens have near-equal confidences and cache similarities, so that at LLVM -O1 a later
   # step commits or refreshes another position.
   reqs, cfg, shapes = _requests(model, dl, 1.0)
-  whole, grouped = (runner_lib.EngineRunner(model, c, shapes) for c in (cfg, dataclasses.replace(cfg, forward_rows=2)))
+  whole, grouped = (runner_lib.EngineRunner(model, [runner_lib.Lane(c, shapes)])
+                   for c in (cfg, dataclasses.replace(cfg, forward_rows=2)))
   for r in reqs:
     assert whole.insert(r) == grouped.insert(r)
   for n in range(2):
-    a, b = whole.advance(1), grouped.advance(1)
+    (a,), (b,) = whole.advance(1), grouped.advance(1)
     np.testing.assert_array_equal(b.response, a.response)
     for seg in ("prompt", "response"):
       for f in ("k", "v", "attn", "ffn"):
-        u, v = (np.asarray(getattr(getattr(r.state.cache, seg), f), np.float32) for r in (whole, grouped))
+        u, v = (np.asarray(getattr(getattr(r.states[0].cache, seg), f), np.float32) for r in (whole, grouped))
         np.testing.assert_allclose(v, u, rtol=0, atol=1e-5 * max(np.abs(u).max(), 1.0), err_msg=f"step {n + 1}: {seg}.{f}")
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from lladav_jax.inference import engine, generation, prompts as prompt_lib, runner as runner_lib
 from lladav_jax.inference.engine import TRACE_COUNTS, EngineShapes, decode
+from lladav_jax.inference.features import TileFeatures
 from lladav_jax.inference.engine.decode import decide, first_occurrences, update_stop
 from tests.test_sampler import BUCKETS, model, settings  # noqa: F401
 
@@ -70,9 +71,11 @@ def _run(model, reqs, shapes, order, rng, cfg=None, head=False):
     free = [r for r in range(shapes.rows) if r not in running]
     if queue and free:
       k = queue.pop(0)
-      st = engine.insert(model.graphdef, cfg, model.state, st, np.int32(free[0]), reqs[k])
+      st = engine.insert(model.graphdef, cfg, model.state, st, np.int32(free[0]),
+                         TileFeatures(model).attach(reqs[k], shapes.tiles))
       running[free[0]] = k
-    st = engine.advance(model.graphdef, cfg, model.state, st, np.int32(rng.integers(1, 4) if queue else 1 << 20))
+    (st,) = engine.advance(model.graphdef, (cfg,), model.state, (st,),
+                           np.int32(rng.integers(1, 4) if queue else 1 << 20))
     for r in np.nonzero(np.asarray(st.live & st.done))[0]:
       out[running.pop(int(r))] = (np.asarray(st.response[r]).tolist(), int(st.stop[r]), int(st.nfe[r])) + (
           (int(st.head_tokens[r]), int(st.steps[r])) if head else ())
@@ -285,7 +288,7 @@ def test_block_length_is_a_row_value(model):
   mixed = [prompt_lib.requests(inp, p.row_params(24, 24), 2)[k] for k, p in enumerate(ps)]
   cfg = base.engine_config(max_block_length=24)
   got = runner_lib.run_engine(model, mixed, cfg, shapes)
-  assert TRACE_COUNTS["advance", cfg] == 1
+  assert TRACE_COUNTS["advance", (cfg,)] == 1
   for k, p in enumerate(ps):
     (alone,) = runner_lib.run_engine(model, [prompt_lib.requests(inp, p.row_params(24, p.block_length), 2)[k]],
                                      p.engine_config(), shapes)

@@ -380,22 +380,43 @@ def test_a_client_that_leaves_frees_its_row(setup, client):
   assert chat(client, user("next"), **SHORT).choices[0].message.content
 
 
-def test_block_lengths_step_counts_and_answer_lengths_compile_nothing_new(setup, client):
-  """A request's block length, step count and answer length (within its power-of-two bucket) are values:
-  after the first of one bucket, others run on the same programs, each with generate's text."""
-  url, model = setup["server"].url, setup["model"]
-  q = "Which shape is largest?"
-  first = chat(client, user(q), temperature=0, max_tokens=16, block_length=16, steps=16)
+def test_no_request_within_the_limits_compiles_and_each_answers_as_generate(setup, client):
+  """Warm-up compiled every program: requests of other answer lengths, block lengths, step counts, prompt
+  lengths and image counts (both lanes of each bucket, sent together so that they share the engine's steps)
+  compile nothing, and each text equals generate's alone."""
+  url, model, images = setup["server"].url, setup["model"], setup["images"]
+  a = Image.open(images / "a.png")
+  q, long_q = "Which shape is largest?", " ".join(["Look at the picture carefully and count the shapes."] * 12)
   programs = lambda: (metric(url, "lladav_compiles"), metric(url, "lladav_compile_cache_hits"))  # noqa: E731
   before = programs()
-  assert sum(before) > 0  # the warm-up's and the first request's programs, compiled or read from the cache
-  for gen, block, steps in ((16, 8, 16), (16, 4, 8), (16, 2, 16), (12, 4, 12), (9, 9, 9)):
-    got = chat(client, user(q), temperature=0, max_tokens=gen, block_length=block, steps=steps)
-    want = model.generate([q], params=SamplingParams(gen_length=gen, block_length=block, steps=steps))[0]
-    assert got.choices[0].message.content == want.text and got.model_extra["nfe"] == want.nfe, (gen, block, steps)
-    assert got.usage.completion_tokens == len(want.token_ids) <= gen
+  assert sum(before) > 0  # the warm-up's, compiled or read from the cache
+  cases = [(q, [], 16, 8, 16), (q, [], 16, 4, 8), (q, [], 12, 4, 12), (q, [], 9, 9, 9), (q, [], 100, 20, 50),
+           (long_q, [], 16, 16, 16), (q, [a], 24, 8, 24), (long_q, [a, a], 8, 8, 8)]
+
+  def one(case):
+    text, ims, gen, block, steps = case
+    return chat(client, user(text, *["a.png"] * len(ims)), temperature=0, max_tokens=gen, block_length=block,
+                steps=steps)
+
+  with cf.ThreadPoolExecutor(4) as pool:  # 2 rows running, 2 waiting: within --max-queue
+    got = list(pool.map(one, cases))
+  for (text, ims, gen, block, steps), r in zip(cases, got):
+    want = model.generate([text], [ims], SamplingParams(gen_length=gen, block_length=block, steps=steps))[0]
+    assert r.choices[0].message.content == want.text and r.model_extra["nfe"] == want.nfe, (text[:20], len(ims), gen)
+    assert r.usage.completion_tokens == len(want.token_ids) <= gen
   assert programs() == before
-  assert first.choices[0].message.content
+
+
+def test_a_request_beyond_a_launch_limit_is_refused_naming_its_flag(setup):
+  url, auth = setup["server"].url, {"Authorization": f"Bearer {KEY}"}
+  good = {"model": NAME, "messages": user("hi"), **SHORT}
+  cases = [({**good, "max_tokens": 256, "block_length": 8, "steps": 256}, "max_tokens", "--max-answer-tokens"),
+           ({**good, "messages": user("word " * 2100)}, "messages", "--max-model-len"),
+           ({**good, "messages": user("many", *["a.png"] * 6)}, "messages", "--max-tiles")]
+  for body, param, flag in cases:
+    r = httpx.post(url + "/v1/chat/completions", headers=auth, json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and flag in r.json()["error"]["message"], \
+        (param, r.text)
 
 
 def test_a_non_streamed_client_that_leaves_frees_its_row(setup, client):
@@ -431,7 +452,7 @@ def test_launch_options_and_a_restart_from_the_compilation_cache(setup, tmp_path
     finally:
       s.stop()
     log = (tmp_path / f"server{k}.log").read_text()
-    warmups.append(re.search(r"warmed up in ([0-9.]+) s \((\d+) programs compiled\)", log))
+    warmups.append(re.search(r"warmed up in ([0-9.]+) s \((\d+) programs compiled", log))
   assert all(warmups), warmups
   assert int(warmups[0].group(2)) > 0 and int(warmups[1].group(2)) == 0
 

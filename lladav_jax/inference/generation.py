@@ -64,7 +64,8 @@ def generate_ids(model: InferenceModel, prompt_ids: Sequence[Sequence[int]], ima
                           seeds=[params.seed + i for i in range(n)], rows=n, length_multiple=length_multiple,
                           tiles=tiles)
   shapes = EngineShapes(rows=batch_size or bucket_pow2(n), prompt_len=inputs.prompt.length, answer_len=bucket,
-                        suffix_len=len(suffix_ids), stops=inputs.stop_ids.shape[1], stop_len=inputs.stop_ids.shape[2])
+                        suffix_len=len(suffix_ids), stops=inputs.stop_ids.shape[1], stop_len=inputs.stop_ids.shape[2],
+                        tiles=inputs.prompt.pixels.shape[1])
   rows = run_engine(model, requests(inputs, row_params, len(suffix_ids)), params.engine_config(vocab_chunk), shapes)
   g = params.gen_length
   out = []

@@ -44,9 +44,11 @@ class PromptBatch:
 
 def prepare_inputs(model: InferenceModel, prompt_ids: Sequence[Sequence[int]], images: Sequence[Sequence], *,
                    suffix_ids=(), stop_ids: Sequence[Sequence[int]] = (), seeds: Sequence[int], rows: int,
-                   length_multiple: int = 64, tiles: Optional[int] = None, stop_shape=(1, 1)) -> PromptBatch:
-  """Expands, left-pads and buckets one batch into a NumPy PromptBatch with `rows` rows and `tiles` image
-  tiles per row (default: the tile bucket of the batch's largest need); the stops padded to at least
+                   length_multiple: int = 64, length: Optional[int] = None, tiles: Optional[int] = None,
+                   stop_shape=(1, 1)) -> PromptBatch:
+  """Expands, left-pads and buckets one batch into a NumPy PromptBatch with `rows` rows of `length`
+  positions (default: the batch's longest prompt rounded up to `length_multiple`) and `tiles` image tiles
+  per row (default: the tile bucket of the batch's largest need); the stops padded to at least
   `stop_shape` (sequences, longest length: an engine's fixed stop bucket)."""
   icfg = model.image_cfg
   exps = [multimodal.expand(ids, multimodal.process_sample_images(ims, icfg) if ims else [], icfg)
@@ -55,7 +57,10 @@ def prepare_inputs(model: InferenceModel, prompt_ids: Sequence[Sequence[int]], i
   if n > rows:
     raise ValueError(f"{n} prompts but {rows} rows")
   exps += [multimodal.expand([0], [], icfg)] * (rows - n)
-  length = bucket_length(max(len(e.tokens) for e in exps), length_multiple)
+  longest = max(len(e.tokens) for e in exps)
+  if length is not None and longest > length:
+    raise ValueError(f"a prompt has {longest} positions (images included), more than length={length}")
+  length = bucket_length(longest, length_multiple) if length is None else length
   need = max(e.pixels.shape[0] for e in exps)
   if tiles is not None and need > tiles:
     raise ValueError(f"a prompt's images need {need} tiles, more than tiles={tiles} (tiles=None buckets them)")
@@ -75,11 +80,29 @@ def prepare_inputs(model: InferenceModel, prompt_ids: Sequence[Sequence[int]], i
                      live=np.arange(rows) < n)
 
 
+def widen(model: InferenceModel, inputs: PromptBatch, length: int) -> PromptBatch:
+  """The same prompts left-padded to `length` positions (an engine lane's prompt bucket), as `collate`
+  pads: token 0, position 0, segment 0, the merge plan's zero row at weight 0."""
+  pr = inputs.prompt
+  n = length - pr.tokens.shape[1]
+  if n < 0:
+    raise ValueError(f"the prompts have {pr.tokens.shape[1]} positions, more than length={length}")
+  zero = pr.pixels.shape[1] * model.image_cfg.tokens_per_tile + 1
+
+  def pad(a, value=0):
+    a = np.asarray(a)
+    return np.pad(a, ((0, 0), (n, 0)) + ((0, 0),) * (a.ndim - 2), constant_values=value)
+
+  return inputs.replace(prompt=pr.replace(tokens=pad(pr.tokens), positions=pad(pr.positions),
+                                          segments=pad(pr.segments), merge_idx=pad(pr.merge_idx, zero),
+                                          merge_w=pad(pr.merge_w)))
+
+
 def requests(inputs: PromptBatch, row_params: RowParams, suffix_len: int) -> list[Request]:
   """The engine's requests of a prepared batch: one a live row."""
   out = []
   for k in np.nonzero(np.asarray(inputs.live))[0]:
     row = jax.tree.map(lambda a: np.asarray(a)[k], inputs)
-    out.append(Request(prompt=row.prompt, suffix=row.suffix, suffix_len=np.int32(suffix_len), stop_ids=row.stop_ids,
+    out.append(Request(prompt=row.prompt, features=None, suffix=row.suffix, suffix_len=np.int32(suffix_len), stop_ids=row.stop_ids,
                        stop_lens=row.stop_lens, seed=row.seeds, row_params=row_params))
   return out

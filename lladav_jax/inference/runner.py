@@ -1,6 +1,7 @@
-"""The host side of one engine: which rows are free, `insert` into one, `advance` and read every row's
-progress back (`EngineRunner`), and `run_engine`, which runs a list of requests through it with continuous
-batching (a request takes a row as soon as one is free)."""
+"""The host side of one engine: which rows of which lane are free, `insert` into one (the tiles' features
+first), `advance` every lane and read every row's progress back (`EngineRunner`), and `run_engine`, which
+runs a list of requests through one lane with continuous batching (a request takes a row as soon as one
+is free)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,10 @@ import numpy as np
 
 from lladav_jax.inference import engine
 from lladav_jax.inference.engine import EngineConfig, EngineShapes, Request
+from lladav_jax.inference.features import TileFeatures
 from lladav_jax.inference.model import InferenceModel
+from lladav_jax.inference.params import SamplingParams
+from lladav_jax.inference.prompts import bucket_tiles, prepare_inputs, requests
 
 
 @dataclasses.dataclass
@@ -49,47 +53,102 @@ class Progress:
 _READ = tuple(f.name for f in dataclasses.fields(Progress))
 
 
-class EngineRunner:
-  """One engine of `shapes.rows` rows. `run_engine` runs a fixed list of requests with it; the server's
-  scheduler runs one with a small `max_steps`, to stream and admit between calls."""
+@dataclasses.dataclass(frozen=True)
+class Lane:
+  """One lane of an engine: its config (the longest block) and shapes (rows, prompt and answer buckets)."""
+  cfg: EngineConfig
+  shapes: EngineShapes
 
-  def __init__(self, model: InferenceModel, cfg: EngineConfig, shapes: EngineShapes):
-    self.model, self.cfg, self.shapes = model, cfg, shapes
-    self.free = list(range(shapes.rows))[::-1]
+  @property
+  def width(self) -> int:
+    """Positions of a row's sequence: prompt, answer and suffix buckets."""
+    return self.shapes.prompt_len + self.shapes.answer_len + self.shapes.suffix_len
+
+
+class EngineRunner:
+  """An engine of lanes (`Lane`s, advanced together by one program). `run_engine` runs a fixed list of
+  requests with one lane; the server's scheduler runs one with a small `max_steps`, to stream and admit
+  between calls. Rows are numbered within their lane. `useful` / `processed` count sequence positions:
+  those of the running rows' own prompt, answer and suffix, and those the passes ran (whole row groups
+  of `forward_rows` rows, every position of the lane's buckets), summed over steps."""
+
+  def __init__(self, model: InferenceModel, lanes: Sequence[Lane], features: Optional[TileFeatures] = None):
+    self.model, self.lanes = model, tuple(lanes)
+    self.features = features or TileFeatures(model)
+    self.cfgs = tuple(lane.cfg for lane in self.lanes)
+    self.free = [list(range(lane.shapes.rows))[::-1] for lane in self.lanes]
+    self.own = [np.zeros(lane.shapes.rows, np.int64) for lane in self.lanes]  # a row's real positions
+    self.steps = [np.zeros(lane.shapes.rows, np.int64) for lane in self.lanes]  # its steps at the last read
+    self.useful = self.processed = 0
     with jax.set_mesh(model.mesh):  # rows sharded over (data, fsdp) like the activations
-      self.state = engine.init(model.graphdef, cfg, shapes, model.state)
+      self.states = tuple(engine.init(model.graphdef, lane.cfg, lane.shapes, model.state) for lane in self.lanes)
 
   @property
   def busy(self) -> int:
-    return self.shapes.rows - len(self.free)
+    return sum(lane.shapes.rows - len(free) for lane, free in zip(self.lanes, self.free))
 
-  def insert(self, req: Request) -> int:
-    """Puts `req` into a free row (the vision tower runs here); returns the row."""
-    row = self.free.pop()
-    m = self.model
+  def insert(self, req: Request, lane: int = 0) -> int:
+    """Puts `req` into a free row of `lane` (its tiles' features made or found first); returns the row."""
+    shapes, m = self.lanes[lane].shapes, self.model
+    req = self.features.attach(req, shapes.tiles)
+    row = self.free[lane].pop()
+    self.own[lane][row] = int(np.sum(np.asarray(req.prompt.segments) > 0)) + int(req.row_params.answer_len) + \
+        int(req.suffix_len)
+    self.steps[lane][row] = 0
     with jax.set_mesh(m.mesh):
-      self.state = engine.insert(m.graphdef, self.cfg, m.state, self.state, np.int32(row), req)
+      st = engine.insert(m.graphdef, self.cfgs[lane], m.state, self.states[lane], np.int32(row), req)
+    self.states = self.states[:lane] + (st,) + self.states[lane + 1:]
     return row
 
-  def advance(self, max_steps: int = 1 << 30) -> Progress:
-    """Runs until `max_steps` steps or a row finishes; returns every row's progress."""
+  def advance(self, max_steps: int = 1 << 30) -> list[Progress]:
+    """Runs until `max_steps` steps or a row finishes; returns every lane's progress."""
     m = self.model
     with jax.set_mesh(m.mesh):
-      self.state = engine.advance(m.graphdef, self.cfg, m.state, self.state, np.int32(max_steps))
-      return Progress(**jax.device_get({f: getattr(self.state, f) for f in _READ}))
+      self.states = engine.advance(m.graphdef, self.cfgs, m.state, self.states, np.int32(max_steps))
+      got = [Progress(**jax.device_get({f: getattr(st, f) for f in _READ})) for st in self.states]
+    for lane, prog, own, steps in zip(self.lanes, got, self.own, self.steps):
+      moved = np.where(prog.live, prog.steps - steps, 0)
+      steps[:] = np.where(prog.live, prog.steps, steps)
+      k = lane.cfg.forward_rows or lane.shapes.rows
+      k = k if lane.shapes.rows % k == 0 else lane.shapes.rows  # (with CFG a group may take rows of both halves)
+      self.useful += int(np.sum(moved * own))
+      self.processed += int(np.sum(moved.reshape(-1, k).max(axis=1))) * k * lane.width
+    return got
 
-  def release(self, row: int, running: bool = False) -> None:
-    """Frees `row`; `running`: it has not finished (its client left), so the engine stops working on it."""
+  def blank_request(self, lane: int) -> Request:
+    """A request of `lane`'s shapes (one BOS token, no image): what warm-up inserts."""
+    cfg, shapes = self.lanes[lane].cfg, self.lanes[lane].shapes
+    bl = cfg.max_block_length
+    inp = prepare_inputs(self.model, [[0]], [[]], suffix_ids=[0] * shapes.suffix_len, seeds=[0], rows=1,
+                         length=shapes.prompt_len, tiles=0, stop_shape=(shapes.stops, shapes.stop_len))
+    params = SamplingParams(gen_length=bl, block_length=bl, steps=bl)
+    return requests(inp, params.row_params(shapes.answer_len, bl), shapes.suffix_len)[0]
+
+  def warm_up(self, tile_counts: Sequence[int] = ()) -> None:
+    """Compiles (or reads from the compilation cache) every program a request within the lanes can need:
+    the tower for the tile bucket of each of `tile_counts`, each lane's insert and drop, and advance."""
+    for t in sorted({bucket_tiles(n) for n in tile_counts if n > 0}):
+      s = self.model.image_cfg.image_size
+      self.features.encode(np.zeros((t, s, s, 3), np.uint8))
+    rows = [self.insert(self.blank_request(lane), lane) for lane in range(len(self.lanes))]
+    self.advance(1)
+    for lane, row in enumerate(rows):
+      self.release(row, lane, running=True)
+    self.advance(1)  # nothing runs: it only frees the rows
+
+  def release(self, row: int, lane: int = 0, running: bool = False) -> None:
+    """Frees `row` of `lane`; `running`: it has not finished (its client left), so the engine stops working on it."""
     if running:
       with jax.set_mesh(self.model.mesh):
-        self.state = engine.drop(self.state, np.int32(row))
-    self.free.append(row)
+        st = engine.drop(self.states[lane], np.int32(row))
+      self.states = self.states[:lane] + (st,) + self.states[lane + 1:]
+    self.free[lane].append(row)
 
 
 def run_engine(model: InferenceModel, reqs: Sequence[Request], cfg: EngineConfig,
                shapes: EngineShapes) -> list[RowResult]:
-  """Runs `reqs` through an engine of `shapes.rows` rows: each request goes into a free row as soon as
-  one is free (continuous batching); returns each request's final row."""
+  """Runs `reqs` through an engine of one lane of `shapes.rows` rows: each request goes into a free row as
+  soon as one is free (continuous batching); returns each request's final row."""
   if cfg.cache == "dllm":
     for r in reqs:
       if float(r.row_params.transfer_ratio) > cfg.max_transfer_ratio:
@@ -97,13 +156,13 @@ def run_engine(model: InferenceModel, reqs: Sequence[Request], cfg: EngineConfig
                          f"max_transfer_ratio={cfg.max_transfer_ratio}")
   out: list[Optional[RowResult]] = [None] * len(reqs)
   pending = list(range(len(reqs)))[::-1]
-  runner = EngineRunner(model, cfg, shapes)
+  runner = EngineRunner(model, [Lane(cfg, shapes)])
   running: dict[int, int] = {}
   while pending or running:
-    while runner.free and pending:
+    while runner.free[0] and pending:
       k = pending.pop()
       running[runner.insert(reqs[k])] = k
-    got = runner.advance()
+    (got,) = runner.advance()
     for row in got.finished():
       out[running.pop(row)] = got.row(row)
       runner.release(row)

@@ -1,13 +1,14 @@
-"""The engine loop of a server: one thread owns the engines and the device; request handlers (asyncio)
+"""The engine loop of a server: one thread owns the engine and the device; request handlers (asyncio)
 hand it prepared jobs and read typed events back (`Prefix`, `Denoise`, `Done`, `Failed`).
 
-Requests of the same compiled shape (engine config, prompt bucket, answer bucket) share an engine
-(`runner.EngineRunner`); every tick each engine with running rows advances `steps_per_tick` steps,
-then the thread reads every row back: a finished row goes to its job and frees its row, a running one
-reports the prefix of its answer that is final (committed, and past any stop that could still start
-there). Between ticks waiting jobs take free rows (at most `max_rows` running in all) and abandoned
-ones leave theirs. A row's tokens do not depend on its neighbours or on when it joined (the engine's
-guarantee), so an answer equals `LLaDAV.generate`'s for the same request.
+One engine (`runner.EngineRunner`) of lanes fixed at launch serves every request: a job names its lane
+(prompt and answer buckets); every tick the engine advances `steps_per_tick` steps of every lane at once
+(one program), then the thread reads every row back: a finished row goes to its job and frees its row, a
+running one reports the prefix of its answer that is final (committed, and past any stop that could still
+start there). Between ticks waiting jobs take free rows (at most `max_rows` running in all) and abandoned
+ones leave theirs. Before the first tick the thread compiles every program a job can need
+(`EngineRunner.warm_up`), so that no request compiles. A row's tokens do not depend on its neighbours or
+on when it joined (the engine's guarantee), so an answer equals `LLaDAV.generate`'s for the same request.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any, Callable, Union
 
 import numpy as np
 
-from lladav_jax.inference.engine import EngineConfig, EngineShapes, Request
+from lladav_jax.inference.engine import Request
+from lladav_jax.inference.features import TileFeatures
 from lladav_jax.inference.model import InferenceModel
-from lladav_jax.inference.runner import EngineRunner, RowResult
+from lladav_jax.inference.runner import EngineRunner, Lane, RowResult
 from lladav_jax.inference.text import answer_ids
 
 log = logging.getLogger("lladav_jax.serve")
@@ -60,8 +63,7 @@ Event = Union[Prefix, Denoise, Done, Failed]
 class Job:
   """One answer (one choice of a request): its engine request and where its events go."""
   request: Request
-  cfg: EngineConfig
-  shapes: EngineShapes  # the engine it runs in (rows filled in by the scheduler)
+  lane: int  # the engine lane it runs in
   gen_length: int
   stop_len: int  # the longest of its stop sequences (a prefix this close to the front may still become a stop)
   mask_id: int
@@ -70,10 +72,6 @@ class Job:
   cancelled: bool = False
   final: int = 0  # answer positions already reported final
   nfe: int = 0  # forward evaluations so far
-
-  @property
-  def key(self):
-    return self.cfg, self.shapes
 
 
 def asyncio_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: Any) -> Callable[[Event], None]:
@@ -88,15 +86,22 @@ def asyncio_emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, tag: 
 
 
 class Scheduler:
-  """Continuous batching over engines of `max_rows` rows; `max_queue` jobs wait at most."""
+  """Continuous batching over one engine of `lanes` (each of at least `max_rows` rows), at most `max_rows`
+  answers running; `max_queue` jobs wait at most. `warm_tiles`: the tile counts warm-up compiles the
+  tower for. `ready` is set once warm-up is done."""
 
-  def __init__(self, model: InferenceModel, *, max_rows: int, max_queue: int, steps_per_tick: int = 1,
+  def __init__(self, model: InferenceModel, lanes: list[Lane], *, max_rows: int, max_queue: int,
+               features: TileFeatures, warm_tiles: tuple = (), steps_per_tick: int = 1,
                on_tokens: Callable[[int, int], None] = lambda tokens, nfe: None):
     self.model, self.max_rows, self.max_queue, self.steps_per_tick = model, max_rows, max_queue, steps_per_tick
+    self.lanes, self.features, self.warm_tiles = lanes, features, warm_tiles
     self.on_tokens = on_tokens  # metrics: (answer tokens, forward evaluations) of each job that ends
     self.waiting: collections.deque[Job] = collections.deque()
-    self.running: dict[tuple, Job] = {}  # (engine key, row) -> job
-    self.runners: dict[tuple, EngineRunner] = {}
+    self.running: dict[tuple, Job] = {}  # (lane, row) -> job
+    self.runner: EngineRunner | None = None
+    self.ready = threading.Event()
+    self.warm_up_s = 0.0
+    self.positions = [0, 0]  # useful, processed sequence positions (EngineRunner's), over every engine run
     self.cv = threading.Condition()
     self.admitting = 0  # jobs taken from the queue, not yet in a row
     self.stopping = False
@@ -141,14 +146,39 @@ class Scheduler:
     self.thread.join()
 
   # ------------------------------------------------------------ the engine thread
+  def _new_runner(self):
+    if self.runner is not None:  # its counts carry over
+      self.positions = [self.positions[0] + self.runner.useful, self.positions[1] + self.runner.processed]
+    self.runner = EngineRunner(self.model, self.lanes, self.features)
+
+  def position_counts(self) -> tuple[int, int]:
+    """(useful, processed) sequence positions so far (warm-up excluded)."""
+    r = self.runner
+    return (self.positions[0] + (r.useful if r else 0), self.positions[1] + (r.processed if r else 0))
+
+  def _warm_up(self):
+    t0 = time.monotonic()
+    self._new_runner()
+    self.runner.warm_up(self.warm_tiles)
+    self._new_runner()  # the warm-up's rows and counts are not kept
+    self.positions = [0, 0]
+    self.warm_up_s = time.monotonic() - t0
+    self.ready.set()
+
   def _loop(self):
+    try:
+      self._warm_up()
+    except Exception:
+      log.exception("warm-up failed")
+      raise
     while not self.stopping or self.waiting or self.running:
       try:
         self._tick()
       except Exception as e:  # a bug here must not stop the server: the running answers fail, it goes on
         log.exception("engine loop failed")
         with self.cv:
-          jobs, self.running, self.runners, self.admitting = list(self.running.values()), {}, {}, 0
+          jobs, self.running, self.admitting = list(self.running.values()), {}, 0
+        self._new_runner()
         for job in jobs:
           job.emit(Failed(f"{type(e).__name__}: {e}"))
 
@@ -163,54 +193,46 @@ class Scheduler:
           admit.append(job)
       self.admitting = len(admit)
       dropped = [(k, j) for k, j in self.running.items() if j.cancelled]
-    for (key, row), job in dropped:
-      self.runners[key].release(row, running=True)
-      del self.running[key, row]
+    for (lane, row), job in dropped:
+      self.runner.release(row, lane, running=True)
+      del self.running[lane, row]
       self.on_tokens(0, job.nfe)
     for job in admit:
       self._insert(job)
       with self.cv:
         self.admitting -= 1
-    for key in list(self.runners):
-      runner = self.runners[key]
-      if runner.busy:
-        self._advance(key, runner)
-      if not runner.busy:  # an idle engine's state (its cache) is not kept; its compiled code is
-        del self.runners[key]
+    if self.running:
+      self._advance()
 
   def _insert(self, job: Job):
     try:
-      runner = self.runners.get(job.key)
-      if runner is None:
-        runner = self.runners[job.key] = EngineRunner(self.model, job.cfg, job.shapes)
-      row = runner.insert(job.request)
+      row = self.runner.insert(job.request, job.lane)
     except Exception as e:  # a request the engine refuses ends alone; the server goes on
       log.exception("insert failed")
       job.emit(Failed(f"{type(e).__name__}: {e}"))
       return
-    self.running[job.key, row] = job
+    self.running[job.lane, row] = job
 
-  def _advance(self, key, runner: EngineRunner):
+  def _advance(self):
     try:
-      got = runner.advance(self.steps_per_tick)
+      lanes = self.runner.advance(self.steps_per_tick)
     except Exception as e:
       log.exception("advance failed")
-      for (k, row), job in list(self.running.items()):
-        if k == key:
-          del self.running[k, row]
-          job.emit(Failed(f"{type(e).__name__}: {e}"))
-      del self.runners[key]
+      with self.cv:
+        jobs, self.running = list(self.running.values()), {}
+      self._new_runner()  # its state may be gone (donated)
+      for job in jobs:
+        job.emit(Failed(f"{type(e).__name__}: {e}"))
       return
-    for (k, row), job in list(self.running.items()):
-      if k != key:
-        continue
+    for (lane, row), job in list(self.running.items()):
+      got = lanes[lane]
       job.nfe = int(got.nfe[row])
       response, stop = got.response[row][:job.gen_length], int(got.stop[row])
       if job.denoise:
         job.emit(Denoise(response, got.commit_step[row][:job.gen_length], int(got.steps[row]), stop))
       if got.done[row]:
-        del self.running[k, row]
-        runner.release(row)
+        del self.running[lane, row]
+        self.runner.release(row, lane)
         result = got.row(row)
         self.on_tokens(len(answer_ids(result.response, result.stop, job.gen_length)), job.nfe)
         job.emit(Done(result))

@@ -58,27 +58,38 @@ class LLaDAVModel(nnx.Module):
                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy, lora=cfg.lora,
                      rngs=rngs)
 
+  def encode_tiles(self, pixels_NHWC):
+    """Projected features of uint8 tiles: [N, P, D] (P features a tile)."""
+    if pixels_NHWC.dtype != jnp.uint8:
+      raise TypeError(f"pixels must be uint8 RGB tiles (normalised on device), got {pixels_NHWC.dtype}")
+    return self.projector(self.vision(normalize_pixels(pixels_NHWC, self.cfg.vision)))
+
   def image_table(self, pixels_BTHWC):
     """Projected features of every uint8 tile plus the newline and a zero row: [B, T*P + 2, D]."""
     b, t = pixels_BTHWC.shape[:2]
-    if pixels_BTHWC.dtype != jnp.uint8:
-      raise TypeError(f"pixels must be uint8 RGB tiles (normalised on device), got {pixels_BTHWC.dtype}")
-    x = normalize_pixels(pixels_BTHWC.reshape((b * t,) + pixels_BTHWC.shape[2:]), self.cfg.vision)
-    feats = self.projector(self.vision(x))
-    feats = shd.constrain(feats.reshape(b, -1, feats.shape[-1]), shd.BLD)
-    dt = feats.dtype
+    feats = self.encode_tiles(pixels_BTHWC.reshape((b * t,) + pixels_BTHWC.shape[2:]))
+    return self.feature_table(shd.constrain(feats.reshape(b, -1, feats.shape[-1]), shd.BLD))
+
+  def feature_table(self, feats_BFD):
+    """[B, F, D] tile features -> the merge plan's table [B, F + 2, D]: the features, the newline, a zero row."""
+    b, dt = feats_BFD.shape[0], feats_BFD.dtype
     tail = jnp.stack([self.image_newline[...].astype(dt), jnp.zeros_like(self.image_newline[...], dt)])
-    return jnp.concatenate([feats, jnp.broadcast_to(tail, (b,) + tail.shape)], axis=1)
+    return jnp.concatenate([feats_BFD, jnp.broadcast_to(tail, (b,) + tail.shape)], axis=1)
 
   def embed(self, tokens_BL, pixels_BTHWC=None, merge_idx_BLK=None, merge_w_BLK=None):
     """Token embeddings with image features spliced in where tokens == IMAGE_TOKEN_INDEX."""
+    if pixels_BTHWC is None or pixels_BTHWC.shape[1] == 0:
+      return self.embed_table(tokens_BL)
+    return self.embed_table(tokens_BL, self.image_table(pixels_BTHWC), merge_idx_BLK, merge_w_BLK)
+
+  def embed_table(self, tokens_BL, table_BFD=None, merge_idx_BLK=None, merge_w_BLK=None):
+    """`embed` from an image table already made (`image_table` / `feature_table`)."""
     is_image = tokens_BL == IMAGE_TOKEN_INDEX
     text = self.llm.embed_tokens(jnp.where(is_image, 0, tokens_BL))
-    if pixels_BTHWC is None or pixels_BTHWC.shape[1] == 0:
+    if table_BFD is None:
       return text
-    table = self.image_table(pixels_BTHWC)
     b, l, k = merge_idx_BLK.shape
-    gathered = jnp.take_along_axis(table, merge_idx_BLK.reshape(b, l * k, 1), axis=1).reshape(b, l, k, -1)
+    gathered = jnp.take_along_axis(table_BFD, merge_idx_BLK.reshape(b, l * k, 1), axis=1).reshape(b, l, k, -1)
     image = jnp.einsum("BLKD,BLK->BLD", gathered, merge_w_BLK.astype(gathered.dtype))
     return shd.constrain(jnp.where(is_image[..., None], image.astype(text.dtype), text), shd.BLD)
 

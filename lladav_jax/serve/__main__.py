@@ -1,8 +1,11 @@
 """python -m lladav_jax.serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--dtype D] [--api-key KEY]
-[--served-model-name NAME] [--image-root DIR] [--max-num-seqs N] [--max-queue N] [--cache none|prefix|dual]
-[--enable-cfg] [--compilation-cache-dir DIR]
+[--served-model-name NAME] [--image-root DIR] [--max-num-seqs N] [--max-queue N] [--max-model-len N]
+[--max-answer-tokens N] [--max-tiles N] [--cache none|prefix|dual] [--enable-cfg] [--compilation-cache-dir DIR]
 
-Flags are vLLM's where it has one. The key may also come from $LLADAV_API_KEY. SIGTERM: new requests get
+One engine serves every request within the launch limits (--max-model-len, --max-answer-tokens, --max-tiles,
+--max-block-length under the dual cache): its lanes (prompt buckets x answer buckets) are compiled at warm-up,
+before /health says ready, and no request compiles afterwards; a request beyond a limit gets 400 naming its
+flag. Flags are vLLM's where it has one. The key may also come from $LLADAV_API_KEY. SIGTERM: new requests get
 503, the running and queued ones finish, then the process exits 0."""
 from __future__ import annotations
 
@@ -42,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-num-seqs", type=int, default=8, help="engine rows: answers generated at once")
   p.add_argument("--max-queue", type=int, default=64, help="answers waiting for a row; beyond: 429")
   p.add_argument("--max-image-bytes", type=int, default=20 << 20)
+  p.add_argument("--max-model-len", type=int, default=None,
+                 help="prompt positions (image features included) + max_tokens a request may have (default: 4096, "
+                      "or the model's positions if fewer)")
+  p.add_argument("--max-answer-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
+  p.add_argument("--max-tiles", type=int, default=10, help="image tiles (384 px) a request's images may make")
+  p.add_argument("--max-block-length", type=int, default=32,
+                 help="--cache dual: the longest block_length (the window a cached step runs); other caches take any")
+  p.add_argument("--prompt-buckets", default=None,
+                 help="comma-separated prompt positions of the engine's lanes (default: 128, 512, 2048, ..., "
+                      "then --max-model-len)")
+  p.add_argument("--answer-buckets", default=None,
+                 help="comma-separated answer positions of the engine's lanes (default: 32, 128, 512, ..., "
+                      "then --max-answer-tokens)")
+  p.add_argument("--row-group", type=int, default=1,
+                 help="rows a forward pass runs at once; a group without a running request is skipped")
+  p.add_argument("--mm-cache-gb", type=float, default=4.0,
+                 help="the vision tower's features by image tile, kept for requests that send the same image")
   p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none",
                  help="the engines' KV cache (Fast-dLLM prefix / dual); requests cannot pick another")
   p.add_argument("--enable-cfg", action="store_true",
@@ -76,9 +96,24 @@ class DrainingServer(uvicorn.Server):
 def main(argv: Sequence[str] | None = None):
   parser = build_parser()
   args = parser.parse_args(argv)
-  for name, v in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
+  for name, v in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue),
+                  ("--max-model-len", args.max_model_len or 1), ("--max-answer-tokens", args.max_answer_tokens),
+                  ("--max-block-length", args.max_block_length), ("--row-group", args.row_group)):
     if v < 1:
       parser.error(f"{name} {v}: must be >= 1")
+  if args.max_tiles < 0 or args.mm_cache_gb < 0:
+    parser.error("--max-tiles and --mm-cache-gb must be >= 0")
+  if args.max_num_seqs % args.row_group:
+    parser.error(f"--row-group {args.row_group} must divide --max-num-seqs {args.max_num_seqs}")
+  buckets = {}
+  for flag in ("prompt_buckets", "answer_buckets"):
+    text = getattr(args, flag)
+    try:
+      buckets[flag] = tuple(int(v) for v in text.split(",")) if text else ()
+    except ValueError:
+      parser.error(f"--{flag.replace('_', '-')} {text!r}: comma-separated positive integers")
+    if any(v < 1 for v in buckets[flag]):
+      parser.error(f"--{flag.replace('_', '-')} {text!r}: comma-separated positive integers")
   if args.image_root and not os.path.isdir(args.image_root):
     parser.error(f"--image-root {args.image_root!r}: no such directory")
   if not os.path.isdir(args.model):
@@ -94,11 +129,18 @@ def main(argv: Sequence[str] | None = None):
   model = LLaDAV.from_pretrained(args.model, dtype=args.dtype)
   log.info("loaded in %.1f s", time.monotonic() - t0)
   name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+  positions = model.cfg.llm.max_position_embeddings
+  if args.max_model_len and args.max_model_len > positions:
+    parser.error(f"--max-model-len {args.max_model_len}: the model has {positions} positions")
   app = create_app(model, ServeConfig(served_model_name=name, api_key=args.api_key or None,
                                       image_root=args.image_root, max_num_seqs=args.max_num_seqs,
                                       max_queue=args.max_queue, max_image_bytes=args.max_image_bytes,
                                       cache=None if args.cache == "none" else args.cache,
-                                      enable_cfg=args.enable_cfg))
+                                      enable_cfg=args.enable_cfg,
+                                      max_model_len=args.max_model_len or min(4096, positions),
+                                      max_answer_tokens=args.max_answer_tokens, max_tiles=args.max_tiles,
+                                      max_block_length=args.max_block_length, row_group=args.row_group,
+                                      mm_cache_bytes=int(args.mm_cache_gb * (1 << 30)), **buckets))
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
   DrainingServer(config, app.state.server).run()
 

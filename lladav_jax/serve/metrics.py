@@ -39,6 +39,16 @@ class Metrics:
     self.requests = Counter("lladav_requests", "Chat completion requests by HTTP status", ["status"], registry=r)
     Gauge("lladav_queue_depth", "Answers waiting for an engine row", registry=r).set_function(lambda: sched.queue_depth)
     Gauge("lladav_busy_rows", "Engine rows holding an answer", registry=r).set_function(lambda: sched.busy_rows)
+    Gauge("lladav_useful_positions", "Sequence positions of the running requests' own prompts and answers, summed "
+          "over denoising steps", registry=r).set_function(lambda: sched.position_counts()[0])
+    Gauge("lladav_processed_positions", "Sequence positions the engine's passes ran (buckets and idle rows of a "
+          "row group included), summed over steps", registry=r).set_function(lambda: sched.position_counts()[1])
+    Gauge("lladav_mm_cache_hits", "Image tiles whose features were in the encoder cache",
+          registry=r).set_function(lambda: sched.features.hits)
+    Gauge("lladav_mm_cache_misses", "Image tiles the vision tower encoded",
+          registry=r).set_function(lambda: sched.features.misses)
+    Gauge("lladav_mm_cache_bytes", "Bytes of tile features in the encoder cache",
+          registry=r).set_function(lambda: sched.features.bytes)
     self.tokens = Counter("lladav_generated_tokens", "Answer tokens generated", registry=r)
     self.nfe = Counter("lladav_forward_evaluations", "Forward evaluations (2 a step with CFG)", registry=r)
     Gauge("lladav_compiles", "XLA programs compiled since the process started (warm-up included)",

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import threading
 import time
 import uuid
 from typing import Optional
@@ -24,7 +23,10 @@ from lladav_jax.config import IMAGE_TOKEN_INDEX
 from lladav_jax.data import template
 from lladav_jax.inference.engine import EngineShapes
 from lladav_jax.inference.model import InferenceModel
-from lladav_jax.inference.prompts import prepare_inputs, requests
+from lladav_jax.inference.features import TileFeatures
+from lladav_jax.inference.params import SamplingParams
+from lladav_jax.inference.prompts import bucket_tiles, prepare_inputs, requests, widen
+from lladav_jax.inference.runner import Lane
 from lladav_jax.inference.scheduler import Denoise, Done, Event, Failed, Job, Prefix, Scheduler, asyncio_emitter
 from lladav_jax.inference.text import answer_ids, finished_text, stop_list, streamable, token_pieces
 from lladav_jax.serve import images
@@ -46,12 +48,56 @@ class ServingChat:
     if model.tokenizer is None:
       raise ValueError("the model has no tokenizer (tokenizer.json next to the checkpoint); the server needs one")
     self.model, self.cfg, self.tok = model, cfg, model.tokenizer
-    self.sched = Scheduler(model, max_rows=cfg.max_num_seqs, max_queue=cfg.max_queue,
+    limit = model.cfg.llm.max_position_embeddings
+    if cfg.max_model_len > limit:
+      raise ValueError(f"max_model_len={cfg.max_model_len} is more than the model's {limit} positions")
+    self.defaults = dataclasses.replace(SamplingParams(), cache=cfg.cache).for_model(model)
+    self.lanes = [Lane(self.defaults.engine_config(max_block_length=self._max_block(g), guidance=cfg.enable_cfg,
+                                                   forward_rows=cfg.row_group),
+                       EngineShapes(rows=cfg.max_num_seqs, prompt_len=p, answer_len=g, stops=MAX_STOPS + 1,
+                                    stop_len=STOP_TOKENS, tiles=self._lane_tiles(p)))
+                  for p in cfg.prompt_lanes for g in cfg.answer_lanes]
+    self.features = TileFeatures(model, cfg.mm_cache_bytes)
+    self.sched = Scheduler(model, self.lanes, max_rows=cfg.max_num_seqs, max_queue=cfg.max_queue,
+                           features=self.features, warm_tiles=range(1, self._lane_tiles(cfg.max_model_len) + 1),
                            on_tokens=lambda t, n: self.metrics.job_ended(t, n))
     self.metrics = Metrics(self.sched)
     self.ready = False  # loaded and warmed up
     self.draining = False  # SIGTERM: no new requests, in-flight ones finish
     self.open_streams = 0
+
+  def _max_block(self, answer_bucket: int) -> int:
+    """A lane's longest block: the whole answer, except under the dual cache, whose window it is."""
+    return min(answer_bucket, self.cfg.max_block_length) if self.cfg.cache == "dual" else answer_bucket
+
+  def _lane_tiles(self, prompt_len: int) -> int:
+    """The tiles a prompt of `prompt_len` positions can hold: --max-tiles, in its tile bucket, where a tile's
+    features fit (a downscaled anyres tile is smaller than a whole one: any tile count up to the limit)."""
+    smallest = self.model.image_cfg.tokens_per_tile // 4  # (the merge plan's smallest tile)
+    return bucket_tiles(self.cfg.max_tiles) if self.cfg.max_tiles and prompt_len >= smallest else 0
+
+  def lane(self, plen: int, gen_length: int, block_length: int, tiles: int) -> int:
+    """The lane of least work that holds the request: the smallest prompt + answer buckets that fit."""
+    fits = [k for k, lane in enumerate(self.lanes) if lane.shapes.prompt_len >= plen and lane.shapes.tiles >= tiles
+            and lane.shapes.answer_len >= gen_length and lane.cfg.max_block_length >= block_length]
+    return min(fits, key=lambda k: (self.lanes[k].width, k))
+
+  def check_limits(self, plen: int, tiles: int, params, where: str):
+    """A request beyond the launch limits: 400 naming the limit and the flag that raises it."""
+    c, g = self.cfg, params.gen_length
+    if tiles > c.max_tiles:
+      raise FieldError(where, f"the images need {tiles} tiles; this server takes at most {c.max_tiles} a request "
+                       f"(start it with a larger --max-tiles)")
+    if g > c.max_answer_tokens:
+      raise FieldError("max_tokens", f"max_tokens={g} is more than this server's {c.max_answer_tokens} (start it "
+                       f"with a larger --max-answer-tokens)")
+    if plen + g > c.max_model_len:
+      raise FieldError("max_tokens" if plen < c.max_model_len else where,
+                       f"the prompt ({plen} positions, images included) and max_tokens={g} are more than this "
+                       f"server's {c.max_model_len} positions (start it with a larger --max-model-len)")
+    if params.block_length > self._max_block(c.max_answer_tokens):
+      raise FieldError("block_length", f"block_length={params.block_length} is more than the dual cache's window "
+                       f"of {c.max_block_length} (start the server with a larger --max-block-length)")
 
   # ------------------------------------------------------------ preparation (a worker thread)
   def prompt_ids(self, req: ChatRequest) -> tuple[list[int], list]:
@@ -117,23 +163,20 @@ class ServingChat:
     except ValueError as e:
       raise FieldError("messages" if chat else "prompt", str(e)) from None
     plen = int(np.sum(inputs.prompt.valid[0]))
-    g = params.gen_length
-    limit = self.model.cfg.llm.max_position_embeddings
-    if plen + g > limit:
-      raise FieldError("max_tokens", f"the prompt ({plen} tokens, images included) and max_tokens="
-                       f"{g} exceed the model's {limit} positions")
-    # Engines by prompt bucket and answer bucket (powers of two) only: the answer length, block length and
-    # step count are the row's values. Blocks go up to the whole bucket, except under the dual cache, whose
-    # window is the longest block.
-    bucket = max(self.cfg.min_answer_bucket, 1 << (g - 1).bit_length())
-    shapes = EngineShapes(rows=self.cfg.max_num_seqs, prompt_len=inputs.prompt.length, answer_len=bucket,
-                          stops=MAX_STOPS + 1, stop_len=STOP_TOKENS)
+    used = inputs.prompt.merge_idx[0][inputs.prompt.merge_w[0] != 0] // self.features.tile_tokens
+    used = used[used < inputs.prompt.pixels.shape[1]]
+    tiles = int(used.max()) + 1 if used.size else 0
+    self.check_limits(plen, tiles, params, "messages" if chat else "prompt")
+    # One engine of lanes fixed at launch: the answer length, block length and step count are the row's values,
+    # the prompt goes into its lane's bucket (left padding), the tiles' features into its tile slots.
+    k = self.lane(plen, params.gen_length, params.block_length, tiles)
+    shapes = self.lanes[k].shapes
+    inputs = widen(self.model, inputs, shapes.prompt_len)
+    row_params = params.row_params(shapes.answer_len, self.lanes[k].cfg.max_block_length)
     stop_len = max(len(s) for s in stops)
-    mbl = params.block_length if params.cache == "dual" else bucket
-    cfg = params.engine_config(max_block_length=mbl, guidance=self.cfg.enable_cfg)
-    jobs = [Job(request=r, cfg=cfg, shapes=shapes, gen_length=g, stop_len=stop_len, mask_id=params.mask_id,
+    jobs = [Job(request=r, lane=k, gen_length=params.gen_length, stop_len=stop_len, mask_id=params.mask_id,
                 denoise=req.denoise, emit=emit_for(i))
-            for i, r in enumerate(requests(inputs, params.row_params(bucket, mbl), 0))]
+            for i, r in enumerate(requests(inputs, row_params, 0))]
     return jobs, plen
 
   def launch_settings(self, req: ChatRequest | CompletionRequest, params):
@@ -153,16 +196,18 @@ class ServingChat:
     return finished_text(self.tok, ids, self.model.cfg.mask_token_id, stops)
 
   def warm_up(self):
-    """Compiles the default request's engine (one step) before /health says ready."""
-    req = ChatRequest(model=self.cfg.served_model_name, messages=[{"role": "user", "content": "Hello"}], steps=1)
-    t0, c0 = time.monotonic(), compiles()
-    log.info("warming up: the default request's programs (read from the compilation cache when there)")
-    done = threading.Event()
-    jobs, _ = self.prepare(req, lambda i: lambda ev: done.set() if isinstance(ev, (Done, Failed)) else None)
-    if not self.sched.submit(jobs):
-      raise RuntimeError("no queue room for the warm-up request")
-    done.wait()
-    log.info("warmed up in %.1f s (%d programs compiled): ready", time.monotonic() - t0, compiles() - c0)
+    """Waits for the engine thread to compile every program a request within the limits can need (or to read
+    them from the compilation cache) before /health says ready; logs the time and the programs."""
+    c0 = compiles()
+    shapes = ", ".join(f"{p}+{g}" for p in self.cfg.prompt_lanes for g in self.cfg.answer_lanes)
+    log.info("warming up: %d lanes (prompt+answer positions: %s), %d rows each, tiles up to %d",
+             len(self.lanes), shapes, self.cfg.max_num_seqs, self.cfg.max_tiles)
+    while not self.sched.ready.wait(0.5):
+      if not self.sched.thread.is_alive():
+        log.error("the engine thread stopped during warm-up")
+        return
+    log.info("warmed up in %.1f s (%d programs compiled, the rest read from the compilation cache): ready",
+             self.sched.warm_up_s, compiles() - c0)
     self.ready = True
 
   # ------------------------------------------------------------ a request (the event loop)

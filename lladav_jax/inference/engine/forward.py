@@ -61,6 +61,7 @@ class Forward:
       mask_emb = llm.embed_tokens(jnp.full((1, 1), cfg.mask_id, jnp.int32)).astype(emb.dtype)
       emb = jnp.concatenate([emb, jnp.where(st.prompt_valid[..., None], mask_emb, emb)])
     x = lambda a: jnp.concatenate([a, a]) if cfg.guidance else a  # noqa: E731
+    self.active = x(st.live & ~st.done)
     # dllm: recompute slots (static) and the ones each row uses: int(len(response) * ratio), as the original
     self.slots = max(1, int(cfg.max_transfer_ratio * self.lg))
     n_use = jnp.floor(st.row_params.transfer_ratio * (glen[:, 0] + st.suffix_len)).astype(jnp.int32)
@@ -73,14 +74,17 @@ class Forward:
   def window_len(self) -> int:
     return {None: 0, "prefix": self.lg, "dual": self.bl}[self.cfg.cache]
 
-  def _grouped(self, fn, cache, pick):
+  def _grouped(self, fn, cache, pick, need=None):
     """fn(rows, cache, row0, sel) -> (h [r, bl, D], cache) over groups of r rows in turn, row0 the group's
-    first cache row, sel [r] the rows whose cache rows take the new values (fn writes them in place)."""
+    first cache row, sel [r] the rows whose cache rows take the new values (fn writes them in place).
+    A group with no row that needs the pass (`need`; default: `pick`, else the running rows) is skipped
+    at run time: the work of a pass follows the rows that run, not the rows an engine has."""
     r = self.b * self.mult
     k = self.cfg.forward_rows or r
     if r % k:
       raise ValueError(f"forward_rows={k} does not divide the {r} rows of a pass")
     pick = jnp.ones((r,), bool) if pick is None else pick
+    need = (pick & self.active) if need is None else need
 
     def one(i, cache):
       take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * k, k)  # noqa: E731
@@ -92,7 +96,8 @@ class Forward:
 
     def body(i, carry):
       h_all, cache = carry
-      h, cache = one(i, cache)
+      h, cache = jax.lax.cond(jnp.any(jax.lax.dynamic_slice_in_dim(need, i * k, k)), one,
+                              lambda i, c: (jnp.zeros(h0.shape, h0.dtype), c), i, cache)
       return jax.lax.dynamic_update_slice_in_dim(h_all, h, i * k, axis=0), cache
 
     h_all = jnp.zeros((r,) + h0.shape[1:], h0.dtype)
@@ -177,8 +182,9 @@ class Forward:
 
     return self._grouped(fn, cache, pick)
 
-  def window(self, cache: KVCache):
-    """The query window of each row against its cached K/V (read only)."""
+  def window(self, cache: KVCache, need=None):
+    """The query window of each row against its cached K/V (read only); `need`: the rows that take it
+    (default: the running ones)."""
     llm, lg, bl, mode, mask_id = self.llm, self.lg, self.bl, self.cfg.cache, self.cfg.mask_id
 
     def fn(rw, cache, row0, sel):
@@ -206,4 +212,4 @@ class Forward:
       h, _ = self._layers(body, llm.embed_tokens(q_tok), cache, row0, sel)
       return h[:, :bl], cache
 
-    return self._grouped(fn, cache, None)[0]
+    return self._grouped(fn, cache, None, need)[0]

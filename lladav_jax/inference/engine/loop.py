@@ -1,10 +1,14 @@
 """The masked-diffusion sampler as an engine of rows, each at its own place in its own request.
 
     state = init(graphdef, cfg, shapes, weights)                  # empty rows
-    state = insert(graphdef, cfg, weights, state, row, request)   # vision tower + prompt, row reset
-    state = advance(graphdef, cfg, weights, state, max_steps)     # one jitted lax.while_loop
+    feats = encode(graphdef, weights, pixels)                     # the vision tower: tiles -> features
+    state = insert(graphdef, cfg, weights, state, row, request)   # the prompt (features spliced), row reset
+    states = advance(graphdef, cfgs, weights, states, max_steps)  # one jitted lax.while_loop
     state = drop(state, row)                                      # an abandoned row stops running
 
+An engine is a tuple of lanes: states of their own shapes (prompt and answer buckets) and configs (their
+longest block), advanced together by one `advance` program: each step steps every lane with a running
+row (a lane without one is skipped at run time, as is a group of `forward_rows` rows without one).
 `advance` runs denoising steps over every row until `max_steps` or until a row finishes (returns
 then, so that the host reads the row out and refills it: continuous batching). A row that finished
 stays readable until the next `advance`, which frees it. Only shapes (`EngineShapes`) and
@@ -120,7 +124,8 @@ def _insert(graphdef, cfg: EngineConfig, weights, st: EngineState, row, req: Req
   if pr.tokens.shape[0] != st.prompt_valid.shape[1]:
     raise ValueError(f"the request's prompt has {pr.tokens.shape[0]} positions but the engine's bucket is "
                      f"{st.prompt_valid.shape[1]}")
-  emb = model.embed(pr.tokens[None], pr.pixels[None], pr.merge_idx[None], pr.merge_w[None])[0]
+  table = model.feature_table(jnp.asarray(req.features, model.llm.dtype)[None])
+  emb = model.embed_table(pr.tokens[None], table, pr.merge_idx[None], pr.merge_w[None])[0]
   g = st.commit_step.shape[1]
   response = jnp.concatenate([jnp.full((g,), cfg.mask_id, jnp.int32), req.suffix.astype(jnp.int32)])
   put = lambda a, v: a.at[row].set(jnp.asarray(v, a.dtype))  # noqa: E731
@@ -171,10 +176,10 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
 
     # full passes for the refreshing rows (their cache rows replaced in place), then windows for the others
     # (which see their own, untouched cache rows); each pass only when some row needs it
-    h_shape = jax.eval_shape(fw.window, st.cache)
+    h_shape = jax.eval_shape(lambda c: fw.window(c, pick), st.cache)
     zeros = jnp.zeros(h_shape.shape, h_shape.dtype)
     h_full, cache = jax.lax.cond(jnp.any(refresh), lambda c: fw.full(c, pick), lambda c: (zeros, c), st.cache)
-    h_win = jax.lax.cond(jnp.any(active & ~refresh), lambda: fw.window(cache), lambda: zeros)
+    h_win = jax.lax.cond(jnp.any(active & ~refresh), lambda: fw.window(cache, dup(active & ~refresh)), lambda: zeros)
     h = jnp.where(pick[:, None, None], h_full, h_win)
     q_len = jnp.where(refresh, full_len, fw.window_len)
   # eligible = masked, before the block end or, once a stop was found, before the stop (inside the block)
@@ -211,17 +216,35 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
   return _normalize(st, cfg)
 
 
-def _advance(graphdef, cfg: EngineConfig, weights, st: EngineState, max_steps) -> EngineState:
-  TRACE_COUNTS["advance", cfg] += 1
+def _advance(graphdef, cfgs: tuple, weights, states: tuple, max_steps) -> tuple:
+  """Steps every lane (`states[i]` under `cfgs[i]`) until `max_steps` or until a row of any lane finishes."""
+  TRACE_COUNTS["advance", cfgs] += 1
   model = nnx.merge(graphdef, weights)
-  st = by_row(st.replace(live=st.live & ~st.done))  # rows finished before this call are free now
+  states = tuple(by_row(st.replace(live=st.live & ~st.done)) for st in states)  # rows finished before: free
+
+  def running(st):
+    return jnp.any(st.live & ~st.done)
 
   def cond(c):
-    n, st = c
-    return (n < max_steps) & jnp.any(st.live & ~st.done) & ~jnp.any(st.live & st.done)
+    n, sts = c
+    return (n < max_steps) & jnp.any(jnp.stack([running(st) for st in sts])) & \
+        ~jnp.any(jnp.stack([jnp.any(st.live & st.done) for st in sts]))
 
-  _, st = jax.lax.while_loop(cond, lambda c: (c[0] + 1, _step(model, cfg, c[1])), (jnp.int32(0), st))
-  return st
+  def body(c):
+    n, sts = c
+    if len(sts) == 1:  # one lane: it is running
+      return n + 1, (_step(model, cfgs[0], sts[0]),)
+    return n + 1, tuple(jax.lax.cond(running(st), lambda s, c=cfg: _step(model, c, s), lambda s: s, st)
+                        for cfg, st in zip(cfgs, sts))
+
+  _, states = jax.lax.while_loop(cond, body, (jnp.int32(0), states))
+  return states
+
+
+def _encode(graphdef, weights, pixels):
+  """The vision tower and projector: uint8 tiles [N, S, S, 3] -> features [N, tile tokens, D]."""
+  TRACE_COUNTS["encode", pixels.shape[0]] += 1
+  return nnx.merge(graphdef, weights).encode_tiles(pixels)
 
 
 def _drop(st: EngineState, row) -> EngineState:
@@ -232,3 +255,4 @@ def _drop(st: EngineState, row) -> EngineState:
 drop = jax.jit(_drop, donate_argnums=(0,))
 insert = jax.jit(_insert, static_argnums=(0, 1), donate_argnums=(3,))
 advance = jax.jit(_advance, static_argnums=(0, 1), donate_argnums=(3,))
+encode = jax.jit(_encode, static_argnums=(0,))

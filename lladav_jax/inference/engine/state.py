@@ -22,21 +22,25 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class EngineShapes:
-  """The buckets: rows, prompt positions, answer positions (a multiple of the block length), suffix
-  positions, stop sequences and their longest length."""
+  """The buckets: rows, prompt positions, answer positions, suffix positions, stop sequences and their
+  longest length, image tiles a row's prompt may hold (their features, `Request.features`)."""
   rows: int
   prompt_len: int
   answer_len: int
   suffix_len: int = 0
   stops: int = 1
   stop_len: int = 1
+  tiles: int = 0
 
 
 @struct.dataclass
 class Request:
-  """One row's request (no row axis): a left-padded prompt of the engine's prompt bucket (any tile
-  count), a suffix of the suffix bucket with its length, stop sequences, seed and sampling values."""
-  prompt: ModelInputs
+  """One row's request (no row axis): a left-padded prompt of the engine's prompt bucket, the projected
+  features of its image tiles (the engine's `tiles` of them, the prompt's merge plan indexing
+  [features | newline | zero]; `runner.with_features` makes them from the prompt's pixels), a suffix of the
+  suffix bucket with its length, stop sequences, seed and sampling values."""
+  prompt: ModelInputs  # its pixels are not read by the engine (None there)
+  features: Optional[jax.Array]  # [tiles * tile tokens, D]
   suffix: jax.Array  # int32 [Ls]
   suffix_len: jax.Array  # int32
   stop_ids: jax.Array  # int32 [NS, LS]
