@@ -42,10 +42,19 @@ import numpy as np
 from lladav_jax import weights as W
 from lladav_jax.model import abstract_model
 
-log = logging.getLogger(__name__)
+# not __name__, which is "__main__" under python -m: outside "lladav_jax", whose INFO lines main() shows
+log = logging.getLogger("lladav_jax.convert")
 
 PARTIAL_SAVE_BYTES = 64 << 20  # parameters are saved to Orbax in batches of about this size
 _GC_BYTES = 16 << 20  # collect cycles once this much is released, not after every release (a collection walks the heap)
+
+
+def _progress(total: int, desc: str):
+  """A tqdm bar over the tensors (what the count counts) on stderr, only when stderr is a terminal: logs and tests
+  parse no carriage returns."""
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty(),
+              dynamic_ncols=True, mininterval=0.5)
 
 
 def parse_size(s: int | str) -> int:
@@ -149,18 +158,22 @@ def hf_to_orbax(src: str, dst: str, *, cfg=None, vision_json: dict | None = None
         gc.collect()  # free the saved arrays now, not at the next cyclic collection
       pending, pending_bytes = {}, 0
 
-    for param, source in plan.params.items():
-      nbytes = math.prod(source.shape) * W.common_dtype(plan.files.dtype(n) for n in source.names).itemsize
-      if pending_bytes + nbytes > PARTIAL_SAVE_BYTES:
-        flush()  # before reading, so that a large parameter is never held next to a full batch
-      arr = W.read_param(plan, param)
-      param_dtypes[param] = str(arr.dtype)
-      for i, name in enumerate(source.names):
-        tensors.append(dict(name=name, param=param, layer=i if source.entry.stacked else None,
-                            dtype=str(plan.files.dtype(name)), shape=list(plan.files.shape(name))))
-      pending[param] = arr
-      pending_bytes += arr.nbytes
-      del arr
+    n_read = sum(len(source.names) for source in plan.params.values())
+    log.info("reading %d tensors of %s into %d parameters in %s", n_read, src, len(plan.params), dst)
+    with _progress(n_read, "hf-to-orbax: tensors read") as bar:
+      for param, source in plan.params.items():
+        nbytes = math.prod(source.shape) * W.common_dtype(plan.files.dtype(n) for n in source.names).itemsize
+        if pending_bytes + nbytes > PARTIAL_SAVE_BYTES:
+          flush()  # before reading, so that a large parameter is never held next to a full batch
+        arr = W.read_param(plan, param)
+        param_dtypes[param] = str(arr.dtype)
+        for i, name in enumerate(source.names):
+          tensors.append(dict(name=name, param=param, layer=i if source.entry.stacked else None,
+                              dtype=str(plan.files.dtype(name)), shape=list(plan.files.shape(name))))
+        pending[param] = arr
+        pending_bytes += arr.nbytes
+        del arr
+        bar.update(len(source.names))
     if plan.initialized:
       log.log(logging.WARNING if "vision" in init_groups else logging.INFO,
               "%s: %d parameters (%s) initialised from seed %d in %s", src,
@@ -272,7 +285,8 @@ def orbax_to_hf(src: str, dst: str, *, shard_size: int | str = "5GB", overwrite:
     shards.append(cur)
   n = len(shards)
 
-  with _atomic_dir(dst, overwrite) as tmp:
+  log.info("writing %d tensors of %s as %d safetensors shards in %s", len(order), src, n, dst)
+  with _atomic_dir(dst, overwrite) as tmp, _progress(len(order), "orbax-to-hf: tensors written") as bar:
     cached: dict[str, np.ndarray] = {}
     extras_file = os.path.join(src, W.EXTRAS_FILE)
     weight_map, total = {}, 0
@@ -298,6 +312,7 @@ def orbax_to_hf(src: str, dst: str, *, shard_size: int | str = "5GB", overwrite:
           weight_map[t["name"]] = fname
           total += arr.nbytes
           del arr
+          bar.update(1)
     cached.clear()
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
@@ -335,8 +350,8 @@ class _SafetensorsWriter:
     want_name, h = self._pending[self._i]
     nb = h["data_offsets"][1] - h["data_offsets"][0]
     if name != want_name or list(arr.shape) != h["shape"] or _ST_CODES[str(arr.dtype)] != h["dtype"] or arr.nbytes != nb:
-      raise ValueError(f"safetensors writer: got {name} {arr.dtype}{list(arr.shape)}, expected {want_name} "
-                       f"{h['dtype']}{h['shape']}")
+      raise RuntimeError(f"safetensors writer: got {name} {arr.dtype}{list(arr.shape)}, expected {want_name} "
+                         f"{h['dtype']}{h['shape']}")
     self._f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
     self._i += 1
 
@@ -346,17 +361,30 @@ class _SafetensorsWriter:
   def __exit__(self, exc_type, *_):
     self._f.close()
     if exc_type is None and self._i != len(self._pending):
-      raise ValueError(f"safetensors writer: {len(self._pending) - self._i} tensors were not written")
+      raise RuntimeError(f"safetensors writer: {len(self._pending) - self._i} tensors were not written")
 
 
 def _dtype(name: str):
   return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
+def _size_arg(s: str) -> int:
+  try:
+    return parse_size(s)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+EXIT_STATUS = """Exit status: 0 converted; 1 the conversion failed (one `error:` line: a checkpoint with missing,
+unexpected or mis-shaped tensors, each named; DST exists without --overwrite; an LLM-only SRC without a vision tower;
+nothing is left at DST); 2 a usage error (argparse: a missing or unknown argument, SRC not a directory)."""
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m lladav_jax.convert", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m lladav_jax.convert", description=__doc__.split("\n\n")[0],
+                              epilog=EXIT_STATUS)
   sub = p.add_subparsers(dest="cmd", required=True)
-  a = sub.add_parser("hf-to-orbax", help="HF safetensors directory -> Orbax directory")
+  a = sub.add_parser("hf-to-orbax", help="HF safetensors directory -> Orbax directory", epilog=EXIT_STATUS)
   a.add_argument("src")
   a.add_argument("dst")
   a.add_argument("--overwrite", action="store_true")
@@ -368,26 +396,39 @@ def main(argv=None) -> int:
   a.add_argument("--strict", action="store_true", help="error if vision/projector/newline weights are absent")
   a.add_argument("--vision-config", help="the vision tower's config.json, when SRC/config.json has none")
   a.add_argument("--seed", type=int, default=0, help="init seed of the parameters the sources lack (manifest)")
-  b = sub.add_parser("orbax-to-hf", help="Orbax directory -> HF safetensors directory")
+  b = sub.add_parser("orbax-to-hf", help="Orbax directory -> HF safetensors directory", epilog=EXIT_STATUS)
   b.add_argument("src")
   b.add_argument("dst")
   b.add_argument("--overwrite", action="store_true")
-  b.add_argument("--shard-size", default="5GB")
+  b.add_argument("--shard-size", default="5GB", type=_size_arg, help="largest output file, e.g. 5GB, 500MB, 2GiB")
   args = p.parse_args(argv)
+  sp = a if args.cmd == "hf-to-orbax" else b
+  if not os.path.isdir(args.src):  # argparse's usage and exit status 2, before anything is read
+    sp.error(f"src {args.src!r}: no such directory")
+  for flag, path, isdir in (("--vision-tower", getattr(args, "vision_tower", None), True),
+                            ("--vision-config", getattr(args, "vision_config", None), False)):
+    if path and not (os.path.isdir(path) if isdir else os.path.isfile(path)):
+      sp.error(f"{flag} {path!r}: no such {'directory' if isdir else 'file'}")
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("lladav_jax").setLevel(logging.INFO)
   if "JAX_PLATFORMS" not in os.environ:  # conversion is host work: keep accelerators free
     jax.config.update("jax_platforms", "cpu")  # the flag, not the variable: jax read that at import
-  if args.cmd == "hf-to-orbax":
-    vision = None
-    if args.vision_config:
-      with open(args.vision_config) as f:
-        vision = json.load(f)
-    hf_to_orbax(args.src, args.dst, vision_json=vision, vision_tower=args.vision_tower,
-                random_vision_tower=args.random_vision_tower, overwrite=args.overwrite, strict=args.strict,
-                seed=args.seed)
-  else:
-    orbax_to_hf(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)
+  try:
+    if args.cmd == "hf-to-orbax":
+      vision = None
+      if args.vision_config:
+        with open(args.vision_config) as f:
+          vision = json.load(f)
+      hf_to_orbax(args.src, args.dst, vision_json=vision, vision_tower=args.vision_tower,
+                  random_vision_tower=args.random_vision_tower, overwrite=args.overwrite, strict=args.strict,
+                  seed=args.seed)
+    else:
+      orbax_to_hf(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)
+  except (W.CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
+    # what the user can act on, named in the message (the checkpoint and config readers raise these for what they
+    # refuse); anything else keeps its traceback, exit status 1 too
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
   return 0
 
 

@@ -12,6 +12,9 @@ each answer position was committed (`commit_step`), and the view redraws the ans
 (masks as `░`, the tokens committed at the current step highlighted). `--trace FILE.html` writes a
 self-contained page with a step slider and a step x position grid. `--json` prints the results as
 JSON (no live view).
+
+Exit status: 0 answered; 1 an error while loading or generating (its traceback); 2 a usage error (argparse: a
+missing or unknown argument, a bad value, a checkpoint directory or image file that does not exist).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ MASK_GLYPH = "░"
 
 def build_parser(checkpoint_required: bool = True) -> argparse.ArgumentParser:
   """`checkpoint_required=False` when the caller passes a model object instead (main(argv, model=...))."""
-  p = argparse.ArgumentParser(prog="python -m lladav_jax.generate", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m lladav_jax.generate", description=__doc__.split("\n\n")[0],
+                              epilog=__doc__.split("\n\n")[-1].strip())
   p.add_argument("--checkpoint", required=checkpoint_required, metavar="DIR",
                  help="Hugging Face LLaDA-V directory or converted Orbax directory")
   p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
@@ -191,10 +195,14 @@ def main(argv: Sequence[str] | None = None, model=None, out=None):
   if model is None:
     if not os.path.isdir(args.checkpoint):
       parser.error(f"--checkpoint {args.checkpoint!r}: no such directory")
+    print(f"loading the model from {args.checkpoint}", file=sys.stderr, flush=True)
     model = LLaDAV.from_pretrained(args.checkpoint, dtype=args.dtype)
   imgs = [Image.open(p) for p in args.image]
   live = not args.json and not args.no_live and hasattr(out, "isatty") and out.isatty()
-  res = model.generate([args.prompt], [imgs], params_from_args(args), return_trajectory=True)[0]
+  params = params_from_args(args)
+  print(f"generating {params.gen_length} answer positions, at most {params.steps} denoising steps (the engine "
+        "compiles first)", file=sys.stderr, flush=True)
+  res = model.generate([args.prompt], [imgs], params, return_trajectory=True)[0]
   if args.trace:
     with open(args.trace, "w", encoding="utf-8") as f:
       f.write(trace_html(args.prompt, res, model.tokenizer))

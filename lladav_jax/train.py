@@ -15,8 +15,10 @@ and data-iterator position) and continues with exactly the losses of an uninterr
 Presets and every field: configs/finetune.py. Multi-host: run the same command on every host
 (launch/tpu_pod.sh, launch/slurm_gpu.sbatch); jax.distributed is initialised automatically.
 
-Exit status: 0 done (or stopped by SIGTERM after a save, or --help), 2 a bad config, 3 a non-finite loss, 4 too many
-bad samples (data.max_skip_fraction), 130 Ctrl-C, 1 any other failure; each prints one `error:` message.
+Exit status: 0 done (or stopped by SIGTERM after a save, or --help), 1 a flag error (a required flag missing,
+an unknown flag or config field, a config file or preset that does not load, a value that does not parse: absl's
+status, after the usage line) or any other failure, 2 a bad config value, 3 a non-finite loss, 4 too many bad
+samples (data.max_skip_fraction), 130 Ctrl-C; each prints one `error:` message.
 
 This is the edge: the ConfigDict is resolved here into `training.settings.RunConfig` (validated
 once, every bad field named) and nothing below reads the ConfigDict.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 
@@ -99,8 +102,60 @@ def main(argv):
 _HELP = {"--help": True, "-h": True, "-?": True, "--helpshort": True, "--helpfull": False}
 
 
+def usage_line() -> str:
+  """The usage lines of this module's docstring (the required flags without brackets)."""
+  lines = __doc__.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("usage:"))
+  end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" "))
+  return "\n".join(lines[start:end])
+
+
+def flag_error(message: str):
+  """A command-line mistake: the usage line and one `error:` line on stderr, exit status 1 (absl's), no traceback."""
+  print(usage_line(), file=sys.stderr)
+  print(f"error: {message}\nTry --help for the flags and the exit statuses.", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def _message(error: Exception) -> str:
+  """absl's / ml_collections' error as one line: a missing required flag as such, a validator's message without
+  the flag values before it, a config file's traceback (ml_collections puts it in the message) as its last line."""
+  text = str(error)
+  if "Traceback (most recent call last)" in text:
+    head = text.split("Error whilst parsing config file:")[0].strip()
+    return f"{head} {[line.strip() for line in text.splitlines() if line.strip()][-1]}"
+  out = []
+  for line in (line.strip() for line in text.splitlines()):
+    required = re.fullmatch(r"flag --(\w+)=None: Flag --\1 must have a value other than None\.", line)
+    if required:
+      line = f"--{required.group(1)} is required"
+    line = re.sub(r"^flags (\w+=[^,:]*, )*\w+=[^,:]*: ", "", line)  # a multi-flag validator's values
+    if line:
+      out.append(line)
+  return "; ".join(out)
+
+
+def _override_without_field(argv, error: Exception) -> str:
+  """The `--config.FIELD=VALUE` whose FIELD the (locked) config lacks, named from ml_collections' error (the
+  missing name, then its did-you-mean when there is one)."""
+  inner = error
+  while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError("'name'\nDid you mean ..."))
+    inner = inner.args[0]
+  name, *hint = str(inner).splitlines()
+  name = name.strip("'\"")
+  hint = f" ({' '.join(hint).strip()})" if hint else ""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if arg.startswith("--config.") and name in arg[len("--config."):].split("=", 1)[0].split("."):
+      return f"{arg}: the config has no field {name!r}{hint}"
+  return f"a --config.FIELD override: the config has no field {name!r}{hint}"
+
+
 def _parse_flags(argv):
-  """absl's parser, except that help exits 0 as argparse's does (absl's help flags exit 1) and -h is one."""
+  """absl's parser, except that help exits 0 as argparse's does (absl's help flags exit 1) and -h is one, and a
+  flag error, a config file that does not load or an override of a field the config lacks is one `error:` line
+  after the usage line (exit status 1, absl's), not a traceback."""
   for arg in argv[1:]:
     if arg == "--":
       break
@@ -108,7 +163,17 @@ def _parse_flags(argv):
       app.usage(shorthelp=_HELP[arg], writeto_stdout=True)
       print("Try --helpfull to get a list of all flags." if _HELP[arg] else "")
       sys.exit(0)
-  return app.parse_flags_with_usage(argv)
+  try:
+    args = flags.FLAGS(argv)
+  except flags.Error as e:
+    flag_error(_message(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the (locked) config lacks
+    flag_error(_override_without_field(argv, e))
+  try:
+    _CONFIG.value.keys()  # a config file that did not load: ml_collections defers its error to the first access
+  except OSError as e:  # its last line: the reason ("[Errno 2] No such file or directory: 'x.py'")
+    flag_error(f"flag --config={flags.FLAGS['config'].config_filename}: {str(e).strip().splitlines()[-1].strip()}")
+  return args
 
 
 if __name__ == "__main__":

@@ -15,8 +15,13 @@ from lladav_jax.eval.readers import read_samples
 from lladav_jax.eval.tasks import TASKS, get_task
 
 
+EXIT_STATUS = """Exit status: 0 evaluated (the results JSON written); 1 an error while loading or evaluating (its
+traceback); 2 a usage error (argparse: a missing or unknown argument, a checkpoint, data file or image folder that
+does not exist, a bad --sweep)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m lladav_jax.eval", description=__doc__)
+  p = argparse.ArgumentParser(prog="python -m lladav_jax.eval", description=__doc__, epilog=EXIT_STATUS)
   p.add_argument("--checkpoint", required=True, help="LLaDA-V checkpoint dir (HF or converted Orbax)")
   p.add_argument("--task", required=True, choices=sorted(TASKS))
   p.add_argument("--data", required=True, help="benchmark file: .tsv (VLMEvalKit) or .jsonl/.json (LLaVA format too)")
@@ -55,9 +60,15 @@ def main(argv=None, generate_fn=None, process_index: int | None = None, process_
     parser.error(f"--data {args.data!r}: no such file")
   if args.image_folder and not os.path.isdir(args.image_folder):
     parser.error(f"--image_folder {args.image_folder!r}: no such directory")
+  if args.sweep:
+    try:
+      sweep = R.parse_sweep(args.sweep)
+    except ValueError as e:
+      parser.error(str(e))
   if generate_fn is None:
     if not os.path.isdir(args.checkpoint):
       parser.error(f"--checkpoint {args.checkpoint!r}: no such directory")
+    print(f"loading the model from {args.checkpoint}", file=sys.stderr, flush=True)
     generate_fn = _load_model(args, task).generate
     process_index, process_count = jax.process_index(), jax.process_count()
   process_index, process_count = process_index or 0, process_count or 1
@@ -68,12 +79,17 @@ def main(argv=None, generate_fn=None, process_index: int | None = None, process_
                     image_folder=args.image_folder)
   overrides = {"gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps,
                "threshold": args.threshold, "cache": args.cache, "temperature": args.temperature, "seed": args.seed}
+  # on a terminal a bar over the samples; in a log a line every tenth of the batches
+  bar = sys.stderr.isatty()
   common = dict(batch_size=args.batch_size, process_index=process_index, process_count=process_count,
                 presharded=True, skipped=rr.skipped,
                 num_batches=R.num_batches_for(rr.rows_read, process_count, args.batch_size) if process_count > 1 else None,
-                log=(lambda m: print(m, file=sys.stderr)))
+                log=None if bar else (lambda m: print(m, file=sys.stderr, flush=True)), progress=bar)
+  print(f"{task.name}: {len(rr.samples)} samples" + (f" (process {process_index} of {process_count})"
+                                                     if process_count > 1 else "")
+        + f", batches of {args.batch_size}; the first batch compiles", file=sys.stderr, flush=True)
   if args.sweep:
-    param, values = R.parse_sweep(args.sweep)
+    param, values = sweep
     results = R.run_sweep(task, rr.samples, generate_fn, param, values, base_overrides=overrides,
                           shard_dir=shard_dir, **common)
   else:

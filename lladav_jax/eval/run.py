@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -96,13 +97,15 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
              overrides: dict | None = None, batch_size: int = 1, process_index: int = 0,
              process_count: int = 1, presharded: bool = False, num_batches: int | None = None,
              shard_dir: str | None = None, skipped: Sequence[dict] = (), merge_timeout_s: float = 3600.0,
-             log: Callable[[str], None] | None = None) -> dict | None:
+             log: Callable[[str], None] | None = None, progress: bool = False) -> dict | None:
   """Generate, score and aggregate. Returns the results dict (on process 0; None elsewhere).
 
   samples: all samples (each process keeps its stride) or, with presharded=True, this process's.
   num_batches: with several processes, the generate-call count every process must make.
   skipped: rows the reader could not use; they are reported, never scored as 0 silently (so are rows
     whose image fails to decode here: images are decoded a batch at a time, readers keep them encoded).
+  log: called with a line every tenth of the batches. progress: a tqdm bar on stderr over this process's
+    samples (the callers decide: the CLI on a terminal, the trainer with its own bar's setting).
   """
   task = get_task(task) if isinstance(task, str) else task
   params = resolve_params(task, overrides)
@@ -110,6 +113,7 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
   records, gen_seconds, skipped = [], 0.0, list(skipped)
   batches = _batches(mine, batch_size, pad_to_full=process_count > 1, num_batches=num_batches)
   local = 0
+  bar = _samples_bar(sum(n for _, n in batches), f"eval {task.name}") if progress else None
   for bi, (batch, n_real) in enumerate(batches):
     prompts = [task.model_prompt(s) for s in batch]
     images, bad = _batch_images(batch, n_real, skipped)
@@ -135,8 +139,12 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
       rec.update({k: s.meta[k] for k in _RECORD_META if k in s.meta})
       records.append(rec)
       local += 1
+    if bar is not None:
+      bar.update(n_real)
     if log and (bi + 1) % max(1, len(batches) // 10) == 0:
       log(f"[{task.name}] process {process_index}: batch {bi + 1}/{len(batches)}")
+  if bar is not None:
+    bar.close()
   if process_count > 1:
     if shard_dir is None:
       raise ValueError("shard_dir is required when process_count > 1")
@@ -148,6 +156,13 @@ def evaluate(task: Task | str, samples: Sequence[EvalSample], generate_fn: Gener
   for r in records:
     r.pop("_order", None)
   return build_results(task, records, skipped, params, batch_size, process_count, gen_seconds)
+
+
+def _samples_bar(total: int, desc: str):
+  """The progress of an eval: samples generated and scored, of `total` (this process's)."""
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+              leave=False)
 
 
 def build_results(task: Task, records: list[dict], skipped: list[dict], params: SamplingParams, batch_size: int,
@@ -286,14 +301,16 @@ def format_summary(results: dict) -> str:
 
 def evaluate_during_training(model_or_generate_fn, task_names: Sequence[str], data_paths, limit: int | None = 64,
                              batch_size: int = 8, gen_overrides: dict | None = None,
-                             results_path: str | None = None, image_folder: str | None = None) -> dict[str, float]:
+                             results_path: str | None = None, image_folder: str | None = None,
+                             progress: bool = False) -> dict[str, float]:
   """Small evals for the trainer's logs: {"eval/<task>/<metric>": value, ...}.
 
   Every process runs the same samples (no sharding), so a model sharded over hosts sees identical
   calls everywhere and no gathering is needed. `data_paths`: {task: path} or a list aligned with
   `task_names`. Task-default generation settings unless `gen_overrides`; relative image paths under
   `image_folder` (default: each data file's folder). With `results_path` (a
-  format string with `{task}`) each task's full results, predictions included, are written there.
+  format string with `{task}`) each task's full results, predictions included, are written there. `progress`:
+  a bar over each task's samples (evaluate's).
   """
   fn = model_or_generate_fn.generate if hasattr(model_or_generate_fn, "generate") else model_or_generate_fn
   paths = data_paths if isinstance(data_paths, dict) else dict(zip(task_names, data_paths))
@@ -301,7 +318,8 @@ def evaluate_during_training(model_or_generate_fn, task_names: Sequence[str], da
   for name in task_names:
     task = get_task(name)
     rr = read_samples(paths[name], task, limit=limit, image_folder=image_folder)
-    res = evaluate(task, rr.samples, fn, overrides=gen_overrides, batch_size=batch_size, skipped=rr.skipped)
+    res = evaluate(task, rr.samples, fn, overrides=gen_overrides, batch_size=batch_size, skipped=rr.skipped,
+                   progress=progress)
     for k, v in res["metrics"].items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         logs[f"eval/{name}/{k}"] = float(v)

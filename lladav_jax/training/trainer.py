@@ -169,14 +169,16 @@ def lladav_model(setup, r: RunConfig, state):
 def run_evals(setup, r: RunConfig, state, *, step: int = 0, workdir: str | None = None) -> dict:
   """The configured eval tasks on the current parameters (lladav_jax.eval, the sampler through
   LLaDAV.generate). Returns {"eval/<task>/<metric>": value}; process 0 writes each task's full
-  results (predictions included) to <workdir>/eval/<task>_step<N>.json."""
+  results (predictions included) to <workdir>/eval/<task>_step<N>.json. A bar over each task's samples
+  where the training bar is shown (process 0, log.progress)."""
   e = r.eval
   if not e.tasks:
     return {}
-  path = os.path.join(workdir, "eval", f"{{task}}_step{step}.json") if workdir and jax.process_index() == 0 else None
+  main = jax.process_index() == 0
+  path = os.path.join(workdir, "eval", f"{{task}}_step{step}.json") if workdir and main else None
   return evaluate_during_training(lladav_model(setup, r, state), list(e.tasks), dict(e.data), limit=e.limit or None,
                                   batch_size=e.batch_size, gen_overrides=e.gen_overrides, results_path=path,
-                                  image_folder=e.image_folder or None)
+                                  image_folder=e.image_folder or None, progress=main and r.log.progress)
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -279,6 +281,7 @@ class CompiledSteps:
   def __call__(self, shapes: batch_lib.TrainBatch):
     key = tuple((v.shape, v.dtype) for v in jax.tree.leaves(shapes))
     if key not in self._fns:
+      log.info("compiling the train step for tokens %s", shapes.inputs.tokens.shape)
       tc = time.perf_counter()
       self._fns[key], mem = step_lib.compile_train_step(self.setup, self.loss, accum=self.accum, batch_shapes=shapes)
       log.info("compiled the train step for tokens %s in %.1fs", shapes.inputs.tokens.shape, time.perf_counter() - tc)
@@ -357,11 +360,14 @@ class Training:
     self.latest = ckpt.latest_step() if ckpt else None
     self.t0 = time.perf_counter()
     if self.latest is not None:
+      log.info("restoring step %d from %s", self.latest, ckpt.directory)
       saved, self.data_iter = ckpt.restore(self.latest, state_lib.checkpoint_abstract(setup), self.data_iter)
       self.state = state_lib.from_checkpoint(setup, saved, seed=r.seed, init_checkpoint=r.init_checkpoint)
       self.step = int(jax.device_get(self.state["step"]))
       log.info("resumed from %s at step %d", ckpt.directory, self.step)
     else:
+      log.info("initialising the train state: %s", f"weights from {r.init_checkpoint}" if r.init_checkpoint
+               else f"random weights (seed {r.seed})")
       self.state = state_lib.init_state(setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
       self.step = 0
     self.at.step = self.step
@@ -471,6 +477,8 @@ class Training:
     if self.ckpt is not None:
       self.ckpt.wait()
     if done and r.checkpoint.export_model:
+      if self.is_main:
+        log.info("writing the model to %s", os.path.join(self.workdir, "model"))
       out = weights.save_model(os.path.join(self.workdir, "model"), r.model, state_lib.full_params(self.state),
                                r.tokenizer_dir, image_cfg=r.eval_image)
       if self.is_main:
