@@ -33,7 +33,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # These, the longest files, go first, the longest first; the rest keep xdist's order.
 LONG_FILES = ("test_released_checkpoint.py", "test_sampler.py", "test_lmms_cli.py", "test_train_resume.py",
               "test_sampler_accel.py", "test_fsdp_work.py", "test_attention.py", "test_serve.py",
-              "test_sampler_engine.py", "test_parity_lladav.py", "test_lora.py", "test_train_step.py",
+              "test_sampler_engine.py", "test_parity_lladav.py", "test_lora.py", "test_train_step.py", "test_readme.py",
               "test_train_errors.py", "test_sampler_dllm.py", "test_sampler_cli.py", "test_train_plan.py",
               "test_serve_page.py", "test_packing.py", "test_inference_dtype.py", "test_tile_buckets.py")
 
