@@ -46,7 +46,7 @@ def test_help_exits_0_with_the_usage(helps, argv, shown):
   assert "usage" in out.lower()
   for s in shown:
     assert s in out, (s, out[:2000])
-  if argv[-1] == "--help" and argv[0] != "lladav_jax.serve":  # serve's help: not yet (README's exit statuses)
+  if argv[-1] == "--help":
     assert "Exit status: 0" in out and ("2 a usage error" in out or "2 a bad config" in out), out[-2000:]
 
 

@@ -242,13 +242,16 @@ def _stream(url: str, body: dict) -> tuple[list[dict], list[str]]:
 
 def test_a_multi_turn_chat_with_its_image_resent_answers_as_generate_on_the_whole_conversation(setup, client):
   """A chat's second turn re-sends the first turn's image and carries the assistant's answer: the server's
-  text equals token-level generation on the same rendered conversation (template, one image placeholder)."""
-  model, images = setup["model"], setup["images"]
+  text equals token-level generation on the same rendered conversation (template, one image placeholder),
+  and the image's tiles come from the encoder cache (hits, no new misses)."""
+  model, images, url = setup["model"], setup["images"], setup["server"].url
   a = Image.open(images / "a.png")
   first = chat(client, user("What shape is it?", "a.png"), temperature=0, **SHORT).choices[0].message.content
+  hits, misses = metric(url, "lladav_mm_cache_hits"), metric(url, "lladav_mm_cache_misses")
   messages = user("What shape is it?", "a.png") + [{"role": "assistant", "content": first},
                                                     {"role": "user", "content": "And its colour?"}]
   got = chat(client, messages, temperature=0, **SHORT).choices[0].message.content
+  assert metric(url, "lladav_mm_cache_hits") > hits and metric(url, "lladav_mm_cache_misses") == misses
   tok = model.tokenizer
   ids = template.render_inference(tok, [("system", template.DEFAULT_SYSTEM),
                                         ("user", template.question_with_images("What shape is it?", 1)),

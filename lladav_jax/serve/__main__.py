@@ -29,10 +29,14 @@ API_KEY_ENV = "LLADAV_API_KEY"
 DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "lladav_jax", "xla")
 log = logging.getLogger("lladav_jax.serve")
+EXIT_STATUS = """Exit status: 0 stopped (SIGTERM: the running and queued requests finished first); 1 an error while
+loading or warming up (its traceback); 2 a usage error (argparse: a missing or bad argument, a MODEL_DIR or
+--image-root that does not exist, a limit the model cannot hold)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m lladav_jax.serve", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m lladav_jax.serve", description=__doc__.split("\n\n")[0],
+                              epilog=EXIT_STATUS)
   p.add_argument("model", metavar="MODEL_DIR", help="what LLaDAV.from_pretrained takes (HF, Orbax or a trained model/)")
   p.add_argument("--host", default="127.0.0.1")
   p.add_argument("--port", type=int, default=8000)
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-block-length", type=int, default=32,
                  help="--cache dual: the longest block_length (the window a cached step runs); other caches take any")
   p.add_argument("--prompt-buckets", default=None,
-                 help="comma-separated prompt positions of the engine's lanes (default: 128, 512, 2048, ..., "
+                 help="comma-separated prompt positions of the engine's lanes (default: 128, 256, 512, ..., "
                       "then --max-model-len)")
   p.add_argument("--answer-buckets", default=None,
                  help="comma-separated answer positions of the engine's lanes (default: 32, 128, 512, ..., "

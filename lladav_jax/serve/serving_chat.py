@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Optional
@@ -203,9 +204,9 @@ class ServingChat:
     log.info("warming up: %d lanes (prompt+answer positions: %s), %d rows each, tiles up to %d",
              len(self.lanes), shapes, self.cfg.max_num_seqs, self.cfg.max_tiles)
     while not self.sched.ready.wait(0.5):
-      if not self.sched.thread.is_alive():
-        log.error("the engine thread stopped during warm-up")
-        return
+      if not self.sched.thread.is_alive():  # its traceback is in the log: a server that cannot serve exits 1
+        log.error("warm-up failed: exiting")
+        os._exit(1)
     log.info("warmed up in %.1f s (%d programs compiled, the rest read from the compilation cache): ready",
              self.sched.warm_up_s, compiles() - c0)
     self.ready = True
