@@ -256,7 +256,7 @@ def memory(rows=64, answer=256, prompt=1024, block=32, caches=(None, "prefix", "
     kv = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
     rest = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) - kv
     t = time.perf_counter()
-    m = memory_stats(engine.advance.lower(graphdef, (ec,), params, (state,), np.int32(1)).compile(ANALYSIS_ONLY))
+    m = memory_stats(engine.advance.lower(graphdef, ec, params, state, np.int32(1)).compile(ANALYSIS_ONLY))
     gb = lambda b: f"{b / 2**30:6.2f} GiB"  # noqa: E731
     print(f"  {dtype} cache={cache}, forward_rows={groups}: weights {gb(weights)}, cache {gb(kv)}, "
           f"other state {gb(rest)}, temporaries {gb(m['temp_size_in_bytes'])} "

@@ -24,6 +24,7 @@ from lladav_jax.batch import ModelInputs
 from lladav_jax.config import IMAGE_TOKEN_INDEX, ModelConfig
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.inference import GenerationResult, SamplingParams, elbo
+from lladav_jax.inference.prompts import check_images
 from lladav_jax.model import LLaDAVModel, abstract_model, init_sharded
 
 
@@ -98,9 +99,7 @@ class LLaDAV:
     """
     rows = [np.asarray(r) for r in (input_ids if not isinstance(input_ids, np.ndarray)
                                     or input_ids.ndim == 2 else [input_ids])]
-    images = images if images is not None else [[] for _ in rows]
-    if len(images) != len(rows):
-      raise ValueError(f"{len(rows)} samples but {len(images)} image lists")
+    images = check_images(images, len(rows))
     rows = [_checked_ids(i, r, ims, self.cfg.llm.vocab_size) for i, (r, ims) in enumerate(zip(rows, images))]
     exp = [multimodal.expand(r, multimodal.process_sample_images(ims, self.image_cfg) if ims else [],
                              self.image_cfg) for r, ims in zip(rows, images)]
@@ -138,8 +137,6 @@ def _checked_ids(i: int, ids: np.ndarray, images, vocab_size: int) -> np.ndarray
     more = f" ({bad.size - 1} more bad ids in this sample)" if bad.size > 1 else ""
     raise ValueError(f"input_ids[{i}][{pos}] = {int(ids[pos])} is not a token id of this model: valid ids are "
                      f"0..{vocab_size - 1} (vocab_size={vocab_size}), or {IMAGE_TOKEN_INDEX} for an image{more}")
-  if isinstance(images, Image.Image):
-    raise ValueError(f"images[{i}] is one image: give a list of images per sample (images=[[img], ...])")
   n_ph, n_im = int((ids == IMAGE_TOKEN_INDEX).sum()), len(images) if images else 0
   if n_ph != n_im:
     raise ValueError(f"input_ids[{i}] has {n_ph} image placeholders ({IMAGE_TOKEN_INDEX}) but images[{i}] "

@@ -63,9 +63,9 @@ def test_malformed_rows_and_image_lists(model):
     model.logits([[1.0, 2.5]])
   with pytest.raises(ValueError, match=r"input_ids\[0\]: expected a 1-D sequence"):
     model.logits([1, 2, 3])  # a flat list: one sample is [[1, 2, 3]]
-  with pytest.raises(ValueError, match=r"images\[0\] is one image: give a list of images per sample"):
+  with pytest.raises(TypeError, match=r"images\[0\]: a list of PIL images \(prompt 0's\), not Image"):
     model.logits([[1, IMAGE_TOKEN_INDEX]], images=[image()])
-  with pytest.raises(ValueError, match=r"1 samples but 2 image lists"):
+  with pytest.raises(ValueError, match=r"1 prompts but 2 image lists"):
     model.logits([[1, 2]], images=[[], []])
 
 
@@ -74,3 +74,34 @@ def test_valid_ids_pass_at_both_ends_of_the_range(model):
   toks = np.asarray(x.tokens)
   assert toks.shape[0] == 2 and toks[0, 0] == 0 and toks[1, 0] == V - 1
   assert int((toks[0] == IMAGE_TOKEN_INDEX).sum()) > 0
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+  from tests.serving import write_tiny_model
+  _, m = write_tiny_model(str(tmp_path_factory.mktemp("api")))
+
+  def never(*a, **k):
+    raise AssertionError("bad input reached the engine")
+
+  m.state = None  # every case here must be refused before the weights are read
+  m._logits_fn = never
+  return m
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m: m.generate("hello"), TypeError, r"prompts: a list of strings, one a request, not str \(for one: \['hello'\]\)"),
+    (lambda m: m.generate([123]), TypeError, r"prompts\[0\]: a string, not int"),
+    (lambda m: m.generate(["hi"], [image()]), TypeError, r"images\[0\]: a list of PIL images \(prompt 0's\), not Image"),
+    (lambda m: m.generate(["hi"], [["cat.jpg"]]), TypeError, r"images\[0\]\[0\]: a PIL.Image.Image, not str"),
+    (lambda m: m.generate(["hi"], [[np.zeros((4, 4, 3), np.uint8)]]), TypeError, r"images\[0\]\[0\]: .* not ndarray"),
+    (lambda m: m.generate(["hi"], [[[image(), "f.png"]]]), TypeError, r"images\[0\]\[0\]\[1\] \(a video frame\)"),
+    (lambda m: m.generate(["hi"], [[Image.new("RGB", (0, 3))]]), ValueError, r"images\[0\]\[0\]: an image of 0 x 3"),
+    (lambda m: m.generate(["a", "b"], [[]]), ValueError, r"2 prompts but 1 image lists"),
+    (lambda m: m.generate(["hi"], None, {"gen_length": 8}), TypeError, r"params: a SamplingParams, not dict"),
+    (lambda m: m.elbo(["a", "b"], None, ["x"]), ValueError, r"2 prompts but 1 answers"),
+    (lambda m: m.logits([[1, IMAGE_TOKEN_INDEX, 2]], [["x.png"]]), TypeError, r"images\[0\]\[0\]: a PIL.Image.Image"),
+])
+def test_bad_prompts_images_and_params_are_refused_naming_the_argument(chat_model, call, error, message):
+  with pytest.raises(error, match=message):
+    call(chat_model)

@@ -68,7 +68,7 @@ def compile_sampler(devices: int, per_device: int = 1):
   shapes = EngineShapes(rows=devices * per_device, prompt_len=L, answer_len=64)
   with jax.set_mesh(mesh):
     state = stp.abstract_batch(mesh, jax.eval_shape(lambda p: engine_state._init(graphdef, cfg, shapes, p), params))
-    compiled = engine.advance.lower(graphdef, (cfg,), params, (state,), np.int32(1)).compile(stp.ANALYSIS_ONLY)
+    compiled = engine.advance.lower(graphdef, cfg, params, state, np.int32(1)).compile(stp.ANALYSIS_ONLY)
   return compiled, stp.memory_stats(compiled)
 
 

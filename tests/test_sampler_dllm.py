@@ -128,7 +128,7 @@ def test_dllm_cache_follows_the_numpy_transcription_of_the_hook(model):
   # engine columns of the reference's [prompt | answer | suffix]: the prompt segment's, then the response's
   cols = np.concatenate([np.arange(p - plen, p), p + np.arange(16), p + 24 + np.arange(len(SUFFIX))])
   for n in range(8):
-    (state,) = engine.advance(model.graphdef, (cfg,), model.state, (state,), np.int32(1))
+    state = engine.advance(model.graphdef, cfg, model.state, state, np.int32(1))
     assert int(state.steps[0]) == n + 1
     c = state.cache
     got = jax.tree.map(lambda a, b: np.concatenate([a, b], axis=2)[:, 0][:, cols].astype(np.float32),

@@ -74,8 +74,7 @@ def _run(model, reqs, shapes, order, rng, cfg=None, head=False):
       st = engine.insert(model.graphdef, cfg, model.state, st, np.int32(free[0]),
                          TileFeatures(model).attach(reqs[k], shapes.tiles))
       running[free[0]] = k
-    (st,) = engine.advance(model.graphdef, (cfg,), model.state, (st,),
-                           np.int32(rng.integers(1, 4) if queue else 1 << 20))
+    st = engine.advance(model.graphdef, cfg, model.state, st, np.int32(rng.integers(1, 4) if queue else 1 << 20))
     for r in np.nonzero(np.asarray(st.live & st.done))[0]:
       out[running.pop(int(r))] = (np.asarray(st.response[r]).tolist(), int(st.stop[r]), int(st.nfe[r])) + (
           (int(st.head_tokens[r]), int(st.steps[r])) if head else ())
@@ -288,7 +287,7 @@ def test_block_length_is_a_row_value(model):
   mixed = [prompt_lib.requests(inp, p.row_params(24, 24), 2)[k] for k, p in enumerate(ps)]
   cfg = base.engine_config(max_block_length=24)
   got = runner_lib.run_engine(model, mixed, cfg, shapes)
-  assert TRACE_COUNTS["advance", (cfg,)] == 1
+  assert TRACE_COUNTS["advance", cfg] == 1
   for k, p in enumerate(ps):
     (alone,) = runner_lib.run_engine(model, [prompt_lib.requests(inp, p.row_params(24, p.block_length), 2)[k]],
                                      p.engine_config(), shapes)

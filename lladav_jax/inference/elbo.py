@@ -15,7 +15,7 @@ from lladav_jax import multimodal
 from lladav_jax.batch import ModelInputs
 from lladav_jax.data import template
 from lladav_jax.inference.model import InferenceModel
-from lladav_jax.inference.prompts import bucket_length, bucket_tiles
+from lladav_jax.inference.prompts import bucket_length, bucket_tiles, check_images, check_texts
 
 def mc_masks(answer_len: int, num_samples: int, rng: np.random.Generator, group: int = 16):
   """LLaDA's `forward_process` for `num_samples` rows in groups of `group`: per group a random
@@ -115,7 +115,10 @@ def elbo(model: InferenceModel, prompts: Sequence[str], images: Optional[Sequenc
   tok = model.tokenizer
   if tok is None:
     raise ValueError("the model has no tokenizer; use elbo_ids")
-  images = [list(i) for i in images] if images is not None else [[] for _ in prompts]
+  prompts, answers = check_texts(prompts), check_texts(answers, "answers")
+  if len(answers) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers (one answer a prompt)")
+  images = check_images(images, len(prompts))
   sys_msg = template.DEFAULT_SYSTEM if system == "default" else system
   out = []
   for q, ims, a in zip(prompts, images, answers):

@@ -14,7 +14,7 @@ from lladav_jax.data import template
 from lladav_jax.inference.engine import EngineShapes
 from lladav_jax.inference.model import InferenceModel
 from lladav_jax.inference.params import SamplingParams
-from lladav_jax.inference.prompts import bucket_pow2, prepare_inputs, requests
+from lladav_jax.inference.prompts import bucket_pow2, check_images, check_texts, prepare_inputs, requests
 from lladav_jax.inference.runner import run_engine
 from lladav_jax.inference.text import answer_ids, finished_text, stop_list
 
@@ -51,9 +51,7 @@ def generate_ids(model: InferenceModel, prompt_ids: Sequence[Sequence[int]], ima
   gen_length up to it runs without a new compile), `batch_size` the engine's rows (default: the next power
   of two of the prompt count). The stops: `stop_list(params.eot_id, stop_ids)`."""
   prompt_ids = [list(p) for p in prompt_ids]
-  images = [list(i) for i in images] if images is not None else [[] for _ in prompt_ids]
-  if len(images) != len(prompt_ids):
-    raise ValueError(f"{len(prompt_ids)} prompts but {len(images)} image lists")
+  images = check_images(images, len(prompt_ids))
   if not prompt_ids:
     return []
   n = len(prompt_ids)
@@ -93,10 +91,11 @@ def generate(model: InferenceModel, prompts: Sequence[str], images: Optional[Seq
   tok = model.tokenizer
   if tok is None:
     raise ValueError("the model has no tokenizer (tokenizer.json next to the checkpoint); use generate_ids")
+  if params is not None and not isinstance(params, SamplingParams):
+    raise TypeError(f"params: a SamplingParams, not {type(params).__name__} (SamplingParams(**settings))")
   params = (params or SamplingParams()).for_model(model)
-  images = [list(i) for i in images] if images is not None else [[] for _ in prompts]
-  if len(images) != len(prompts):
-    raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+  prompts = check_texts(prompts)
+  images = check_images(images, len(prompts))
   sys_msg = template.DEFAULT_SYSTEM if system == "default" else system
   prompt_ids = [template.inference_prompt_ids(tok, q, len(ims), system=sys_msg) for q, ims in zip(prompts, images)]
   stop_ids = tok.encode_stop_strings(list(params.stop))

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 from flax import struct
+from PIL import Image
 
 from lladav_jax import batch as batch_lib
 from lladav_jax import multimodal
@@ -28,6 +29,41 @@ def bucket_length(n: int, multiple: int = 64) -> int:
 
 def bucket_pow2(n: int) -> int:
   return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def check_texts(texts, name: str = "prompts") -> list[str]:
+  """A list of strings, one a request (a lone string would be read as its characters)."""
+  if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+    raise TypeError(f"{name}: a list of strings, one a request, not {type(texts).__name__}"
+                    + (f" (for one: [{texts!r}])" if isinstance(texts, str) else ""))
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f"{name}[{i}]: a string, not {type(t).__name__}")
+  return list(texts)
+
+
+def check_images(images, n: int) -> list[list]:
+  """One list of PIL images per prompt (or, for a video, one list holding its frames), None for none."""
+  if images is None:
+    return [[] for _ in range(n)]
+  if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Sequence):
+    raise TypeError(f"images: a list with one list of PIL images a prompt, not {type(images).__name__}")
+  if len(images) != n:
+    raise ValueError(f"{n} prompts but {len(images)} image lists (images: one list a prompt, [] for none)")
+  out = []
+  for i, ims in enumerate(images):
+    ims = [] if ims is None else ims
+    if isinstance(ims, (str, bytes, Image.Image)) or not isinstance(ims, Sequence):
+      raise TypeError(f"images[{i}]: a list of PIL images (prompt {i}'s), not {type(ims).__name__}")
+    video = len(ims) == 1 and isinstance(ims[0], (list, tuple))
+    for j, im in enumerate(ims[0] if video else ims):
+      if not isinstance(im, Image.Image):
+        where = f"images[{i}][0][{j}] (a video frame)" if video else f"images[{i}][{j}]"
+        raise TypeError(f"{where}: a PIL.Image.Image, not {type(im).__name__} (open a file with PIL.Image.open)")
+      if im.width < 1 or im.height < 1:
+        raise ValueError(f"images[{i}][{j}]: an image of {im.width} x {im.height} pixels (it needs at least one)")
+    out.append(list(ims))
+  return out
 
 
 @struct.dataclass

@@ -66,7 +66,8 @@ class Lane:
 
 
 class EngineRunner:
-  """An engine of lanes (`Lane`s, advanced together by one program). `run_engine` runs a fixed list of
+  """An engine of lanes (`Lane`s: each its own state and programs, advanced in turn when it has a running row).
+  `run_engine` runs a fixed list of
   requests with one lane; the server's scheduler runs one with a small `max_steps`, to stream and admit
   between calls. Rows are numbered within their lane. `useful` / `processed` count sequence positions:
   those of the running rows' own prompt, answer and suffix, and those the passes ran (whole row groups
@@ -100,19 +101,28 @@ class EngineRunner:
     self.states = self.states[:lane] + (st,) + self.states[lane + 1:]
     return row
 
-  def advance(self, max_steps: int = 1 << 30) -> list[Progress]:
-    """Runs until `max_steps` steps or a row finishes; returns every lane's progress."""
+  def advance(self, max_steps: int = 1 << 30) -> list[Optional[Progress]]:
+    """Runs each lane with a running row until `max_steps` steps or until one of its rows finishes (every
+    lane's program dispatched before any is read); returns each lane's progress (None: a lane that did not
+    run)."""
     m = self.model
+    busy = [k for k, lane in enumerate(self.lanes) if len(self.free[k]) < lane.shapes.rows]
     with jax.set_mesh(m.mesh):
-      self.states = engine.advance(m.graphdef, self.cfgs, m.state, self.states, np.int32(max_steps))
-      got = [Progress(**jax.device_get({f: getattr(st, f) for f in _READ})) for st in self.states]
-    for lane, prog, own, steps in zip(self.lanes, got, self.own, self.steps):
+      states = list(self.states)
+      for k in busy:
+        states[k] = engine.advance(m.graphdef, self.cfgs[k], m.state, states[k], np.int32(max_steps))
+      self.states = tuple(states)
+      read = jax.device_get([{f: getattr(self.states[k], f) for f in _READ} for k in busy])
+    got: list[Optional[Progress]] = [None] * len(self.lanes)
+    for k, fields in zip(busy, read):
+      got[k] = prog = Progress(**fields)
+      lane, own, steps = self.lanes[k], self.own[k], self.steps[k]
       moved = np.where(prog.live, prog.steps - steps, 0)
       steps[:] = np.where(prog.live, prog.steps, steps)
-      k = lane.cfg.forward_rows or lane.shapes.rows
-      k = k if lane.shapes.rows % k == 0 else lane.shapes.rows  # (with CFG a group may take rows of both halves)
+      g = lane.cfg.forward_rows or lane.shapes.rows
+      g = g if lane.shapes.rows % g == 0 else lane.shapes.rows  # (with CFG a group may take rows of both halves)
       self.useful += int(np.sum(moved * own))
-      self.processed += int(np.sum(moved.reshape(-1, k).max(axis=1))) * k * lane.width
+      self.processed += int(np.sum(moved.reshape(-1, g).max(axis=1))) * g * lane.width
     return got
 
   def blank_request(self, lane: int) -> Request:
@@ -134,7 +144,6 @@ class EngineRunner:
     self.advance(1)
     for lane, row in enumerate(rows):
       self.release(row, lane, running=True)
-    self.advance(1)  # nothing runs: it only frees the rows
 
   def release(self, row: int, lane: int = 0, running: bool = False) -> None:
     """Frees `row` of `lane`; `running`: it has not finished (its client left), so the engine stops working on it."""

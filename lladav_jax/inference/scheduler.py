@@ -2,13 +2,14 @@
 hand it prepared jobs and read typed events back (`Prefix`, `Denoise`, `Done`, `Failed`).
 
 One engine (`runner.EngineRunner`) of lanes fixed at launch serves every request: a job names its lane
-(prompt and answer buckets); every tick the engine advances `steps_per_tick` steps of every lane at once
-(one program), then the thread reads every row back: a finished row goes to its job and frees its row, a
-running one reports the prefix of its answer that is final (committed, and past any stop that could still
-start there). Between ticks waiting jobs take free rows (at most `max_rows` running in all) and abandoned
-ones leave theirs. Before the first tick the thread compiles every program a job can need
-(`EngineRunner.warm_up`), so that no request compiles. A row's tokens do not depend on its neighbours or
-on when it joined (the engine's guarantee), so an answer equals `LLaDAV.generate`'s for the same request.
+(prompt and answer buckets); every tick the engine advances `steps_per_tick` steps of each lane with a
+running row (one program a lane, all dispatched before any is read), then the thread reads every row back:
+a finished row goes to its job and frees its row, a running one reports the prefix of its answer that is
+final (committed, and past any stop that could still start there). Between ticks waiting jobs take free rows
+(at most `max_rows` running in all) and abandoned ones leave theirs. Before the first tick the thread
+compiles every program a job can need (`EngineRunner.warm_up`), so that no request compiles. A row's tokens
+do not depend on its neighbours or on when it joined (the engine's guarantee), so an answer equals
+`LLaDAV.generate`'s for the same request.
 """
 from __future__ import annotations
 

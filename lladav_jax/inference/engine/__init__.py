@@ -3,7 +3,7 @@
     state = init(graphdef, cfg, shapes, weights)                  # empty rows
     feats = encode(graphdef, weights, pixels)                     # the vision tower: tiles -> features
     state = insert(graphdef, cfg, weights, state, row, request)   # the prompt (features spliced), row reset
-    states = advance(graphdef, cfgs, weights, states, max_steps)  # every lane: one jitted lax.while_loop
+    state = advance(graphdef, cfg, weights, state, max_steps)     # one jitted lax.while_loop
     state = drop(state, row)                                      # an abandoned row stops running
 """
 from lladav_jax.inference.engine.config import CACHES, MODES, STOP_RULES, EngineConfig, RowParams

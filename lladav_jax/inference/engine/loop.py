@@ -3,13 +3,12 @@
     state = init(graphdef, cfg, shapes, weights)                  # empty rows
     feats = encode(graphdef, weights, pixels)                     # the vision tower: tiles -> features
     state = insert(graphdef, cfg, weights, state, row, request)   # the prompt (features spliced), row reset
-    states = advance(graphdef, cfgs, weights, states, max_steps)  # one jitted lax.while_loop
+    state = advance(graphdef, cfg, weights, state, max_steps)     # one jitted lax.while_loop
     state = drop(state, row)                                      # an abandoned row stops running
 
-An engine is a tuple of lanes: states of their own shapes (prompt and answer buckets) and configs (their
-longest block), advanced together by one `advance` program: each step steps every lane with a running
-row (a lane without one is skipped at run time, as is a group of `forward_rows` rows without one).
-`advance` runs denoising steps over every row until `max_steps` or until a row finishes (returns
+A server's engine is several such states, lanes of their own shapes (prompt and answer buckets, `runner.Lane`);
+the host advances each lane that has a running row (a group of `forward_rows` rows without one is skipped at
+run time). `advance` runs denoising steps over every row until `max_steps` or until a row finishes (returns
 then, so that the host reads the row out and refills it: continuous batching). A row that finished
 stays readable until the next `advance`, which frees it. Only shapes (`EngineShapes`) and
 `EngineConfig` (token ids, the longest block, cache mode, CFG on/off) are static; each row carries its
@@ -216,29 +215,17 @@ def _step(model, cfg: EngineConfig, st: EngineState) -> EngineState:
   return _normalize(st, cfg)
 
 
-def _advance(graphdef, cfgs: tuple, weights, states: tuple, max_steps) -> tuple:
-  """Steps every lane (`states[i]` under `cfgs[i]`) until `max_steps` or until a row of any lane finishes."""
-  TRACE_COUNTS["advance", cfgs] += 1
+def _advance(graphdef, cfg: EngineConfig, weights, st: EngineState, max_steps) -> EngineState:
+  TRACE_COUNTS["advance", cfg] += 1
   model = nnx.merge(graphdef, weights)
-  states = tuple(by_row(st.replace(live=st.live & ~st.done)) for st in states)  # rows finished before: free
-
-  def running(st):
-    return jnp.any(st.live & ~st.done)
+  st = by_row(st.replace(live=st.live & ~st.done))  # rows finished before this call are free now
 
   def cond(c):
-    n, sts = c
-    return (n < max_steps) & jnp.any(jnp.stack([running(st) for st in sts])) & \
-        ~jnp.any(jnp.stack([jnp.any(st.live & st.done) for st in sts]))
+    n, st = c
+    return (n < max_steps) & jnp.any(st.live & ~st.done) & ~jnp.any(st.live & st.done)
 
-  def body(c):
-    n, sts = c
-    if len(sts) == 1:  # one lane: it is running
-      return n + 1, (_step(model, cfgs[0], sts[0]),)
-    return n + 1, tuple(jax.lax.cond(running(st), lambda s, c=cfg: _step(model, c, s), lambda s: s, st)
-                        for cfg, st in zip(cfgs, sts))
-
-  _, states = jax.lax.while_loop(cond, body, (jnp.int32(0), states))
-  return states
+  _, st = jax.lax.while_loop(cond, lambda c: (c[0] + 1, _step(model, cfg, c[1])), (jnp.int32(0), st))
+  return st
 
 
 def _encode(graphdef, weights, pixels):
