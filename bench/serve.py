@@ -14,7 +14,7 @@ is done; every request of it gets its answer at the batch's end (latency = time 
 Compiles are excluded on both sides (a warm-up request of the same shape). At most
 `--requests` x len(rates) requests are sent; each has a timeout.
 
-The server runs with the launch limits MIX_LIMITS (10 lanes: prompt buckets 128, 256, 512, 1024, 2048 x
+The server runs with the launch limits MIX_LIMITS (12 lanes: prompt buckets 64, 128, 256, 512, 1024, 2048 x
 answer buckets 32, 128), every program compiled at warm-up.
 
 `--mix`: the server alone under mixed traffic against homogeneous traffic of the same mean answer length and

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-block-length", type=int, default=32,
                  help="--cache dual: the longest block_length (the window a cached step runs); other caches take any")
   p.add_argument("--prompt-buckets", default=None,
-                 help="comma-separated prompt positions of the engine's lanes (default: 128, 256, 512, ..., "
+                 help="comma-separated prompt positions of the engine's lanes (default: 64, 128, 256, ..., "
                       "then --max-model-len)")
   p.add_argument("--answer-buckets", default=None,
                  help="comma-separated answer positions of the engine's lanes (default: 32, 128, 512, ..., "

@@ -33,7 +33,7 @@ class ServeConfig:
   max_answer_tokens: int = 512  # max_tokens
   max_tiles: int = 10  # image tiles of one request's prompt
   max_block_length: int = 32  # the dual cache's window: the longest block_length (other caches: any)
-  prompt_buckets: tuple = ()  # the lanes' prompt positions (default: 128, 256, 512, ... then max_model_len)
+  prompt_buckets: tuple = ()  # the lanes' prompt positions (default: 64, 128, 256, ... then max_model_len)
   answer_buckets: tuple = ()  # the lanes' answer positions (default: 32, 128, 512, ... then max_answer_tokens)
   row_group: int = 1  # rows a forward pass runs at a time (a group without a running row is skipped)
   mm_cache_bytes: int = 4 << 30  # the vision tower's features by tile, kept for reuse
@@ -50,7 +50,7 @@ class ServeConfig:
 
   @property
   def prompt_lanes(self) -> tuple[int, ...]:
-    got = tuple(sorted(set(self.prompt_buckets))) or _ladder(128, self.max_model_len, 2)
+    got = tuple(sorted(set(self.prompt_buckets))) or _ladder(64, self.max_model_len, 2)
     return tuple(p for p in got if p < self.max_model_len) + (self.max_model_len,)
 
   @property
