@@ -18,9 +18,9 @@ after the preset, `--config.FIELD` flags after the suffix:
 
 Presets (hyperparameters of the original's scripts; HF Trainer AdamW (0.9, 0.999, 1e-8), weight
 decay 0, clip 1.0, warmup ratio 0.03, cosine, 1 epoch, gradient checkpointing):
-  demo        config.small LLaDA-V (vocabulary from the demo tokenizer), from scratch (vision tower
-              frozen at its random init), synthetic
-              shapes-and-colours VQA generated on first use; CPU; prints test exact-match at the end.
+  demo        config.small LLaDA-V (vocabulary from the demo tokenizer), from scratch (the vision tower
+              pre-trained on the pictures' captions, then frozen), synthetic shapes-and-colours VQA
+              generated on first use; CPU; prints test exact-match at the end.
   stage1      projector only, LR 1e-3, global batch 64, length 8192, square/flat images, llada_plain;
               init: the stage-0 checkpoint (`convert hf-to-orbax LLaDA-8B-Instruct DST --vision-tower
               siglip2-so400m-patch14-384`: projector and newline initialised as the original's).
@@ -184,6 +184,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.steps = config_dict.placeholder(int)
   c.eval.image_folder = ""  # relative image paths of eval.data ("": each data file's folder)
 
+  # Before the first step of a fresh run: the vision tower pre-trained on image-caption pairs with SigLIP's
+  # sigmoid loss (lladav_jax/training/vision_pretrain.py), for a tower trained from scratch. 0 steps: none.
+  c.vision_pretrain = ml_collections.ConfigDict(dict(steps=0, batch_size=128, lr=1e-3, embed_dim=64, data="",
+                                                     image_folder=""))
   c.peak_flops_per_device = 0.0  # 0: from the device-kind table (CPU: measured with a matmul)
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=-1, process_id=-1))
   return c
@@ -233,8 +237,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"
     c.data.kind = "demo"
     c.image.eval_multi_image = "pad"  # our own model: evaluated on the path it is trained on
-    c.data.seq_len = 80  # the longest demo sample has 75 tokens (28 px patches: 4 per tile)
-    c.data.buckets = (80,)
+    c.data.seq_len = 104  # the longest demo sample has 98 tokens (one 56 px tile an image, 16 patches + a newline)
+    c.data.buckets = (104,)
     c.data.tile_budget = 2
     c.data.read_threads = 1
     c.train.global_batch_size = 32
@@ -247,8 +251,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # as well, a from-scratch model stays at the answer prior. The loss formula is unchanged.
     c.data.labels.unmask_tokens = ()
     c.data.labels.label_assistant_header = False
-    # The vision tower stays at its random init (as stage 1 freezes it): trained at 1e-3 its colour
-    # features collapse.
+    # The tower is pre-trained on the training pictures' captions first (SigLIP's loss, as the released tower
+    # was), then frozen as in stage 1: trained from its random init through the diffusion loss alone it learns
+    # colours, not shapes, and at 1e-3 or more its colour features collapse (bench/demo_steps.py's notes).
+    c.vision_pretrain.steps = 700
     c.optim.trainable = ("projector", "llm")
     # The demo's questions (data/demo_data.py) are ones this preset learns (bench/demo_steps.py's notes).
     c.checkpoint.every_steps = 300
@@ -298,6 +304,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       c.data.num_workers = 0
       c.data.packing = False  # synthetic batches are made whole
     c.train.global_batch_size = 8
+    c.vision_pretrain.steps = min(c.vision_pretrain.steps, 4)
+    c.vision_pretrain.batch_size = 8
     c.data.pad_group_size = min(c.data.pad_group_size, 1)  # any runlocal batch size
     c.train.grad_accum_steps = 1
     c.train.num_steps = 12

@@ -202,12 +202,13 @@ def tiny(vocab_size: int = 512, mask_token_id: int = 500, **kw) -> ModelConfig:
 
 
 def small(vocab_size: int = 512, mask_token_id: int = 500, **kw) -> ModelConfig:
-  """The demo model: learns the synthetic task on a CPU in minutes."""
+  """The demo model: learns the synthetic task on a CPU in minutes. The tower sees a 56 px picture as 4 x 4
+  patches (with 28 px patches, 2 x 2, it separated the shapes far less often: bench/demo_steps.py's notes)."""
   cfg = ModelConfig(
       llm=LLMConfig(vocab_size=vocab_size, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                     head_dim=32, intermediate_size=384, rope_theta=10000.0, max_position_embeddings=4096,
                     initializer_range=0.06),
-      vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, patch_size=28,
+      vision=VisionConfig(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, patch_size=14,
                           image_size=56),
       mask_token_id=mask_token_id, dtype="float32", param_dtype="float32")
   return cfg.replace(**kw)

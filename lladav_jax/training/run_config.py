@@ -15,6 +15,7 @@ from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.eval import TASKS
 from lladav_jax.training import optimizer, settings
 from lladav_jax.training.loss import LossConfig
+from lladav_jax.training.vision_pretrain import VisionPretrainConfig
 
 CONVERT_HINT = "run `python -m lladav_jax.convert hf-to-orbax <HF checkpoint dir> {dst}` first"
 
@@ -73,6 +74,30 @@ def lora_problems(lora: model_config.LoraConfig, optim: optimizer.OptimConfig) -
   return []
 
 
+def vision_pretrain_problems(p: VisionPretrainConfig, lora: bool, tokenizer) -> list[str]:
+  if p.steps < 0:
+    return [f"vision_pretrain.steps={p.steps} must be >= 0 (0: no pre-training)"]
+  if p.steps == 0:
+    return []
+  problems = []
+  if not p.data:
+    problems.append(f"vision_pretrain.steps={p.steps} needs vision_pretrain.data (LLaVA JSON of image-caption records)")
+  elif not os.path.isfile(p.data):
+    problems.append(f"vision_pretrain.data={p.data!r} does not exist")
+  if p.image_folder and not os.path.isdir(p.image_folder):
+    problems.append(f"vision_pretrain.image_folder={p.image_folder!r} is not a directory")
+  if p.batch_size < 2:
+    problems.append(f"vision_pretrain.batch_size={p.batch_size} must be >= 2 (the loss contrasts pairs in a batch)")
+  if not p.lr > 0 or p.embed_dim < 1:
+    problems.append(f"vision_pretrain.lr={p.lr} and vision_pretrain.embed_dim={p.embed_dim} must be positive")
+  if lora:
+    problems.append("vision_pretrain.steps > 0 with LoRA: the frozen base is reloaded from init.checkpoint on resume, "
+                    "so a pre-trained tower would be lost (set vision_pretrain.steps=0)")
+  if tokenizer is None:
+    problems.append("vision_pretrain needs a tokenizer for its captions (tokenizer_dir)")
+  return problems
+
+
 def max_image_tokens(icfg: multimodal.ImageConfig) -> int:
   """Upper bound of one image's tokens under `icfg.aspect` (docs/ORIGINAL.md, "Images")."""
   p, g = icfg.tokens_per_tile, icfg.grid
@@ -125,6 +150,9 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
   data = data_config(cfg.data)
   eval_data = {k: v for k, v in cfg.eval.data.to_dict().items() if v} if cfg.eval.data else {}
   tok_dir = cfg.tokenizer_dir
+  vp = cfg.vision_pretrain
+  pretrain = VisionPretrainConfig(steps=int(vp.steps), batch_size=int(vp.batch_size), lr=float(vp.lr),
+                                  embed_dim=int(vp.embed_dim), data=vp.data, image_folder=vp.image_folder)
 
   # ---- paths first (nothing else can be checked without them)
   if cfg.init.checkpoint and not os.path.exists(cfg.init.checkpoint):
@@ -141,6 +169,8 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
                       "(two-image questions would be skipped)")
     tok_dir = tok_dir or paths["tokenizer_dir"]
     eval_data.setdefault("demo", paths["test"])
+    if not pretrain.data:
+      pretrain = dataclasses.replace(pretrain, data=paths["captions"], image_folder=paths["image_folder"])
   elif kind == "llava":
     if not data.path:
       problems.append("data.path is empty (a LLaVA JSON/JSONL/YAML, ArrayRecord or tfds:NAME)")
@@ -267,6 +297,8 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
     if e.image_folder and not os.path.isdir(e.image_folder):
       problems.append(f"eval.image_folder={e.image_folder!r} is not a directory")
 
+  problems += vision_pretrain_problems(pretrain, mc.lora.enabled, tokenizer)
+
   # ---- steps
   num_steps = int(cfg.train.num_steps)
   if num_steps <= 0 and not problems:
@@ -295,7 +327,7 @@ def resolve(cfg, *, num_devices: int, process_count: int) -> settings.RunConfig:
                                limit=int(e.limit), batch_size=int(e.batch_size), gen_length=e.gen_length,
                                block_length=e.block_length, steps=e.steps, image_folder=e.image_folder or ""),
       distributed=distributed_config(cfg), init_checkpoint=cfg.init.checkpoint, tokenizer_dir=tok_dir or None,
-      peak_flops_per_device=float(cfg.peak_flops_per_device), tokenizer=tokenizer)
+      peak_flops_per_device=float(cfg.peak_flops_per_device), vision_pretrain=pretrain, tokenizer=tokenizer)
 
 
 def _expand_braces(p: str) -> list[str]:

@@ -6,7 +6,8 @@ sections that libraries also build by hand (OptimConfig, DataConfig, ...) have d
     RunConfig
       model ModelConfig, image ImageConfig, loss LossConfig, optim OptimConfig  (their own modules)
       data TrainData (pipeline: pipeline.DataConfig), train TrainConfig, mesh MeshConfig,
-      checkpoint CheckpointConfig, log LogConfig, eval EvalConfig, distributed DistributedConfig
+      checkpoint CheckpointConfig, log LogConfig, eval EvalConfig, distributed DistributedConfig,
+      vision_pretrain VisionPretrainConfig (its own module)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lladav_jax.data.pipeline import DataConfig
 from lladav_jax.multimodal import ImageConfig
 from lladav_jax.training.loss import LossConfig
 from lladav_jax.training.optimizer import OptimConfig
+from lladav_jax.training.vision_pretrain import VisionPretrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,7 @@ class RunConfig:
   init_checkpoint: str  # converted weights to start from; "" = random init
   tokenizer_dir: str | None
   peak_flops_per_device: float  # 0: from the device-kind table
+  vision_pretrain: VisionPretrainConfig = VisionPretrainConfig()  # steps 0: none
   tokenizer: Any = dataclasses.field(default=None, repr=False, compare=False)  # loaded once by resolve
 
   def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from lladav_jax.data import pipeline
 from lladav_jax.data.records import DataError
 from lladav_jax.eval import evaluate_during_training
 from lladav_jax.training import checkpointing, flops as flops_lib, metrics as metrics_lib
-from lladav_jax.training import state as state_lib, step as step_lib, synthetic
+from lladav_jax.training import state as state_lib, step as step_lib, synthetic, vision_pretrain
 from lladav_jax.training.settings import DistributedConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -368,13 +368,33 @@ class Training:
     else:
       log.info("initialising the train state: %s", f"weights from {r.init_checkpoint}" if r.init_checkpoint
                else f"random weights (seed {r.seed})")
-      self.state = state_lib.init_state(setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
+      params = self.pretrained_vision() if r.vision_pretrain.steps else None
+      self.state = state_lib.init_state(setup, seed=r.seed, init_checkpoint=r.init_checkpoint, params=params)
       self.step = 0
     self.at.step = self.step
     self.good_step = self.latest if self.latest is not None else 0
     n_tr, n_fr = state_lib.num_params(self.state["params"]), state_lib.num_params(self.state["frozen"])
     log.info("model: %.2fM parameters (%.2fM trainable: %s; %.2fM frozen), state ready in %.1fs",
              (n_tr + n_fr) / 1e6, n_tr / 1e6, ",".join(setup.trainable), n_fr / 1e6, time.perf_counter() - self.t0)
+
+  def pretrained_vision(self) -> dict:
+    """The starting parameters with the vision tower pre-trained (vision_pretrain.*): a fresh run's, before
+    step 0 (a resumed run restores the tower with the rest). Deterministic in the seed, so a run killed during
+    it starts it over and gets the same tower."""
+    r = self.r
+    p = r.vision_pretrain
+    params = state_lib.initial_params(self.setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
+    folder = p.image_folder or os.path.dirname(os.path.abspath(p.data))
+    log.info("vision pre-training: reading the image-caption pairs of %s", p.data)
+    pairs = vision_pretrain.load_pairs(p.data, folder, r.tokenizer, r.image)
+    log.info("vision pre-training: %d steps of %d pairs (SigLIP's sigmoid loss, %d pictures, %d captions)",
+             p.steps, p.batch_size, len(pairs.caption_id), len(pairs.captions))
+    params["vision"], report = vision_pretrain.pretrain(params["vision"], r.model, r.tokenizer.vocab_size, pairs, p,
+                                                        seed=r.seed, progress=self.is_main and r.log.progress)
+    held = (f", caption retrieval {100 * report['held_out_retrieval']:.1f}% on {report['held_out']} held-out pictures"
+            if "held_out_retrieval" in report else "")
+    log.info("vision pre-training done in %.1fs: loss %.4g%s", report["seconds"], report["loss"], held)
+    return params
 
   def finished_before(self) -> bool:
     """True (and says so) when the workdir holds this run finished: the last step checkpointed, and what
