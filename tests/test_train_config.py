@@ -139,3 +139,23 @@ def test_image_and_video_fields_are_checked():
   bad = pipeline.DataConfig(path="x.json", force_sample=True, frames_upbound=0)
   assert pipeline.config_problems(bad) == ["data.force_sample needs data.frames_upbound > 0 (the number of "
                                            "frames it samples)"]
+
+
+def test_vision_pretrain_fields_are_checked(tmp_path):
+  """The demo fills in its captions; a run with pre-training steps needs its data, a batch that contrasts pairs,
+  and no LoRA (whose frozen base is reloaded from init.checkpoint on resume)."""
+  c = finetune.get_config(f"demo,runlocal,data.demo_root={tmp_path / 'demo'}")
+  r = run_config.resolve(c, num_devices=1, process_count=1)
+  assert r.vision_pretrain.steps == 4 and r.vision_pretrain.data.endswith("captions.json")
+  c = finetune.get_config("finetune,runlocal")
+  c.vision_pretrain.steps = 10
+  c.vision_pretrain.batch_size = 1
+  c.vision_pretrain.image_folder = str(tmp_path / "nope")
+  c.model.lora.rank = 4
+  c.optim.trainable = ("projector", "lora")
+  msg = _problems(c)
+  for want in ("vision_pretrain.steps=10 needs vision_pretrain.data", "vision_pretrain.batch_size=1",
+               "vision_pretrain.image_folder=", "vision_pretrain.steps > 0 with LoRA"):
+    assert want in msg, (want, msg)
+  c.vision_pretrain.data = str(tmp_path / "captions.json")
+  assert "vision_pretrain.data=" in _problems(c)
