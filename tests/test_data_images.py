@@ -9,7 +9,7 @@ from PIL import Image
 from lladav_jax import multimodal
 from lladav_jax.config import IMAGE_TOKEN_INDEX as IMG, VisionConfig
 from lladav_jax.data import pipeline
-from lladav_jax.data.demo_data import demo_image_config, ensure_demo_data
+from lladav_jax.data.demo_data import ensure_demo_data
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.model.vision import normalize_pixels
 
@@ -22,10 +22,14 @@ def tok(tmp_path_factory):
   return Tokenizer.from_dir(d["tokenizer_dir"])
 
 
+# 56 px tiles of 14 px patches, anyres (the default aspect): the released model's image path at a tenth of the size.
+ANYRES = multimodal.ImageConfig(image_size=56, patch_size=14)
+
+
 def processor(tok, folder, image_cfg=None, **kw):
-  """The training pipeline's per-record map (demo 56 px tiles unless `image_cfg`); `kw` sets data fields."""
+  """The training pipeline's per-record map (ANYRES unless `image_cfg`); `kw` sets data fields."""
   cfg = pipeline.DataConfig(path="x.json", image_folder=str(folder), seq_len=512, tile_budget=16).replace(**kw)
-  return pipeline.SampleProcessor(tok, image_cfg or demo_image_config(), cfg)
+  return pipeline.SampleProcessor(tok, image_cfg or ANYRES, cfg)
 
 
 def rec(image=None, video=None, q="<image>\nWhat color is the circle?"):
@@ -57,7 +61,7 @@ def test_anyres_tiles_match_transformers(tok, tmp_path):
     pixels = np.asarray(normalize_pixels(out.expanded.pixels, VisionConfig()))  # as the model normalises them
     np.testing.assert_allclose(pixels, ref[:n], atol=1e-6, err_msg=f"{w}x{h}")
     # token count of the spliced image: base + unpadded grid with row newlines (LLaVA-NeXT's formula)
-    assert (out.expanded.tokens == IMG).sum() == reference_token_count(w, h, demo_image_config()), (w, h)
+    assert (out.expanded.tokens == IMG).sum() == reference_token_count(w, h, ANYRES), (w, h)
 
 
 def reference_token_count(w, h, cfg):
@@ -97,7 +101,7 @@ def test_modes_are_converted_not_skipped(tok, tmp_path):
   Image.fromarray((np.full((40, 60), 65535, np.uint16))).save(tmp_path / "white16.png")
   Image.fromarray((np.full((40, 60), 257 * 128, np.uint16))).save(tmp_path / "gray16.png")
   proc = processor(tok, tmp_path)
-  expect = multimodal.process_image(rgb, demo_image_config()).tiles
+  expect = multimodal.process_image(rgb, ANYRES).tiles
   for name in ("palette.png", "rgba.png", "cmyk.tiff"):
     out = proc(rec(name))
     assert isinstance(out, pipeline.Sample), (name, out)
@@ -106,7 +110,7 @@ def test_modes_are_converted_not_skipped(tok, tmp_path):
   assert isinstance(out, pipeline.Sample)
   assert Image.open(tmp_path / "white16.png").mode.startswith("I")
   for name, v in (("white16.png", 255), ("gray16.png", 128)):  # 16-bit scaled to 8 bits, not clipped
-    ref = multimodal.process_image(Image.new("RGB", (60, 40), (v, v, v)), demo_image_config()).tiles
+    ref = multimodal.process_image(Image.new("RGB", (60, 40), (v, v, v)), ANYRES).tiles
     np.testing.assert_allclose(proc(rec(name)).expanded.pixels, ref, atol=1e-6, err_msg=name)
 
 
@@ -118,7 +122,7 @@ def test_multi_image_pad_text_only_and_budget(tok, tmp_path):
   assert out.expanded.pixels.shape == (2, S, S, 3)  # "pad" path: one tile each
   assert (out.expanded.tokens == IMG).sum() == 2 * (16 + 1)  # 16 + 1 newline each
   pad = multimodal.expand2square(Image.open(tmp_path / "a.png"), (127, 127, 127))
-  np.testing.assert_array_equal(out.expanded.pixels[0], multimodal.tile(pad, demo_image_config()))
+  np.testing.assert_array_equal(out.expanded.pixels[0], multimodal.tile(pad, ANYRES))
   # text only: no tiles at all, merge plan all "zero" rows
   t = proc(("k", json.dumps({"conversations": [{"from": "human", "value": "Hi"},
                                               {"from": "gpt", "value": "yes"}]}).encode()))

@@ -4,7 +4,7 @@ fresh $HOME and this interpreter first on PATH, with the tiny limits of the tabl
 reason it cannot run on a CPU without weights or network. A command that is neither (a new one, or one changed
 past its entry's pattern) fails the test, and so does an entry no command matches: the README stays honest.
 
-The run commands are the demo's chain: the training (2 steps, a 4-sample final eval instead of 800 steps and 300)
+The run commands are the demo's chain: the training (2 steps, a 4-sample final eval instead of 600 steps and 300)
 writes runs/demo/model and the demo data under ~/.cache, which the eval, generate, convert and curl commands then
 use as written."""
 from __future__ import annotations
@@ -113,7 +113,7 @@ COMMANDS = [
     # Training
     Entry("train demo", r"python -m lladav_jax\.train --config=configs/finetune\.py --workdir=runs/demo$",
           add="--config.train.num_steps=2 --config.eval.limit=4",
-          why="800 steps and a 300-sample final eval are minutes: 2 steps and 4 samples", check=_trained),
+          why="600 steps and a 300-sample final eval are minutes: 2 steps and 4 samples", check=_trained),
     Entry("eval demo", r"python -m lladav_jax\.eval --checkpoint runs/demo/model --task demo ", add="--limit 4",
           why="4 of the 300 test questions", check=_evaluated),
     Entry("train finetune", r"python -m lladav_jax\.train --config=configs/finetune\.py:finetune ",
