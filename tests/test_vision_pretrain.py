@@ -98,3 +98,14 @@ def test_pretraining_is_deterministic(data):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   start = _tower(mc)
   assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(start)))
+
+
+def test_the_tower_keeps_the_runs_dtypes(data):
+  """A run with bfloat16 weights gets its tower back in bfloat16, the structure the train state expects."""
+  pairs, tok = _pairs(data)
+  mc = _model_cfg(tok).replace(dtype="bfloat16", param_dtype="bfloat16")
+  start = _tower(mc)
+  params, _ = vision_pretrain.pretrain(start, mc, tok.vocab_size, pairs,
+                                       vision_pretrain.VisionPretrainConfig(steps=2, batch_size=8), seed=0, progress=False)
+  assert jax.tree.structure(params) == jax.tree.structure(start)
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}

@@ -28,6 +28,7 @@ from PIL import Image
 from lladav_jax import multimodal
 from lladav_jax.config import ModelConfig
 from lladav_jax.data import records
+from lladav_jax.model import attention as attn
 from lladav_jax.model.vision import SigLIPVision, normalize_pixels
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,10 @@ class _Towers(nnx.Module):
   def __init__(self, model_cfg: ModelConfig, vocab_size: int, embed_dim: int, rngs: nnx.Rngs):
     v = model_cfg.vision
     self.cfg = v
-    self.vision = SigLIPVision(v, scan_layers=model_cfg.scan_layers, rngs=rngs)
+    # the run's tower as the model builds it (its dtypes, attention, layer scan), so its params go back unchanged
+    self.vision = SigLIPVision(v, dtype=jnp.dtype(model_cfg.dtype), param_dtype=jnp.dtype(model_cfg.param_dtype),
+                               attention=attn.AttentionConfig.from_config(model_cfg),
+                               scan_layers=model_cfg.scan_layers, remat_policy=model_cfg.remat_policy, rngs=rngs)
     self.image_proj = nnx.Linear(v.hidden_size, embed_dim, rngs=rngs)
     self.words = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
     # SigLIP's initial temperature and bias (strongly typed: a weak-typed scalar would retrace after an update)
@@ -106,7 +110,7 @@ class _Towers(nnx.Module):
     self.b = nnx.Param(jnp.asarray(-10.0, jnp.float32))
 
   def image(self, tiles):
-    z = self.image_proj(self.vision(normalize_pixels(tiles, self.cfg)).mean(1))
+    z = self.image_proj(self.vision(normalize_pixels(tiles, self.cfg)).mean(1).astype(jnp.float32))
     return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
 
   def text(self, ids, lens):
