@@ -22,7 +22,8 @@ Notes:
   - SigLIP's sigmoid loss on the training pictures' captions first (training/vision_pretrain.py), the tower then
     frozen: 400 steps of 128 -> 88.2% caption retrieval, 90.7% test exact match after 800 steps; 700 steps -> 99.5%,
     95.0% after 800 steps (92.7% by step 200), 93.3% after 600. The preset's recipe, at 600 steps (the README
-    command, install included, in 6m26s; 800 steps add about a minute).
+    command, install included, in 6m26s; 800 steps add about a minute). Pre-trained on the training JSON's answers
+    as captions instead ("red", "circle", "red circle"; the two-picture records skipped): 87.0%.
   - The two-picture questions ("the shape in the first image") stay at chance with the pre-trained tower: 50% frozen,
     37% trained on at 1e-4, 54% with 25% of the questions of that kind. The tower trained from its random init
     through the diffusion loss learnt them (90%, 30 questions) while failing the shapes. Its projected patch

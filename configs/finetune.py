@@ -236,6 +236,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
     c.data.kind = "demo"
+    c.image.aspect = "pad"  # a picture is one 56 px tile (the demo data's image config; your own data's too)
     c.image.eval_multi_image = "pad"  # our own model: evaluated on the path it is trained on
     c.data.seq_len = 104  # the longest demo sample has 98 tokens (one 56 px tile an image, 16 patches + a newline)
     c.data.buckets = (104,)

@@ -116,6 +116,9 @@ COMMANDS = [
           why="600 steps and a 300-sample final eval are minutes: 2 steps and 4 samples", check=_trained),
     Entry("eval demo", r"python -m lladav_jax\.eval --checkpoint runs/demo/model --task demo ", add="--limit 4",
           why="4 of the 300 test questions", check=_evaluated),
+    Entry("train demo recipe", r"python -m lladav_jax\.train --config=configs/finetune\.py:demo --workdir=runs/mine ",
+          skip="needs your own VQA data and tokenizer (/data/...); tests/test_train_resume.py trains this recipe, "
+               "the tower's pre-training included, on the demo's"),
     Entry("train finetune", r"python -m lladav_jax\.train --config=configs/finetune\.py:finetune ",
           skip="needs the released weights converted (/ckpt/lladav-orbax) and your LLaVA-format data"),
     Entry("eval own split", r"python -m lladav_jax\.eval --checkpoint /shared/runs/ft/model ",

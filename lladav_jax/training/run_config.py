@@ -81,7 +81,9 @@ def vision_pretrain_problems(p: VisionPretrainConfig, lora: bool, tokenizer) -> 
     return []
   problems = []
   if not p.data:
-    problems.append(f"vision_pretrain.steps={p.steps} needs vision_pretrain.data (LLaVA JSON of image-caption records)")
+    problems.append(f"vision_pretrain.steps={p.steps} needs vision_pretrain.data: a LLaVA JSON of image-caption records "
+                    "(a training JSON will do: each record's first answer is taken as its picture's caption), or set "
+                    "vision_pretrain.steps=0")
   elif not os.path.isfile(p.data):
     problems.append(f"vision_pretrain.data={p.data!r} does not exist")
   if p.image_folder and not os.path.isdir(p.image_folder):
