@@ -12,11 +12,13 @@ from flax import nnx
 
 from lladav_jax import config as model_config
 from lladav_jax.data import demo_data
+from lladav_jax.data.pipeline import DataConfig
 from lladav_jax.data.tokenizer import Tokenizer
 from lladav_jax.model import init_sharded
 from lladav_jax.training import vision_pretrain
 
 COLORS = ("red", "green", "blue", "yellow")
+MAX_PIXELS = DataConfig().max_image_pixels
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,8 @@ def data(tmp_path_factory):
 
 def _pairs(d, name="captions.json"):
   tok = Tokenizer.from_dir(str(d / "tokenizer"))
-  return vision_pretrain.load_pairs(str(d / name), str(d), tok, demo_data.demo_image_config(14)), tok
+  return vision_pretrain.load_pairs(str(d / name), str(d), tok, demo_data.demo_image_config(14),
+                                    max_pixels=MAX_PIXELS), tok
 
 
 def _model_cfg(tok):
@@ -59,11 +62,14 @@ def test_bad_records_are_skipped_by_reason(data, caplog):
   recs[2]["image"] = "../captions.json"
   recs[3]["conversations"] = recs[3]["conversations"][:1]  # no answer
   recs[4]["image"] = ["4.png", "5.png"]
+  (data / "images" / "corrupt.png").write_bytes(b"not a png")
+  recs.append(dict(recs[0], image="corrupt.png"))
   (data / "bad.json").write_text(json.dumps(recs))
   tok = Tokenizer.from_dir(str(data / "tokenizer"))
   with caplog.at_level(logging.WARNING):
-    pairs = vision_pretrain.load_pairs(str(data / "bad.json"), str(data / "images"), tok, demo_data.demo_image_config(14))
-  for reason in ("missing_image", "outside_image_folder", "no_caption", "not_one_image"):
+    pairs = vision_pretrain.load_pairs(str(data / "bad.json"), str(data / "images"), tok, demo_data.demo_image_config(14),
+                                       max_pixels=MAX_PIXELS)
+  for reason in ("missing_image", "outside_image_folder", "no_caption", "not_one_image", "corrupt_image"):
     assert reason in caplog.text, (reason, caplog.text)
   assert pairs.tiles.shape == (2, 56, 56, 3) and pairs.tiles.dtype == np.uint8  # records 0 and 5
   assert [pairs.captions[c] for c in pairs.caption_id] == ["red", "green"]

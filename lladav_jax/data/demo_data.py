@@ -1,7 +1,7 @@
 """The built-in demo data: a synthetic visual-instruction set a tiny model learns on a CPU.
 
 Scenes are 56x56 PNGs (one tile of the demo model): a light background of a random colour with
-per-pixel noise, and one flat shape (circle, square, triangle) of any size (14-40 px across) at any
+per-pixel noise, and one flat shape (circle, square, triangle) of any size (SIZE_RANGE: 20-48 px) at any
 position, in one of eight colours jittered per scene. Questions are templated (its colour, its shape,
 what it is; the colour of the shape in the first or second of two images, whose colours differ),
 answers are 1-2 words, each question's answers balanced (drawn from shuffled decks of every
@@ -134,18 +134,18 @@ class _Questions:
                   "two": _Deck(rng, [(c, w) for c in colors for w in ("first", "second")])}
 
   def next(self):
-    """-> (scenes, [(question, answer)])."""
+    """-> (scenes, question, answer)."""
     kind = self.kind.draw()
     rng = self.rng
     if kind == "two":  # the asked image's colour from the deck, the other's any other colour
       color, which = self.decks["two"].draw()
       other = rng.choice([c for c in COLORS if c != color])
       scenes = [random_scene(rng, color), random_scene(rng, other)]
-      return (scenes if which == "first" else scenes[::-1]), [(QUESTIONS[which], color)]
+      return (scenes if which == "first" else scenes[::-1]), QUESTIONS[which], color
     color, shape = self.decks[kind].draw()
     scene = random_scene(rng, color, shape)
     answer = {"color": color, "shape": shape, "what": f"{color} {shape}"}[kind]
-    return [scene], [(QUESTIONS[kind], answer)]
+    return [scene], QUESTIONS[kind], answer
 
 
 def _tags(n: int) -> str:
@@ -161,7 +161,7 @@ def generate_split(rng: random.Random, n: int, split: str, image_dir: str, rel_p
   records, captions = [], []
   for i in range(n):
     rid = f"{split}-{i:05d}"
-    scenes, turns = questions.next()
+    scenes, question, answer = questions.next()
     names = []
     for j, scene in enumerate(scenes):
       name = f"{rel_prefix}/{rid}" + (f"-{j}" if len(scenes) > 1 else "") + ".png"
@@ -169,9 +169,7 @@ def generate_split(rng: random.Random, n: int, split: str, image_dir: str, rel_p
       names.append(name)
       captions.append({"id": f"{rid}-{j}", "image": name, "conversations": [
           {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"{scene.color} {scene.shape}"}]})
-    conv = []
-    for k, (q, ans) in enumerate(turns):
-      conv += [{"from": "human", "value": (_tags(len(scenes)) if k == 0 else "") + q}, {"from": "gpt", "value": ans}]
+    conv = [{"from": "human", "value": _tags(len(scenes)) + question}, {"from": "gpt", "value": answer}]
     records.append({"id": rid, "image": names[0] if len(names) == 1 else names, "conversations": conv})
   return records, captions
 
@@ -240,7 +238,8 @@ def ensure_demo_data(root: str, num_train: int = 4000, num_val: int = 200, num_t
 
   def paths(d):
     return {"dir": d, "train": os.path.join(d, "train.json"), "validation": os.path.join(d, "validation.json"),
-            "test": os.path.join(d, "test.json"), "captions": os.path.join(d, "captions.json"), "image_folder": d, "tokenizer_dir": os.path.join(d, "tokenizer")}
+            "test": os.path.join(d, "test.json"), "captions": os.path.join(d, "captions.json"), "image_folder": d,
+            "tokenizer_dir": os.path.join(d, "tokenizer")}
 
   if os.path.exists(os.path.join(final, "DONE")):
     return paths(final)

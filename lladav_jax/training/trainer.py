@@ -386,7 +386,8 @@ class Training:
     params = state_lib.initial_params(self.setup, seed=r.seed, init_checkpoint=r.init_checkpoint)
     folder = p.image_folder or os.path.dirname(os.path.abspath(p.data))
     log.info("vision pre-training: reading the image-caption pairs of %s", p.data)
-    pairs = vision_pretrain.load_pairs(p.data, folder, r.tokenizer, r.image)
+    pairs = vision_pretrain.load_pairs(p.data, folder, r.tokenizer, r.image,
+                                       max_pixels=r.data.pipeline.max_image_pixels)
     log.info("vision pre-training: %d steps of %d pairs (SigLIP's sigmoid loss, %d pictures, %d captions)",
              p.steps, p.batch_size, len(pairs.caption_id), len(pairs.captions))
     params["vision"], report = vision_pretrain.pretrain(params["vision"], r.model, r.tokenizer.vocab_size, pairs, p,

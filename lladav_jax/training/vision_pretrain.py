@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from PIL import Image
 
 from lladav_jax import multimodal
 from lladav_jax.config import ModelConfig
@@ -54,10 +53,12 @@ class Pairs:
   captions: list[str]  # by caption_id
 
 
-def load_pairs(path: str, image_folder: str, tokenizer, icfg: multimodal.ImageConfig, *, max_text: int = 16) -> Pairs:
+def load_pairs(path: str, image_folder: str, tokenizer, icfg: multimodal.ImageConfig, *, max_pixels: int,
+               max_text: int = 16) -> Pairs:
   """The (image, caption) pairs of a LLaVA JSON file, every tile held in memory (a demo-sized caption set: 4,400
   pictures of 56 px are 41 MB); a record that has no single image or no answer, or whose image cannot be read
-  (missing, outside `image_folder`, not an image), is skipped and counted by reason."""
+  (missing, outside `image_folder`, corrupt, over `max_pixels`: training's reasons), is skipped and counted by
+  reason."""
   with open(path) as f:
     recs = json.load(f)
   if not isinstance(recs, list):
@@ -70,12 +71,8 @@ def load_pairs(path: str, image_folder: str, tokenizer, icfg: multimodal.ImageCo
       answers = [t.get("value") for t in rec.get("conversations") or [] if isinstance(t, dict) and t.get("from") == "gpt"]
       if not answers or not isinstance(answers[0], str) or not answers[0].strip():
         raise records.Skip("no_caption", "the record has no answer to take as its caption")
-      with records.Opener(rec, image_folder).open(rec["image"]) as fh:
-        try:
-          img = Image.open(fh)
-          img.load()
-        except (OSError, Image.DecompressionBombError) as e:
-          raise records.Skip("bad_image", f"{rec['image']}: {e}") from None
+      ref = rec["image"]
+      img = records.open_image(records.Opener(rec, image_folder).data(ref), ref, max_pixels=max_pixels)
       caption = answers[0].strip()
       ids = tokenizer.encode(caption)[:max_text]
     except records.Skip as e:
