@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from lladav_jax import config as model_config
 from lladav_jax.data import demo_data
@@ -115,3 +116,19 @@ def test_the_tower_keeps_the_runs_dtypes(data):
                                        vision_pretrain.VisionPretrainConfig(steps=2, batch_size=8), seed=0, progress=False)
   assert jax.tree.structure(params) == jax.tree.structure(start)
   assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
+
+
+def test_pairs_at_the_released_geometry(data, tmp_path):
+  """384 px tiles of 14 px patches, anyres: each picture's pair holds its base tile (the whole picture resized),
+  as `process_image` makes it for training."""
+  from lladav_jax import multimodal
+  img = np.random.default_rng(0).integers(0, 256, (300, 500, 3), np.uint8)
+  Image.fromarray(img).save(tmp_path / "wide.png")
+  (tmp_path / "c.json").write_text(json.dumps([
+      {"id": str(i), "image": "wide.png", "conversations": [{"from": "gpt", "value": c}]} for i, c in enumerate(COLORS)]))
+  icfg = multimodal.ImageConfig(image_size=384, patch_size=14)
+  tok = Tokenizer.from_dir(str(data / "tokenizer"))
+  pairs = vision_pretrain.load_pairs(str(tmp_path / "c.json"), str(tmp_path), tok, icfg, max_pixels=MAX_PIXELS)
+  assert pairs.tiles.shape == (4, 384, 384, 3)
+  np.testing.assert_array_equal(pairs.tiles[0], multimodal.process_image(Image.open(tmp_path / "wide.png"), icfg).tiles[0])
+  assert pairs.captions == list(COLORS) and pairs.caption_id.tolist() == [0, 1, 2, 3]
